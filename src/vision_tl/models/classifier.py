@@ -1,0 +1,153 @@
+"""Plain nn.Module classifiers (single backbone, ensemble) and the builder from a config dict."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from vision_tl.errors import ConfigError
+from vision_tl.models.backbones import Backbone, build_backbone
+from vision_tl.models.heads import build_head
+from vision_tl.models.preprocess import Preprocess
+
+log = logging.getLogger(__name__)
+
+FUSIONS = ("logits", "features", "mean")
+# Members see one tensor: these must match. Resize and interpolation only shape the crop.
+TENSOR_FIELDS = ("input_size", "mean", "std")
+
+
+class Classifier(nn.Module):
+    """Common behaviour: frozen modules stay in eval mode, so BatchNorm statistics never move."""
+
+    def backbones(self) -> list[Backbone]:
+        raise NotImplementedError
+
+    @property
+    def preprocess(self) -> Preprocess:
+        return self.backbones()[0].preprocess
+
+    def train(self, mode: bool = True) -> Classifier:
+        super().train(mode)
+        if mode:
+            for module in self.modules():
+                if getattr(module, "frozen", False):
+                    module.eval()
+        return self
+
+    def head_parameters(self) -> Iterator[nn.Parameter]:
+        backbone_ids = {id(p) for b in self.backbones() for p in b.parameters()}
+        return (p for p in self.parameters() if id(p) not in backbone_ids)
+
+    def backbone_parameters(self) -> Iterator[nn.Parameter]:
+        return (p for b in self.backbones() for p in b.parameters())
+
+
+class ImageClassifier(Classifier):
+    """One backbone and one head."""
+
+    def __init__(self, backbone: Backbone, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def backbones(self) -> list[Backbone]:
+        return [self.backbone]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+class EnsembleClassifier(Classifier):
+    """Several backbones fused into one prediction.
+
+    - `logits`: each member's linear head; the concatenated logits feed a Linear layer.
+    - `features`: concatenated pooled features feed one head (an MLP with LayerNorm).
+    - `mean`: each member's linear head; the output is log of the mean probability,
+      so cross-entropy on it is the ensemble's negative log-likelihood.
+    """
+
+    def __init__(
+        self,
+        members: Sequence[Backbone],
+        num_classes: int,
+        fusion: str = "logits",
+        head: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if fusion not in FUSIONS:
+            raise ConfigError(f"unknown fusion '{fusion}'; available: {', '.join(FUSIONS)}")
+        if len(members) < 2:
+            raise ConfigError("an ensemble needs at least two members")
+        first = members[0]
+        for other in members[1:]:
+            diff = first.preprocess.differences(other.preprocess)
+            hard = [d for d in diff if d.split()[0] in TENSOR_FIELDS]
+            if hard:
+                raise ConfigError(
+                    f"ensemble members {first.name} and {other.name} need different "
+                    f"preprocessing ({'; '.join(hard)}); choose weights that agree"
+                )
+            if diff:
+                log.warning(
+                    "ensemble members %s and %s differ in %s; using %s's",
+                    first.name,
+                    other.name,
+                    "; ".join(diff),
+                    first.name,
+                )
+        self.fusion = fusion
+        self.members = nn.ModuleList(members)
+        if fusion == "features":
+            spec = dict(head or {"name": "mlp", "layer_norm": True, "dropout": 0.3})
+            total = sum(m.num_features for m in members)
+            self.fuse = build_head(spec.pop("name"), total, num_classes, **spec)
+        else:
+            self.heads = nn.ModuleList(nn.Linear(m.num_features, num_classes) for m in members)
+            if fusion == "logits":
+                self.fuse = nn.Linear(len(members) * num_classes, num_classes)
+
+    def backbones(self) -> list[Backbone]:
+        return list(self.members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fusion == "features":
+            return self.fuse(torch.cat([m(x) for m in self.members], dim=1))
+        logits = [head(m(x)) for m, head in zip(self.members, self.heads, strict=True)]
+        if self.fusion == "logits":
+            return self.fuse(torch.cat(logits, dim=1))
+        probs = torch.stack([t.softmax(dim=1) for t in logits]).mean(dim=0)
+        return probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
+
+
+def _member_spec(member: str | Mapping[str, Any], default_weights: str | None) -> dict:
+    if isinstance(member, str):
+        return {"name": member, "weights": default_weights, "weights_path": None}
+    return {"weights": default_weights, "weights_path": None, **member}
+
+
+def build_model(spec: Mapping[str, Any], num_classes: int, pretrained: bool = True) -> Classifier:
+    """Build a classifier from the `model` config (plain dict).
+
+    A spec with `members` is an ensemble; otherwise `backbone` + `head`.
+    `pretrained=False` builds every backbone with random weights and no download.
+    """
+
+    def backbone(b: Mapping[str, Any]) -> Backbone:
+        if not pretrained:
+            return build_backbone(b["name"], weights=None)
+        return build_backbone(b["name"], b.get("weights", "DEFAULT"), b.get("weights_path"))
+
+    if spec.get("members"):
+        weights = spec.get("weights", "DEFAULT")
+        members = [backbone(_member_spec(m, weights)) for m in spec["members"]]
+        return EnsembleClassifier(
+            members, num_classes, spec.get("fusion", "logits"), spec.get("head")
+        )
+    bb = backbone(spec["backbone"])
+    head = dict(spec.get("head") or {"name": "linear"})
+    return ImageClassifier(bb, build_head(head.pop("name"), bb.num_features, num_classes, **head))
