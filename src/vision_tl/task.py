@@ -1,0 +1,218 @@
+"""The LightningModule: loss, metrics, optimisers and fine-tuning schedule for classification."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics import MaxMetric, MetricCollection
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassConfusionMatrix,
+    MulticlassF1Score,
+)
+
+from vision_tl.models import Finetune, apply_finetune, build_model
+from vision_tl.models.preprocess import Preprocess
+from vision_tl.optim import add_param_group
+
+log = logging.getLogger(__name__)
+
+# Frozen backbones are in eval mode on purpose (their BatchNorm statistics must not move).
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
+
+
+def _split_metrics(num_classes: int, prefix: str) -> MetricCollection:
+    metrics: dict[str, Any] = {
+        "acc": MulticlassAccuracy(num_classes, average="micro"),
+        "f1_macro": MulticlassF1Score(num_classes, average="macro"),
+        "acc_class": MulticlassAccuracy(num_classes, average=None),
+        "confmat": MulticlassConfusionMatrix(num_classes),
+    }
+    if num_classes >= 5:
+        metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
+    return MetricCollection(metrics, prefix=prefix)
+
+
+class ClassificationTask(L.LightningModule):
+    """Image classification with a registry-built model.
+
+    Every argument is a primitive (or a Hydra partial for the optimiser and scheduler,
+    which are not saved), so `load_from_checkpoint(path)` rebuilds the network with no
+    extra arguments. Checkpoints set `load_pretrained=False`: reloading never downloads.
+    """
+
+    def __init__(
+        self,
+        model: Mapping[str, Any],
+        class_names: Sequence[str],
+        finetune: Mapping[str, Any] | None = None,
+        label_smoothing: float = 0.0,
+        class_weights: Sequence[float] | None = None,
+        preprocess_overrides: Mapping[str, Any] | None = None,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        scheduler: Callable[..., dict[str, Any]] | None = None,
+        load_pretrained: bool = True,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.class_names = list(class_names)
+        num_classes = len(self.class_names)
+        pretrained = load_pretrained and bool(model.get("pretrained", True))
+        self.model = build_model(model, num_classes, pretrained=pretrained)
+        self.finetune = Finetune(**(finetune or {}))
+        apply_finetune(self.model, self.finetune)
+        self.preprocess: Preprocess = self.model.preprocess.with_overrides(
+            **(preprocess_overrides or {})
+        )
+        self.label_smoothing = label_smoothing
+        weights = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
+        self.register_buffer("class_weights", weights, persistent=False)
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_metrics = _split_metrics(num_classes, "val/")
+        self.test_metrics = _split_metrics(num_classes, "test/")
+        self.val_acc_best = MaxMetric()
+        self.best_epoch = -1
+        self.last_val: dict[str, float] = {}
+        self.last_test: dict[str, float] = {}
+        self._unfrozen = False
+
+    # ------------------------------------------------------------------ steps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(
+            logits.float(), y, weight=self.class_weights, label_smoothing=self.label_smoothing
+        )
+
+    def training_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
+    ) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = self._loss(logits, y)
+        self.train_acc(logits, y)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def _eval_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], metrics: MetricCollection
+    ) -> None:
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits.float(), y)
+        metrics.update(logits, y)
+        self.log(f"{metrics.prefix}loss", loss, on_step=False, on_epoch=True, prog_bar=True)
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, self.val_metrics)
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, self.test_metrics)
+
+    def _log_epoch(self, metrics: MetricCollection) -> dict[str, float]:
+        """Log scalars, per-class accuracy and the confusion matrix; return the scalars."""
+        values = metrics.compute()
+        metrics.reset()
+        prefix = metrics.prefix
+        confmat = values.pop(f"{prefix}confmat")
+        per_class = values.pop(f"{prefix}acc_class")
+        for name, acc in zip(self.class_names, per_class, strict=True):
+            self.log(f"{prefix}acc_class/{name}", acc)
+        for name, value in values.items():
+            self.log(name, value, prog_bar=name == f"{prefix}acc")
+        if not self.trainer.sanity_checking:
+            self._log_confusion_matrix(prefix, confmat)
+        return {k: float(v) for k, v in values.items()}
+
+    def _log_confusion_matrix(self, prefix: str, confmat: torch.Tensor) -> None:
+        from vision_tl.plots import confusion_matrix_figure
+
+        for logger in self.loggers:
+            experiment = getattr(logger, "experiment", None)
+            if hasattr(experiment, "add_figure"):
+                figure = confusion_matrix_figure(confmat.cpu(), self.class_names)
+                experiment.add_figure(f"{prefix}confusion_matrix", figure, self.current_epoch)
+
+    def on_validation_epoch_end(self) -> None:
+        values = self._log_epoch(self.val_metrics)
+        if self.trainer.sanity_checking:
+            return
+        acc = values["val/acc"]
+        previous = float(self.val_acc_best.compute()) if self.best_epoch >= 0 else -1.0
+        if acc > previous:
+            self.best_epoch = self.current_epoch
+        self.val_acc_best(torch.tensor(acc))
+        self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
+        self.last_val = values
+
+    def on_test_epoch_end(self) -> None:
+        self.last_test = self._log_epoch(self.test_metrics)
+
+    # ------------------------------------------------------------------ fine-tuning
+
+    def on_train_epoch_start(self) -> None:
+        ft = self.finetune
+        if ft.mode == "gradual" and not self._unfrozen and self.current_epoch >= ft.unfreeze_epoch:
+            before = {id(p) for p in self.model.parameters() if p.requires_grad}
+            apply_finetune(self.model, ft, initial=False)
+            self._unfrozen = True
+            new = [p for p in self.model.parameters() if p.requires_grad and id(p) not in before]
+            if new and self.trainer.optimizers:
+                schedulers = [c.scheduler for c in self.trainer.lr_scheduler_configs]
+                add_param_group(self.trainer.optimizers[0], schedulers, new, ft.backbone_lr_mult)
+            log.info("Epoch %d: unfroze %d backbone tensors", self.current_epoch, len(new))
+
+    def configure_optimizers(self) -> Any:
+        if self.optimizer_factory is None:
+            raise RuntimeError("ClassificationTask needs an optimizer factory to train")
+        head = [p for p in self.model.head_parameters() if p.requires_grad]
+        backbone = [p for p in self.model.backbone_parameters() if p.requires_grad]
+        groups = [{"params": head}] + ([{"params": backbone}] if backbone else [])
+        optimizer = self.optimizer_factory(params=groups)
+        if backbone:
+            optimizer.param_groups[1]["lr"] *= self.finetune.backbone_lr_mult
+        if self.scheduler_factory is None:
+            return optimizer
+        total = int(self.trainer.estimated_stepping_batches)
+        epochs = max(1, self.trainer.max_epochs or 1)
+        if self.trainer.fast_dev_run or total <= 0 or total == float("inf"):
+            epochs = 1
+        scheduler = self.scheduler_factory(
+            optimizer, total_steps=total, steps_per_epoch=max(1, total // epochs)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["hyper_parameters"]["load_pretrained"] = False
+        checkpoint["vision_tl"] = {
+            "class_names": self.class_names,
+            "class_to_idx": {name: i for i, name in enumerate(self.class_names)},
+            "preprocess": self.preprocess.to_dict(),
+            "best_epoch": self.best_epoch,
+            "val_acc_best": float(self.val_acc_best.compute()) if self.best_epoch >= 0 else None,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        meta = checkpoint.get("vision_tl", {})
+        self.best_epoch = meta.get("best_epoch", -1)
+        if meta.get("val_acc_best") is not None:
+            self.val_acc_best(torch.tensor(meta["val_acc_best"]))
+        ft = self.finetune
+        if ft.mode == "gradual" and checkpoint.get("epoch", 0) >= ft.unfreeze_epoch:
+            # The checkpoint's optimizer already holds the unfrozen backbone group.
+            apply_finetune(self.model, ft, initial=False)
+            self._unfrozen = True
