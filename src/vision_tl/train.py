@@ -13,6 +13,15 @@ from vision_tl.errors import VisionTLError
 log = logging.getLogger(__name__)
 
 
+def find_user_error(err: BaseException | None) -> VisionTLError | None:
+    """The user-fixable error behind `err`, if any (Hydra's instantiate wraps them)."""
+    while err is not None:
+        if isinstance(err, VisionTLError):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Run one training job; return the metric a sweeper optimises."""
@@ -20,9 +29,12 @@ def main(cfg: DictConfig) -> float | None:
 
     try:
         metrics = run_training(cfg)
-    except VisionTLError as err:
-        log.error("%s", err)
-        raise SystemExit(f"error: {err}") from None
+    except Exception as err:
+        user_error = find_user_error(err)
+        if user_error is None:
+            raise
+        log.error("%s", user_error)
+        raise SystemExit(f"error: {user_error}") from None
     value = metrics.get(cfg.get("optimized_metric") or "best_val_acc")
     return float(value) if value is not None else None
 

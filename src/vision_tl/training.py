@@ -89,15 +89,16 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
     )
 
     start = time.perf_counter()
-    trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     train_time = time.perf_counter() - start
 
-    checkpoint = next(
-        (c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None
-    )
+    val_loss = trainer.callback_metrics.get("val/loss")
+    checkpoints = [c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)]
+    checkpoint = next((c for c in checkpoints if c.monitor), None)
+    latest = next((c for c in checkpoints if not c.monitor), None)
     best_path = checkpoint.best_model_path if checkpoint else ""
     if cfg.get("test") and datamodule.has_test:
-        trainer.test(task, datamodule=datamodule, ckpt_path=best_path or None, weights_only=False)
+        trainer.test(task, datamodule=datamodule, ckpt_path=best_path or None, weights_only=True)
 
     best_score = checkpoint.best_model_score if checkpoint else None
     metrics: dict[str, Any] = {
@@ -111,7 +112,8 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
         "train_time_s": round(train_time, 3),
         "train_images_per_s": round(throughput.images_per_second, 2),
         "best_checkpoint": best_path or None,
-        "last_checkpoint": getattr(checkpoint, "last_model_path", "") or None,
+        "last_checkpoint": getattr(latest, "best_model_path", "") or None,
+        "val_loss": float(val_loss) if val_loss is not None else None,
         "preprocess": datamodule.preprocess.to_dict(),
         **{k.replace("/", "_"): v for k, v in task.last_val.items()},
         **{k.replace("/", "_"): v for k, v in task.last_test.items()},
