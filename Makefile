@@ -1,0 +1,35 @@
+# Common tasks. `make install` once, then the others.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: install lint format test test-fast train train-ensemble tensorboard clean
+
+install:
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -e ".[dev]"
+
+lint:
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format:
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+test:
+	$(VENV)/bin/pytest
+
+test-fast:
+	$(VENV)/bin/pytest -m "not slow"
+
+train:
+	$(PY) -m vision_tl.train $(ARGS)
+
+train-ensemble:
+	$(PY) -m vision_tl.train model=ensemble trainer.devices=1 $(ARGS)
+
+tensorboard:
+	$(VENV)/bin/tensorboard --logdir outputs
+
+clean:
+	rm -rf outputs .pytest_cache .ruff_cache

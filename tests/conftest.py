@@ -1,0 +1,132 @@
+"""Shared fixtures: no network, isolated caches, tiny generated image folders, config composer."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+from PIL import Image
+
+from vision_tl.config import config_dir
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+SHARED_WEIGHTS = SHARED / "weights" / "tf_efficientnet_lite0.in1k.safetensors"
+HYMENOPTERA = SHARED / "datasets" / "hymenoptera"
+
+# Overrides that make a training run tiny and quiet.
+TINY = [
+    "trainer.accelerator=cpu",
+    "trainer.max_epochs=2",
+    "+trainer.enable_progress_bar=false",
+    "+trainer.enable_model_summary=false",
+    "callbacks.rich_progress_bar=null",
+    "data.num_workers=0",
+    "data.batch_size=8",
+    "data.image_size=32",
+    "model.pretrained=false",
+]
+
+
+class NetworkBlocked(RuntimeError):
+    pass
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any attempt to open a network connection fails loudly."""
+
+    real_connect = socket.socket.connect
+
+    def connect(sock: socket.socket, address, *args, **kwargs):
+        if sock.family == socket.AF_UNIX:  # DataLoader workers share tensors this way
+            return real_connect(sock, address, *args, **kwargs)
+        raise NetworkBlocked(f"network access in tests: {address}")
+
+    def create_connection(address, *args, **kwargs):
+        raise NetworkBlocked(f"network access in tests: {address}")
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket, "create_connection", create_connection)
+
+
+@pytest.fixture(scope="session")
+def session_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("vision_tl_cache")
+
+
+@pytest.fixture(autouse=True)
+def isolated_caches(
+    monkeypatch: pytest.MonkeyPatch, session_cache: Path, tmp_path: Path
+) -> Iterator[None]:
+    """Generated data is shared across tests; weights caches start empty in each test."""
+    monkeypatch.setenv("VISION_TL_CACHE", str(session_cache))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf_cache"))
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    yield
+
+
+def _draw(label: int, seed: int, size: int, mode: str = "RGB") -> Image.Image:
+    """A class-coloured square on noise: learnable in a few steps, different per image."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
+    colour = np.array([[220, 40, 40], [40, 200, 40], [40, 40, 220], [220, 220, 40]][label % 4])
+    lo = size // 4 + int(rng.integers(-2, 3))
+    pixels[lo : lo + size // 2, lo : lo + size // 2] = colour
+    return Image.fromarray(pixels).convert(mode)
+
+
+def make_image_folder(
+    root: Path,
+    classes: tuple[str, ...] = ("cat", "dog", "fox"),
+    per_class: int = 8,
+    splits: tuple[str, ...] = ("train", "val"),
+    size: int = 40,
+) -> Path:
+    """Write `root/<split>/<class>/*.png` (or `root/<class>/` when `splits` is empty)."""
+    for s, split in enumerate(splits or ("",)):
+        for c, name in enumerate(classes):
+            folder = root / split / name if split else root / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                _draw(c, seed=s * 10_000 + c * 100 + i, size=size).save(folder / f"{name}_{i}.png")
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    return make_image_folder(tmp_path / "data", splits=("train", "val", "test"))
+
+
+@pytest.fixture
+def compose_train() -> Callable[..., DictConfig]:
+    """Compose the real `train` config with overrides, outside a Hydra app."""
+
+    def _compose(overrides: list[str], output_dir: Path) -> DictConfig:
+        with initialize_config_dir(version_base="1.3", config_dir=str(config_dir())):
+            return compose("train", overrides=[*overrides, f"paths.output_dir={output_dir}"])
+
+    return _compose
+
+
+def run_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: int = 300):
+    """Run `python -m vision_tl.<entry> ...` as a user would, returning the CompletedProcess."""
+    import subprocess
+    import sys
+
+    full_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

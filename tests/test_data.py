@@ -1,0 +1,164 @@
+"""Image folders, splits, RGB decoding, preprocessing from the backbone, built-in data."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_image_folder
+from PIL import Image
+
+from vision_tl.data import (
+    DATASETS,
+    ImageFolderDataModule,
+    eval_transform,
+    load_rgb,
+    scan_root,
+    stratified_split,
+    train_transform,
+)
+from vision_tl.data.builtin import shapes
+from vision_tl.errors import ConfigError
+from vision_tl.models import Preprocess, build_backbone
+
+
+def test_split_is_deterministic_and_stratified(tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path / "flat", classes=("a", "b"), per_class=10, splits=())
+    first = scan_root(root, val_fraction=0.3, seed=1)
+    again = scan_root(root, val_fraction=0.3, seed=1)
+    other = scan_root(root, val_fraction=0.3, seed=2)
+    assert first.samples == again.samples
+    assert first.samples["val"] != other.samples["val"]
+    assert first.class_counts("val") == [3, 3] and first.class_counts("train") == [7, 7]
+    train, val = (set(p for p, _ in first.samples[s]) for s in ("train", "val"))
+    assert not train & val and len(train | val) == 20
+
+
+def test_split_keeps_a_training_image_per_class() -> None:
+    train, val = stratified_split({"one": ["x.png"], "two": ["a.png", "b.png"]}, 0.5, seed=0)
+    assert train == {"one": ["x.png"], "two": train["two"]} and len(val["two"]) == 1
+    assert val["one"] == []
+    with pytest.raises(ConfigError, match="val_fraction"):
+        stratified_split({"a": ["x"]}, 1.5, seed=0)
+
+
+def test_train_val_test_layout(image_folder: Path) -> None:
+    split = scan_root(image_folder)
+    assert split.class_names == ["cat", "dog", "fox"]
+    assert {s: len(v) for s, v in split.samples.items()} == {"train": 24, "val": 24, "test": 24}
+    frame = split.to_frame()
+    assert list(frame.columns) == ["path", "label", "split"] and len(frame) == 72
+    assert set(frame.label) == {"cat", "dog", "fox"}
+
+
+def test_train_only_layout_is_split(tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path / "d", splits=("train",), per_class=5)
+    split = scan_root(root, val_fraction=0.2, seed=0)
+    assert split.class_counts("val") == [1, 1, 1] and split.class_counts("train") == [4, 4, 4]
+
+
+def test_bad_roots_give_one_line_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        scan_root(tmp_path / "missing")
+    (tmp_path / "empty" / "cls").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="no images"):
+        scan_root(tmp_path / "empty")
+    root = make_image_folder(tmp_path / "d", classes=("a", "b"), per_class=2)
+    make_image_folder(tmp_path / "d", classes=("zebra",), per_class=1, splits=("val",))
+    with pytest.raises(ConfigError, match=r"\['zebra'\] appear in val/ but not in train/"):
+        scan_root(root)
+
+
+def test_rgb_conversion_of_odd_modes(tmp_path: Path) -> None:
+    gray = tmp_path / "gray.png"
+    Image.new("L", (4, 4), 77).save(gray)
+    assert load_rgb(gray).getpixel((0, 0)) == (77, 77, 77)
+
+    rgba = tmp_path / "rgba.png"
+    Image.new("RGBA", (4, 4), (10, 20, 30, 0)).save(rgba)  # fully transparent
+    assert load_rgb(rgba).getpixel((0, 0)) == (255, 255, 255)
+    assert load_rgb(rgba, background=(0, 0, 0)).getpixel((0, 0)) == (0, 0, 0)
+
+    palette = tmp_path / "palette.png"
+    p = Image.new("P", (4, 4), 1)
+    p.putpalette([0, 0, 0, 200, 0, 0] + [0] * 762)
+    p.info["transparency"] = 0
+    p.save(palette, transparency=0)
+    assert load_rgb(palette).getpixel((0, 0)) == (200, 0, 0)
+
+    deep = tmp_path / "deep.png"
+    Image.fromarray(np.full((4, 4), 65535, dtype=np.uint16)).save(deep)
+    assert Image.open(deep).mode.startswith("I")
+    assert load_rgb(deep).getpixel((0, 0)) == (255, 255, 255)
+
+    cmyk = tmp_path / "cmyk.jpg"
+    Image.new("CMYK", (4, 4), (0, 255, 255, 0)).save(cmyk)
+    r, g, b = load_rgb(cmyk).getpixel((0, 0))
+    assert r > 200 and g < 60 and b < 60
+
+
+def test_preprocess_comes_from_the_weights() -> None:
+    tv = build_backbone("resnet50", weights=None).preprocess  # metadata of DEFAULT weights
+    assert (tv.input_size, tv.resize_size, tv.interpolation) == (224, 232, "bilinear")
+    assert tv.mean == (0.485, 0.456, 0.406)
+    eff = build_backbone("efficientnet_b0", weights=None).preprocess
+    assert (eff.resize_size, eff.interpolation) == (256, "bicubic")
+    lite = build_backbone("timm/tf_efficientnet_lite0", weights=None).preprocess
+    assert lite == Preprocess(224, 256, "bicubic", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
+def test_image_size_override_keeps_crop_ratio() -> None:
+    pre = Preprocess(224, 256).with_overrides(image_size=200)
+    assert (pre.input_size, pre.resize_size) == (200, 229)
+    assert Preprocess(224, 256).with_overrides(image_size=200, resize_size=200).resize_size == 200
+
+
+def test_transforms_apply_size_and_normalisation() -> None:
+    pre = Preprocess(24, 32, "bicubic", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    image = Image.new("RGB", (64, 48), (255, 128, 0))
+    out = eval_transform(pre)(image)
+    assert out.shape == (3, 24, 24)
+    expected = (torch.tensor([255, 128, 0]) / 255 - 0.5) / 0.25
+    torch.testing.assert_close(out[:, 12, 12], expected, atol=1e-2, rtol=0)
+    for preset in ("none", "flip_crop", "trivialaugment", "randaugment"):
+        assert train_transform(pre, preset)(image).shape == (3, 24, 24)
+    with pytest.raises(ConfigError, match="unknown augment"):
+        train_transform(pre, "mixup")
+
+
+def test_datamodule_batches_follow_the_model_preprocess(image_folder: Path) -> None:
+    dm = ImageFolderDataModule(root=str(image_folder), batch_size=4, num_workers=0, image_size=20)
+    dm.setup("fit")
+    pre = dm.set_preprocess(build_backbone("timm/tf_efficientnet_lite0", weights=None).preprocess)
+    assert pre.input_size == 20 and pre.interpolation == "bicubic" and pre.mean == (0.5,) * 3
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (4, 3, 20, 20) and y.dtype == torch.int64
+    assert dm.has_test and next(iter(dm.test_dataloader()))[0].shape[-1] == 20
+
+
+def _digest(root: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.png")):
+        h.update(str(f.relative_to(root)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def test_builtin_shapes_dataset_is_deterministic(tmp_path: Path) -> None:
+    shapes(tmp_path / "a")
+    shapes(tmp_path / "b")
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
+    split = scan_root(tmp_path / "a")
+    assert len(split.class_names) == 4 and set(split.samples) == {"train", "val", "test"}
+    assert Image.open(split.samples["train"][0][0]).size == (64, 64)
+
+
+def test_builtin_dataset_is_generated_once(tmp_path: Path) -> None:
+    first = DATASETS.get("shapes").materialize(tmp_path)
+    marker = first / ".complete"
+    stamp = marker.stat().st_mtime_ns
+    assert DATASETS.get("shapes").materialize(tmp_path) == first
+    assert marker.stat().st_mtime_ns == stamp

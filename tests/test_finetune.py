@@ -1,0 +1,95 @@
+"""Freezing really freezes (weights and BatchNorm statistics)."""
+
+from __future__ import annotations
+
+import copy
+from functools import partial
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vision_tl.errors import ConfigError
+from vision_tl.models import Finetune
+from vision_tl.task import ClassificationTask
+
+SPEC = {"backbone": {"name": "resnet18"}, "pretrained": False}
+
+
+def _task(finetune: dict, lr: float = 0.1) -> ClassificationTask:
+    return ClassificationTask(
+        SPEC, ["a", "b", "c"], finetune=finetune, optimizer=partial(torch.optim.SGD, lr=lr)
+    )
+
+
+def _train_steps(
+    task: ClassificationTask, optimizer: torch.optim.Optimizer, steps: int = 3
+) -> None:
+    task.train()
+    for _ in range(steps):
+        x, y = torch.randn(4, 3, 32, 32) * 3 + 1, torch.randint(0, 3, (4,))
+        optimizer.zero_grad()
+        F.cross_entropy(task(x), y).backward()
+        optimizer.step()
+
+
+def _bn_stats(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in module.state_dict().items() if "running" in k}
+
+
+def test_linear_probe_freezes_weights_and_batchnorm_statistics() -> None:
+    task = _task({"mode": "linear_probe"})
+    backbone = task.model.backbone
+    before = copy.deepcopy(backbone.state_dict())
+    head_before = copy.deepcopy(task.model.head.state_dict())
+    optimizer = task.configure_optimizers()
+    optimised = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    assert optimised == {id(p) for p in task.model.head.parameters()}
+
+    _train_steps(task, optimizer)
+    assert all(not m.training for m in backbone.modules()), "frozen backbone must stay in eval"
+    for key, value in backbone.state_dict().items():
+        torch.testing.assert_close(value, before[key], msg=key)
+    assert any(not torch.equal(v, head_before[k]) for k, v in task.model.head.state_dict().items())
+
+
+def test_full_finetune_updates_batchnorm_and_uses_lr_multiplier() -> None:
+    task = _task({"mode": "full", "backbone_lr_mult": 0.1}, lr=0.5)
+    stats = _bn_stats(task.model.backbone)
+    optimizer = task.configure_optimizers()
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.5, 0.05])
+    _train_steps(task, optimizer, steps=1)
+    after = _bn_stats(task.model.backbone)
+    assert any(not torch.equal(stats[k], after[k]) for k in stats)
+
+
+def test_partial_trains_only_the_last_stages() -> None:
+    task = _task({"mode": "partial", "trainable_stages": 1})
+    body = task.model.backbone.body
+    assert all(p.requires_grad for p in body.layer4.parameters())
+    frozen = [body.conv1, body.bn1, body.layer1, body.layer2, body.layer3]
+    assert not any(p.requires_grad for m in frozen for p in m.parameters())
+    layer3_stats = _bn_stats(body.layer3)
+    layer4_stats = _bn_stats(body.layer4)
+    optimizer = task.configure_optimizers()
+    _train_steps(task, optimizer)
+    assert body.layer4.training and not body.layer3.training
+    for k, v in _bn_stats(body.layer3).items():
+        torch.testing.assert_close(v, layer3_stats[k])
+    assert any(not torch.equal(v, layer4_stats[k]) for k, v in _bn_stats(body.layer4).items())
+
+
+def test_ensemble_linear_probe_freezes_every_member() -> None:
+    spec = {"members": ["resnet18", "mobilenet_v2"], "pretrained": False}
+    task = ClassificationTask(spec, ["a", "b"], finetune={"mode": "linear_probe"})
+    for member in task.model.members:
+        assert not any(p.requires_grad for p in member.parameters())
+    assert all(p.requires_grad for p in task.model.head_parameters())
+
+
+def test_bad_finetune_values() -> None:
+    with pytest.raises(ConfigError, match="unknown finetune mode 'lora'"):
+        Finetune(mode="lora")
+    with pytest.raises(ConfigError, match=">= 0"):
+        Finetune(mode="partial", trainable_stages=-1)

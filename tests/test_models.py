@@ -1,0 +1,150 @@
+"""Backbone and head registries, classifiers, ensembles: build and train at small size."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from torch import nn
+
+from vision_tl.errors import ConfigError
+from vision_tl.models import (
+    FUSIONS,
+    HEADS,
+    Backbone,
+    EnsembleClassifier,
+    ImageClassifier,
+    available_backbones,
+    build_backbone,
+    build_head,
+    build_model,
+)
+from vision_tl.registry import Registry
+
+TIMM_MODELS = ["timm/tf_efficientnet_lite0", "timm/resnet18"]
+REQUIRED = {
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "mobilenet_v2",
+    "mobilenet_v3_large",
+    "efficientnet_b0",
+    "convnext_tiny",
+    "vgg16",
+}
+
+
+def test_registry_has_the_required_backbones() -> None:
+    assert set(available_backbones()) >= REQUIRED
+
+
+@pytest.mark.parametrize("name", available_backbones() + TIMM_MODELS)
+def test_backbone_forward_backward(name: str) -> None:
+    backbone = build_backbone(name, weights=None)
+    assert isinstance(backbone, Backbone)
+    x = torch.randn(2, 3, 32, 32)
+    features = backbone(x)
+    assert features.shape == (2, backbone.num_features)
+    features.square().mean().backward()
+    grads = [p.grad for p in backbone.parameters() if p.requires_grad]
+    assert grads and all(g is not None for g in grads)
+    staged = {id(p) for s in backbone.stages for p in s.parameters()}
+    assert staged, "stages must cover the backbone's parameters"
+    assert staged <= {id(p) for p in backbone.parameters()}
+    pre = backbone.preprocess
+    assert 0 < pre.input_size <= pre.resize_size and len(pre.mean) == len(pre.std) == 3
+
+
+@pytest.mark.parametrize("name", HEADS.names())
+def test_head_forward_backward(name: str) -> None:
+    head = build_head(name, 16, 5)
+    out = head(torch.randn(4, 16))
+    assert out.shape == (4, 5)
+    out.sum().backward()
+    assert all(p.grad is not None for p in head.parameters())
+
+
+def test_mlp_head_is_the_recipe_layout() -> None:
+    head = build_head("mlp", 2048, 50, hidden=[512], dropout=0.5)
+    kinds = [type(m) for m in head]
+    assert kinds == [nn.Linear, nn.ReLU, nn.Dropout, nn.Linear]
+    assert head[0].out_features == 512 and head[2].p == 0.5 and head[3].out_features == 50
+    normed = build_head("mlp", 64, 3, hidden=[32], layer_norm=True)
+    assert isinstance(normed[0], nn.LayerNorm) and isinstance(normed[2], nn.LayerNorm)
+
+
+def test_unknown_names_list_the_available_ones() -> None:
+    with pytest.raises(ConfigError, match=r"unknown backbone 'resnet9000'; available: .*resnet18"):
+        build_backbone("resnet9000", weights=None)
+    with pytest.raises(ConfigError, match="unknown head 'nope'"):
+        build_head("nope", 8, 2)
+    with pytest.raises(ConfigError, match="unknown timm model"):
+        build_backbone("timm/not_a_model_xyz", weights=None)
+    with pytest.raises(ConfigError, match=r"unknown weights 'IMAGENET9K'.*IMAGENET1K_V1"):
+        build_backbone("resnet18", weights="IMAGENET9K")
+
+
+def test_registry_rejects_duplicates() -> None:
+    registry: Registry[int] = Registry("thing")
+    registry.add("a", 1)
+    with pytest.raises(KeyError, match="already registered"):
+        registry.add("a", 2)
+
+
+def test_single_classifier_from_spec() -> None:
+    spec = {"backbone": {"name": "resnet18"}, "head": {"name": "mlp", "hidden": [32]}}
+    model = build_model(spec, num_classes=3, pretrained=False)
+    assert isinstance(model, ImageClassifier)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+    head_ids = {id(p) for p in model.head.parameters()}
+    assert {id(p) for p in model.head_parameters()} == head_ids
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_ensemble_fusions(fusion: str) -> None:
+    spec = {"members": ["resnet18", "mobilenet_v2"], "fusion": fusion}
+    model = build_model(spec, num_classes=4, pretrained=False)
+    assert isinstance(model, EnsembleClassifier) and len(model.members) == 2
+    out = model(torch.randn(3, 3, 32, 32))
+    assert out.shape == (3, 4)
+    out.mean().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    if fusion == "mean":
+        # log of averaged member probabilities: exp sums to one per row
+        torch.testing.assert_close(out.exp().sum(dim=1), torch.ones(3))
+    if fusion == "logits":
+        assert model.fuse.in_features == 2 * 4
+    if fusion == "features":
+        assert isinstance(model.fuse[0], nn.LayerNorm)
+        assert model.fuse[0].normalized_shape == (512 + 1280,)
+
+
+def test_ensemble_mean_fusion_averages_member_probabilities() -> None:
+    model = build_model({"members": ["resnet18", "resnet18"], "fusion": "mean"}, 3, False).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        probs = [h(m(x)).softmax(1) for m, h in zip(model.members, model.heads, strict=True)]
+        torch.testing.assert_close(model(x).exp(), (probs[0] + probs[1]) / 2)
+
+
+def test_ensemble_members_must_agree_on_preprocessing() -> None:
+    a = build_backbone("resnet18", weights=None)
+    b = build_backbone("mobilenet_v2", weights=None)
+    b.preprocess = replace(b.preprocess, input_size=200, std=(0.5, 0.5, 0.5))
+    with pytest.raises(ConfigError, match=r"resnet18 and mobilenet_v2 .*input_size 224 != 200"):
+        EnsembleClassifier([a, b], num_classes=2)
+
+
+def test_ensemble_resize_difference_is_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    a = build_backbone("resnet18", weights=None)  # resize 256
+    b = build_backbone("mobilenet_v2", weights=None)  # resize 232
+    model = EnsembleClassifier([a, b], num_classes=2)
+    assert model.preprocess == a.preprocess
+    assert "resize_size 256 != 232" in caplog.text
+
+
+def test_ensemble_rejects_unknown_fusion() -> None:
+    with pytest.raises(ConfigError, match="unknown fusion 'vote'"):
+        build_model({"members": ["resnet18", "resnet18"], "fusion": "vote"}, 2, False)

@@ -1,0 +1,296 @@
+"""End to end: the real `train` config and entry point on tiny generated images."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import torchvision
+from conftest import TINY, run_cli
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from vision_tl.data import ImageFolderDataModule
+from vision_tl.models.backbones import torchvision_cache_path
+from vision_tl.task import ClassificationTask
+from vision_tl.training import run_training
+
+
+def _scalars(run_dir: Path) -> dict[str, list[float]]:
+    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc.Reload()
+    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_short_run_writes_checkpoints_metrics_and_tensorboard(
+    compose_train, image_folder: Path, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    cfg = compose_train([*TINY, f"data.root={image_folder}", "trainer.max_epochs=3"], run_dir)
+    metrics = run_training(cfg)
+
+    saved = json.loads((run_dir / "metrics.json").read_text())
+    assert saved == json.loads(json.dumps(metrics))
+    assert 0.0 <= saved["best_val_acc"] <= 1.0 and 0 <= saved["best_epoch"] < 3
+    assert saved["num_classes"] == 3 and saved["class_names"] == ["cat", "dog", "fox"]
+    assert saved["train_time_s"] > 0 and saved["train_images_per_s"] > 0
+    assert 0.0 <= saved["test_acc"] <= 1.0, "the test split must be evaluated"
+    assert (run_dir / "checkpoints" / "best.ckpt").is_file()
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert (run_dir / "config.yaml").read_text().count(str(image_folder)) >= 1
+
+    split = pd.read_csv(run_dir / "split.csv")
+    assert list(split.columns) == ["path", "label", "split"]
+    assert split.split.value_counts().to_dict() == {"train": 24, "val": 24, "test": 24}
+
+    scalars = _scalars(run_dir)
+    for tag in (
+        "train/loss_epoch",
+        "train/acc",
+        "val/loss",
+        "val/acc",
+        "val/acc_best",
+        "val/f1_macro",
+        "val/acc_class/cat",
+        "lr-AdamW/pg1",
+        "test/acc",
+    ):
+        assert tag in scalars, tag
+    assert len(scalars["val/acc"]) == 3
+    assert max(scalars["val/acc"]) == pytest.approx(saved["best_val_acc"])
+    images = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0})
+    images.Reload()
+    assert "val/confusion_matrix" in images.Tags()["images"]
+
+    # the checkpoint carries the class map and preprocessing for inference
+    ckpt = torch.load(run_dir / "checkpoints" / "best.ckpt", weights_only=True)
+    assert ckpt["vision_tl"]["class_to_idx"] == {"cat": 0, "dog": 1, "fox": 2}
+    assert ckpt["vision_tl"]["preprocess"]["input_size"] == 32
+    assert ckpt["hyper_parameters"]["load_pretrained"] is False
+
+
+def test_tiny_run_learns(compose_train, image_folder: Path, tmp_path: Path) -> None:
+    overrides = [
+        *TINY,
+        f"data.root={image_folder}",
+        "trainer.max_epochs=6",
+        "finetune=full",
+        "optimizer.lr=0.003",
+        "data.augment=none",
+    ]
+    metrics = run_training(compose_train(overrides, tmp_path / "run"))
+    assert metrics["best_val_acc"] >= 0.9
+
+
+def test_checkpoint_reloads_offline_without_the_weights_file(
+    compose_train, image_folder: Path, tmp_path: Path
+) -> None:
+    weights = tmp_path / "init.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), weights)
+    overrides = [
+        *TINY,
+        f"data.root={image_folder}",
+        "trainer.max_epochs=1",
+        "model.pretrained=true",
+        f"model.backbone.weights_path={weights}",
+    ]
+    run_dir = tmp_path / "run"
+    run_training(compose_train(overrides, run_dir))
+    weights.unlink()  # a reload must not need the original weights (nor the network)
+
+    with pytest.raises(RuntimeError, match="network access"):
+        socket.create_connection(("example.com", 80))
+    task = ClassificationTask.load_from_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    task.eval()
+    dm = ImageFolderDataModule(root=str(image_folder), num_workers=0, batch_size=4, image_size=32)
+    dm.setup()
+    dm.set_preprocess(task.preprocess)
+    x, _ = next(iter(dm.val_dataloader()))
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    twin = ClassificationTask(**{**task.hparams, "load_pretrained": False})
+    twin.load_state_dict(state)
+    twin.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(task(x), twin(x))
+    assert task.class_names == ["cat", "dog", "fox"] and task.preprocess.input_size == 32
+
+
+def test_resume_from_last_checkpoint(compose_train, image_folder: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    base = [*TINY, f"data.root={image_folder}", "test=false"]
+    run_training(compose_train([*base, "trainer.max_epochs=1"], run_dir))
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["epoch"] == 0
+    metrics = run_training(
+        compose_train([*base, "trainer.max_epochs=3", f"ckpt_path={last}"], run_dir)
+    )
+    assert metrics["epochs"] == 3
+    assert torch.load(last, weights_only=True)["epoch"] == 2
+    assert len(_scalars(run_dir)["val/acc"]) == 3  # epoch 0 was not trained again
+
+
+@pytest.mark.parametrize("fusion", ["logits", "features", "mean"])
+def test_ensemble_fast_dev_run(
+    compose_train, image_folder: Path, tmp_path: Path, fusion: str
+) -> None:
+    overrides = [
+        *TINY,
+        f"data.root={image_folder}",
+        "model=ensemble",
+        f"model.fusion={fusion}",
+        "model.members=[resnet18,mobilenet_v2]",
+        "trainer.fast_dev_run=true",
+    ]
+    metrics = run_training(compose_train(overrides, tmp_path / "run"))
+    assert metrics["num_classes"] == 3 and metrics["best_checkpoint"] is None
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["finetune=linear_probe", "model/head=mlp", "optimizer=sgd", "scheduler=step"],
+        ["finetune=partial", "optimizer=adam", "scheduler=onecycle", "loss.class_weights=auto"],
+        [
+            "finetune=gradual",
+            "finetune.unfreeze_epoch=1",
+            "scheduler=cosine",
+            "loss.label_smoothing=0.1",
+            "data.augment=trivialaugment",
+        ],
+        ["scheduler=plateau", "callbacks=early_stopping", "data.augment=randaugment"],
+        ["scheduler=none", "model.backbone.name=timm/tf_efficientnet_lite0"],
+        ["trainer.precision=bf16-mixed", "model.backbone.name=mobilenet_v3_large"],
+    ],
+    ids=["probe-sgd-step", "partial-adam-onecycle", "gradual-cosine", "plateau-es", "timm", "bf16"],
+)
+def test_config_groups_train(compose_train, image_folder: Path, tmp_path: Path, overrides) -> None:
+    cfg = compose_train([*TINY, f"data.root={image_folder}", "test=false", *overrides], tmp_path)
+    metrics = run_training(cfg)
+    assert metrics["epochs"] == 2 and metrics["best_val_acc"] is not None
+
+
+def test_gradual_unfreezes_the_backbone(image_folder: Path) -> None:
+    from functools import partial
+
+    import lightning as L
+
+    from vision_tl.optim import cosine_with_warmup
+
+    frozen: list[bool] = []
+    groups: list[int] = []
+
+    class Probe(L.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            frozen.append(not any(p.requires_grad for p in pl_module.model.backbone_parameters()))
+            groups.append(len(trainer.optimizers[0].param_groups))
+
+    task = ClassificationTask(
+        {"backbone": {"name": "resnet18"}, "pretrained": False},
+        ["cat", "dog", "fox"],
+        finetune={"mode": "gradual", "unfreeze_epoch": 1, "backbone_lr_mult": 0.1},
+        optimizer=partial(torch.optim.AdamW, lr=1e-3),
+        scheduler=partial(cosine_with_warmup, warmup_epochs=0),
+    )
+    start = task.model.backbone.body.conv1.weight.detach().clone()
+    dm = ImageFolderDataModule(root=str(image_folder), num_workers=0, batch_size=8, image_size=32)
+    dm.setup()
+    dm.set_preprocess(task.preprocess)
+    trainer = L.Trainer(
+        max_epochs=3,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[Probe()],
+    )
+    trainer.fit(task, datamodule=dm)
+    assert frozen == [True, False, False] and groups == [1, 2, 2]
+    lrs = [g["lr"] for g in trainer.optimizers[0].param_groups]
+    assert lrs[1] == pytest.approx(lrs[0] * 0.1)
+    assert not torch.equal(start, task.model.backbone.body.conv1.weight)
+
+
+def test_cli_contract_with_ensemble_and_prefilled_weights_cache(
+    image_folder: Path, tmp_path: Path
+) -> None:
+    """The README line, verbatim, works offline once the weights sit in torch.hub's cache."""
+    import os
+
+    for arch in ("resnet50", "mobilenet_v2"):
+        weights = torchvision.models.get_model_weights(arch).DEFAULT
+        path = Path(torchvision_cache_path(weights.url))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(torchvision.models.get_model(arch, weights=None).state_dict(), path)
+    run_dir = tmp_path / "cli_run"
+    result = run_cli(
+        [
+            "vision_tl.train",
+            f"data.root={image_folder}",
+            "model=ensemble",
+            "trainer.devices=1",
+            "trainer.max_epochs=1",
+            f"hydra.run.dir={run_dir}",
+            "data.image_size=32",
+            "data.num_workers=0",
+            "callbacks.rich_progress_bar=null",
+        ],
+        cwd=tmp_path,
+        env={"TORCH_HOME": os.environ["TORCH_HOME"], "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["num_classes"] == 3 and (run_dir / "checkpoints" / "best.ckpt").is_file()
+    assert not (tmp_path / "outputs").exists(), "hydra.run.dir must hold the whole run"
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("data.root=/no/such/folder", "error: data.root /no/such/folder does not exist"),
+        ("model.backbone.name=resnet9000", "error: unknown backbone 'resnet9000'; available:"),
+        ("trainer.precision=8", "error: trainer.precision=8 is not one of"),
+        ("data.augment=mixup", "error: unknown augment 'mixup'"),
+    ],
+)
+def test_cli_user_errors_are_one_line(tmp_path: Path, override: str, expected: str) -> None:
+    result = run_cli(
+        ["vision_tl.train", override, f"hydra.run.dir={tmp_path / 'r'}", "model.pretrained=false"],
+        cwd=tmp_path,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith(expected), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
+def test_same_seed_same_run(compose_train, image_folder: Path, tmp_path: Path) -> None:
+    overrides = [*TINY, f"data.root={image_folder}", "test=false", "seed=7"]
+    runs = [run_training(compose_train(overrides, tmp_path / name)) for name in ("a", "b")]
+    assert runs[0]["val_loss"] is not None and runs[0]["val_loss"] == runs[1]["val_loss"]
+    heads = [
+        torch.load(tmp_path / name / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+        for name in ("a", "b")
+    ]
+    torch.testing.assert_close(heads[0]["model.head.0.weight"], heads[1]["model.head.0.weight"])
+
+
+def test_top5_only_with_five_classes() -> None:
+    from vision_tl.task import _split_metrics
+
+    assert "acc_top5" in _split_metrics(5, "val/")
+    assert "acc_top5" not in _split_metrics(4, "val/")
+
+
+@pytest.mark.parametrize("name", ["hymenoptera_probe", "ensemble_features"])
+def test_experiments_compose_and_run(
+    compose_train, image_folder: Path, tmp_path: Path, name
+) -> None:
+    cfg = compose_train(
+        [f"experiment={name}", *TINY, f"data.root={image_folder}", "trainer.fast_dev_run=true"],
+        tmp_path,
+    )
+    assert cfg.finetune.mode == "linear_probe"
+    metrics = run_training(cfg)
+    assert metrics["num_classes"] == 3
