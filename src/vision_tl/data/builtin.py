@@ -122,12 +122,11 @@ def draw_shape(kind: str, size: int, rng: np.random.Generator) -> Image.Image:
     bright = np.asarray(image).mean() < 128
     value = rng.uniform(0.8, 1.0) if bright else rng.uniform(0.3, 0.5)
     fill = tuple(round(255 * c) for c in colorsys.hsv_to_rgb(hue, rng.uniform(0.6, 1.0), value))
-    outline = fill
     if kind == "circle":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill, outline=outline, width=scale * 2)
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill, outline=fill, width=scale * 2)
     else:
         points = _polygon(kind, cx, cy, r, rng.uniform(0, 2 * math.pi))
-        draw.polygon(points, fill=fill, outline=outline, width=scale * 2)
+        draw.polygon(points, fill=fill, outline=fill, width=scale * 2)
     image = image.resize((size, size), Image.Resampling.LANCZOS)
     if rng.random() < 0.2:
         image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 0.8)))

@@ -17,7 +17,7 @@ from vision_tl.config import cache_dir
 from vision_tl.data.builtin import DATASETS
 from vision_tl.data.dataset import ImageListDataset
 from vision_tl.data.folder import SplitSamples, scan_root
-from vision_tl.data.transforms import AUGMENTATIONS, eval_transform, train_transform
+from vision_tl.data.transforms import check_augment, eval_transform, train_transform
 from vision_tl.errors import ConfigError
 from vision_tl.models.preprocess import Preprocess
 
@@ -52,8 +52,6 @@ class ImageFolderDataModule(L.LightningDataModule):
         super().__init__()
         if batch_size < 1:
             raise ConfigError(f"data.batch_size must be >= 1, got {batch_size}")
-        if augment not in AUGMENTATIONS:
-            raise ConfigError(f"unknown augment '{augment}'; available: {', '.join(AUGMENTATIONS)}")
         self.root = root
         self.builtin = builtin
         self.cache = cache
@@ -70,7 +68,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         }
         if root is None and image_size is None:
             self.overrides["image_size"] = DATASETS.get(builtin).image_size
-        self.augment = augment
+        self.augment = check_augment(augment)
         self.crop_scale = tuple(crop_scale)
         self.background = tuple(int(v) for v in background)
         self.preprocess: Preprocess | None = None

@@ -21,6 +21,13 @@ def _interpolation(name: str) -> InterpolationMode:
         raise ConfigError(f"unknown interpolation '{name}'; available: {known}") from None
 
 
+def check_augment(augment: str) -> str:
+    """Fail early, with the choices, on an unknown augmentation preset."""
+    if augment not in AUGMENTATIONS:
+        raise ConfigError(f"unknown augment '{augment}'; available: {', '.join(AUGMENTATIONS)}")
+    return augment
+
+
 def eval_transform(pre: Preprocess) -> v2.Compose:
     """Resize the shorter side to `resize_size`, centre-crop `input_size`, normalise."""
     interp = _interpolation(pre.interpolation)
@@ -39,9 +46,7 @@ def train_transform(
     pre: Preprocess, augment: str = "flip_crop", crop_scale: Sequence[float] = (0.08, 1.0)
 ) -> v2.Compose:
     """`none` is the eval transform; the others start with RandomResizedCrop + flip."""
-    if augment not in AUGMENTATIONS:
-        raise ConfigError(f"unknown augment '{augment}'; available: {', '.join(AUGMENTATIONS)}")
-    if augment == "none":
+    if check_augment(augment) == "none":
         return eval_transform(pre)
     interp = _interpolation(pre.interpolation)
     ops: list = [
