@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install lint format test test-fast train train-ensemble tensorboard clean
+.PHONY: install lint format test test-fast train train-ensemble sweep report tensorboard clean
 
 install:
 	python3 -m venv $(VENV)
@@ -27,6 +27,13 @@ train:
 
 train-ensemble:
 	$(PY) -m vision_tl.train model=ensemble trainer.devices=1 $(ARGS)
+
+# a batch size x LR grid; the summary lands in the sweep dir (make report DIR=... rewrites it)
+sweep:
+	$(PY) -m vision_tl.train -m data.batch_size=4,8 optimizer.lr=0.01,0.001 $(ARGS)
+
+report:
+	$(PY) -m vision_tl.report $(DIR)
 
 tensorboard:
 	$(VENV)/bin/tensorboard --logdir outputs

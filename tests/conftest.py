@@ -118,15 +118,25 @@ def compose_train() -> Callable[..., DictConfig]:
 
 def run_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: int = 300):
     """Run `python -m vision_tl.<entry> ...` as a user would, returning the CompletedProcess."""
+    import signal
     import subprocess
     import sys
 
     full_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(
+    # A session of its own, so a timeout also kills the processes it started (DDP ranks).
+    with subprocess.Popen(
         [sys.executable, "-m", *args],
         cwd=cwd,
         env=full_env,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=timeout,
-    )
+        start_new_session=True,
+    ) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            raise
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)

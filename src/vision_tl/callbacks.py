@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import math
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning as L
+import pandas as pd
 
 
 class TrainThroughput(L.Callback):
@@ -36,3 +40,65 @@ class TrainThroughput(L.Callback):
     @property
     def images_per_second(self) -> float:
         return self.images / self.seconds if self.seconds > 0 else 0.0
+
+
+class EpochHistory(L.Callback):
+    """Write `history.csv` (one row per epoch) as training goes.
+
+    A sweep report reads it for curves and for jobs that are still running, without
+    TensorBoard; a resumed run keeps the rows of the epochs it already did.
+    """
+
+    COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr")
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.rows: dict[int, dict[str, float]] = {}
+        self._loss_sum = 0.0
+        self._count = 0
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.path.exists() and trainer.ckpt_path:
+            frame = pd.read_csv(self.path)
+            self.rows = {int(r["epoch"]): r for r in frame.to_dict("records")}
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._loss_sum, self._count = 0.0, 0
+
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if loss is not None:
+            size = len(batch[1])
+            self._loss_sum += float(loss.detach()) * size
+            self._count += size
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.fast_dev_run:
+            return
+        metrics = trainer.callback_metrics
+        train_acc = getattr(pl_module, "train_acc", None)
+        row = {
+            "epoch": trainer.current_epoch,
+            "train_loss": self._loss_sum / self._count if self._count else math.nan,
+            "train_acc": float(train_acc.compute()) if train_acc is not None else math.nan,
+            "val_loss": float(metrics["val/loss"]) if "val/loss" in metrics else math.nan,
+            "val_acc": float(metrics["val/acc"]) if "val/acc" in metrics else math.nan,
+            "lr": trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else math.nan,
+        }
+        self.rows[trainer.current_epoch] = row
+        if trainer.is_global_zero:
+            frame = pd.DataFrame([self.rows[e] for e in sorted(self.rows)], columns=self.COLUMNS)
+            tmp = self.path.with_suffix(".csv.tmp")
+            frame.to_csv(tmp, index=False)
+            os.replace(tmp, self.path)
+
+    @property
+    def last(self) -> dict[str, float]:
+        return self.rows[max(self.rows)] if self.rows else {}

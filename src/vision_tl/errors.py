@@ -1,5 +1,7 @@
 """Errors a user can fix: entry points print them as one line, without a traceback."""
 
+from __future__ import annotations
+
 
 class VisionTLError(Exception):
     """Base class for problems with the user's input (config, files, weights)."""
@@ -11,3 +13,12 @@ class ConfigError(VisionTLError, ValueError):
 
 class WeightsError(VisionTLError):
     """Pretrained weights that cannot be obtained or do not fit the model."""
+
+
+def find_user_error(err: BaseException | None) -> VisionTLError | None:
+    """The user-fixable error behind `err`, if any (Hydra's instantiate wraps them)."""
+    while err is not None:
+        if isinstance(err, VisionTLError):
+            return err
+        err = err.__cause__ or err.__context__
+    return None

@@ -3,32 +3,26 @@
 from __future__ import annotations
 
 import logging
+import math
 
 import hydra
 from omegaconf import DictConfig
 
 from vision_tl.config import config_dir
-from vision_tl.errors import VisionTLError
+from vision_tl.errors import find_user_error
+
+__all__ = ["find_user_error", "main"]
 
 log = logging.getLogger(__name__)
 
 
-def find_user_error(err: BaseException | None) -> VisionTLError | None:
-    """The user-fixable error behind `err`, if any (Hydra's instantiate wraps them)."""
-    while err is not None:
-        if isinstance(err, VisionTLError):
-            return err
-        err = err.__cause__ or err.__context__
-    return None
-
-
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    """Run one training job; return the metric a sweeper optimises."""
-    from vision_tl.training import run_training
+    """Run one training job; return the metric a sweeper optimises (NaN for a failed job)."""
+    from vision_tl.sweep import run_job
 
     try:
-        metrics = run_training(cfg)
+        metrics = run_job(cfg)
     except Exception as err:
         user_error = find_user_error(err)
         if user_error is None:
@@ -36,7 +30,7 @@ def main(cfg: DictConfig) -> float | None:
         log.error("%s", user_error)
         raise SystemExit(f"error: {user_error}") from None
     value = metrics.get(cfg.get("optimized_metric") or "best_val_acc")
-    return float(value) if value is not None else None
+    return float(value) if value is not None else math.nan
 
 
 if __name__ == "__main__":

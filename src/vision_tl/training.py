@@ -4,24 +4,94 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import psutil
 from hydra.utils import instantiate
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from vision_tl.callbacks import TrainThroughput
+from vision_tl.callbacks import EpochHistory, TrainThroughput
 from vision_tl.data import ImageFolderDataModule
+from vision_tl.distributed import use_hydra_rank_command
 from vision_tl.errors import ConfigError
 from vision_tl.task import ClassificationTask
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("32", "32-true", "16-mixed", "bf16-mixed", "64", "64-true")
+PRECISIONS = ("32", "32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64", "64-true")
+
+
+def check_precision(precision: Any, accelerator: Any) -> None:
+    """Fail at start, in one line, on a precision the chosen device cannot run."""
+    import torch
+
+    value = str(precision)
+    if value not in PRECISIONS:
+        raise ConfigError(f"trainer.precision={value} is not one of {', '.join(PRECISIONS)}")
+    device = str(accelerator)
+    if device == "auto":
+        device = "gpu" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        device = "gpu"
+    if value.startswith("16") and device != "gpu":
+        raise ConfigError(
+            f"trainer.precision={value} needs a GPU (accelerator is {device}); "
+            "use bf16-mixed or 32 on CPU"
+        )
+    if value.startswith("bf16") and device == "gpu" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(
+            f"trainer.precision={value}: this GPU has no bfloat16 support; use 16-mixed"
+        )
+
+
+class PeakMemory:
+    """Peak resident memory of this process during a block (sampled), and peak CUDA memory.
+
+    Sampling per block rather than `ru_maxrss` keeps sweep jobs that share a process
+    (Hydra's basic launcher) from inheriting each other's peaks.
+    """
+
+    def __init__(self, interval: float = 0.1) -> None:
+        self.interval = interval
+        self.peak_rss = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        process = psutil.Process()
+        while True:
+            self.peak_rss = max(self.peak_rss, process.memory_info().rss)
+            if self._stop.wait(self.interval):
+                return
+
+    def __enter__(self) -> PeakMemory:
+        import torch
+
+        if torch.cuda.is_initialized():
+            torch.cuda.reset_peak_memory_stats()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def as_dict(self) -> dict[str, float | None]:
+        import torch
+
+        gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_initialized() else None
+        return {
+            "peak_rss_mb": round(self.peak_rss / 2**20, 1),
+            "peak_gpu_mem_mb": round(gpu, 1) if gpu else None,
+        }
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -47,6 +117,18 @@ def class_weights(spec: Any, counts: list[int]) -> list[float] | None:
     return weights
 
 
+def final_accuracies(last_epoch: dict[str, float], last_val: dict[str, float]) -> dict[str, Any]:
+    """Last epoch's train and val accuracy and their gap: the overfitting signal of a sweep."""
+
+    def number(value: Any) -> float | None:
+        return None if value is None or math.isnan(float(value)) else float(value)
+
+    train = number(last_epoch.get("train_acc"))
+    val = number(last_epoch.get("val_acc", last_val.get("val/acc")))
+    gap = None if train is None or val is None else round(train - val, 6)
+    return {"final_train_acc": train, "final_val_acc": val, "train_val_gap": gap}
+
+
 def _instantiate_all(group: DictConfig | None) -> list[Any]:
     return [instantiate(c) for c in (group or {}).values() if c is not None and "_target_" in c]
 
@@ -55,18 +137,20 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
     """Train and (if a test split exists) test; write `metrics.json` into the run dir."""
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if str(cfg.trainer.get("precision", "32")) not in PRECISIONS:
-        raise ConfigError(
-            f"trainer.precision={cfg.trainer.precision} is not one of {', '.join(PRECISIONS)}"
-        )
+    check_precision(cfg.trainer.get("precision", "32"), cfg.trainer.get("accelerator", "auto"))
+    use_hydra_rank_command()
+    main_process = rank_zero_only.rank == 0
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    if main_process:
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
 
     datamodule: ImageFolderDataModule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
-    datamodule.split_frame().to_csv(run_dir / "split.csv", index=False)
+    if main_process:
+        datamodule.split_frame().to_csv(run_dir / "split.csv", index=False)
+    datamodule.write_bad_files(run_dir / "bad_files.csv", write=main_process)
 
     task = ClassificationTask(
         model=OmegaConf.to_container(cfg.model, resolve=True),
@@ -83,22 +167,26 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
 
     callbacks = _instantiate_all(cfg.get("callbacks"))
     throughput = TrainThroughput()
+    history = EpochHistory(run_dir / "history.csv")
     loggers = _instantiate_all(cfg.get("logger"))
     trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=[*callbacks, throughput], logger=loggers
+        cfg.trainer, callbacks=[*callbacks, throughput, history], logger=loggers
     )
 
-    start = time.perf_counter()
-    trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
-    train_time = time.perf_counter() - start
+    with PeakMemory() as memory:
+        start = time.perf_counter()
+        ckpt_path = cfg.get("ckpt_path")
+        trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        train_time = time.perf_counter() - start
 
-    val_loss = trainer.callback_metrics.get("val/loss")
-    checkpoints = [c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)]
-    checkpoint = next((c for c in checkpoints if c.monitor), None)
-    latest = next((c for c in checkpoints if not c.monitor), None)
-    best_path = checkpoint.best_model_path if checkpoint else ""
-    if cfg.get("test") and datamodule.has_test:
-        trainer.test(task, datamodule=datamodule, ckpt_path=best_path or None, weights_only=True)
+        val_loss = trainer.callback_metrics.get("val/loss")
+        checkpoints = [c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)]
+        checkpoint = next((c for c in checkpoints if c.monitor), None)
+        latest = next((c for c in checkpoints if not c.monitor), None)
+        best_path = checkpoint.best_model_path if checkpoint else ""
+        if cfg.get("test") and datamodule.has_test:
+            best = best_path or None
+            trainer.test(task, datamodule=datamodule, ckpt_path=best, weights_only=True)
 
     best_score = checkpoint.best_model_score if checkpoint else None
     metrics: dict[str, Any] = {
@@ -110,7 +198,11 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
         "num_classes": len(task.class_names),
         "class_names": task.class_names,
         "train_time_s": round(train_time, 3),
-        "train_images_per_s": round(throughput.images_per_second, 2),
+        "train_images_per_s": round(throughput.images_per_second * trainer.world_size, 2),
+        "world_size": trainer.world_size,
+        "precision": str(trainer.precision),
+        **final_accuracies(history.last, task.last_val),
+        **memory.as_dict(),
         "best_checkpoint": best_path or None,
         "last_checkpoint": getattr(latest, "best_model_path", "") or None,
         "val_loss": float(val_loss) if val_loss is not None else None,

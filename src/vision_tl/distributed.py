@@ -1,0 +1,48 @@
+"""DDP under Hydra: every rank runs exactly this job, in this job's folder.
+
+Lightning starts ranks 1..N-1 by re-running the command line. Under Hydra that command
+may be a whole multirun (`-m`, or `hparams_search=` with `hydra.mode: MULTIRUN`), and
+a fresh `${now:...}` run dir: ranks would start sweeps of their own or write into new
+folders, and rank 0 would wait for them forever. The command below re-runs the job's
+own overrides as a single run in the job's output dir, writing no Hydra files.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import get_original_cwd
+
+
+def rank_command(local_rank: int, module: str = "vision_tl.train") -> tuple[Sequence[str], str]:
+    """The command line and working dir for DDP rank `local_rank` of the current Hydra job."""
+    hydra_cfg = HydraConfig.get()
+    output_dir = str(hydra_cfg.runtime.output_dir).replace('"', '\\"')
+    command = [
+        sys.executable,
+        "-m",
+        module,
+        *hydra_cfg.overrides.task,
+        "hydra.mode=RUN",
+        f'hydra.run.dir="{output_dir}"',
+        "hydra.output_subdir=null",
+        f"hydra.job.name={hydra_cfg.job.name}_rank{local_rank}",
+        "hydra/hydra_logging=none",
+    ]
+    return command, get_original_cwd()
+
+
+def use_hydra_rank_command() -> None:
+    """Make Lightning's subprocess launchers (Trainer and Fabric) start ranks with `rank_command`.
+
+    Lightning looks the function up by name at launch time in both launcher modules.
+    """
+    from lightning.fabric.strategies.launchers import subprocess_script as fabric_launcher
+    from lightning.pytorch.strategies.launchers import subprocess_script as trainer_launcher
+
+    for module in (fabric_launcher, trainer_launcher):
+        if not hasattr(module, "_hydra_subprocess_cmd"):
+            raise RuntimeError(f"{module.__name__} has no _hydra_subprocess_cmd to replace")
+        module._hydra_subprocess_cmd = rank_command

@@ -1,0 +1,254 @@
+"""Sweep jobs that survive interruption: a status file per job, GPU pinning, a closing report.
+
+Each multirun job writes `job_status.json` (its overrides, status, attempts). Re-running
+the same sweep command therefore skips jobs that finished, resumes interrupted ones from
+their `last.ckpt`, and retries failed ones; a job that fails is recorded and returns NaN,
+so the sweeper goes on with the others.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig, open_dict
+
+from vision_tl.errors import find_user_error
+
+log = logging.getLogger(__name__)
+
+STATUS_FILE = "job_status.json"
+STATUSES = ("running", "done", "failed", "interrupted")
+
+
+def read_status(job_dir: Path) -> dict[str, Any] | None:
+    """The job's recorded status, or None when it never started (or the file is unreadable)."""
+    try:
+        return json.loads((Path(job_dir) / STATUS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_status(job_dir: Path, **fields: Any) -> dict[str, Any]:
+    """Update the job's status file atomically; returns the new content."""
+    from vision_tl.training import write_json
+
+    path = Path(job_dir) / STATUS_FILE
+    status = {**(read_status(job_dir) or {}), **fields}
+    status["updated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, status)
+    return status
+
+
+class DeviceSlots:
+    """One lock file per GPU in the sweep dir: a job holds its card until it ends.
+
+    `flock` locks die with their process, so a crashed job never keeps a card busy.
+    """
+
+    def __init__(self, lock_dir: Path, count: int) -> None:
+        self.lock_dir = Path(lock_dir)
+        self.count = count
+        self._handle: Any = None
+
+    def acquire(self, timeout: float | None = None, poll: float = 1.0) -> int | None:
+        """Take the first free slot, waiting for one; None if `timeout` passes first."""
+        self.lock_dir.mkdir(parents=True, exist_ok=True)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        waited = False
+        while True:
+            for index in range(self.count):
+                handle = open(self.lock_dir / f"device{index}.lock", "a+")  # noqa: SIM115
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    handle.close()
+                    continue
+                self._handle = handle
+                handle.seek(0)
+                handle.truncate()
+                handle.write(f"{socket.gethostname()} {os.getpid()}\n")
+                handle.flush()
+                return index
+            if deadline is not None and time.monotonic() >= deadline:
+                return None
+            if not waited:
+                log.info("All %d GPUs are busy with other jobs: waiting for one", self.count)
+                waited = True
+            time.sleep(poll)
+
+    def release(self) -> None:
+        if self._handle is not None:
+            fcntl.flock(self._handle, fcntl.LOCK_UN)
+            self._handle.close()
+            self._handle = None
+
+
+def _wants_one_gpu(cfg: DictConfig) -> bool:
+    import torch
+
+    trainer = cfg.trainer
+    accelerator = str(trainer.get("accelerator", "auto"))
+    devices = trainer.get("devices", 1)
+    return (
+        accelerator in ("auto", "gpu", "cuda")
+        and str(devices) == "1"
+        and torch.cuda.is_available()
+        and torch.cuda.device_count() > 0
+    )
+
+
+@contextlib.contextmanager
+def pinned_gpu(cfg: DictConfig, sweep_dir: Path) -> Iterator[int | None]:
+    """Give a one-GPU job a card of its own (`trainer.devices=[i]`) for as long as it runs."""
+    if not _wants_one_gpu(cfg):
+        yield None
+        return
+    import torch
+
+    slots = DeviceSlots(sweep_dir / ".gpu_locks", torch.cuda.device_count())
+    index = slots.acquire()
+    try:
+        with open_dict(cfg):
+            cfg.trainer.accelerator = "gpu"
+            cfg.trainer.devices = [index]
+        log.info("This job runs on GPU %d", index)
+        yield index
+    finally:
+        slots.release()
+
+
+def _parallel_jobs(hydra_cfg: DictConfig) -> int:
+    """How many jobs a launcher runs at once on this machine (1 for the basic launcher)."""
+    n_jobs = hydra_cfg.launcher.get("n_jobs") if "launcher" in hydra_cfg else None
+    if not isinstance(n_jobs, int) or n_jobs == 1:
+        return 1
+    cpus = os.cpu_count() or 1
+    return cpus if n_jobs < 0 else min(n_jobs, cpus)
+
+
+@contextlib.contextmanager
+def isolated_job(parallel_jobs: int) -> Iterator[None]:
+    """Leave the process as the job found it: environment, threads, process group.
+
+    Lightning's DDP launcher sets MASTER_PORT, LOCAL_RANK and WORLD_SIZE in the parent's
+    environment and keeps its process group; a second job in the same process would then
+    join the first job's (dead) group and hang.
+    """
+    import torch
+
+    environment = dict(os.environ)
+    threads = torch.get_num_threads()
+    if parallel_jobs > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // parallel_jobs))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        os.environ.clear()
+        os.environ.update(environment)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _is_multirun_job() -> bool:
+    if not HydraConfig.initialized():
+        return False
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    return HydraConfig.get().mode == RunMode.MULTIRUN and rank_zero_only.rank == 0
+
+
+def run_job(cfg: DictConfig) -> dict[str, Any]:
+    """Run one training job; inside a multirun, make it skippable, resumable and contained."""
+    from vision_tl.training import run_training
+
+    if not _is_multirun_job():
+        with isolated_job(parallel_jobs=1):
+            return run_training(cfg)
+
+    hydra_cfg = HydraConfig.get()
+    job_dir = Path(hydra_cfg.runtime.output_dir)
+    overrides = list(hydra_cfg.overrides.task)
+    previous = read_status(job_dir)
+    if previous and previous.get("overrides") != overrides:
+        message = (
+            f"{job_dir} holds a job with other overrides ({previous.get('overrides')}); "
+            "use a new hydra.sweep.dir"
+        )
+        log.error("Job %s not run: %s", job_dir.name, message)
+        return {"status": "failed", "error": message}
+    metrics_file = job_dir / "metrics.json"
+    if previous and previous.get("status") == "done" and metrics_file.exists():
+        log.info("Job %s finished in an earlier run: skipping it", job_dir.name)
+        return {**json.loads(metrics_file.read_text()), "skipped": True}
+
+    last = job_dir / "checkpoints" / "last.ckpt"
+    if previous and last.exists() and cfg.get("ckpt_path") is None:
+        with open_dict(cfg):
+            cfg.ckpt_path = str(last)
+        log.info("Job %s was %s: resuming from %s", job_dir.name, previous.get("status"), last)
+
+    attempt = int((previous or {}).get("attempts", 0)) + 1
+    write_status(
+        job_dir,
+        status="running",
+        overrides=overrides,
+        attempts=attempt,
+        host=socket.gethostname(),
+        pid=os.getpid(),
+        started=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        error=None,
+    )
+    sweep_dir = Path(str(hydra_cfg.sweep.dir))
+    try:
+        with isolated_job(_parallel_jobs(hydra_cfg)), pinned_gpu(cfg, sweep_dir):
+            metrics = run_training(cfg)
+    except Exception as err:
+        user_error = find_user_error(err)
+        message = str(user_error) if user_error else f"{type(err).__name__}: {err}"
+        if user_error:
+            log.error("Job %s failed: %s", job_dir.name, message)
+        else:
+            log.exception("Job %s failed", job_dir.name)
+        write_status(job_dir, status="failed", error=message.splitlines()[0] if message else "")
+        return {"status": "failed", "error": message}
+    except BaseException:
+        write_status(job_dir, status="interrupted")
+        raise
+    metric = metrics.get(cfg.get("optimized_metric") or "best_val_acc")
+    write_status(job_dir, status="done", metric=metric)
+    return metrics
+
+
+class SweepReportCallback(Callback):
+    """Hydra callback: when a multirun ends, write its summary table and plots."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from vision_tl.report import write_report
+
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        try:
+            summary = write_report(sweep_dir, metric=config.get("optimized_metric"))
+        except Exception:
+            log.exception("Could not write the sweep report for %s", sweep_dir)
+            return
+        counts = summary["status"].value_counts().to_dict() if len(summary) else {}
+        log.info(
+            "Sweep finished: %s. Summary: %s",
+            ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "no jobs",
+            sweep_dir / "summary.md",
+        )

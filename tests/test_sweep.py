@@ -1,0 +1,297 @@
+"""Sweeps through the real entry point: grid, Optuna, resume, failures, DDP, the report."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import TINY, make_image_folder, run_cli
+from hydra import compose, initialize_config_dir
+from PIL import Image
+
+from vision_tl import report
+from vision_tl.config import config_dir
+from vision_tl.errors import ConfigError
+from vision_tl.sweep import DeviceSlots, read_status, write_status
+from vision_tl.training import check_precision
+
+HELPERS = Path(__file__).parent / "helpers"
+SWEEP_TINY = [*TINY, "trainer.max_epochs=1", "data.image_size=32"]
+
+
+@pytest.fixture(scope="module")
+def sweep_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("sweep") / "data", per_class=6, size=32)
+
+
+def _sweep(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: int = 400):
+    result = run_cli(["vision_tl.train", "-m", *args], cwd=cwd, env=env, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def _jobs(sweep_dir: Path) -> list[Path]:
+    return sorted(p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def _decodes(path: Path) -> bool:
+    with Image.open(path) as image:
+        image.load()
+        return image.size[0] > 0
+
+
+def test_grid_sweep_one_dir_per_job_and_summary(sweep_data: Path, tmp_path: Path) -> None:
+    sweep_dir = tmp_path / "grid"
+    _sweep(
+        [
+            *SWEEP_TINY,
+            f"data.root={sweep_data}",
+            "data.batch_size=4,8",
+            "optimizer.lr=0.01,0.001",
+            f"hydra.sweep.dir={sweep_dir}",
+        ],
+        cwd=tmp_path,
+    )
+    jobs = _jobs(sweep_dir)
+    assert len(jobs) == 4
+    for job in jobs:
+        metrics = json.loads((job / "metrics.json").read_text())
+        assert 0.0 <= metrics["best_val_acc"] <= 1.0
+        assert (job / "config.yaml").exists() and (job / "checkpoints" / "best.ckpt").exists()
+        assert list((job / "tensorboard").glob("events.out.tfevents.*"))
+        status = read_status(job)
+        assert status["status"] == "done" and status["metric"] == metrics["best_val_acc"]
+    assert not (tmp_path / "outputs").exists()
+
+    # The closing Hydra callback wrote the report; the CLI rewrites it the same way.
+    summary = pd.read_csv(sweep_dir / "summary.csv")
+    report.main([str(sweep_dir)])
+    again = pd.read_csv(sweep_dir / "summary.csv")
+    pd.testing.assert_frame_equal(summary, again)
+    assert len(summary) == 4
+    combos = set(zip(summary["data.batch_size"], summary["optimizer.lr"], strict=True))
+    assert combos == {(4, 0.01), (4, 0.001), (8, 0.01), (8, 0.001)}
+    assert list(summary["best_val_acc"]) == sorted(summary["best_val_acc"], reverse=True)
+    assert (summary["status"] == "done").all()
+    gaps = summary["final_train_acc"] - summary["final_val_acc"]
+    assert (gaps - summary["train_val_gap"]).abs().max() < 1e-6
+    assert (summary["peak_rss_mb"] > 0).all() and (summary["epochs"] == 1).all()
+    assert "| data.batch_size | optimizer.lr |" in (sweep_dir / "summary.md").read_text()
+    assert _decodes(sweep_dir / "heatmap.png") and _decodes(sweep_dir / "curves.png")
+    assert len(list((sweep_dir / "hparams").glob("*/events.out.tfevents.*"))) == 4
+
+    # Partial results: a job still running has no metrics.json yet, only its history.
+    running = jobs[0]
+    (running / "metrics.json").unlink()
+    write_status(running, status="running", pid=os.getpid())
+    partial, _ = report.summarize(sweep_dir)
+    row = partial[partial["job"] == running.name].iloc[0]
+    assert row["status"] == "running"
+    history = pd.read_csv(running / "history.csv")
+    assert row["best_val_acc"] == pytest.approx(history["val_acc"].max())
+
+
+def test_optuna_search_three_trials(sweep_data: Path, tmp_path: Path) -> None:
+    sweep_dir = tmp_path / "optuna"
+    # A value given on the command line fixes that parameter: leave batch size to Optuna.
+    fixed = [o for o in SWEEP_TINY if not o.startswith("data.batch_size=")]
+    _sweep(
+        [
+            *fixed,
+            f"data.root={sweep_data}",
+            "hparams_search=optuna",
+            "hydra.sweeper.n_trials=3",
+            "hydra.sweeper.sampler.n_startup_trials=2",
+            f"hydra.sweep.dir={sweep_dir}",
+        ],
+        cwd=tmp_path,
+    )
+    jobs = _jobs(sweep_dir)
+    assert len(jobs) == 3
+    values = [json.loads((j / "metrics.json").read_text())["best_val_acc"] for j in jobs]
+    results = (sweep_dir / "optimization_results.yaml").read_text()
+    assert f"best_value: {max(values)}" in results
+    summary = pd.read_csv(sweep_dir / "summary.csv")
+    assert len(summary) == 3
+    assert summary["optimizer.lr"].between(1e-5, 1e-1).all()
+    assert set(summary["data.batch_size"]) <= {8, 16, 32, 64}
+    assert summary["model.head.dropout"].between(0.0, 0.6).all()
+
+
+def test_interrupted_sweep_resumes_without_redoing_finished_jobs(
+    sweep_data: Path, tmp_path: Path
+) -> None:
+    sweep_dir = tmp_path / "resume"
+    args = [
+        *TINY,
+        "data.image_size=32",
+        f"data.root={sweep_data}",
+        "trainer.max_epochs=1,3",
+        "+callbacks.kill._target_=faults.KillAtEpoch",
+        "+callbacks.kill.epoch=2",
+        f"hydra.sweep.dir={sweep_dir}",
+    ]
+    env = {"PYTHONPATH": str(HELPERS)}
+    killed = run_cli(
+        ["vision_tl.train", "-m", *args], cwd=tmp_path, env={**env, "VISION_TL_TEST_KILL": "1"}
+    )
+    assert killed.returncode != 0
+    first, second = _jobs(sweep_dir)
+    assert read_status(first)["status"] == "done"
+    assert read_status(second)["status"] == "running"
+    assert not (second / "metrics.json").exists()
+    assert (second / "checkpoints" / "last.ckpt").exists()
+    first_metrics = (first / "metrics.json").read_bytes()
+    first_mtime = (first / "metrics.json").stat().st_mtime_ns
+
+    result = _sweep(args, cwd=tmp_path, env=env)
+    assert "finished in an earlier run: skipping it" in result.stderr + result.stdout
+    assert (first / "metrics.json").read_bytes() == first_metrics
+    assert (first / "metrics.json").stat().st_mtime_ns == first_mtime
+    status = read_status(second)
+    assert status["status"] == "done" and status["attempts"] == 2
+    metrics = json.loads((second / "metrics.json").read_text())
+    assert metrics["epochs"] == 3
+    history = pd.read_csv(second / "history.csv")
+    assert list(history["epoch"]) == [0, 1, 2]
+    assert "resuming from" in (second / "train.log").read_text()
+
+
+def test_failing_job_is_recorded_and_others_finish(sweep_data: Path, tmp_path: Path) -> None:
+    sweep_dir = tmp_path / "fail"
+    _sweep(
+        [
+            *SWEEP_TINY,
+            f"data.root={sweep_data}",
+            "data.batch_size=8,0",
+            "hydra/launcher=joblib",
+            "hydra.launcher.n_jobs=2",
+            f"hydra.sweep.dir={sweep_dir}",
+        ],
+        cwd=tmp_path,
+    )
+    summary = pd.read_csv(sweep_dir / "summary.csv").set_index("data.batch_size")
+    assert summary.loc[8, "status"] == "done" and summary.loc[8, "best_val_acc"] >= 0
+    assert summary.loc[0, "status"] == "failed"
+    assert "data.batch_size must be >= 1" in summary.loc[0, "error"]
+    done = sweep_dir / str(summary.loc[8, "job"])
+    assert (done / "metrics.json").exists()
+
+
+def test_ddp_two_cpu_processes_one_run_dir(sweep_data: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "ddp"
+    result = run_cli(
+        [
+            "vision_tl.train",
+            *SWEEP_TINY,
+            f"data.root={sweep_data}",
+            "trainer=ddp",
+            "trainer.devices=2",
+            "trainer.accelerator=cpu",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and 0.0 <= metrics["best_val_acc"] <= 1.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp"]
+    assert len(list(run_dir.glob("**/metrics.json"))) == 1
+    assert len(list(run_dir.glob("**/.hydra"))) == 1
+
+
+def test_ddp_inside_a_multirun(sweep_data: Path, tmp_path: Path) -> None:
+    sweep_dir = tmp_path / "ddp_sweep"
+    _sweep(
+        [
+            *SWEEP_TINY,
+            f"data.root={sweep_data}",
+            "trainer=ddp",
+            "trainer.accelerator=cpu",
+            "optimizer.lr=0.01,0.001",
+            f"hydra.sweep.dir={sweep_dir}",
+        ],
+        cwd=tmp_path,
+        timeout=300,
+    )
+    jobs = _jobs(sweep_dir)
+    assert len(jobs) == 2
+    for job in jobs:
+        assert json.loads((job / "metrics.json").read_text())["world_size"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp_sweep"]
+
+
+@pytest.mark.parametrize(
+    ("precision", "accelerator", "message"),
+    [
+        ("16-mixed", "cpu", "needs a GPU"),
+        ("8-mixed", "cpu", "is not one of"),
+    ],
+)
+def test_unsupported_precision_fails_in_one_line(
+    precision: str, accelerator: str, message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message) as err:
+        check_precision(precision, accelerator)
+    assert "\n" not in str(err.value)
+    check_precision("bf16-mixed", "cpu")
+
+
+def test_cli_rejects_16_mixed_on_cpu(tmp_path: Path) -> None:
+    result = run_cli(
+        [
+            "vision_tl.train",
+            "trainer.precision=16-mixed",
+            "trainer.accelerator=cpu",
+            f"hydra.run.dir={tmp_path / 'r'}",
+        ],
+        cwd=tmp_path,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("error: trainer.precision=16-mixed")
+
+
+def test_device_slots_never_share_a_card(tmp_path: Path) -> None:
+    slots = [DeviceSlots(tmp_path / "locks", count=2) for _ in range(3)]
+    assert slots[0].acquire(timeout=0) == 0
+    assert slots[1].acquire(timeout=0) == 1
+    assert slots[2].acquire(timeout=0.2, poll=0.05) is None
+    slots[0].release()
+    assert slots[2].acquire(timeout=0) == 0
+    slots[1].release()
+    slots[2].release()
+
+
+def _compose_hydra(overrides: list[str]):
+    with initialize_config_dir(version_base="1.3", config_dir=str(config_dir())):
+        return compose("train", overrides=overrides, return_hydra_config=True)
+
+
+def test_search_and_launcher_configs_compose() -> None:
+    grid = _compose_hydra(["hparams_search=grid"]).hydra
+    assert grid.mode.name == "MULTIRUN"
+    assert dict(grid.sweeper.params) == {
+        "data.batch_size": "4,8",
+        "optimizer.lr": "0.01,0.001",
+        "model": "resnet50,mobilenet_v2,ensemble",
+    }
+    optuna = _compose_hydra(["hparams_search=optuna"]).hydra.sweeper
+    assert optuna._target_.endswith("OptunaSweeper") and optuna.direction == "maximize"
+    assert set(optuna.params) == {
+        "optimizer.lr",
+        "optimizer.weight_decay",
+        "model.head.dropout",
+        "data.batch_size",
+    }
+    slurm = _compose_hydra(["hydra/launcher=slurm"]).hydra.launcher
+    assert slurm._target_.endswith("SlurmLauncher") and slurm.max_num_timeout > 0
+    joblib = _compose_hydra(["hydra/launcher=joblib"]).hydra.launcher
+    assert joblib._target_.endswith("JoblibLauncher")
+    ddp = _compose_hydra(["trainer=ddp", "trainer.num_nodes=2"]).trainer
+    assert ddp.strategy == "ddp" and ddp.num_nodes == 2
+    for name in ("resnet50", "mobilenet_v2"):
+        assert _compose_hydra([f"model={name}"]).model.backbone.name == name
