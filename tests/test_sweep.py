@@ -295,3 +295,15 @@ def test_search_and_launcher_configs_compose() -> None:
     assert ddp.strategy == "ddp" and ddp.num_nodes == 2
     for name in ("resnet50", "mobilenet_v2"):
         assert _compose_hydra([f"model={name}"]).model.backbone.name == name
+
+
+def test_failed_job_reports_the_root_cause_not_the_wrapper() -> None:
+    from vision_tl.sweep import _root_cause
+
+    with pytest.raises(RuntimeError) as wrapped:
+        try:
+            raise TypeError("unexpected keyword argument 'manifest'")
+        except TypeError as err:
+            raise RuntimeError("Error in call to target 'ImageFolderDataModule'") from err
+    root = _root_cause(wrapped.value)
+    assert isinstance(root, TypeError) and "manifest" in str(root)

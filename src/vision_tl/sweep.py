@@ -164,6 +164,13 @@ def isolated_job(parallel_jobs: int) -> Iterator[None]:
             torch.distributed.destroy_process_group()
 
 
+def _root_cause(err: BaseException) -> BaseException:
+    """The innermost exception: what went wrong, not the wrapper Hydra's instantiate adds."""
+    while err.__cause__ is not None or err.__context__ is not None:
+        err = err.__cause__ or err.__context__
+    return err
+
+
 def _is_multirun_job() -> bool:
     if not HydraConfig.initialized():
         return False
@@ -219,7 +226,8 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
             metrics = run_training(cfg)
     except Exception as err:
         user_error = find_user_error(err)
-        message = str(user_error) if user_error else f"{type(err).__name__}: {err}"
+        root = _root_cause(err)
+        message = str(user_error) if user_error else f"{type(root).__name__}: {root}"
         if user_error:
             log.error("Job %s failed: %s", job_dir.name, message)
         else:
