@@ -160,12 +160,17 @@ def test_interrupted_sweep_resumes_without_redoing_finished_jobs(
     assert "resuming from" in (second / "train.log").read_text()
 
 
-def test_failing_job_is_recorded_and_others_finish(sweep_data: Path, tmp_path: Path) -> None:
+def test_failing_job_is_recorded_and_ddp_job_finishes_under_joblib(
+    sweep_data: Path, tmp_path: Path
+) -> None:
+    """Parallel jobs (joblib), each a 2-process DDP run; the job with batch size 0 fails."""
     sweep_dir = tmp_path / "fail"
     _sweep(
         [
             *SWEEP_TINY,
             f"data.root={sweep_data}",
+            "trainer=ddp",
+            "trainer.accelerator=cpu",
             "data.batch_size=8,0",
             "hydra/launcher=joblib",
             "hydra.launcher.n_jobs=2",
@@ -178,7 +183,9 @@ def test_failing_job_is_recorded_and_others_finish(sweep_data: Path, tmp_path: P
     assert summary.loc[0, "status"] == "failed"
     assert "data.batch_size must be >= 1" in summary.loc[0, "error"]
     done = sweep_dir / str(summary.loc[8, "job"])
-    assert (done / "metrics.json").exists()
+    assert json.loads((done / "metrics.json").read_text())["world_size"] == 2
+    assert (done / "train_rank1.log").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fail"]
 
 
 def test_ddp_two_cpu_processes_one_run_dir(sweep_data: Path, tmp_path: Path) -> None:
@@ -202,27 +209,6 @@ def test_ddp_two_cpu_processes_one_run_dir(sweep_data: Path, tmp_path: Path) -> 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp"]
     assert len(list(run_dir.glob("**/metrics.json"))) == 1
     assert len(list(run_dir.glob("**/.hydra"))) == 1
-
-
-def test_ddp_inside_a_multirun(sweep_data: Path, tmp_path: Path) -> None:
-    sweep_dir = tmp_path / "ddp_sweep"
-    _sweep(
-        [
-            *SWEEP_TINY,
-            f"data.root={sweep_data}",
-            "trainer=ddp",
-            "trainer.accelerator=cpu",
-            "optimizer.lr=0.01,0.001",
-            f"hydra.sweep.dir={sweep_dir}",
-        ],
-        cwd=tmp_path,
-        timeout=300,
-    )
-    jobs = _jobs(sweep_dir)
-    assert len(jobs) == 2
-    for job in jobs:
-        assert json.loads((job / "metrics.json").read_text())["world_size"] == 2
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp_sweep"]
 
 
 @pytest.mark.parametrize(
