@@ -1,0 +1,193 @@
+"""`run_eval(cfg)`: judge a checkpoint on a labelled split, with files a person can read."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import pandas as pd
+import torch
+from hydra.utils import instantiate
+from matplotlib.figure import Figure
+from omegaconf import DictConfig, OmegaConf
+from torchmetrics.functional.classification import (
+    multiclass_accuracy,
+    multiclass_calibration_error,
+    multiclass_confusion_matrix,
+    multiclass_f1_score,
+    multiclass_precision,
+    multiclass_recall,
+)
+
+from vision_tl.data.folder import SPLITS
+from vision_tl.data.images import load_rgb
+from vision_tl.errors import ConfigError
+from vision_tl.inference import (
+    check_class_names,
+    load_checkpoint,
+    predictions_frame,
+    predictor_from_config,
+    write_unreadable,
+)
+from vision_tl.plots import confusion_matrix_figure
+from vision_tl.training import write_json
+
+log = logging.getLogger(__name__)
+
+EVAL_SPLITS = ("auto", *SPLITS, "all")
+
+
+def select_split(samples: dict[str, list[tuple[str, int]]], split: str) -> tuple[str, list]:
+    """`auto` is the test split when the data has one, else val; `all` is every image."""
+    if split not in EVAL_SPLITS:
+        raise ConfigError(f"split={split} is not one of {', '.join(EVAL_SPLITS)}")
+    if split == "auto":
+        split = "test" if samples.get("test") else "val"
+    if split == "all":
+        return split, [s for name in SPLITS for s in samples.get(name, [])]
+    if not samples.get(split):
+        present = [name for name in SPLITS if samples.get(name)]
+        raise ConfigError(f"the data has no labelled {split} split (it has {', '.join(present)})")
+    return split, list(samples[split])
+
+
+def per_image_loss(probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Negative log-likelihood of the true class, from (TTA-averaged) probabilities."""
+    return -probs.gather(1, target[:, None])[:, 0].clamp_min(torch.finfo(probs.dtype).tiny).log()
+
+
+def classification_metrics(
+    probs: torch.Tensor, target: torch.Tensor, class_names: Sequence[str], ece_bins: int = 15
+) -> tuple[dict[str, Any], pd.DataFrame, torch.Tensor]:
+    """Scalar metrics, a per-class table and the confusion matrix (true class per row).
+
+    `acc_top5` is null with 5 classes or fewer, where it would always be 1.
+    """
+    n = len(class_names)
+    scalars: dict[str, Any] = {
+        "acc": float(multiclass_accuracy(probs, target, n, average="micro")),
+        "acc_top5": float(multiclass_accuracy(probs, target, n, average="micro", top_k=5))
+        if n > 5
+        else None,
+        "f1_macro": float(multiclass_f1_score(probs, target, n, average="macro")),
+        "ece": float(multiclass_calibration_error(probs, target, n, n_bins=ece_bins, norm="l1")),
+        "loss": float(per_image_loss(probs, target).mean()),
+    }
+    per_class = pd.DataFrame(
+        {
+            "class": list(class_names),
+            "precision": multiclass_precision(probs, target, n, average=None).numpy(),
+            "recall": multiclass_recall(probs, target, n, average=None).numpy(),
+            "f1": multiclass_f1_score(probs, target, n, average=None).numpy(),
+            "support": torch.bincount(target, minlength=n).numpy(),
+        }
+    )
+    return scalars, per_class, multiclass_confusion_matrix(probs, target, n)
+
+
+def highest_loss_figure(
+    files: Sequence[str | Path], titles: Sequence[str], thumbnail: int = 256
+) -> Figure:
+    """A grid of images with a title each (true and predicted label), worst first."""
+    n = max(1, len(files))
+    cols = min(4, n)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.3 * rows), dpi=80, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, file, title in zip(axes.flat, files, titles, strict=False):
+        image = load_rgb(file)
+        image.thumbnail((thumbnail, thumbnail))
+        ax.imshow(image)
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def _relative(path: str, root: Path | None) -> str:
+    """How an image is named in the outputs: relative to the data root when under it."""
+    try:
+        return Path(path).relative_to(root).as_posix() if root is not None else path
+    except ValueError:
+        return path
+
+
+def _save(fig: Figure, path: Path) -> None:
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def run_eval(cfg: DictConfig) -> dict[str, Any]:
+    """Write metrics, per-class and per-image CSVs and two PNGs into the run dir."""
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    loaded = load_checkpoint(cfg.get("ckpt_path"))
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup()
+    root = datamodule.data_root  # None for a manifest without a root
+    manifest = cfg.data.get("manifest")
+    where = f"data.root {root}" if root is not None else f"data.manifest {manifest}"
+    check_class_names(loaded.class_names, datamodule.class_names, where)
+    split, samples = select_split(datamodule.split.samples, str(cfg.get("split", "auto")))
+    files = [path for path, _ in samples]
+    names = [_relative(path, root) for path in files]
+    log.info("Evaluating %s on %d %s image(s) from %s", loaded.path, len(files), split, where)
+
+    predictor = predictor_from_config(loaded, cfg, background=datamodule.background)
+    result = predictor.predict(files)
+    write_unreadable(out / "unreadable.csv", names, result.unreadable)
+    if not result.indices:
+        raise ConfigError(f"none of the {len(files)} {split} image(s) of {where} could be read")
+    target = torch.tensor([samples[i][1] for i in result.indices])
+    probs = result.probs
+    scalars, per_class, confmat = classification_metrics(probs, target, loaded.class_names)
+
+    frame = predictions_frame([names[i] for i in result.indices], probs, loaded.class_names)
+    frame.insert(1, "true_label", [loaded.class_names[t] for t in target.tolist()])
+    frame.insert(4, "loss", per_image_loss(probs, target).numpy())
+    frame.to_csv(out / "predictions.csv", index=False, float_format="%.6g")
+    per_class.to_csv(out / "per_class.csv", index=False, float_format="%.6g")
+    counts = pd.DataFrame(confmat.numpy(), index=loaded.class_names, columns=loaded.class_names)
+    counts.rename_axis("true").to_csv(out / "confusion_matrix.csv")
+    _save(confusion_matrix_figure(confmat, loaded.class_names), out / "confusion_matrix.png")
+    worst = frame.sort_values("loss", ascending=False, kind="stable").head(cfg.num_highest_loss)
+    titles = [
+        f"true: {r.true_label}\npred: {r.top1_label} ({r.confidence:.2f})"
+        for r in worst.itertuples()
+    ]
+    worst_files = [files[result.indices[row]] for row in worst.index]
+    _save(highest_loss_figure(worst_files, titles), out / "highest_loss.png")
+
+    metrics = {
+        **scalars,
+        "split": split,
+        "num_images": len(result.indices),
+        "num_unreadable": len(result.unreadable),
+        "class_names": loaded.class_names,
+        "per_class": per_class.set_index("class").to_dict(orient="index"),
+        "ckpt_path": str(loaded.path),
+        "data_root": None if root is None else str(root),
+        "manifest": manifest,
+        "tta": OmegaConf.to_container(cfg.tta),
+        "images_per_s": round(result.images_per_second, 2),
+    }
+    write_json(out / "metrics.json", metrics)
+    top5 = "" if scalars["acc_top5"] is None else f", top-5 {scalars['acc_top5']:.4f}"
+    log.info(
+        "%s acc %.4f%s, macro F1 %.4f, ECE %.4f; files in %s",
+        split,
+        scalars["acc"],
+        top5,
+        scalars["f1_macro"],
+        scalars["ece"],
+        out,
+    )
+    return metrics

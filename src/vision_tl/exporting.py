@@ -1,0 +1,147 @@
+"""`run_export(cfg)`: a model file plus `model.json`, so inference needs nothing from vision_tl.
+
+The file maps a normalised NCHW float32 RGB batch to logits; `model.json` says how to
+make that batch (class names, sizes, interpolation, mean, std) and what comes out.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from vision_tl.errors import ConfigError
+from vision_tl.inference import LoadedModel, load_checkpoint
+from vision_tl.training import write_json
+
+log = logging.getLogger(__name__)
+
+FORMATS = {"onnx": "model.onnx", "torchscript": "model.pt"}
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+
+
+def example_input(input_size: int, batch: int = 2, seed: int = 0) -> torch.Tensor:
+    """A batch of normalised-looking random images (a batch of 2 keeps the batch axis free)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, input_size, input_size, generator=generator)
+
+
+def export_onnx(model: nn.Module, x: torch.Tensor, path: Path, opset: int | None = None) -> int:
+    """Export with the dynamo exporter, batch axis dynamic, weights inside the file.
+
+    Returns the opset the file declares.
+    """
+    import onnx
+
+    chatty = [logging.getLogger(name) for name in ("onnx_ir", "onnxscript")]
+    levels = [logger.level for logger in chatty]
+    for logger in chatty:  # their INFO lines (one per optimisation pass) drown the run log
+        logger.setLevel(logging.WARNING)
+    try:
+        torch.onnx.export(
+            model,
+            (x,),
+            path,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            opset_version=opset,
+            dynamic_shapes=({0: torch.export.Dim("batch")},),
+            external_data=False,
+            verbose=False,
+        )
+    finally:
+        for logger, level in zip(chatty, levels, strict=True):
+            logger.setLevel(level)
+    graph = onnx.load(str(path), load_external_data=False)
+    return next(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def export_torchscript(model: nn.Module, x: torch.Tensor, path: Path) -> None:
+    """Trace to TorchScript (deprecated upstream, but loadable from C++ and plain torch)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\..* is deprecated")
+        traced = torch.jit.trace(model, x)
+        torch.jit.save(traced, str(path))
+
+
+def run_file(path: Path, fmt: str, x: torch.Tensor) -> np.ndarray:
+    """Logits of the exported file, through onnxruntime or `torch.jit.load`."""
+    if fmt == "onnx":
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\..* is deprecated")
+        module = torch.jit.load(str(path), map_location="cpu")
+    with torch.no_grad():
+        return module(x).numpy()
+
+
+def max_abs_difference(model: nn.Module, path: Path, fmt: str, input_size: int) -> float:
+    """Largest |exported - PyTorch| logit on a batch of another size than the traced one."""
+    x = example_input(input_size, batch=3, seed=1)
+    with torch.no_grad():
+        expected = model(x).numpy()
+    return float(np.abs(run_file(path, fmt, x) - expected).max())
+
+
+def model_card(loaded: LoadedModel, fmt: str, file: str, opset: int | None) -> dict[str, Any]:
+    """What an inference program needs besides the model file."""
+    pre = loaded.preprocess
+    return {
+        "format": fmt,
+        "file": file,
+        "opset": opset,
+        "class_names": loaded.class_names,
+        "num_classes": len(loaded.class_names),
+        "input_size": pre.input_size,
+        "resize_size": pre.resize_size,
+        "interpolation": pre.interpolation,
+        "mean": list(pre.mean),
+        "std": list(pre.std),
+        "input": {
+            "name": INPUT_NAME,
+            "shape": ["batch", 3, pre.input_size, pre.input_size],
+            "dtype": "float32",
+            "layout": "NCHW, RGB",
+            "recipe": "resize the shorter side to resize_size (interpolation, antialias), "
+            "centre-crop input_size, scale to [0, 1], subtract mean, divide by std",
+        },
+        "output": {"name": OUTPUT_NAME, "shape": ["batch", len(loaded.class_names)]},
+        "softmax": "not applied: apply softmax over the class axis for probabilities",
+        "checkpoint": str(loaded.path),
+    }
+
+
+def run_export(cfg: DictConfig) -> dict[str, Any]:
+    """Write the model file and `model.json` into the run dir; check the file's outputs."""
+    fmt = str(cfg.format)
+    if fmt not in FORMATS:
+        raise ConfigError(f"format={fmt} is not one of {', '.join(FORMATS)}")
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    loaded = load_checkpoint(cfg.get("ckpt_path"))
+    model = loaded.model.cpu().eval()
+    path = out / FORMATS[fmt]
+    x = example_input(loaded.preprocess.input_size)
+    opset = None
+    if fmt == "onnx":
+        opset = export_onnx(model, x, path, cfg.get("opset"))
+    else:
+        export_torchscript(model, x, path)
+    card = model_card(loaded, fmt, path.name, opset)
+    if cfg.get("verify", True):
+        diff = max_abs_difference(model, path, fmt, loaded.preprocess.input_size)
+        card["max_abs_diff"] = diff
+        if diff > float(cfg.tolerance):
+            log.warning("exported logits differ from PyTorch by up to %.2e", diff)
+    write_json(out / "model.json", card)
+    log.info("Wrote %s and %s", path, out / "model.json")
+    return card
