@@ -1,34 +1,58 @@
-"""LightningDataModule for image folders: split, preprocess from the backbone, augment."""
+"""LightningDataModule for image folders: check, split, preprocess from the backbone, augment,
+and (for a frozen backbone) serve cached features instead of images."""
 
 from __future__ import annotations
 
 import logging
-import os
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, WeightedRandomSampler
 
 from vision_tl.config import cache_dir
 from vision_tl.data.builtin import DATASETS
-from vision_tl.data.dataset import ImageListDataset
+from vision_tl.data.dataset import ImageListDataset, available_cpus, collate_skipping_none
 from vision_tl.data.folder import SplitSamples, scan_root
-from vision_tl.data.transforms import check_augment, eval_transform, train_transform
+from vision_tl.data.scan import DEFAULT_MAX_PIXELS, BadFileLog, ImageScanner, write_bad_files
+from vision_tl.data.stats import class_count_table, imbalance, log_class_counts
+from vision_tl.data.transforms import (
+    check_augment,
+    eval_transform,
+    normalize_batch,
+    train_transform,
+)
 from vision_tl.errors import ConfigError
 from vision_tl.models.preprocess import Preprocess
 
+if TYPE_CHECKING:
+    from vision_tl.features import CachedFeatures
+
 log = logging.getLogger(__name__)
+
+ON_BAD_IMAGE = ("skip", "fail")
+SAMPLERS = ("shuffle", "weighted")
+
+
+def _choice(name: str, value: str, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ConfigError(f"data.{name}={value} is not one of {', '.join(choices)}")
+    return value
 
 
 class ImageFolderDataModule(L.LightningDataModule):
-    """Images in class subfolders under `root` (or a built-in dataset when `root` is None).
+    """Images in class subfolders under `root`, listed by a CSV `manifest`, or a built-in
+    dataset when both are None.
 
-    Preprocessing comes from the model (`set_preprocess`); `image_size`, `resize_size`,
-    `interpolation`, `mean` and `std` override it when set.
+    Every file is checked before training (see `vision_tl.data.scan`); unusable ones are
+    skipped (`on_bad_image=skip`) or stop the run (`fail`). Preprocessing comes from the
+    model (`set_preprocess`); `image_size`, `resize_size`, `interpolation`, `mean` and `std`
+    override it when set. With `feature_cache` and a frozen backbone, fit serves cached
+    backbone features (see `vision_tl.features`).
     """
 
     def __init__(
@@ -48,17 +72,29 @@ class ImageFolderDataModule(L.LightningDataModule):
         augment: str = "flip_crop",
         crop_scale: Sequence[float] = (0.08, 1.0),
         background: Sequence[int] = (255, 255, 255),
+        manifest: str | None = None,
+        on_bad_image: str = "skip",
+        max_image_pixels: int | None = None,
+        sampler: str = "shuffle",
+        draft: bool = True,
+        resize_cache: bool = False,
+        feature_cache: str = "auto",
+        feature_views: int = 4,
     ) -> None:
         super().__init__()
+        from vision_tl.features import MODES
+
         if batch_size < 1:
             raise ConfigError(f"data.batch_size must be >= 1, got {batch_size}")
+        if feature_views < 0:
+            raise ConfigError(f"data.feature_views must be >= 0, got {feature_views}")
         self.root = root
         self.builtin = builtin
         self.cache = cache
         self.val_fraction = val_fraction
         self.seed = seed
         self.batch_size = batch_size
-        self.num_workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
+        self.num_workers = min(8, available_cpus()) if num_workers is None else num_workers
         self.overrides = {
             "image_size": image_size,
             "resize_size": resize_size,
@@ -66,37 +102,97 @@ class ImageFolderDataModule(L.LightningDataModule):
             "mean": None if mean is None else tuple(mean),
             "std": None if std is None else tuple(std),
         }
-        if root is None and image_size is None:
+        if root is None and manifest is None and image_size is None:
             self.overrides["image_size"] = DATASETS.get(builtin).image_size
         self.augment = check_augment(augment)
         self.crop_scale = tuple(crop_scale)
         self.background = tuple(int(v) for v in background)
+        self.manifest = manifest
+        self.on_bad_image = _choice("on_bad_image", on_bad_image, ON_BAD_IMAGE)
+        self.max_image_pixels = int(max_image_pixels or DEFAULT_MAX_PIXELS)
+        self.sampler = _choice("sampler", sampler, SAMPLERS)
+        self.draft = draft
+        self.resize_cache = resize_cache
+        self.feature_cache = _choice("feature_cache", feature_cache, MODES)
+        self.feature_views = int(feature_views)
         self.preprocess: Preprocess | None = None
         self.split: SplitSamples | None = None
+        self.bad_file_log = BadFileLog()
+        self.features: CachedFeatures | None = None  # set by setup("fit") under a Trainer
+        self._sources: dict[str, str] | None = None
+        self._fit_prepared = False
 
     @property
-    def data_root(self) -> Path:
-        """The folder actually read: `root`, or the built-in dataset's cache folder."""
+    def cache_root(self) -> Path:
+        return Path(self.cache).expanduser() if self.cache else cache_dir()
+
+    @property
+    def data_root(self) -> Path | None:
+        """The folder actually read: `root`, or the built-in dataset's cache folder (None
+        for a manifest without a root: its paths are relative to the CSV)."""
         if self.root is not None:
             return Path(self.root).expanduser()
-        return DATASETS.get(self.builtin).materialize(self.cache or cache_dir())
+        if self.manifest is not None:
+            return None
+        return DATASETS.get(self.builtin).materialize(self.cache_root)
 
     def prepare_data(self) -> None:
         self.data_root  # noqa: B018 - generates the built-in dataset once, on one process
 
     def setup(self, stage: str | None = None) -> None:
         if self.split is None:
-            self.split = scan_root(self.data_root, self.val_fraction, self.seed)
-            counts = self.split.class_counts("train")
+            self.split = self._scan()
+        if stage == "fit" and self.trainer is not None and not self._fit_prepared:
+            self._fit_prepared = True
+            if self.trainer.is_global_zero:
+                log_class_counts(self.trainer.loggers, self.split)
+            from vision_tl.features import prepare_features
+
+            self.features = prepare_features(self, self.trainer)
+
+    def _scan(self) -> SplitSamples:
+        root = self.data_root
+        anchor = Path(self.manifest).expanduser() if self.manifest else root
+        scanner = ImageScanner(
+            ImageScanner.cache_file_for(self.cache_root, anchor), self.max_image_pixels
+        )
+        split = scan_root(
+            root, self.val_fraction, self.seed, manifest=self.manifest, scanner=scanner
+        )
+        where = self.manifest or root
+        if split.bad and self.on_bad_image == "fail":
+            shown = "; ".join(f"{b.path} ({b.reason})" for b in split.bad[:3])
+            raise ConfigError(
+                f"{len(split.bad)} unusable files under {where}: {shown}"
+                f"{' ...' if len(split.bad) > 3 else ''}; fix or remove them, or set "
+                "data.on_bad_image=skip"
+            )
+        sizes = "/".join(str(len(split.samples.get(s, []))) for s in ("train", "val", "test"))
+        log.info(
+            "Data: %d classes, %s images (train/val/test) from %s",
+            len(split.class_names),
+            sizes,
+            where,
+        )
+        log.info("Image check: %s", split.scan.summary() if split.scan else "skipped")
+        if split.bad:
+            kinds = Counter(b.reason.split(" (")[0].split(":")[0] for b in split.bad)
+            log.warning(
+                "%d unusable files skipped (listed with reasons in the run's bad_files.csv): %s",
+                len(split.bad),
+                ", ".join(f"{n} {kind}" for kind, n in kinds.most_common()),
+            )
+        if split.ignored:
+            log.info("Ignored %d hidden, system or non-image files", len(split.ignored))
+        log.info("Images per class:\n%s", class_count_table(split))
+        ratio = imbalance(split.class_counts("train"))
+        if ratio >= 3 and self.sampler == "shuffle":
             log.info(
-                "Data: %d classes, %s images (train/val/test) from %s",
-                len(self.class_names),
-                "/".join(str(len(self.split.samples.get(s, []))) for s in ("train", "val", "test")),
-                self.data_root,
+                "Classes are imbalanced (%.1f:1 in train): consider data.sampler=weighted "
+                "or loss.class_weights=auto",
+                ratio,
             )
-            log.debug(
-                "Train images per class: %s", dict(zip(self.class_names, counts, strict=True))
-            )
+        return split
 
     @property
     def class_names(self) -> list[str]:
@@ -115,32 +211,119 @@ class ImageFolderDataModule(L.LightningDataModule):
         """Every image with its label and split: what this run trains and validates on."""
         return self.split.to_frame()
 
+    def write_bad_files(self, path: str | Path, write: bool = True) -> None:
+        """Write the unusable files found so far to `path` (a CSV of path, reason); files
+        that fail later, during training or feature extraction, are appended to it."""
+        self.bad_file_log = BadFileLog(path)
+        if write:
+            write_bad_files(path, self.split.bad)
+
+    def teardown(self, stage: str | None = None) -> None:
+        if self.trainer is None or self.trainer.is_global_zero:
+            self.bad_file_log.deduplicate()
+
     def set_preprocess(self, preprocess: Preprocess) -> Preprocess:
         """Take the model's preprocessing, apply this module's overrides, and return it."""
         self.preprocess = preprocess.with_overrides(**self.overrides)
+        self._sources = None
         return self.preprocess
 
-    def _loader(self, split: str, train: bool) -> DataLoader:
+    @property
+    def decode_min_side(self) -> int | None:
+        """Large JPEGs decode at reduced size, never below the resize target (draft mode)."""
+        return self.preprocess.resize_size if self.draft else None
+
+    def sources(self) -> dict[str, str]:
+        """Path -> file actually read (resized copies when `resize_cache` is on)."""
+        if self._sources is None:
+            self._sources = {}
+            if self.resize_cache:
+                from vision_tl.data.resized import resized_copies
+
+                files = [p for samples in self.split.samples.values() for p, _ in samples]
+                self._sources = resized_copies(
+                    files,
+                    self.preprocess.resize_size,
+                    self.cache_root,
+                    self.background,
+                    self.preprocess.interpolation,
+                )
+        return self._sources
+
+    @property
+    def uint8_batches(self) -> bool:
+        """Under a Trainer, image batches travel as uint8, 4x less to copy between worker
+        processes and to the GPU, and `on_after_batch_transfer` normalises them on the
+        device. Loaders used directly yield normalised float32 as usual."""
+        return self.trainer is not None
+
+    def image_dataset(
+        self, split: str, train: bool, report: bool = True, normalize: bool = True
+    ) -> ImageListDataset:
+        """The images of `split` with the train or eval transform (uint8 without `normalize`)."""
         if self.preprocess is None:
             raise RuntimeError("call set_preprocess(model.preprocess) before creating loaders")
         transform = (
-            train_transform(self.preprocess, self.augment, self.crop_scale)
+            train_transform(self.preprocess, self.augment, self.crop_scale, normalize)
             if train
-            else eval_transform(self.preprocess)
+            else eval_transform(self.preprocess, normalize)
         )
-        dataset = ImageListDataset(self.split.samples[split], transform, self.background)
+        return ImageListDataset(
+            self.split.samples[split],
+            transform,
+            self.background,
+            min_side=self.decode_min_side,
+            sources=self.sources(),
+            on_error=self.bad_file_log if report else None,
+        )
+
+    def _train_sampler(self, labels: Sequence[int]) -> Sampler[int]:
+        if self.sampler == "weighted":
+            counts = torch.bincount(torch.as_tensor(labels), minlength=len(self.class_names))
+            weights = 1.0 / counts.clamp_min(1).double()[torch.as_tensor(labels)]
+            return WeightedRandomSampler(weights, num_samples=len(labels), replacement=True)
+        return RandomSampler(range(len(labels)))
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        dataset: Dataset
+        if self.features is not None:
+            dataset, views = self.features.dataset(split, train)
+            labels = dataset.labels.tolist()
+            workers = 0  # reading rows is cheaper than starting worker processes
+            collate = None
+        else:
+            dataset, views = self.image_dataset(split, train, normalize=not self.uint8_batches), 1
+            labels = [label for _, label in dataset.samples]
+            workers = self.num_workers
+            collate = collate_skipping_none
+        sampler: Sampler[int] | None = None
+        if train:
+            sampler = self._train_sampler(labels)
+            if views > 1:
+                from vision_tl.features import ViewSampler
+
+                sampler = ViewSampler(sampler, len(labels), views)
         kwargs: dict[str, Any] = {}
-        if self.num_workers > 0:
+        if workers > 0:
             kwargs.update(persistent_workers=True, prefetch_factor=4)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=train,
+            sampler=sampler,
             drop_last=train and len(dataset) > self.batch_size,
-            num_workers=self.num_workers,
+            num_workers=workers,
             pin_memory=torch.cuda.is_available(),
+            collate_fn=collate,
             **kwargs,
         )
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        x, y = batch
+        if isinstance(x, torch.Tensor) and x.dtype == torch.uint8 and x.ndim == 4:
+            x = normalize_batch(x, self.preprocess)
+            if self.trainer is not None:  # the dtype the precision plugin gives inputs
+                x = self.trainer.precision_plugin.convert_input(x)
+        return type(batch)((x, y)) if isinstance(batch, tuple | list) else (x, y)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)

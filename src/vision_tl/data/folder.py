@@ -1,7 +1,8 @@
-"""Find the labelled images under a root, and split them into train/val/test."""
+"""Find labelled images (class folders or a CSV manifest), check them, split them."""
 
 from __future__ import annotations
 
+import os
 import random
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -9,18 +10,30 @@ from pathlib import Path
 
 import pandas as pd
 
-from vision_tl.data.images import is_image_file
+from vision_tl.data.images import IMAGE_EXTENSIONS, UNSUPPORTED_EXTENSIONS, is_hidden
+from vision_tl.data.scan import BadFile, ImageScanner, ScanReport
 from vision_tl.errors import ConfigError
 
 SPLITS = ("train", "val", "test")
+_CANDIDATES = IMAGE_EXTENSIONS + UNSUPPORTED_EXTENSIONS
+
+# split -> class -> files
+Candidates = dict[str, dict[str, list[str]]]
 
 
 @dataclass
 class SplitSamples:
-    """Images of each split as (path, class index), with the class names in index order."""
+    """Images of each split as (path, class index), with the class names in index order.
+
+    `bad` lists what was found but will not be used, with the reason; `ignored` holds
+    hidden/system files and files that are not images (`.txt`, `.csv`), never reported.
+    """
 
     class_names: list[str]
     samples: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
+    bad: list[BadFile] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+    scan: ScanReport | None = None
 
     def class_counts(self, split: str = "train") -> list[int]:
         counts = [0] * len(self.class_names)
@@ -37,14 +50,101 @@ class SplitSamples:
         return pd.DataFrame(rows, columns=["path", "label", "split"])
 
 
-def _class_images(folder: Path) -> dict[str, list[str]]:
-    """Images per class subfolder (recursively), sorted so every run sees the same order."""
+def _walk(folder: Path, ignored: list[str]) -> list[str]:
+    """Image-like files under `folder`, recursively (nested folders keep the class),
+    skipping hidden and system files and folders."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        hidden = sorted(d for d in dirnames if is_hidden(Path(d)))
+        ignored += [os.path.join(dirpath, d) for d in hidden]
+        dirnames[:] = sorted(d for d in dirnames if d not in hidden)
+        for name in sorted(filenames):
+            path = os.path.join(dirpath, name)
+            if not is_hidden(Path(name)) and Path(name).suffix.lower() in _CANDIDATES:
+                found.append(path)
+            else:
+                ignored.append(path)
+    return found
+
+
+def _class_folders(
+    folder: Path, split: str, ignored: list[str], bad: list[BadFile], labelled: bool = True
+) -> dict[str, list[str]]:
+    """Candidate files per class subfolder of `folder`; loose images there have no label."""
     classes: dict[str, list[str]] = {}
-    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        files = sorted(str(p) for p in sub.rglob("*") if p.is_file() and is_image_file(p))
-        if files:
-            classes[sub.name] = files
+    for entry in sorted(folder.iterdir()):
+        if is_hidden(entry):
+            ignored.append(str(entry))
+        elif entry.is_dir():
+            classes[entry.name] = _walk(entry, ignored)
+        elif entry.suffix.lower() in _CANDIDATES and labelled:
+            bad.append(BadFile(str(entry), f"not inside a class folder of {split}/ (no label)"))
+        else:
+            ignored.append(str(entry))
     return classes
+
+
+def _folder_candidates(root: Path, ignored: list[str], bad: list[BadFile]) -> Candidates:
+    if not (root / "train").is_dir():
+        return {"train": _class_folders(root, "the root", ignored, bad)}
+    candidates: Candidates = {}
+    for split in SPLITS:
+        folder = root / split
+        if not folder.is_dir():
+            continue
+        has_classes = any(p.is_dir() and not is_hidden(p) for p in folder.iterdir())
+        if split == "test" and not has_classes:
+            continue  # an unlabelled test/ folder: not part of training
+        candidates[split] = _class_folders(folder, f"{split}", ignored, bad)
+    return candidates
+
+
+def read_manifest(manifest: str | Path, root: str | Path | None, bad: list[BadFile]) -> Candidates:
+    """Labels from a CSV with columns `path,label` (optional `split`: train/val/test).
+
+    Paths are relative to `root` when given, else to the CSV's folder. Missing files and
+    paths listed with two different labels go to `bad`; repeated rows count once.
+    """
+    manifest = Path(manifest).expanduser()
+    if not manifest.is_file():
+        raise ConfigError(f"data.manifest {manifest} does not exist")
+    try:
+        frame = pd.read_csv(manifest, dtype=str, keep_default_na=False, skipinitialspace=True)
+    except Exception as err:
+        reason = f"{type(err).__name__}: {err}".splitlines()[0]
+        raise ConfigError(f"cannot read data.manifest {manifest}: {reason}") from None
+    frame.columns = [str(c).strip().lower() for c in frame.columns]
+    if not {"path", "label"} <= set(frame.columns):
+        found = ", ".join(frame.columns) or "none"
+        raise ConfigError(
+            f"data.manifest {manifest} needs columns path,label (optional split); found: {found}"
+        )
+    splits = frame["split"].str.strip().str.lower() if "split" in frame else None
+    if splits is not None and not set(splits) <= set(SPLITS):
+        unknown = sorted(set(splits) - set(SPLITS))
+        raise ConfigError(f"data.manifest {manifest}: split values {unknown} are not {SPLITS}")
+    base = Path(root).expanduser() if root else manifest.parent
+    labels: dict[str, tuple[str, str]] = {}
+    conflicts: set[str] = set()
+    for i, row in enumerate(frame.itertuples(index=False)):
+        rel, label = str(row.path).strip(), str(row.label).strip()
+        split = splits.iloc[i] if splits is not None else "train"
+        if not rel or not label:
+            bad.append(BadFile(f"{manifest}:{i + 2}", "manifest row without a path or label"))
+            continue
+        path = str(base / rel)
+        if path in labels and labels[path] != (label, split):
+            conflicts.add(path)
+        labels.setdefault(path, (label, split))
+    candidates: Candidates = defaultdict(lambda: defaultdict(list))
+    for path, (label, split) in labels.items():
+        if path in conflicts:
+            bad.append(BadFile(path, "listed in the manifest with different labels or splits"))
+        elif not os.path.isfile(path):
+            bad.append(BadFile(path, "listed in the manifest but not found"))
+        else:
+            candidates[split][label].append(path)
+    return {s: {c: sorted(f) for c, f in classes.items()} for s, classes in candidates.items()}
 
 
 def stratified_split(
@@ -66,40 +166,76 @@ def stratified_split(
     return train, val
 
 
-def scan_root(root: str | Path, val_fraction: float = 0.2, seed: int = 42) -> SplitSamples:
-    """Read `root/{train,val,test}/<class>/...`, or `root/<class>/...` split by `val_fraction`.
+def _first(bad: list[BadFile], n: int = 3) -> str:
+    shown = "; ".join(f"{Path(b.path).name}: {b.reason}" for b in bad[:n])
+    return shown + (f"; ... ({len(bad)} in all)" if len(bad) > n else "")
 
-    Without a `val/` folder, `train/` is split. A `test/` without class folders is
-    unlabelled and is not returned here.
+
+def scan_root(
+    root: str | Path | None,
+    val_fraction: float = 0.2,
+    seed: int = 42,
+    *,
+    manifest: str | Path | None = None,
+    scanner: ImageScanner | None = None,
+) -> SplitSamples:
+    """Read `root/{train,val,test}/<class>/...`, `root/<class>/...` or a CSV manifest.
+
+    Without a `val/` folder (or manifest split column), train is split by
+    `val_fraction`. A `test/` without class folders is unlabelled and is not returned
+    here. Every file is checked by `scanner` first; unusable ones land in `bad`.
     """
-    root = Path(root).expanduser()
-    if not root.is_dir():
-        raise ConfigError(f"data.root {root} does not exist or is not a folder")
-    has_train = (root / "train").is_dir()
-    per_split: dict[str, dict[str, list[str]]] = defaultdict(dict)
-    if has_train:
-        per_split["train"] = _class_images(root / "train")
-        if (root / "val").is_dir():
-            per_split["val"] = _class_images(root / "val")
-        if (root / "test").is_dir():
-            per_split["test"] = _class_images(root / "test")
+    ignored: list[str] = []
+    bad: list[BadFile] = []
+    if manifest is not None:
+        candidates = read_manifest(manifest, root, bad)
+        where = f"data.manifest {Path(manifest).expanduser()}"
     else:
-        per_split["train"] = _class_images(root)
-    where = root / "train" if has_train else root
-    if not per_split["train"]:
-        raise ConfigError(f"no images in class subfolders of {where}")
+        if root is None:
+            raise ConfigError("data.root is not set")
+        root = Path(root).expanduser()
+        if not root.is_dir():
+            raise ConfigError(f"data.root {root} does not exist or is not a folder")
+        candidates = _folder_candidates(root, ignored, bad)
+        where = f"class subfolders of {root / 'train' if (root / 'train').is_dir() else root}"
+    if not any(candidates.get("train", {}).values()) and not bad:
+        raise ConfigError(f"no images in {where}")
+
+    scanner = scanner or ImageScanner()
+    files = sorted({f for classes in candidates.values() for fs in classes.values() for f in fs})
+    report = scanner.scan(files)
+    usable = set(report.good)
+    bad += report.bad
+    per_split: dict[str, dict[str, list[str]]] = {}
+    for split, classes in candidates.items():
+        per_split[split] = {}
+        for name, files in sorted(classes.items()):
+            kept = [f for f in files if f in usable]
+            if kept:
+                per_split[split][name] = kept
+            else:
+                label = f"{root / split / name}" if manifest is None else f"class '{name}'"
+                what = "empty class folder" if not files else "no usable images in this class"
+                bad.append(BadFile(label, f"{what} ({split}); class skipped"))
+    if not per_split.get("train"):
+        raise ConfigError(f"no usable images in {where}: {_first(bad)}")
     if not per_split.get("val"):
         per_split["train"], per_split["val"] = stratified_split(
             per_split["train"], val_fraction, seed
         )
     class_names = sorted(per_split["train"])
     index = {name: i for i, name in enumerate(class_names)}
-    result = SplitSamples(class_names)
-    for split, classes in per_split.items():
+    result = SplitSamples(class_names, bad=bad, ignored=ignored, scan=report)
+    for split in SPLITS:
+        classes = per_split.get(split)
+        if classes is None:
+            continue
         unknown = sorted(set(classes) - set(index))
         if unknown:
+            where_split = f"{split}/" if manifest is None else f"the {split} rows"
             raise ConfigError(
-                f"classes {unknown} appear in {split}/ but not in train/ under {root}"
+                f"classes {unknown} appear in {where_split} but not in train/ under "
+                f"{root if manifest is None else manifest}"
             )
         result.samples[split] = [(f, index[c]) for c in sorted(classes) for f in classes[c]]
     return result

@@ -28,26 +28,47 @@ def check_augment(augment: str) -> str:
     return augment
 
 
-def eval_transform(pre: Preprocess) -> v2.Compose:
-    """Resize the shorter side to `resize_size`, centre-crop `input_size`, normalise."""
+def _to_float(pre: Preprocess, normalize: bool) -> list:
+    return (
+        [v2.ToDtype(torch.float32, scale=True), v2.Normalize(pre.mean, pre.std)]
+        if normalize
+        else []
+    )
+
+
+def normalize_batch(x: torch.Tensor, pre: Preprocess) -> torch.Tensor:
+    """A uint8 batch (N, 3, H, W) to normalised float32, as the transforms' last two steps
+    do per image, vectorised over the batch on its device (the GPU after transfer)."""
+    mean = torch.tensor(pre.mean, device=x.device).view(1, -1, 1, 1) * 255.0
+    scale = 1.0 / (torch.tensor(pre.std, device=x.device).view(1, -1, 1, 1) * 255.0)
+    return x.float().sub_(mean).mul_(scale)
+
+
+def eval_transform(pre: Preprocess, normalize: bool = True) -> v2.Compose:
+    """Resize the shorter side to `resize_size`, centre-crop `input_size`, normalise.
+
+    `normalize=False` stops at the uint8 crop, for `normalize_batch` after transfer.
+    """
     interp = _interpolation(pre.interpolation)
     return v2.Compose(
         [
             v2.ToImage(),
             v2.Resize(pre.resize_size, interpolation=interp, antialias=True),
             v2.CenterCrop(pre.input_size),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(pre.mean, pre.std),
+            *_to_float(pre, normalize),
         ]
     )
 
 
 def train_transform(
-    pre: Preprocess, augment: str = "flip_crop", crop_scale: Sequence[float] = (0.08, 1.0)
+    pre: Preprocess,
+    augment: str = "flip_crop",
+    crop_scale: Sequence[float] = (0.08, 1.0),
+    normalize: bool = True,
 ) -> v2.Compose:
     """`none` is the eval transform; the others start with RandomResizedCrop + flip."""
     if check_augment(augment) == "none":
-        return eval_transform(pre)
+        return eval_transform(pre, normalize)
     interp = _interpolation(pre.interpolation)
     ops: list = [
         v2.ToImage(),
@@ -61,5 +82,4 @@ def train_transform(
         ops.append(v2.TrivialAugmentWide(interpolation=InterpolationMode.BILINEAR))
     elif augment == "randaugment":
         ops.append(v2.RandAugment(interpolation=InterpolationMode.BILINEAR))
-    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(pre.mean, pre.std)]
-    return v2.Compose(ops)
+    return v2.Compose(ops + _to_float(pre, normalize))

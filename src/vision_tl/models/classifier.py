@@ -46,6 +46,18 @@ class Classifier(nn.Module):
     def backbone_parameters(self) -> Iterator[nn.Parameter]:
         return (p for b in self.backbones() for p in b.parameters())
 
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled backbone features (concatenated over ensemble members): what a frozen
+        backbone's feature cache stores."""
+        return torch.cat([b(x) for b in self.backbones()], dim=1)
+
+    def classify_features(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits from `features(x)`; `forward(x)` is exactly this composition."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classify_features(self.features(x))
+
 
 class ImageClassifier(Classifier):
     """One backbone and one head."""
@@ -58,8 +70,11 @@ class ImageClassifier(Classifier):
     def backbones(self) -> list[Backbone]:
         return [self.backbone]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x))
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
+
+    def classify_features(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(features)
 
 
 class EnsembleClassifier(Classifier):
@@ -114,10 +129,11 @@ class EnsembleClassifier(Classifier):
     def backbones(self) -> list[Backbone]:
         return list(self.members)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def classify_features(self, features: torch.Tensor) -> torch.Tensor:
         if self.fusion == "features":
-            return self.fuse(torch.cat([m(x) for m in self.members], dim=1))
-        logits = [head(m(x)) for m, head in zip(self.members, self.heads, strict=True)]
+            return self.fuse(features)
+        parts = features.split([m.num_features for m in self.members], dim=1)
+        logits = [head(f) for f, head in zip(parts, self.heads, strict=True)]
         if self.fusion == "logits":
             return self.fuse(torch.cat(logits, dim=1))
         probs = torch.stack([t.softmax(dim=1) for t in logits]).mean(dim=0)

@@ -1,0 +1,109 @@
+"""One-time cache of resized copies, for folders of photos much larger than the model input.
+
+Decoding dominates data loading, and its cost grows with the pixel count: a 12-megapixel
+photo bound for a 256-pixel resize is decoded ~50x larger than needed every epoch. Each
+such file gets a JPEG copy (quality 95, EXIF orientation and alpha already applied) whose
+shorter side is the resize target; smaller files are read as they are. Copies are keyed
+by path, size, mtime and target, so an edited photo gets a fresh copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from PIL import Image
+
+from vision_tl.data.dataset import available_cpus
+from vision_tl.data.images import load_rgb
+
+log = logging.getLogger(__name__)
+
+RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+def _copy_path(folder: Path, path: str, side: int, extra: str) -> Path | None:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    key = hashlib.sha1(f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{side}|{extra}".encode())
+    digest = key.hexdigest()
+    return folder / digest[:2] / f"{digest}.jpg"
+
+
+def _make_copy(
+    path: str, target: Path, side: int, background: tuple[int, int, int], resample: int
+) -> bool:
+    """Write the copy; False when the file is no larger than `side` (read it as it is)."""
+    with Image.open(path) as header:
+        if min(header.size) <= side:
+            return False
+    image = load_rgb(path, background, min_side=side)
+    scale = side / min(image.size)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    image.resize(size, resample).save(tmp, format="JPEG", quality=95)
+    os.replace(tmp, target)
+    return True
+
+
+def resized_copies(
+    paths: Sequence[str],
+    side: int,
+    cache_root: str | Path,
+    background: tuple[int, int, int] = (255, 255, 255),
+    interpolation: str = "bicubic",
+) -> dict[str, str]:
+    """Map each file larger than `side` (shorter side) to its resized copy, making missing
+    copies in parallel threads. Files that fail to open keep their original path."""
+    start = time.perf_counter()
+    folder = Path(cache_root).expanduser() / "resized" / str(side)
+    extra = f"{background}|{interpolation}"
+    resample = RESAMPLE.get(interpolation.lower(), Image.Resampling.BICUBIC)
+    sources: dict[str, str] = {}
+    todo: list[tuple[str, Path]] = []
+    for path in paths:
+        target = _copy_path(folder, path, side, extra)
+        if target is None:
+            continue
+        if target.is_file():
+            sources[path] = str(target)
+        else:
+            todo.append((path, target))
+
+    def work(item: tuple[str, Path]) -> bool:
+        try:
+            return _make_copy(item[0], item[1], side, background, resample)
+        except Exception:
+            return False  # read the original; a broken file is reported when it is read
+
+    made = 0
+    if todo:
+        with ThreadPoolExecutor(min(16, 2 * available_cpus())) as pool:
+            for (path, target), ok in zip(todo, pool.map(work, todo), strict=True):
+                if ok:
+                    sources[path] = str(target)
+                    made += 1
+    log.info(
+        "Resize cache: %d of %d images read from copies with a %d px shorter side "
+        "(%d made now, %.1f s) in %s",
+        len(sources),
+        len(paths),
+        side,
+        made,
+        time.perf_counter() - start,
+        folder,
+    )
+    return sources

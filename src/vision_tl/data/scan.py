@@ -1,0 +1,276 @@
+"""Pre-flight check of image files: decode each one once, before training, and remember it.
+
+Real folders hold truncated downloads, zero-byte files, web pages saved as `.jpg`,
+panoramas big enough to exhaust memory and CMYK or 16-bit scans. The scan decodes every
+file (large JPEGs at 1/8 scale, which still reads every byte) in parallel threads, so
+training never meets a file that cannot be read, and records the verdict keyed by
+path + size + mtime: a second run over the same folder only stats the files.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+import time
+import warnings
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from vision_tl.data.dataset import available_cpus
+from vision_tl.data.images import (
+    EXIF_ORIENTATION,
+    UNSUPPORTED_EXTENSIONS,
+    error_line,
+    load_rgb,
+)
+
+log = logging.getLogger(__name__)
+
+SCAN_VERSION = 1
+# Pillow's own decompression-bomb threshold (about 89 megapixels).
+DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+_EXTENSION_FORMATS = {**Image.registered_extensions(), ".jpg": "JPEG", ".jpeg": "JPEG"}
+_JPEG_LIKE = ("JPEG", "MPO")
+_MODE_NOTES = {
+    "CMYK": "CMYK",
+    "I;16": "16-bit",
+    "I;16B": "16-bit",
+    "I;16L": "16-bit",
+    "I": "32-bit integer",
+    "F": "32-bit float",
+    "L": "grayscale",
+    "1": "1-bit",
+    "LA": "alpha",
+    "RGBA": "alpha",
+    "PA": "alpha",
+    "YCbCr": "YCbCr",
+}
+
+
+@dataclass(frozen=True)
+class BadFile:
+    """A file that will not be trained on, and why (one line)."""
+
+    path: str
+    reason: str
+
+
+@dataclass
+class ScanReport:
+    """Usable files (in input order), unusable ones with reasons, and odd-but-fine counts."""
+
+    good: list[str] = field(default_factory=list)
+    bad: list[BadFile] = field(default_factory=list)
+    notes: Counter[str] = field(default_factory=Counter)
+    cached: int = 0
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        odd = ", ".join(f"{n} {kind}" for kind, n in sorted(self.notes.items()))
+        return (
+            f"{len(self.good)} decode fine{f' (odd but usable: {odd})' if odd else ''}, "
+            f"{len(self.bad)} do not; {self.cached} verdicts from the scan cache, "
+            f"{self.seconds:.1f} s"
+        )
+
+
+def _notes(image: Image.Image, path: Path) -> list[str]:
+    notes = []
+    mode_note = _MODE_NOTES.get(image.mode)
+    if image.mode == "P":
+        mode_note = "palette+transparency" if "transparency" in image.info else "palette"
+    if mode_note:
+        notes.append(mode_note)
+    if image.getexif().get(EXIF_ORIENTATION, 1) not in (1, None):
+        notes.append("EXIF-rotated")
+    if getattr(image, "n_frames", 1) > 1 and image.format not in _JPEG_LIKE:
+        notes.append("animated (first frame used)")
+    suffix = path.suffix
+    if suffix != suffix.lower():
+        notes.append(f"{suffix} extension")
+    expected = _EXTENSION_FORMATS.get(suffix.lower())
+    actual = "JPEG" if image.format in _JPEG_LIKE else image.format
+    if expected and actual and expected != actual:
+        notes.append(f"{actual} content named {suffix.lower()}")
+    return notes
+
+
+def check_image(
+    path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[str | None, list[str]]:
+    """Decode `path` as training will; return (why it is unusable or None, notes).
+
+    Pillow warns (rather than fails) on images between its limit and twice that; call
+    this under `warnings.catch_warnings()` to keep those out of the log.
+    """
+    path = Path(path)
+    if path.suffix.lower() in UNSUPPORTED_EXTENSIONS:
+        return f"unsupported format {path.suffix} (convert it to JPEG or PNG)", []
+    try:
+        if path.stat().st_size == 0:
+            return "empty file (0 bytes)", []
+        with Image.open(path) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                return _too_large(width, height, max_pixels), []
+            notes = _notes(image, path)
+        # The real decode path; a big JPEG decodes at 1/8 scale but is still read to the
+        # end, so truncation shows.
+        load_rgb(path, min_side=1)
+    except Image.DecompressionBombError as err:
+        return f"too large to decode safely ({error_line(err)})", []
+    except UnidentifiedImageError:
+        return "not an image (the content is no image format Pillow can read)", []
+    except OSError as err:
+        if "truncated" in str(err):
+            return "truncated file (image data ends early)", []
+        return f"corrupt or unreadable ({error_line(err)})", []
+    except Exception as err:
+        return f"cannot be decoded ({error_line(err)})", []
+    return None, notes
+
+
+def _too_large(width: int, height: int, max_pixels: int) -> str:
+    return (
+        f"too large to decode safely: {width}x{height} = {width * height} pixels "
+        f"> data.max_image_pixels={max_pixels}"
+    )
+
+
+class ImageScanner:
+    """Check many files in parallel threads, with verdicts cached in a JSON file.
+
+    Pillow releases the GIL while decoding, so threads scale without the start-up and
+    pickling costs of processes. The cache maps path -> (size, mtime_ns, verdict); any
+    change to a file's size or mtime re-checks it. Concurrent jobs may both write the
+    cache: writes are atomic renames and the contents agree.
+    """
+
+    def __init__(
+        self,
+        cache_file: str | Path | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        workers: int | None = None,
+    ) -> None:
+        self.cache_file = Path(cache_file) if cache_file else None
+        self.max_pixels = int(max_pixels)
+        self.workers = workers or min(16, 2 * available_cpus())
+
+    @staticmethod
+    def cache_file_for(cache_root: str | Path, root: str | Path) -> Path:
+        """One cache file per data root, under `<cache_root>/scans/`."""
+        digest = hashlib.sha1(str(Path(root).expanduser().resolve()).encode()).hexdigest()
+        return Path(cache_root).expanduser() / "scans" / f"{digest[:20]}.json"
+
+    def _load_cache(self) -> dict[str, list]:
+        if self.cache_file is None or not self.cache_file.is_file():
+            return {}
+        try:
+            data = json.loads(self.cache_file.read_text())
+        except (OSError, ValueError):
+            return {}
+        if data.get("version") != SCAN_VERSION or data.get("max_pixels") != self.max_pixels:
+            return {}
+        return data.get("files", {})
+
+    def _save_cache(self, files: dict[str, list]) -> None:
+        if self.cache_file is None:
+            return
+        self.cache_file.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"version": SCAN_VERSION, "max_pixels": self.max_pixels, "files": files}
+        tmp = self.cache_file.with_name(f".{self.cache_file.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(payload))
+        os.replace(tmp, self.cache_file)
+
+    def scan(self, paths: Sequence[str]) -> ScanReport:
+        """Check `paths`; unreadable stats and undecodable files become `bad`."""
+        start = time.perf_counter()
+        cached = self._load_cache()
+        report = ScanReport()
+        verdicts: dict[str, list] = {}
+        todo: list[tuple[str, int, int]] = []
+        for path in paths:
+            try:
+                stat = os.stat(path)
+            except OSError as err:
+                verdicts[path] = [-1, -1, f"cannot read ({error_line(err)})", []]
+                continue
+            entry = cached.get(path)
+            if entry and entry[0] == stat.st_size and entry[1] == stat.st_mtime_ns:
+                verdicts[path] = entry
+                report.cached += 1
+            else:
+                todo.append((path, stat.st_size, stat.st_mtime_ns))
+        if todo:
+            # Pillow's warnings (bomb size, odd EXIF) become verdicts here. The filter is
+            # process-wide: catch_warnings inside the threads would race.
+            with warnings.catch_warnings(), ThreadPoolExecutor(self.workers) as pool:
+                warnings.simplefilter("ignore")
+                results = pool.map(lambda t: check_image(t[0], self.max_pixels), todo)
+                for (path, size, mtime), (reason, notes) in zip(todo, results, strict=True):
+                    verdicts[path] = [size, mtime, reason, notes]
+            self._save_cache({p: v for p, v in verdicts.items() if v[0] >= 0})
+        for path in paths:
+            _, _, reason, notes = verdicts[path]
+            if reason:
+                report.bad.append(BadFile(path, reason))
+            else:
+                report.good.append(path)
+                report.notes.update(notes)
+        report.seconds = time.perf_counter() - start
+        return report
+
+
+def write_bad_files(path: str | Path, bad: Iterable[BadFile]) -> None:
+    """Write `path,reason` rows (header only when there are none), atomically."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "reason"])
+        for item in bad:
+            writer.writerow([item.path, item.reason])
+    os.replace(tmp, path)
+
+
+def read_bad_files(path: str | Path) -> list[BadFile]:
+    with open(path, newline="") as f:
+        return [BadFile(row["path"], row["reason"]) for row in csv.DictReader(f)]
+
+
+class BadFileLog:
+    """Where a file that fails during training is reported: a warning and a CSV row.
+
+    Picklable, so DataLoader workers carry it; each appends one short line with
+    O_APPEND, which does not interleave with other writers.
+    """
+
+    def __init__(self, path: str | Path | None = None) -> None:
+        self.path = str(path) if path else None
+        self._seen: set[str] = set()
+
+    def __call__(self, file: str, reason: str) -> None:
+        if file in self._seen:
+            return
+        self._seen.add(file)
+        log.warning("Skipping %s: %s", file, reason)
+        if self.path:
+            with open(self.path, "a", newline="") as f:
+                csv.writer(f).writerow([file, reason])
+
+    def deduplicate(self) -> None:
+        """Drop rows repeated by several workers, keeping the first of each path."""
+        if not self.path or not os.path.exists(self.path):
+            return
+        seen: dict[str, BadFile] = {}
+        for item in read_bad_files(self.path):
+            seen.setdefault(item.path, item)
+        write_bad_files(self.path, seen.values())

@@ -1,0 +1,177 @@
+"""Feature cache for frozen backbones: same features, reused across runs, invalidated on change."""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torchvision
+from conftest import TINY, _draw
+
+from vision_tl.data import ImageFolderDataModule
+from vision_tl.errors import ConfigError
+from vision_tl.features import ViewSampler, prepare_features
+from vision_tl.models import build_model
+from vision_tl.models.backbones import Backbone
+from vision_tl.task import ClassificationTask
+from vision_tl.training import run_training
+
+CLASSES = ["cat", "dog", "fox"]
+
+
+def _task(finetune: str = "linear_probe", backbone: str = "resnet18") -> ClassificationTask:
+    return ClassificationTask(
+        {"backbone": {"name": backbone}, "pretrained": False},
+        CLASSES,
+        finetune={"mode": finetune},
+        optimizer=partial(torch.optim.AdamW, lr=1e-3),
+    )
+
+
+def _trainer(task: ClassificationTask, fast_dev_run: bool = False) -> SimpleNamespace:
+    """What `prepare_features` reads from a Trainer."""
+    device = SimpleNamespace(root_device=torch.device("cpu"))
+    return SimpleNamespace(lightning_module=task, fast_dev_run=fast_dev_run, strategy=device)
+
+
+def _datamodule(root: Path, task: ClassificationTask, **kwargs) -> ImageFolderDataModule:
+    dm = ImageFolderDataModule(root=str(root), num_workers=0, batch_size=8, image_size=32, **kwargs)
+    dm.setup()
+    dm.set_preprocess(task.model.preprocess)
+    return dm
+
+
+def test_cached_features_equal_the_backbone_on_images(image_folder: Path) -> None:
+    task = _task()
+    dm = _datamodule(image_folder, task, augment="none")
+    cached = prepare_features(dm, _trainer(task))
+    assert cached is not None and cached.hits == {"eval": False}
+    for split in ("train", "val", "test"):
+        dataset, views = cached.dataset(split, train=split == "train")
+        features = torch.stack([dataset[i][0] for i in range(len(dataset))])
+        images = dm.image_dataset(split, train=False)
+        x = torch.stack([images[i][0] for i in range(len(images))])
+        task.model.eval()
+        with torch.no_grad():
+            expected = task.model.features(x)
+        assert views == 1 and features.shape == (24, 512)
+        torch.testing.assert_close(features, expected, atol=1e-5, rtol=1e-5)
+        assert [dataset[i][1] for i in range(24)] == [label for _, label in images.samples]
+    assert prepare_features(dm, _trainer(task)).hits == {"eval": True}
+
+
+@pytest.mark.parametrize("fusion", ["logits", "features", "mean"])
+def test_ensemble_heads_run_on_concatenated_member_features(fusion: str) -> None:
+    spec = {"members": ["resnet18", "mobilenet_v2"], "fusion": fusion, "pretrained": False}
+    model = build_model(spec, num_classes=3, pretrained=False).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        features = model.features(x)
+        assert features.shape == (2, 512 + 1280)
+        torch.testing.assert_close(model.classify_features(features), model(x))
+
+
+def test_augmented_views_and_clear_bypasses(
+    image_folder: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    task = _task()
+    dm = _datamodule(image_folder, task, augment="flip_crop", feature_views=3)
+    cached = prepare_features(dm, _trainer(task))
+    train, views = cached.dataset("train", train=True)
+    assert views == 3 and cached.train_store.views == 3 and len(train) == 24
+    assert cached.dataset("val", train=False)[1] == 1
+    drawn = list(ViewSampler(range(24), 24, views))
+    assert sorted(i % 24 for i in drawn) == list(range(24)) and max(drawn) < 72
+    first, second = train[5][0], train[24 + 5][0]
+    assert not torch.equal(first, second), "each view is a different augmentation"
+
+    with caplog.at_level(logging.INFO, logger="vision_tl.features"):
+        no_views = _datamodule(image_folder, task, feature_views=0)
+        assert prepare_features(no_views, _trainer(task)) is None
+        assert prepare_features(dm, _trainer(_task("partial"))) is None
+        assert prepare_features(dm, _trainer(task, fast_dev_run=True)) is None
+    assert "bypassed: data.augment=flip_crop with data.feature_views=0" in caplog.text
+    assert "bypassed: finetune=partial trains the last backbone stages" in caplog.text
+    strict = _datamodule(image_folder, task, feature_cache="on")
+    with pytest.raises(ConfigError, match="feature_cache=on cannot be used: finetune=full"):
+        prepare_features(strict, _trainer(_task("full")))
+
+
+def test_linear_probe_reuses_the_cache_and_a_change_invalidates_it(
+    compose_train,
+    image_folder: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls = []
+    forward = Backbone.forward
+    monkeypatch.setattr(Backbone, "forward", lambda self, x: calls.append(1) or forward(self, x))
+    base = [*TINY, f"data.root={image_folder}", "finetune=linear_probe", "data.augment=none"]
+
+    def run(name: str, *extra: str) -> tuple[dict, str]:
+        caplog.clear()
+        calls.clear()
+        with caplog.at_level(logging.INFO, logger="vision_tl.features"):
+            metrics = run_training(compose_train([*base, *extra], tmp_path / name))
+        verdict = [r.message for r in caplog.records if "the backbone does not run" in r.message]
+        return metrics, (verdict[0].split()[2] if verdict else "bypassed")
+
+    uncached, verdict = run("uncached", "data.feature_cache=off")
+    assert verdict == "bypassed" and len(calls) > 0
+    first, verdict = run("first")
+    assert verdict == "built"
+    # Same features, same batches: the cached probe trains exactly like the uncached one.
+    assert first["val_loss"] == pytest.approx(uncached["val_loss"], rel=1e-4)
+    heads = [
+        torch.load(tmp_path / n / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+        for n in ("uncached", "first")
+    ]
+    torch.testing.assert_close(heads[0]["model.head.0.weight"], heads[1]["model.head.0.weight"])
+
+    second, verdict = run("second")
+    assert verdict == "reusing" and calls == [], "a cache hit never runs the backbone"
+    assert second["val_loss"] == pytest.approx(first["val_loss"], rel=1e-6)
+
+    # The checkpoint holds the whole network: on images it scores what training logged.
+    task = ClassificationTask.load_from_checkpoint(
+        tmp_path / "second" / "checkpoints" / "last.ckpt"
+    )
+    assert any(k.startswith("model.backbone.") for k in task.state_dict())
+    dm = _datamodule(image_folder, task, augment="none")
+    images = dm.image_dataset("val", train=False)
+    x = torch.stack([images[i][0] for i in range(len(images))])
+    y = torch.tensor([label for _, label in images.samples])
+    with torch.no_grad():
+        accuracy = (task.eval()(x).argmax(1) == y).float().mean().item()
+    assert accuracy == pytest.approx(second["val_acc"])
+
+    _draw(0, seed=4242, size=40).save(image_folder / "train" / "cat" / "new.png")
+    assert run("more_files")[1] == "built"
+    assert run("more_files_again")[1] == "reusing"
+    weights = tmp_path / "other.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), weights)
+    changed = ["model.pretrained=true", f"model.backbone.weights_path={weights}"]
+    assert run("other_weights", *changed)[1] == "built"
+    assert run("other_backbone", "model.backbone.name=mobilenet_v2")[1] == "built"
+
+
+def test_ensemble_probe_with_augmented_views_trains_from_the_cache(
+    compose_train, image_folder: Path, tmp_path: Path
+) -> None:
+    overrides = [
+        *TINY,
+        f"data.root={image_folder}",
+        "model=ensemble",
+        "model.members=[resnet18,mobilenet_v2]",
+        "model.fusion=logits",
+        "finetune=linear_probe",
+        "data.feature_views=2",
+        "trainer.max_epochs=1",
+    ]
+    metrics = run_training(compose_train(overrides, tmp_path / "run"))
+    assert metrics["epochs"] == 1 and 0.0 <= metrics["test_acc"] <= 1.0
