@@ -90,6 +90,10 @@ class ClassificationTask(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """A 2-D batch holds cached backbone features (`vision_tl.features`): head only."""
+        return self.model.classify_features(x) if x.ndim == 2 else self(x)
+
     def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(
             logits.float(), y, weight=self.class_weights, label_smoothing=self.label_smoothing
@@ -97,9 +101,11 @@ class ClassificationTask(L.LightningModule):
 
     def training_step(
         self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | None:
         x, y = batch
-        logits = self(x)
+        if len(y) == 0:  # every file in the batch failed to load (listed in bad_files.csv)
+            return None
+        logits = self._logits(x)
         loss = self._loss(logits, y)
         self.train_acc(logits, y)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
@@ -110,10 +116,19 @@ class ClassificationTask(L.LightningModule):
         self, batch: tuple[torch.Tensor, torch.Tensor], metrics: MetricCollection
     ) -> None:
         x, y = batch
-        logits = self(x)
+        if len(y) == 0:
+            return
+        logits = self._logits(x)
         loss = F.cross_entropy(logits.float(), y)
         metrics.update(logits, y)
-        self.log(f"{metrics.prefix}loss", loss, on_step=False, on_epoch=True, prog_bar=True)
+        self.log(
+            f"{metrics.prefix}loss",
+            loss,
+            on_step=False,
+            on_epoch=True,
+            prog_bar=True,
+            sync_dist=True,
+        )
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch, self.val_metrics)
@@ -129,21 +144,26 @@ class ClassificationTask(L.LightningModule):
         confmat = values.pop(f"{prefix}confmat")
         per_class = values.pop(f"{prefix}acc_class")
         for name, acc in zip(self.class_names, per_class, strict=True):
-            self.log(f"{prefix}acc_class/{name}", acc)
+            self.log(f"{prefix}acc_class/{name}", acc, sync_dist=True)
         for name, value in values.items():
-            self.log(name, value, prog_bar=name == f"{prefix}acc")
+            self.log(name, value, prog_bar=name == f"{prefix}acc", sync_dist=True)
         if not self.trainer.sanity_checking:
             self._log_confusion_matrix(prefix, confmat)
         return {k: float(v) for k, v in values.items()}
 
     def _log_confusion_matrix(self, prefix: str, confmat: torch.Tensor) -> None:
+        import matplotlib.pyplot as plt
+
         from vision_tl.plots import confusion_matrix_figure
 
+        if self.trainer.fast_dev_run:
+            return
         for logger in self.loggers:
             experiment = getattr(logger, "experiment", None)
             if hasattr(experiment, "add_figure"):
                 figure = confusion_matrix_figure(confmat.cpu(), self.class_names)
                 experiment.add_figure(f"{prefix}confusion_matrix", figure, self.current_epoch)
+                plt.close(figure)
 
     def on_validation_epoch_end(self) -> None:
         values = self._log_epoch(self.val_metrics)
@@ -154,7 +174,7 @@ class ClassificationTask(L.LightningModule):
         if acc > previous:
             self.best_epoch = self.current_epoch
         self.val_acc_best(torch.tensor(acc))
-        self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
+        self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True, sync_dist=True)
         self.last_val = values
 
     def on_test_epoch_end(self) -> None:
