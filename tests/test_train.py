@@ -281,16 +281,3 @@ def test_top5_only_with_five_classes() -> None:
 
     assert "acc_top5" in _split_metrics(5, "val/")
     assert "acc_top5" not in _split_metrics(4, "val/")
-
-
-@pytest.mark.parametrize("name", ["hymenoptera_probe", "ensemble_features"])
-def test_experiments_compose_and_run(
-    compose_train, image_folder: Path, tmp_path: Path, name
-) -> None:
-    cfg = compose_train(
-        [f"experiment={name}", *TINY, f"data.root={image_folder}", "trainer.fast_dev_run=true"],
-        tmp_path,
-    )
-    assert cfg.finetune.mode == "linear_probe"
-    metrics = run_training(cfg)
-    assert metrics["num_classes"] == 3

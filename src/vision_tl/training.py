@@ -129,6 +129,26 @@ def final_accuracies(last_epoch: dict[str, float], last_val: dict[str, float]) -
     return {"final_train_acc": train, "final_val_acc": val, "train_val_gap": gap}
 
 
+def predict_after_training(cfg: DictConfig, ckpt_path: str, run_dir: Path) -> Path:
+    """`predictions.csv` for `cfg.predict_input` with the best checkpoint, in the run dir."""
+    from vision_tl.inference import run_predict
+
+    predict_cfg = OmegaConf.create(
+        {
+            "paths": {"output_dir": str(run_dir)},
+            "ckpt_path": ckpt_path,
+            "input": cfg.predict_input,
+            "batch_size": cfg.data.batch_size,
+            "num_workers": cfg.data.get("num_workers"),
+            "device": "auto",
+            "top_k": 3,
+            "progress": False,
+        }
+    )
+    run_predict(predict_cfg)
+    return run_dir / "predictions.csv"
+
+
 def _instantiate_all(group: DictConfig | None) -> list[Any]:
     return [instantiate(c) for c in (group or {}).values() if c is not None and "_target_" in c]
 
@@ -210,6 +230,9 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
         **{k.replace("/", "_"): v for k, v in task.last_val.items()},
         **{k.replace("/", "_"): v for k, v in task.last_test.items()},
     }
+    if trainer.is_global_zero and cfg.get("predict_input") and not trainer.fast_dev_run:
+        ckpt = best_path or metrics["last_checkpoint"]
+        metrics["predictions"] = str(predict_after_training(cfg, ckpt, run_dir))
     if trainer.is_global_zero:
         write_json(run_dir / "metrics.json", metrics)
         log.info(
