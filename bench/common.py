@@ -7,6 +7,7 @@ pixels), a timm model with the same weights, AdamW and the same cosine schedule.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -141,3 +142,16 @@ def scratch(name: str) -> Iterator[Path]:
     """A temporary folder for run dirs and caches, removed afterwards."""
     with tempfile.TemporaryDirectory(prefix=f"vtl-bench-{name}-") as path:
         yield Path(path)
+
+
+def add_loader_args(parser: argparse.ArgumentParser) -> None:
+    """`--batch-size` and `--workers`, the same on every bench script."""
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=None, help="default: vision_tl's")
+
+
+def loader_workers(workers: int | None) -> int:
+    """The worker count given, or vision_tl's default for this machine."""
+    from vision_tl.data.dataset import available_cpus
+
+    return workers if workers is not None else min(8, available_cpus())

@@ -20,7 +20,16 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from common import HYMENOPTERA, emit, preprocess, require_shared, scratch, standard_loader
+from common import (
+    HYMENOPTERA,
+    add_loader_args,
+    emit,
+    loader_workers,
+    preprocess,
+    require_shared,
+    scratch,
+    standard_loader,
+)
 
 PHASES = (("train_augment", "train", True), ("val_eval", "val", False))
 
@@ -60,13 +69,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=None, help="default: vision_tl's")
+    add_loader_args(parser)
     args = parser.parse_args()
     require_shared()
-    from vision_tl.data.dataset import available_cpus
-
-    workers = args.workers if args.workers is not None else min(8, available_cpus())
+    workers = loader_workers(args.workers)
     with scratch("loading") as cache:
         sides = {
             "torchvision_imagefolder": lambda s, t: (

@@ -21,7 +21,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from common import (
+    add_loader_args,
     emit,
+    loader_workers,
     plain_model,
     plain_optimizer,
     require_shared,
@@ -80,13 +82,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=None, help="default: vision_tl's")
+    add_loader_args(parser)
     args = parser.parse_args()
     require_shared()
-    from vision_tl.data.dataset import available_cpus
-
-    workers = args.workers if args.workers is not None else min(8, available_cpus())
+    workers = loader_workers(args.workers)
     with scratch("finetune") as work:
         warm_up(args.batch_size)
         runs = {

@@ -24,7 +24,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from common import (
+    add_loader_args,
     emit,
+    loader_workers,
     plain_model,
     plain_optimizer,
     require_shared,
@@ -86,13 +88,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--augment", default="none", help="none | flip_crop (both sides)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=None, help="default: vision_tl's")
+    add_loader_args(parser)
     args = parser.parse_args()
     require_shared()
-    from vision_tl.data.dataset import available_cpus
-
-    workers = args.workers if args.workers is not None else min(8, available_cpus())
+    workers = loader_workers(args.workers)
     with scratch("probe") as work:
         common = (args.epochs, args.augment, args.batch_size, workers)
         seconds: dict[str, list[float]] = {
