@@ -9,7 +9,6 @@ dir copied from a cluster. Writes `summary.csv`, `summary.md`, `heatmap.png`,
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -23,7 +22,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from vision_tl.sweep import STATUS_FILE, read_status
+from vision_tl.sweep import STATUS_FILE, read_json, read_status
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +53,6 @@ def find_jobs(sweep_dir: Path) -> list[Path]:
             if job != sweep_dir and not any(p.startswith(".") for p in job.parts[-1:]):
                 found.add(job)
     return sorted(found)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def _read_history(job_dir: Path) -> pd.DataFrame:
@@ -100,7 +92,7 @@ def _alive(status: dict[str, Any]) -> bool:
 def job_row(job_dir: Path, sweep_dir: Path) -> dict[str, Any]:
     """One summary row: overrides, status and the metrics known so far."""
     status = read_status(job_dir) or {}
-    metrics = _read_json(job_dir / "metrics.json")
+    metrics = read_json(job_dir / "metrics.json") or {}
     history = _read_history(job_dir)
     state = status.get("status") or ("done" if metrics else "unknown")
     if state == "running" and not _alive(status):

@@ -33,12 +33,17 @@ STATUS_FILE = "job_status.json"
 STATUSES = ("running", "done", "failed", "interrupted")
 
 
-def read_status(job_dir: Path) -> dict[str, Any] | None:
-    """The job's recorded status, or None when it never started (or the file is unreadable)."""
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON file's content, or None when it is missing or half-written (a job still running)."""
     try:
-        return json.loads((Path(job_dir) / STATUS_FILE).read_text())
+        return json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
+
+
+def read_status(job_dir: Path) -> dict[str, Any] | None:
+    """The job's recorded status, or None when it never started (or the file is unreadable)."""
+    return read_json(Path(job_dir) / STATUS_FILE)
 
 
 def write_status(job_dir: Path, **fields: Any) -> dict[str, Any]:
