@@ -30,7 +30,7 @@ TIMM_NAME = "tf_efficientnet_lite0"
 
 
 def machine() -> dict[str, Any]:
-    from vision_tl.data.dataset import available_cpus
+    from vision_tl.core.runtime import available_cpus
 
     return {
         "cpus": available_cpus(),
@@ -98,7 +98,7 @@ def plain_model(num_classes: int = 2) -> tuple[nn.Module, nn.Module]:
 
 def plain_optimizer(params, steps_per_epoch: int, epochs: int):
     """AdamW(lr 1e-3, wd 0.01) with vision_tl's default 1-epoch warmup + cosine, per step."""
-    from vision_tl.optim import cosine_with_warmup
+    from vision_tl.training.optim import cosine_with_warmup
 
     optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
     total = steps_per_epoch * epochs
@@ -110,7 +110,7 @@ def vision_tl_config(overrides: Sequence[str], run_dir: Path):
     """The real `train` config with the hymenoptera + EfficientNet-Lite0 setting."""
     from hydra import compose, initialize_config_dir
 
-    from vision_tl.config import config_dir
+    from vision_tl.core.config import config_dir
 
     base = [
         f"data.root={HYMENOPTERA}",
@@ -152,6 +152,6 @@ def add_loader_args(parser: argparse.ArgumentParser) -> None:
 
 def loader_workers(workers: int | None) -> int:
     """The worker count given, or vision_tl's default for this machine."""
-    from vision_tl.data.dataset import available_cpus
+    from vision_tl.core.runtime import available_cpus
 
     return workers if workers is not None else min(8, available_cpus())

@@ -39,7 +39,7 @@ def make_folder(root: Path, count: int, size: int = 48) -> Path:
 
 
 def child(root: Path, run_dir: Path, image_size: int) -> None:
-    from vision_tl.training import run_training
+    from vision_tl.training.train import run_training
 
     overrides = [
         f"data.root={root}",

@@ -64,7 +64,7 @@ def warm_up(batch_size: int) -> None:
 
 
 def vision_tl_finetune(run_dir: Path, epochs: int, batch_size: int, workers: int) -> float:
-    from vision_tl.training import run_training
+    from vision_tl.training.train import run_training
 
     overrides = [
         "finetune=full",

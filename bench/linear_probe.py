@@ -68,7 +68,7 @@ def plain_probe(seed: int, epochs: int, augment: bool, batch_size: int, workers:
 def vision_tl_probe(
     run_dir: Path, seed: int, epochs: int, augment: str, batch_size: int, workers: int
 ) -> dict:
-    from vision_tl.training import run_training
+    from vision_tl.training.train import run_training
 
     overrides = [
         "finetune=linear_probe",

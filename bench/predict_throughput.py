@@ -23,9 +23,11 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from vision_tl.core.runtime import resolve_device
+from vision_tl.data.augment import eval_transform, normalize_batch
 from vision_tl.data.dataset import ImageListDataset
-from vision_tl.data.transforms import eval_transform
-from vision_tl.inference import Predictor, collect_inputs, load_checkpoint, resolve_device
+from vision_tl.inference.checkpoint import load_checkpoint
+from vision_tl.inference.predictor import Predictor, collect_inputs
 from vision_tl.models import build_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,14 +36,15 @@ DEFAULT_IMAGES = REPO.parent / "shared" / "datasets" / "hymenoptera" / "val"
 
 def plain_loop(model, files, preprocess, batch_size, workers, device) -> torch.Tensor:
     """The baseline: a DataLoader over the files and a `torch.no_grad()` forward per batch."""
-    dataset = ImageListDataset([(str(f), 0) for f in files], eval_transform(preprocess))
+    dataset = ImageListDataset([(str(f), 0) for f in files], preprocess, eval_transform(preprocess))
     loader = DataLoader(
         dataset, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda"
     )
     probs = []
     with torch.no_grad():
         for x, _ in loader:
-            probs.append(model(x.to(device)).softmax(dim=1).cpu())
+            x = normalize_batch(x.to(device), preprocess)
+            probs.append(model(x).softmax(dim=1).cpu())
     return torch.cat(probs)
 
 

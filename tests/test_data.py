@@ -11,18 +11,21 @@ import torch
 from conftest import make_image_folder
 from PIL import Image
 
+from vision_tl.core.errors import ConfigError
 from vision_tl.data import (
+    AUGMENTATIONS,
     DATASETS,
     ImageFolderDataModule,
+    Preprocess,
     eval_transform,
     load_rgb,
+    normalize_batch,
     scan_root,
     stratified_split,
     train_transform,
 )
 from vision_tl.data.builtin import shapes
-from vision_tl.errors import ConfigError
-from vision_tl.models import Preprocess, build_backbone
+from vision_tl.models import build_backbone
 
 
 def test_split_is_deterministic_and_stratified(tmp_path: Path) -> None:
@@ -110,32 +113,47 @@ def test_preprocess_comes_from_the_weights() -> None:
     assert lite == Preprocess(224, 256, "bicubic", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 
-def test_image_size_override_keeps_crop_ratio() -> None:
-    pre = Preprocess(224, 256).with_overrides(image_size=200)
-    assert (pre.input_size, pre.resize_size) == (200, 229)
-    assert Preprocess(224, 256).with_overrides(image_size=200, resize_size=200).resize_size == 200
+def test_image_size_override_keeps_crop_ratio_rounded_as_timm_does() -> None:
+    pre = Preprocess(224, 256).resolve({"image_size": 200})
+    assert (pre.input_size, pre.resize_size) == (200, 228), "floor(200 / 0.875), as timm"
+    assert Preprocess(224, 256).resolve({"image_size": 200, "resize_size": 200}).resize_size == 200
+    assert Preprocess(224, 256).resolve({"image_size": 224}).resize_size == 256
+    lite1 = build_backbone("timm/tf_efficientnet_lite1", weights=None).preprocess
+    assert (lite1.input_size, lite1.resize_size) == (240, 272), "floor(240 / 0.882)"
+    assert lite1.resolve({"image_size": 240}) == lite1, "the same rule on both paths"
 
 
 def test_transforms_apply_size_and_normalisation() -> None:
     pre = Preprocess(24, 32, "bicubic", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
-    image = Image.new("RGB", (64, 48), (255, 128, 0))
+    image = torch.tensor([255, 128, 0], dtype=torch.uint8).view(3, 1, 1).expand(3, 48, 64)
     out = eval_transform(pre)(image)
-    assert out.shape == (3, 24, 24)
+    assert out.shape == (3, 24, 24) and out.dtype == torch.uint8
     expected = (torch.tensor([255, 128, 0]) / 255 - 0.5) / 0.25
-    torch.testing.assert_close(out[:, 12, 12], expected, atol=1e-2, rtol=0)
-    for preset in ("none", "flip_crop", "trivialaugment", "randaugment"):
-        assert train_transform(pre, preset)(image).shape == (3, 24, 24)
-    with pytest.raises(ConfigError, match="unknown augment"):
+    torch.testing.assert_close(normalize_batch(out[None], pre)[0, :, 12, 12], expected)
+    with pytest.raises(ConfigError, match="unknown augment 'mixup'; available: flip_crop"):
         train_transform(pre, "mixup")
+
+
+@pytest.mark.parametrize("preset", AUGMENTATIONS.names())
+def test_every_augmentation_preset_makes_uint8_crops(preset: str) -> None:
+    pre = Preprocess(24, 32, "bicubic")
+    torch.manual_seed(0)
+    image = torch.randint(0, 256, (3, 40, 56), dtype=torch.uint8)
+    outs = [train_transform(pre, preset)(image) for _ in range(4)]
+    assert all(o.shape == (3, 24, 24) and o.dtype == torch.uint8 for o in outs)
+    varies = any(not torch.equal(outs[0], o) for o in outs[1:])
+    assert varies == AUGMENTATIONS.get(preset).random, "random presets differ per call"
 
 
 def test_datamodule_batches_follow_the_model_preprocess(image_folder: Path) -> None:
     dm = ImageFolderDataModule(root=str(image_folder), batch_size=4, num_workers=0, image_size=20)
     dm.setup("fit")
-    pre = dm.set_preprocess(build_backbone("timm/tf_efficientnet_lite0", weights=None).preprocess)
+    lite = build_backbone("timm/tf_efficientnet_lite0", weights=None).preprocess
+    pre = dm.set_preprocess(lite.resolve(dm.preprocess_overrides))
     assert pre.input_size == 20 and pre.interpolation == "bicubic" and pre.mean == (0.5,) * 3
+    assert dm.preprocess is pre, "the datamodule keeps the resolved object as it is"
     x, y = next(iter(dm.train_dataloader()))
-    assert x.shape == (4, 3, 20, 20) and y.dtype == torch.int64
+    assert x.shape == (4, 3, 20, 20) and x.dtype == torch.uint8 and y.dtype == torch.int64
     assert dm.has_test and next(iter(dm.test_dataloader()))[0].shape[-1] == 20
 
 

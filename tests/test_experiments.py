@@ -12,8 +12,8 @@ from conftest import TINY, make_image_folder
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from vision_tl.config import config_dir
-from vision_tl.training import run_training
+from vision_tl.core.config import config_dir
+from vision_tl.training.train import run_training
 
 EXPERIMENTS = sorted(p.stem for p in (config_dir() / "experiment").glob("*.yaml"))
 
@@ -26,7 +26,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "model.head.dropout": 0.5,
         "optimizer._target_": "torch.optim.Adam",
         "optimizer.weight_decay": 1.0e-4,
-        "scheduler._target_": "vision_tl.optim.step_lr",
+        "scheduler._target_": "vision_tl.training.optim.step_lr",
         "scheduler.step_size": 5,
         "scheduler.gamma": 0.1,
         "data.image_size": 224,

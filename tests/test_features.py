@@ -12,13 +12,15 @@ import torch
 import torchvision
 from conftest import TINY, _draw
 
+from vision_tl.core.errors import ConfigError
 from vision_tl.data import ImageFolderDataModule
-from vision_tl.errors import ConfigError
-from vision_tl.features import ViewSampler, prepare_features
+from vision_tl.data.features import CachedFeatures
+from vision_tl.data.samplers import ViewSampler
 from vision_tl.models import build_model
 from vision_tl.models.backbones import Backbone
-from vision_tl.task import ClassificationTask
-from vision_tl.training import run_training
+from vision_tl.training.callbacks import FeatureCache
+from vision_tl.training.task import ClassificationTask
+from vision_tl.training.train import run_training
 
 CLASSES = ["cat", "dog", "fox"]
 
@@ -32,36 +34,43 @@ def _task(finetune: str = "linear_probe", backbone: str = "resnet18") -> Classif
     )
 
 
-def _trainer(task: ClassificationTask, fast_dev_run: bool = False) -> SimpleNamespace:
-    """What `prepare_features` reads from a Trainer."""
+def prepare_features(
+    dm: ImageFolderDataModule, task: ClassificationTask, fast_dev_run: bool = False
+) -> CachedFeatures | None:
+    """Run the `FeatureCache` callback's fit setup with what it reads from a Trainer."""
     device = SimpleNamespace(root_device=torch.device("cpu"))
-    return SimpleNamespace(lightning_module=task, fast_dev_run=fast_dev_run, strategy=device)
+    trainer = SimpleNamespace(datamodule=dm, fast_dev_run=fast_dev_run, strategy=device)
+    dm.use_features(None)
+    task.feature_inputs = False
+    FeatureCache().setup(trainer, task, "fit")
+    assert task.feature_inputs == (dm.features is not None), "the task is told explicitly"
+    return dm.features
 
 
 def _datamodule(root: Path, task: ClassificationTask, **kwargs) -> ImageFolderDataModule:
     dm = ImageFolderDataModule(root=str(root), num_workers=0, batch_size=8, image_size=32, **kwargs)
     dm.setup()
-    dm.set_preprocess(task.model.preprocess)
+    dm.set_preprocess(task.model.preprocess.resolve(dm.preprocess_overrides))
     return dm
 
 
 def test_cached_features_equal_the_backbone_on_images(image_folder: Path) -> None:
     task = _task()
     dm = _datamodule(image_folder, task, augment="none")
-    cached = prepare_features(dm, _trainer(task))
+    cached = prepare_features(dm, task)
     assert cached is not None and cached.hits == {"eval": False}
     for split in ("train", "val", "test"):
         dataset, views = cached.dataset(split, train=split == "train")
         features = torch.stack([dataset[i][0] for i in range(len(dataset))])
         images = dm.image_dataset(split, train=False)
-        x = torch.stack([images[i][0] for i in range(len(images))])
+        x = dm.normalize(torch.stack([images[i][0] for i in range(len(images))]))
         task.model.eval()
         with torch.no_grad():
             expected = task.model.features(x)
         assert views == 1 and features.shape == (24, 512)
         torch.testing.assert_close(features, expected, atol=1e-5, rtol=1e-5)
         assert [dataset[i][1] for i in range(24)] == [label for _, label in images.samples]
-    assert prepare_features(dm, _trainer(task)).hits == {"eval": True}
+    assert prepare_features(dm, task).hits == {"eval": True}
 
 
 @pytest.mark.parametrize("fusion", ["logits", "features", "mean"])
@@ -80,7 +89,7 @@ def test_augmented_views_and_clear_bypasses(
 ) -> None:
     task = _task()
     dm = _datamodule(image_folder, task, augment="flip_crop", feature_views=3)
-    cached = prepare_features(dm, _trainer(task))
+    cached = prepare_features(dm, task)
     train, views = cached.dataset("train", train=True)
     assert views == 3 and cached.train_store.views == 3 and len(train) == 24
     assert cached.dataset("val", train=False)[1] == 1
@@ -89,16 +98,17 @@ def test_augmented_views_and_clear_bypasses(
     first, second = train[5][0], train[24 + 5][0]
     assert not torch.equal(first, second), "each view is a different augmentation"
 
-    with caplog.at_level(logging.INFO, logger="vision_tl.features"):
+    with caplog.at_level(logging.INFO, logger="vision_tl.training.callbacks"):
         no_views = _datamodule(image_folder, task, feature_views=0)
-        assert prepare_features(no_views, _trainer(task)) is None
-        assert prepare_features(dm, _trainer(_task("partial"))) is None
-        assert prepare_features(dm, _trainer(task, fast_dev_run=True)) is None
+        assert prepare_features(no_views, task) is None
+        assert prepare_features(dm, _task("partial")) is None
+        assert prepare_features(dm, task, fast_dev_run=True) is None
     assert "bypassed: data.augment=flip_crop with data.feature_views=0" in caplog.text
     assert "bypassed: finetune=partial trains the last backbone stages" in caplog.text
+    assert "bypassed: trainer.fast_dev_run" in caplog.text
     strict = _datamodule(image_folder, task, feature_cache="on")
     with pytest.raises(ConfigError, match="feature_cache=on cannot be used: finetune=full"):
-        prepare_features(strict, _trainer(_task("full")))
+        prepare_features(strict, _task("full"))
 
 
 def test_linear_probe_reuses_the_cache_and_a_change_invalidates_it(
@@ -116,7 +126,7 @@ def test_linear_probe_reuses_the_cache_and_a_change_invalidates_it(
     def run(name: str, *extra: str) -> tuple[dict, str]:
         caplog.clear()
         calls.clear()
-        with caplog.at_level(logging.INFO, logger="vision_tl.features"):
+        with caplog.at_level(logging.INFO, logger="vision_tl.data.features"):
             metrics = run_training(compose_train([*base, *extra], tmp_path / name))
         verdict = [r.message for r in caplog.records if "the backbone does not run" in r.message]
         return metrics, (verdict[0].split()[2] if verdict else "bypassed")
@@ -144,7 +154,7 @@ def test_linear_probe_reuses_the_cache_and_a_change_invalidates_it(
     assert any(k.startswith("model.backbone.") for k in task.state_dict())
     dm = _datamodule(image_folder, task, augment="none")
     images = dm.image_dataset("val", train=False)
-    x = torch.stack([images[i][0] for i in range(len(images))])
+    x = dm.normalize(torch.stack([images[i][0] for i in range(len(images))]))
     y = torch.tensor([label for _, label in images.samples])
     with torch.no_grad():
         accuracy = (task.eval()(x).argmax(1) == y).float().mean().item()

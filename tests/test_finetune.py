@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vision_tl.errors import ConfigError
-from vision_tl.models import Finetune
-from vision_tl.task import ClassificationTask
+from vision_tl.core.errors import ConfigError
+from vision_tl.training.finetune import build_finetune
+from vision_tl.training.task import ClassificationTask
 
 SPEC = {"backbone": {"name": "resnet18"}, "pretrained": False}
 
@@ -89,7 +89,53 @@ def test_ensemble_linear_probe_freezes_every_member() -> None:
 
 
 def test_bad_finetune_values() -> None:
-    with pytest.raises(ConfigError, match="unknown finetune mode 'lora'"):
-        Finetune(mode="lora")
-    with pytest.raises(ConfigError, match=">= 0"):
-        Finetune(mode="partial", trainable_stages=-1)
+    with pytest.raises(ConfigError, match="unknown finetune mode 'lora'; available: full"):
+        build_finetune({"mode": "lora"})
+    with pytest.raises(ConfigError, match=r"finetune\.trainable_stages=-1: must be >= 0"):
+        build_finetune({"mode": "partial", "trainable_stages": -1})
+    with pytest.raises(ConfigError, match="finetune=full has no option unfreeze_epoch"):
+        build_finetune({"mode": "full", "unfreeze_epoch": 2})
+
+
+# The networks whose stages used to be guessed from attributes, and a timm convnext and vit:
+# each is built at the smallest input it accepts (vit_b_16 takes only 224 px).
+PARTIAL_NETWORKS = {
+    "resnet18": 32,
+    "resnet50": 32,
+    "mobilenet_v2": 32,
+    "mobilenet_v3_large": 32,
+    "efficientnet_b0": 32,
+    "efficientnet_v2_s": 32,
+    "convnext_tiny": 32,
+    "regnet_y_400mf": 32,
+    "vit_b_16": 224,
+    "vgg16": 32,
+    "timm/convnext_atto": 32,
+    "timm/test_vit": 160,
+}
+
+
+@pytest.mark.parametrize("name", PARTIAL_NETWORKS)
+def test_partial_one_stage_trains_exactly_the_last_stage(name: str) -> None:
+    spec = {"backbone": {"name": name}, "head": {"name": "linear"}, "pretrained": False}
+    task = ClassificationTask(spec, ["a", "b"], finetune={"mode": "partial", "trainable_stages": 1})
+    backbone = task.model.backbone
+    last = {id(p) for p in backbone.stages[-1].parameters()}
+    trainable = {id(p) for p in backbone.parameters() if p.requires_grad}
+    assert last and trainable == last, f"{name}: only the last stage may train"
+    assert all(p.requires_grad for p in task.model.head.parameters())
+
+    task.train()  # frozen stages stay in eval mode (BatchNorm statistics, Dropout)
+    frozen_modules = [m for s in backbone.stages[:-1] for part in s.parts for m in part.modules()]
+    assert frozen_modules and not any(m.training for m in frozen_modules)
+    assert all(m.training for part in backbone.stages[-1].parts for m in part.modules())
+
+    size = PARTIAL_NETWORKS[name]
+    F.cross_entropy(task(torch.randn(2, 3, size, size)), torch.tensor([0, 1])).backward()
+    for p in backbone.parameters():
+        assert (p.grad is not None) == (id(p) in last)
+
+
+def test_partial_with_more_stages_than_the_backbone_has_is_an_error() -> None:
+    with pytest.raises(ConfigError, match=r"trainable_stages=99: resnet18 has 5 stages \(conv1"):
+        _task({"mode": "partial", "trainable_stages": 99})

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import HYMENOPTERA, SHARED_WEIGHTS
 
-from vision_tl.training import run_training
+from vision_tl.training.train import run_training
 
 pytestmark = [
     pytest.mark.slow,

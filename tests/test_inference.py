@@ -17,18 +17,20 @@ from omegaconf import DictConfig
 from PIL import Image
 from torch import nn
 
-from vision_tl.cli import run_command
-from vision_tl.config import config_dir
-from vision_tl.data.images import load_rgb
-from vision_tl.data.transforms import eval_transform
-from vision_tl.errors import ConfigError
-from vision_tl.evaluation import run_eval, select_split
-from vision_tl.exporting import run_export
-from vision_tl.gradcam import run_explain, target_layer
-from vision_tl.inference import Predictor, collect_inputs, load_checkpoint, run_predict
+from vision_tl.core.cli import run_command
+from vision_tl.core.config import config_dir
+from vision_tl.core.errors import ConfigError
+from vision_tl.data.augment import eval_transform, normalize_batch
+from vision_tl.data.decode import decode
+from vision_tl.data.preprocess import Preprocess
+from vision_tl.inference.checkpoint import load_checkpoint
+from vision_tl.inference.eval import run_eval, select_split
+from vision_tl.inference.explain import run_explain, target_layer
+from vision_tl.inference.export import run_export
+from vision_tl.inference.predict import run_predict
+from vision_tl.inference.predictor import Predictor, collect_inputs
 from vision_tl.models import build_backbone
-from vision_tl.models.preprocess import Preprocess
-from vision_tl.training import run_training
+from vision_tl.training.train import run_training
 
 CLASSES = ["cat", "dog", "fox"]
 QUICK_TRAIN = [
@@ -211,7 +213,7 @@ def test_export_cli_onnx_matches_pytorch(
     assert card["max_abs_diff"] < 1e-4
     pre = Preprocess.from_dict(card)  # the JSON alone rebuilds the preprocessing
     files = sorted((data_root / "test").rglob("*.png"))[:5]
-    x = torch.stack([eval_transform(pre)(load_rgb(f)) for f in files])
+    x = normalize_batch(torch.stack([eval_transform(pre)(decode(f)) for f in files]), pre)
     model = load_checkpoint(single_ckpt).model
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     for batch in (x[:1], x):  # the batch axis is dynamic
@@ -335,9 +337,9 @@ def test_tta_averages_flips_and_crops(tmp_path: Path) -> None:
     plain = Predictor(model, pre, num_workers=0).predict([tmp_path / "left.png"])
     flips = Predictor(model, pre, num_workers=0, hflip=True).predict([tmp_path / "left.png"])
     five = Predictor(model, pre, num_workers=0, crops=5)
-    assert five.transform(load_rgb(tmp_path / "left.png")).shape == (5, 3, 16, 16)
+    assert five.transform(decode(tmp_path / "left.png")).shape == (5, 3, 16, 16)
 
-    x = eval_transform(pre)(load_rgb(tmp_path / "left.png"))[None]
+    x = normalize_batch(eval_transform(pre)(decode(tmp_path / "left.png"))[None], pre)
     expected = (model(x).softmax(1) + model(x.flip(-1)).softmax(1)) / 2
     torch.testing.assert_close(flips.probs, expected)
     assert not torch.allclose(plain.probs, flips.probs), "the flip changes the ramp score"

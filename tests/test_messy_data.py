@@ -17,11 +17,10 @@ from conftest import TINY, _draw, make_image_folder
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from vision_tl.data import ImageFolderDataModule, load_image, load_rgb, scan_root
+from vision_tl.core.errors import ConfigError
+from vision_tl.data import ImageFolderDataModule, Preprocess, decode, load_rgb, scan_root
 from vision_tl.data.scan import ImageScanner, read_bad_files
-from vision_tl.errors import ConfigError
-from vision_tl.models import Preprocess
-from vision_tl.training import run_training
+from vision_tl.training.train import run_training
 
 
 def _png_header(width: int, height: int) -> bytes:
@@ -262,8 +261,9 @@ def test_resize_cache_makes_copies_once(tmp_path: Path) -> None:
     assert {c: os.stat(c).st_mtime_ns for c in copies.values()} == stamps
 
 
-def test_uint8_batches_under_a_trainer_match_the_float_pipeline(tmp_path: Path) -> None:
+def test_batches_are_normalised_after_transfer_like_the_float_pipeline(tmp_path: Path) -> None:
     import lightning as L
+    from torchvision.transforms import v2
 
     root = tmp_path / "data"
     make_image_folder(root, classes=("a", "b"), per_class=3, size=48)
@@ -274,15 +274,15 @@ def test_uint8_batches_under_a_trainer_match_the_float_pipeline(tmp_path: Path) 
     dm = ImageFolderDataModule(root=str(root), batch_size=6, num_workers=0, augment="none")
     dm.setup()
     dm.set_preprocess(pre)
-    x_float, y = next(iter(dm.val_dataloader()))
+    x_uint8, y = next(iter(dm.val_dataloader()))
+    assert x_uint8.dtype == torch.uint8
     dm.trainer = L.Trainer(accelerator="cpu", logger=False, precision="64-true")
-    x_uint8, y8 = next(iter(dm.val_dataloader()))
-    assert x_float.dtype == torch.float32 and x_uint8.dtype == torch.uint8
-    x, labels = dm.on_after_batch_transfer((x_uint8, y8), 0)
+    x, labels = dm.on_after_batch_transfer((x_uint8, y), 0)
     assert x.dtype == torch.float64, "the precision plugin's input dtype"
-    torch.testing.assert_close(x.float(), x_float, atol=1e-5, rtol=0)
+    float_pipeline = v2.Compose(
+        [v2.ToDtype(torch.float32, scale=True), v2.Normalize(pre.mean, pre.std)]
+    )
+    torch.testing.assert_close(x.float(), float_pipeline(x_uint8), atol=1e-5, rtol=0)
     assert torch.equal(labels, y)
     photo = next(root.rglob("*.jpg"))
-    assert torch.equal(
-        load_image(photo), torch.from_numpy(np.array(load_rgb(photo))).permute(2, 0, 1)
-    )
+    assert torch.equal(decode(photo), torch.from_numpy(np.array(load_rgb(photo))).permute(2, 0, 1))

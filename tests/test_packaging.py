@@ -9,7 +9,7 @@ from pathlib import Path
 
 from conftest import REPO
 
-from vision_tl.config import config_dir
+from vision_tl.core.config import config_dir
 
 
 def test_checkout_uses_the_top_level_conf() -> None:
@@ -45,7 +45,7 @@ def test_wheel_ships_the_configs(tmp_path: Path) -> None:
         check=True,
         capture_output=True,
     )
-    probe = "import vision_tl.config as c; print(c.config_dir())"
+    probe = "import vision_tl.core.config as c; print(c.config_dir())"
     out = subprocess.run(
         [sys.executable, "-c", probe],
         env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"},

@@ -12,11 +12,13 @@ from conftest import TINY, make_image_folder, run_cli
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from vision_tl import report
-from vision_tl.config import config_dir
-from vision_tl.errors import ConfigError
-from vision_tl.sweep import DeviceSlots, read_status, write_status
-from vision_tl.training import check_precision
+from vision_tl import report as report_entry
+from vision_tl.core.config import config_dir
+from vision_tl.core.errors import ConfigError
+from vision_tl.sweeps import report
+from vision_tl.sweeps.jobs import DeviceSlots
+from vision_tl.sweeps.status import read_status, write_status
+from vision_tl.training.train import check_precision
 
 HELPERS = Path(__file__).parent / "helpers"
 SWEEP_TINY = [*TINY, "trainer.max_epochs=1", "data.image_size=32"]
@@ -68,7 +70,7 @@ def test_grid_sweep_one_dir_per_job_and_summary(sweep_data: Path, tmp_path: Path
 
     # The closing Hydra callback wrote the report; the CLI rewrites it the same way.
     summary = pd.read_csv(sweep_dir / "summary.csv")
-    report.main([str(sweep_dir)])
+    report_entry.main([str(sweep_dir)])
     again = pd.read_csv(sweep_dir / "summary.csv")
     pd.testing.assert_frame_equal(summary, again)
     assert len(summary) == 4
@@ -284,7 +286,7 @@ def test_search_and_launcher_configs_compose() -> None:
 
 
 def test_failed_job_reports_the_root_cause_not_the_wrapper() -> None:
-    from vision_tl.sweep import _root_cause
+    from vision_tl.sweeps.jobs import _root_cause
 
     with pytest.raises(RuntimeError) as wrapped:
         try:

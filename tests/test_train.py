@@ -15,8 +15,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from vision_tl.data import ImageFolderDataModule
 from vision_tl.models.backbones import torchvision_cache_path
-from vision_tl.task import ClassificationTask
-from vision_tl.training import run_training
+from vision_tl.training.task import ClassificationTask
+from vision_tl.training.train import run_training
 
 
 def _scalars(run_dir: Path) -> dict[str, list[float]]:
@@ -105,10 +105,10 @@ def test_checkpoint_reloads_offline_without_the_weights_file(
         socket.create_connection(("example.com", 80))
     task = ClassificationTask.load_from_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     task.eval()
-    dm = ImageFolderDataModule(root=str(image_folder), num_workers=0, batch_size=4, image_size=32)
+    dm = ImageFolderDataModule(root=str(image_folder), num_workers=0, batch_size=4)
     dm.setup()
-    dm.set_preprocess(task.preprocess)
-    x, _ = next(iter(dm.val_dataloader()))
+    dm.set_preprocess(task.preprocess)  # the checkpoint's own, 32 px
+    x = dm.normalize(next(iter(dm.val_dataloader()))[0])
     state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     twin = ClassificationTask(**{**task.hparams, "load_pretrained": False})
     twin.load_state_dict(state)
@@ -177,7 +177,7 @@ def test_gradual_unfreezes_the_backbone(image_folder: Path) -> None:
 
     import lightning as L
 
-    from vision_tl.optim import cosine_with_warmup
+    from vision_tl.training.optim import cosine_with_warmup
 
     frozen: list[bool] = []
     groups: list[int] = []
@@ -197,7 +197,7 @@ def test_gradual_unfreezes_the_backbone(image_folder: Path) -> None:
     start = task.model.backbone.body.conv1.weight.detach().clone()
     dm = ImageFolderDataModule(root=str(image_folder), num_workers=0, batch_size=8, image_size=32)
     dm.setup()
-    dm.set_preprocess(task.preprocess)
+    dm.set_preprocess(task.preprocess.resolve(dm.preprocess_overrides))
     trainer = L.Trainer(
         max_epochs=3,
         accelerator="cpu",
@@ -277,7 +277,7 @@ def test_same_seed_same_run(compose_train, image_folder: Path, tmp_path: Path) -
 
 
 def test_top5_only_with_five_classes() -> None:
-    from vision_tl.task import _split_metrics
+    from vision_tl.training.task import _split_metrics
 
     assert "acc_top5" in _split_metrics(5, "val/")
     assert "acc_top5" not in _split_metrics(4, "val/")

@@ -10,10 +10,10 @@ import torch
 from conftest import SHARED_WEIGHTS
 from safetensors.torch import load_file, save_file
 
-from vision_tl.errors import ConfigError, WeightsError
+from vision_tl.core.errors import ConfigError, WeightsError
 from vision_tl.models import build_backbone
 from vision_tl.models.backbones import timm_cache_path, torchvision_cache_path
-from vision_tl.models.weights import load_backbone_file
+from vision_tl.models.weights import load_weights_file
 
 RESNET18_URL = "https://download.pytorch.org/models/resnet18-f37072fd.pth"
 
@@ -96,7 +96,7 @@ def test_shape_mismatch_is_named(tmp_path: Path) -> None:
     torch.save(state, tmp_path / "gray.pth")
     backbone = build_backbone("resnet18", weights=None)
     with pytest.raises(WeightsError, match=r"shape mismatch conv1.weight \(64, 1, 7, 7\)"):
-        load_backbone_file(backbone, tmp_path / "gray.pth")
+        load_weights_file(backbone.body, tmp_path / "gray.pth", backbone.name)
 
 
 needs_shared = pytest.mark.skipif(not SHARED_WEIGHTS.is_file(), reason="../shared weights absent")

@@ -7,16 +7,19 @@ import math
 import hydra
 from omegaconf import DictConfig
 
-from vision_tl.cli import run_command
-from vision_tl.config import config_dir
+from vision_tl.core.cli import run_command
+from vision_tl.core.config import config_dir
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    """Run one training job; return the metric a sweeper optimises (NaN for a failed job)."""
-    from vision_tl.sweep import run_job
+    """Run one training job (`training.train.run_training`), as a resumable, contained job
+    inside a sweep (`sweeps.jobs.run_job`); return the metric a sweeper optimises (NaN
+    for a failed job)."""
+    from vision_tl.sweeps.jobs import run_job
+    from vision_tl.training.train import run_training
 
-    metrics = run_command(run_job, cfg)
+    metrics = run_command(run_job, cfg, run_training)
     value = metrics.get(cfg.get("optimized_metric") or "best_val_acc")
     return float(value) if value is not None else math.nan
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from vision_tl.registry import Registry
+from vision_tl.core.registry import Registry
 
 log = logging.getLogger(__name__)
 

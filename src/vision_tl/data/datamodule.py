@@ -1,5 +1,5 @@
-"""LightningDataModule for image folders: check, split, preprocess from the backbone, augment,
-and (for a frozen backbone) serve cached features instead of images."""
+"""LightningDataModule for image folders: check, split, decode and augment with the run's
+`Preprocess`, and serve cached backbone features instead of images when told to."""
 
 from __future__ import annotations
 
@@ -12,30 +12,33 @@ from typing import TYPE_CHECKING, Any
 import lightning as L
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
-from vision_tl.config import cache_dir
-from vision_tl.data.builtin import DATASETS
-from vision_tl.data.dataset import ImageListDataset, available_cpus, collate_skipping_none
-from vision_tl.data.folder import SplitSamples, scan_root
-from vision_tl.data.scan import DEFAULT_MAX_PIXELS, BadFileLog, ImageScanner, write_bad_files
-from vision_tl.data.stats import class_count_table, imbalance, log_class_counts
-from vision_tl.data.transforms import (
-    check_augment,
+from vision_tl.core.config import cache_dir
+from vision_tl.core.errors import ConfigError
+from vision_tl.core.runtime import available_cpus
+from vision_tl.data.augment import (
+    AugmentPreset,
     eval_transform,
+    get_augment,
     normalize_batch,
     train_transform,
 )
-from vision_tl.errors import ConfigError
-from vision_tl.models.preprocess import Preprocess
+from vision_tl.data.builtin import DATASETS
+from vision_tl.data.dataset import ImageListDataset, collate_skipping_none
+from vision_tl.data.features import MODES as FEATURE_CACHE_MODES
+from vision_tl.data.folder import SplitSamples, scan_root
+from vision_tl.data.preprocess import Preprocess
+from vision_tl.data.samplers import SAMPLERS, ViewSampler, train_sampler
+from vision_tl.data.scan import DEFAULT_MAX_PIXELS, BadFileLog, ImageScanner, write_bad_files
+from vision_tl.data.stats import class_count_table, imbalance, log_class_counts
 
 if TYPE_CHECKING:
-    from vision_tl.features import CachedFeatures
+    from vision_tl.data.features import CachedFeatures
 
 log = logging.getLogger(__name__)
 
 ON_BAD_IMAGE = ("skip", "fail")
-SAMPLERS = ("shuffle", "weighted")
 
 
 def _choice(name: str, value: str, choices: Sequence[str]) -> str:
@@ -49,10 +52,13 @@ class ImageFolderDataModule(L.LightningDataModule):
     dataset when both are None.
 
     Every file is checked before training (see `vision_tl.data.scan`); unusable ones are
-    skipped (`on_bad_image=skip`) or stop the run (`fail`). Preprocessing comes from the
-    model (`set_preprocess`); `image_size`, `resize_size`, `interpolation`, `mean` and `std`
-    override it when set. With `feature_cache` and a frozen backbone, fit serves cached
-    backbone features (see `vision_tl.features`).
+    skipped (`on_bad_image=skip`) or stop the run (`fail`). `image_size`, `resize_size`,
+    `interpolation`, `mean`, `std`, `background` and `draft` are the user's preprocessing
+    overrides (`preprocess_overrides`): whoever builds the model resolves them once against
+    the backbone's own preprocessing and hands the result to `set_preprocess`. Loaders
+    yield uint8 images; `on_after_batch_transfer` normalises them on the device. After
+    `use_features`, loaders yield cached backbone features instead (see
+    `vision_tl.training.callbacks.FeatureCache`, which decides when).
     """
 
     def __init__(
@@ -82,8 +88,6 @@ class ImageFolderDataModule(L.LightningDataModule):
         feature_views: int = 4,
     ) -> None:
         super().__init__()
-        from vision_tl.features import MODES
-
         if batch_size < 1:
             raise ConfigError(f"data.batch_size must be >= 1, got {batch_size}")
         if feature_views < 0:
@@ -95,32 +99,33 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.seed = seed
         self.batch_size = batch_size
         self.num_workers = min(8, available_cpus()) if num_workers is None else num_workers
-        self.overrides = {
+        if root is None and manifest is None and image_size is None:
+            image_size = DATASETS.get(builtin).image_size
+        self.preprocess_overrides: dict[str, Any] = {
             "image_size": image_size,
             "resize_size": resize_size,
             "interpolation": interpolation,
             "mean": None if mean is None else tuple(mean),
             "std": None if std is None else tuple(std),
+            "background": tuple(int(v) for v in background),
+            "draft": bool(draft),
         }
-        if root is None and manifest is None and image_size is None:
-            self.overrides["image_size"] = DATASETS.get(builtin).image_size
-        self.augment = check_augment(augment)
-        self.crop_scale = tuple(crop_scale)
-        self.background = tuple(int(v) for v in background)
+        self.augment = augment
+        self.augment_preset: AugmentPreset = get_augment(augment)
+        self.crop_scale = tuple(float(v) for v in crop_scale)
         self.manifest = manifest
         self.on_bad_image = _choice("on_bad_image", on_bad_image, ON_BAD_IMAGE)
         self.max_image_pixels = int(max_image_pixels or DEFAULT_MAX_PIXELS)
         self.sampler = _choice("sampler", sampler, SAMPLERS)
-        self.draft = draft
         self.resize_cache = resize_cache
-        self.feature_cache = _choice("feature_cache", feature_cache, MODES)
+        self.feature_cache = _choice("feature_cache", feature_cache, FEATURE_CACHE_MODES)
         self.feature_views = int(feature_views)
         self.preprocess: Preprocess | None = None
         self.split: SplitSamples | None = None
         self.bad_file_log = BadFileLog()
-        self.features: CachedFeatures | None = None  # set by setup("fit") under a Trainer
+        self.features: CachedFeatures | None = None
         self._sources: dict[str, str] | None = None
-        self._fit_prepared = False
+        self._counts_logged = False
 
     @property
     def cache_root(self) -> Path:
@@ -142,13 +147,10 @@ class ImageFolderDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.split is None:
             self.split = self._scan()
-        if stage == "fit" and self.trainer is not None and not self._fit_prepared:
-            self._fit_prepared = True
+        if stage == "fit" and self.trainer is not None and not self._counts_logged:
+            self._counts_logged = True
             if self.trainer.is_global_zero:
                 log_class_counts(self.trainer.loggers, self.split)
-            from vision_tl.features import prepare_features
-
-            self.features = prepare_features(self, self.trainer)
 
     def _scan(self) -> SplitSamples:
         root = self.data_root
@@ -223,15 +225,10 @@ class ImageFolderDataModule(L.LightningDataModule):
             self.bad_file_log.deduplicate()
 
     def set_preprocess(self, preprocess: Preprocess) -> Preprocess:
-        """Take the model's preprocessing, apply this module's overrides, and return it."""
-        self.preprocess = preprocess.with_overrides(**self.overrides)
+        """Use `preprocess` (already resolved: see `Preprocess.resolve`) for every image."""
+        self.preprocess = preprocess
         self._sources = None
-        return self.preprocess
-
-    @property
-    def decode_min_side(self) -> int | None:
-        """Large JPEGs decode at reduced size, never below the resize target (draft mode)."""
-        return self.preprocess.resize_size if self.draft else None
+        return preprocess
 
     def sources(self) -> dict[str, str]:
         """Path -> file actually read (resized copies when `resize_cache` is on)."""
@@ -245,44 +242,37 @@ class ImageFolderDataModule(L.LightningDataModule):
                     files,
                     self.preprocess.resize_size,
                     self.cache_root,
-                    self.background,
+                    self.preprocess.background,
                     self.preprocess.interpolation,
                 )
         return self._sources
 
-    @property
-    def uint8_batches(self) -> bool:
-        """Under a Trainer, image batches travel as uint8, 4x less to copy between worker
-        processes and to the GPU, and `on_after_batch_transfer` normalises them on the
-        device. Loaders used directly yield normalised float32 as usual."""
-        return self.trainer is not None
+    def feature_cache_blocker(self) -> str | None:
+        """Why this data cannot be served from cached features, or None when it can."""
+        if self.augment_preset.random and self.feature_views < 1:
+            return f"data.augment={self.augment} with data.feature_views=0 augments every epoch"
+        return None
 
-    def image_dataset(
-        self, split: str, train: bool, report: bool = True, normalize: bool = True
-    ) -> ImageListDataset:
-        """The images of `split` with the train or eval transform (uint8 without `normalize`)."""
+    def use_features(self, features: CachedFeatures | None) -> None:
+        """Serve `features` instead of images from now on (None: images again)."""
+        self.features = features
+
+    def image_dataset(self, split: str, train: bool, report: bool = True) -> ImageListDataset:
+        """The images of `split` as uint8 crops, with the train or eval transform."""
         if self.preprocess is None:
-            raise RuntimeError("call set_preprocess(model.preprocess) before creating loaders")
+            raise RuntimeError("call set_preprocess(preprocess) before creating loaders")
         transform = (
-            train_transform(self.preprocess, self.augment, self.crop_scale, normalize)
+            train_transform(self.preprocess, self.augment, self.crop_scale)
             if train
-            else eval_transform(self.preprocess, normalize)
+            else eval_transform(self.preprocess)
         )
         return ImageListDataset(
             self.split.samples[split],
+            self.preprocess,
             transform,
-            self.background,
-            min_side=self.decode_min_side,
             sources=self.sources(),
             on_error=self.bad_file_log if report else None,
         )
-
-    def _train_sampler(self, labels: Sequence[int]) -> Sampler[int]:
-        if self.sampler == "weighted":
-            counts = torch.bincount(torch.as_tensor(labels), minlength=len(self.class_names))
-            weights = 1.0 / counts.clamp_min(1).double()[torch.as_tensor(labels)]
-            return WeightedRandomSampler(weights, num_samples=len(labels), replacement=True)
-        return RandomSampler(range(len(labels)))
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         dataset: Dataset
@@ -292,16 +282,14 @@ class ImageFolderDataModule(L.LightningDataModule):
             workers = 0  # reading rows is cheaper than starting worker processes
             collate = None
         else:
-            dataset, views = self.image_dataset(split, train, normalize=not self.uint8_batches), 1
+            dataset, views = self.image_dataset(split, train), 1
             labels = [label for _, label in dataset.samples]
             workers = self.num_workers
             collate = collate_skipping_none
         sampler: Sampler[int] | None = None
         if train:
-            sampler = self._train_sampler(labels)
+            sampler = train_sampler(self.sampler, labels, len(self.class_names))
             if views > 1:
-                from vision_tl.features import ViewSampler
-
                 sampler = ViewSampler(sampler, len(labels), views)
         kwargs: dict[str, Any] = {}
         if workers > 0:
@@ -317,10 +305,14 @@ class ImageFolderDataModule(L.LightningDataModule):
             **kwargs,
         )
 
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """A uint8 image batch from these loaders as the network's float input."""
+        return normalize_batch(x, self.preprocess)
+
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         x, y = batch
-        if isinstance(x, torch.Tensor) and x.dtype == torch.uint8 and x.ndim == 4:
-            x = normalize_batch(x, self.preprocess)
+        if x.dtype == torch.uint8:
+            x = self.normalize(x)
             if self.trainer is not None:  # the dtype the precision plugin gives inputs
                 x = self.trainer.precision_plugin.convert_input(x)
         return type(batch)((x, y)) if isinstance(batch, tuple | list) else (x, y)

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from vision_tl.data.images import IMAGE_EXTENSIONS, UNSUPPORTED_EXTENSIONS, is_hidden
+from vision_tl.core.errors import ConfigError
+from vision_tl.data.decode import IMAGE_EXTENSIONS, UNSUPPORTED_EXTENSIONS, is_hidden
 from vision_tl.data.scan import BadFile, ImageScanner, ScanReport
-from vision_tl.errors import ConfigError
 
 SPLITS = ("train", "val", "test")
 _CANDIDATES = IMAGE_EXTENSIONS + UNSUPPORTED_EXTENSIONS

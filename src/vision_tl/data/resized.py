@@ -19,8 +19,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from vision_tl.data.dataset import available_cpus
-from vision_tl.data.images import load_rgb
+from vision_tl.core.runtime import available_cpus
+from vision_tl.data.decode import load_rgb
 
 log = logging.getLogger(__name__)
 

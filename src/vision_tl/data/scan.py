@@ -24,8 +24,8 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from vision_tl.data.dataset import available_cpus
-from vision_tl.data.images import (
+from vision_tl.core.runtime import available_cpus
+from vision_tl.data.decode import (
     EXIF_ORIENTATION,
     UNSUPPORTED_EXTENSIONS,
     error_line,

@@ -1,22 +1,22 @@
-"""Models: backbone and head registries, classifiers, ensembles and fine-tuning modes."""
+"""Models: plain `nn.Module`s and their registries (backbones, heads, fusions), testable
+without a Trainer."""
 
 from vision_tl.models.backbones import (
     BACKBONES,
     Backbone,
+    Stage,
     available_backbones,
     build_backbone,
     register_backbone,
 )
 from vision_tl.models.classifier import (
-    FUSIONS,
     Classifier,
     EnsembleClassifier,
     ImageClassifier,
     build_model,
 )
-from vision_tl.models.finetune import Finetune, apply_finetune, freeze, unfreeze
+from vision_tl.models.fusions import FUSIONS, build_fusion, register_fusion
 from vision_tl.models.heads import HEADS, build_head, register_head
-from vision_tl.models.preprocess import Preprocess
 
 __all__ = [
     "BACKBONES",
@@ -25,16 +25,14 @@ __all__ = [
     "Backbone",
     "Classifier",
     "EnsembleClassifier",
-    "Finetune",
     "ImageClassifier",
-    "Preprocess",
-    "apply_finetune",
+    "Stage",
     "available_backbones",
     "build_backbone",
+    "build_fusion",
     "build_head",
     "build_model",
-    "freeze",
     "register_backbone",
+    "register_fusion",
     "register_head",
-    "unfreeze",
 ]

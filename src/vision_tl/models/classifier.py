@@ -9,14 +9,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from vision_tl.errors import ConfigError
+from vision_tl.core.errors import ConfigError
+from vision_tl.data.preprocess import Preprocess
 from vision_tl.models.backbones import Backbone, build_backbone
+from vision_tl.models.fusions import build_fusion
 from vision_tl.models.heads import build_head
-from vision_tl.models.preprocess import Preprocess
 
 log = logging.getLogger(__name__)
 
-FUSIONS = ("logits", "features", "mean")
 # Members see one tensor: these must match. Resize and interpolation only shape the crop.
 TENSOR_FIELDS = ("input_size", "mean", "std")
 
@@ -78,13 +78,8 @@ class ImageClassifier(Classifier):
 
 
 class EnsembleClassifier(Classifier):
-    """Several backbones fused into one prediction.
-
-    - `logits`: each member's linear head; the concatenated logits feed a Linear layer.
-    - `features`: concatenated pooled features feed one head (an MLP with LayerNorm).
-    - `mean`: each member's linear head; the output is log of the mean probability,
-      so cross-entropy on it is the ensemble's negative log-likelihood.
-    """
+    """Several backbones fused into one prediction by a registered fusion
+    (`vision_tl.models.fusions`: `logits`, `features`, `mean`)."""
 
     def __init__(
         self,
@@ -94,8 +89,6 @@ class EnsembleClassifier(Classifier):
         head: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        if fusion not in FUSIONS:
-            raise ConfigError(f"unknown fusion '{fusion}'; available: {', '.join(FUSIONS)}")
         if len(members) < 2:
             raise ConfigError("an ensemble needs at least two members")
         first = members[0]
@@ -115,29 +108,15 @@ class EnsembleClassifier(Classifier):
                     "; ".join(diff),
                     first.name,
                 )
-        self.fusion = fusion
+        self.fusion_name = fusion
         self.members = nn.ModuleList(members)
-        if fusion == "features":
-            spec = dict(head or {"name": "mlp", "layer_norm": True, "dropout": 0.3})
-            total = sum(m.num_features for m in members)
-            self.fuse = build_head(spec.pop("name"), total, num_classes, **spec)
-        else:
-            self.heads = nn.ModuleList(nn.Linear(m.num_features, num_classes) for m in members)
-            if fusion == "logits":
-                self.fuse = nn.Linear(len(members) * num_classes, num_classes)
+        self.fusion = build_fusion(fusion, [m.num_features for m in members], num_classes, head)
 
     def backbones(self) -> list[Backbone]:
         return list(self.members)
 
     def classify_features(self, features: torch.Tensor) -> torch.Tensor:
-        if self.fusion == "features":
-            return self.fuse(features)
-        parts = features.split([m.num_features for m in self.members], dim=1)
-        logits = [head(f) for f, head in zip(parts, self.heads, strict=True)]
-        if self.fusion == "logits":
-            return self.fuse(torch.cat(logits, dim=1))
-        probs = torch.stack([t.softmax(dim=1) for t in logits]).mean(dim=0)
-        return probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
+        return self.fusion(features.split([m.num_features for m in self.members], dim=1))
 
 
 def _member_spec(member: str | Mapping[str, Any], default_weights: str | None) -> dict:

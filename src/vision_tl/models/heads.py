@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 
 from torch import nn
 
-from vision_tl.registry import Registry
+from vision_tl.core.registry import Registry
 
 HeadBuilder = Callable[..., nn.Module]
 HEADS: Registry[HeadBuilder] = Registry("head")

@@ -1,14 +1,15 @@
-"""Load backbone weights from a local file: state dict, safetensors or Lightning checkpoint."""
+"""Load weights from a local file: state dict, safetensors or Lightning checkpoint."""
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from vision_tl.errors import ConfigError, WeightsError
-from vision_tl.models.backbones import Backbone
+from vision_tl.core.errors import ConfigError, WeightsError
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -55,9 +56,13 @@ def _examples(names: set[str] | list[str], n: int = 3) -> str:
     return ", ".join(names[:n]) + more
 
 
-def load_backbone_file(backbone: Backbone, path: str | Path) -> None:
-    """Load `path` into `backbone.body`; any missing, unexpected or mis-shaped key is an error."""
-    target = backbone.body.state_dict()
+def load_weights_file(
+    module: nn.Module, path: str | Path, name: str, dropped_keys: Sequence[str] = ()
+) -> None:
+    """Load `path` into `module` (backbone `name`'s body); any missing, unexpected or
+    mis-shaped key is an error. Keys under `dropped_keys` (the cut-off classifier) are
+    ignored."""
+    target = module.state_dict()
     loaded = read_state_dict(path)
     prefix = _best_prefix(list(loaded), set(target))
     if prefix:
@@ -65,7 +70,7 @@ def load_backbone_file(backbone: Backbone, path: str | Path) -> None:
     loaded = {
         k: v
         for k, v in loaded.items()
-        if not any(k == d or k.startswith(d + ".") for d in backbone.dropped_keys)
+        if not any(k == d or k.startswith(d + ".") for d in dropped_keys)
     }
     missing = set(target) - set(loaded)
     unexpected = set(loaded) - set(target)
@@ -83,6 +88,6 @@ def load_backbone_file(backbone: Backbone, path: str | Path) -> None:
         problems.append(f"shape mismatch {_examples(mismatched)}")
     if problems:
         raise WeightsError(
-            f"weights file {path} does not fit backbone {backbone.name}: " + "; ".join(problems)
+            f"weights file {path} does not fit backbone {name}: " + "; ".join(problems)
         )
-    backbone.body.load_state_dict(loaded)
+    module.load_state_dict(loaded)

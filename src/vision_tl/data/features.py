@@ -31,18 +31,17 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
+from vision_tl.core.errors import ConfigError
+from vision_tl.data.augment import eval_transform, normalize_batch, train_transform
 from vision_tl.data.dataset import ImageListDataset
-from vision_tl.data.images import error_line
-from vision_tl.data.transforms import eval_transform, normalize_batch, train_transform
-from vision_tl.errors import ConfigError
-from vision_tl.models.preprocess import Preprocess
+from vision_tl.data.decode import error_line
 
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
-MODES = ("auto", "on", "off")
+MODES = ("auto", "on", "off")  # data.feature_cache
 VIEW_SEED = 0  # augmented views are drawn once, the same for every run that shares them
 
 
@@ -71,24 +70,6 @@ def file_signature(paths: Sequence[str]) -> list[list[Any]]:
 
 def cache_key(spec: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:32]
-
-
-def bypass_reason(finetune_mode: str, augment: str, views: int, fast_dev_run: bool) -> str | None:
-    """Why features cannot be cached for this run, or None when they can."""
-    if finetune_mode == "full":
-        return "finetune=full trains the backbone"
-    if finetune_mode == "gradual":
-        return "finetune=gradual unfreezes the backbone during training"
-    if finetune_mode == "partial":
-        return (
-            "finetune=partial trains the last backbone stages; caching the frozen prefix "
-            "is not supported, so every epoch decodes images and runs the whole backbone"
-        )
-    if fast_dev_run:
-        return "trainer.fast_dev_run touches one batch, less than computing every feature"
-    if augment != "none" and views < 1:
-        return f"data.augment={augment} with data.feature_views=0 augments images every epoch"
-    return None
 
 
 @dataclass
@@ -156,23 +137,6 @@ class FeatureDataset(Dataset):
         return torch.frombuffer(bytearray(data), dtype=torch.float32), int(self.labels[index])
 
 
-class ViewSampler(Sampler[int]):
-    """Wrap a sampler over samples: each epoch, each sample gets a random cached view."""
-
-    def __init__(self, base: Sampler[int], num_samples: int, views: int) -> None:
-        self.base = base
-        self.num_samples = num_samples
-        self.views = views
-
-    def __len__(self) -> int:
-        return len(self.base)  # type: ignore[arg-type]
-
-    def __iter__(self) -> Iterator[int]:
-        indices = list(self.base)
-        views = torch.randint(self.views, (len(indices),)).tolist()
-        return iter(v * self.num_samples + i for i, v in zip(indices, views, strict=True))
-
-
 class _Indexed(Dataset):
     """(image tensor or None, index, failure reason) for extraction: a file that will not
     decode is recorded, not fatal."""
@@ -185,7 +149,7 @@ class _Indexed(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int, str]:
         try:
-            return self.images[index][0], index, ""
+            return self.images.load(index), index, ""
         except Exception as err:
             return None, index, f"failed during feature extraction ({error_line(err)})"
 
@@ -216,7 +180,6 @@ def _locked(path: Path) -> Iterator[None]:
 def _extract(
     model: nn.Module,
     images: ImageListDataset,
-    preprocess: Preprocess,
     views: int,
     out: Path,
     device: torch.device,
@@ -249,7 +212,7 @@ def _extract(
                     if x is None:
                         continue
                     with torch.inference_mode():
-                        x = normalize_batch(x.to(device, non_blocking=True), preprocess)
+                        x = normalize_batch(x.to(device, non_blocking=True), images.preprocess)
                         x = x.contiguous(memory_format=torch.channels_last)
                         feats = model.features(x).float().cpu()
                     dim = feats.shape[1]
@@ -266,7 +229,6 @@ def load_or_build(
     spec: dict[str, Any],
     model: nn.Module,
     images: ImageListDataset,
-    preprocess: Preprocess,
     views: int,
     device: torch.device,
     batch_size: int,
@@ -295,9 +257,7 @@ def load_or_build(
             # channels_last runs convolutions ~1.6x faster on CPU (oneDNN) and on tensor cores.
             model.eval().to(device, memory_format=torch.channels_last)
             try:
-                dim, failed = _extract(
-                    model, images, preprocess, views, tmp, device, batch_size, num_workers
-                )
+                dim, failed = _extract(model, images, views, tmp, device, batch_size, num_workers)
             finally:
                 model.to(original, memory_format=torch.contiguous_format)
                 model.train(training)
@@ -340,61 +300,41 @@ class CachedFeatures:
         return FeatureDataset(store, rows, labels), store.views
 
 
-def prepare_features(datamodule: Any, trainer: Any) -> CachedFeatures | None:
-    """Load or compute the cache for this fit, or log why it is bypassed and return None.
+def build_cached_features(
+    datamodule: Any, model: nn.Module, device: torch.device
+) -> CachedFeatures:
+    """Load or compute the entries `datamodule`'s fit needs from `model.features`.
 
-    `datamodule` is an `ImageFolderDataModule` with its preprocessing set; `trainer`'s
-    LightningModule has a `model` (a `Classifier`) and a `finetune` (a `Finetune`).
+    `datamodule` is an `ImageFolderDataModule` with its split and preprocessing set;
+    whether features may be cached at all is the caller's decision (see
+    `vision_tl.training.callbacks.FeatureCache`).
     """
     dm = datamodule
-    if dm.feature_cache == "off":
-        return None
-    module = trainer.lightning_module
-    model = getattr(module, "model", None)
-    mode = getattr(getattr(module, "finetune", None), "mode", "full")
-    if not hasattr(model, "classify_features"):
-        reason: str | None = "the model has no backbone/head split"
-    else:
-        reason = bypass_reason(mode, dm.augment, dm.feature_views, bool(trainer.fast_dev_run))
-    if reason:
-        if dm.feature_cache == "on":
-            raise ConfigError(f"data.feature_cache=on cannot be used: {reason}")
-        if mode != "full":
-            log.info("Feature cache bypassed: %s", reason)
-        return None
-
     pre = dm.preprocess
     base = {
         "version": CACHE_VERSION,
         "backbones": [{"name": b.name, "weights": weights_digest(b)} for b in model.backbones()],
         "preprocess": pre.to_dict(),
-        "decode": {
-            "background": list(dm.background),
-            "min_side": dm.decode_min_side,
-            "resize_cache": bool(dm.resize_cache),
-        },
+        "decode": {"resize_cache": bool(dm.resize_cache)},
     }
     root = dm.cache_root / "features"
-    device = trainer.strategy.root_device
     batch_size = max(32, dm.batch_size)
     samples = dm.split.samples
 
     def build(
         files: list[str], transform: Any, views: int, spec: dict
     ) -> tuple[FeatureStore, bool]:
-        images = ImageListDataset(
-            [(p, 0) for p in files], transform, dm.background, dm.decode_min_side, dm.sources()
-        )
+        images = ImageListDataset([(p, 0) for p in files], pre, transform, dm.sources())
         spec = {**base, **spec, "files": file_signature(files)}
         workers = dm.num_workers
-        return load_or_build(root, spec, model, images, pre, views, device, batch_size, workers)
+        return load_or_build(root, spec, model, images, views, device, batch_size, workers)
 
     every_file = sorted({p for split in samples.values() for p, _ in split})
-    eval_store, eval_hit = build(every_file, eval_transform(pre, False), 1, {"transform": "eval"})
+    eval_store, eval_hit = build(every_file, eval_transform(pre), 1, {"transform": "eval"})
     hits = {"eval": eval_hit}
     train_store = None
-    if dm.augment != "none":
-        transform = train_transform(pre, dm.augment, dm.crop_scale, normalize=False)
+    if dm.augment_preset.random:
+        transform = train_transform(pre, dm.augment, dm.crop_scale)
         spec = {"transform": {"augment": dm.augment, "crop_scale": list(dm.crop_scale)}}
         spec["transform"]["views"] = dm.feature_views
         train_files = sorted(p for p, _ in samples["train"])

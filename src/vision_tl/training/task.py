@@ -17,9 +17,11 @@ from torchmetrics.classification import (
     MulticlassF1Score,
 )
 
-from vision_tl.models import Finetune, apply_finetune, build_model
-from vision_tl.models.preprocess import Preprocess
-from vision_tl.optim import add_param_group
+from vision_tl.data.preprocess import Preprocess
+from vision_tl.models import build_model
+from vision_tl.training.compat import CHECKPOINT_FORMAT, upgrade_checkpoint
+from vision_tl.training.finetune import build_finetune
+from vision_tl.training.optim import add_param_group
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,11 @@ class ClassificationTask(L.LightningModule):
     Every argument is a primitive (or a Hydra partial for the optimiser and scheduler,
     which are not saved), so `load_from_checkpoint(path)` rebuilds the network with no
     extra arguments. Checkpoints set `load_pretrained=False`: reloading never downloads.
+
+    `preprocess_overrides` (the `data.*` image settings) are resolved once, here, against
+    the model's own preprocessing: `self.preprocess` is the one object the datamodule, the
+    checkpoint and every inference command use. With `feature_inputs` set (by the
+    `FeatureCache` callback), batches hold cached backbone features and only the head runs.
     """
 
     def __init__(
@@ -65,11 +72,10 @@ class ClassificationTask(L.LightningModule):
         num_classes = len(self.class_names)
         pretrained = load_pretrained and bool(model.get("pretrained", True))
         self.model = build_model(model, num_classes, pretrained=pretrained)
-        self.finetune = Finetune(**(finetune or {}))
-        apply_finetune(self.model, self.finetune)
-        self.preprocess: Preprocess = self.model.preprocess.with_overrides(
-            **(preprocess_overrides or {})
-        )
+        self.finetune = build_finetune(finetune)
+        self.finetune.setup(self.model)
+        self.preprocess: Preprocess = self.model.preprocess.resolve(preprocess_overrides)
+        self.feature_inputs = False
         self.label_smoothing = label_smoothing
         weights = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
         self.register_buffer("class_weights", weights, persistent=False)
@@ -83,7 +89,6 @@ class ClassificationTask(L.LightningModule):
         self.best_epoch = -1
         self.last_val: dict[str, float] = {}
         self.last_test: dict[str, float] = {}
-        self._unfrozen = False
 
     # ------------------------------------------------------------------ steps
 
@@ -91,8 +96,7 @@ class ClassificationTask(L.LightningModule):
         return self.model(x)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        """A 2-D batch holds cached backbone features (`vision_tl.features`): head only."""
-        return self.model.classify_features(x) if x.ndim == 2 else self(x)
+        return self.model.classify_features(x) if self.feature_inputs else self(x)
 
     def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(
@@ -154,7 +158,7 @@ class ClassificationTask(L.LightningModule):
     def _log_confusion_matrix(self, prefix: str, confmat: torch.Tensor) -> None:
         import matplotlib.pyplot as plt
 
-        from vision_tl.plots import confusion_matrix_figure
+        from vision_tl.core.plots import confusion_matrix_figure
 
         if self.trainer.fast_dev_run:
             return
@@ -183,16 +187,13 @@ class ClassificationTask(L.LightningModule):
     # ------------------------------------------------------------------ fine-tuning
 
     def on_train_epoch_start(self) -> None:
-        ft = self.finetune
-        if ft.mode == "gradual" and not self._unfrozen and self.current_epoch >= ft.unfreeze_epoch:
-            before = {id(p) for p in self.model.parameters() if p.requires_grad}
-            apply_finetune(self.model, ft, initial=False)
-            self._unfrozen = True
-            new = [p for p in self.model.parameters() if p.requires_grad and id(p) not in before]
-            if new and self.trainer.optimizers:
-                schedulers = [c.scheduler for c in self.trainer.lr_scheduler_configs]
-                add_param_group(self.trainer.optimizers[0], schedulers, new, ft.backbone_lr_mult)
-            log.info("Epoch %d: unfroze %d backbone tensors", self.current_epoch, len(new))
+        new = self.finetune.on_train_epoch_start(self.model, self.current_epoch)
+        if new and self.trainer.optimizers:
+            schedulers = [c.scheduler for c in self.trainer.lr_scheduler_configs]
+            mult = self.finetune.backbone_lr_mult
+            add_param_group(self.trainer.optimizers[0], schedulers, new, mult)
+        if new:
+            log.info("Epoch %d: %d more tensors train", self.current_epoch, len(new))
 
     def configure_optimizers(self) -> Any:
         if self.optimizer_factory is None:
@@ -219,6 +220,7 @@ class ClassificationTask(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["hyper_parameters"]["load_pretrained"] = False
         checkpoint["vision_tl"] = {
+            "format": CHECKPOINT_FORMAT,
             "class_names": self.class_names,
             "class_to_idx": {name: i for i, name in enumerate(self.class_names)},
             "preprocess": self.preprocess.to_dict(),
@@ -227,12 +229,12 @@ class ClassificationTask(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Runs before the weights load: older layouts are upgraded in place first."""
+        upgrade_checkpoint(checkpoint)
         meta = checkpoint.get("vision_tl", {})
+        if meta.get("preprocess"):  # what the run actually used travels with its weights
+            self.preprocess = Preprocess.from_dict(meta["preprocess"])
         self.best_epoch = meta.get("best_epoch", -1)
         if meta.get("val_acc_best") is not None:
             self.val_acc_best(torch.tensor(meta["val_acc_best"]))
-        ft = self.finetune
-        if ft.mode == "gradual" and checkpoint.get("epoch", 0) >= ft.unfreeze_epoch:
-            # The checkpoint's optimizer already holds the unfrozen backbone group.
-            apply_finetune(self.model, ft, initial=False)
-            self._unfrozen = True
+        self.finetune.resume(self.model, int(checkpoint.get("epoch", 0)))

@@ -1,4 +1,5 @@
-"""`run_export(cfg)`: a model file plus `model.json`, so inference needs nothing from vision_tl.
+"""`run_export(cfg)`: a model file plus `model.json`, the worker of `python -m vision_tl.export`:
+inference then needs nothing from vision_tl.
 
 The file maps a normalised NCHW float32 RGB batch to logits; `model.json` says how to
 make that batch (class names, sizes, interpolation, mean, std) and what comes out.
@@ -16,9 +17,9 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from vision_tl.errors import ConfigError
-from vision_tl.inference import LoadedModel, load_checkpoint
-from vision_tl.training import write_json
+from vision_tl.core.errors import ConfigError
+from vision_tl.core.io import write_json
+from vision_tl.inference.checkpoint import LoadedModel, load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -101,11 +102,7 @@ def model_card(loaded: LoadedModel, fmt: str, file: str, opset: int | None) -> d
         "opset": opset,
         "class_names": loaded.class_names,
         "num_classes": len(loaded.class_names),
-        "input_size": pre.input_size,
-        "resize_size": pre.resize_size,
-        "interpolation": pre.interpolation,
-        "mean": list(pre.mean),
-        "std": list(pre.std),
+        **pre.to_dict(),
         "input": {
             "name": INPUT_NAME,
             "shape": ["batch", 3, pre.input_size, pre.input_size],

@@ -1,7 +1,8 @@
-"""Callbacks that measure what the run reports in metrics.json."""
+"""Callbacks every training run uses: the feature cache, throughput and per-epoch history."""
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -10,6 +11,53 @@ from typing import Any
 
 import lightning as L
 import pandas as pd
+
+from vision_tl.core.errors import ConfigError
+from vision_tl.data.features import build_cached_features
+
+log = logging.getLogger(__name__)
+
+
+class FeatureCache(L.Callback):
+    """Decide, once per fit, whether the backbone's features can be cached, and wire it up.
+
+    It can when the fine-tune policy keeps every backbone frozen throughout, the data's
+    augmentation is served from cached views (or there is none), the model splits into
+    backbone and head, and the run is no `fast_dev_run`. Then the features are loaded or
+    computed (`vision_tl.data.features`), the datamodule serves them, and the task is told
+    that its batches are features. `data.feature_cache`: `auto` caches when it can, `on`
+    makes a bypass an error, `off` never caches.
+    """
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        dm = trainer.datamodule
+        if stage != "fit":  # test/validate after fit: the eval entry covers every split
+            pl_module.feature_inputs = getattr(dm, "features", None) is not None
+            return
+        if dm is None or dm.feature_cache == "off":
+            return
+        reason = self.bypass_reason(trainer, pl_module, dm)
+        if reason:
+            if dm.feature_cache == "on":
+                raise ConfigError(f"data.feature_cache=on cannot be used: {reason}")
+            if pl_module.finetune.name != "full":  # full fine-tuning never expects a cache
+                log.info("Feature cache bypassed: %s", reason)
+            return
+        device = trainer.strategy.root_device
+        dm.use_features(build_cached_features(dm, pl_module.model, device))
+        pl_module.feature_inputs = True
+
+    @staticmethod
+    def bypass_reason(trainer: L.Trainer, pl_module: L.LightningModule, dm: Any) -> str | None:
+        """Why features cannot be cached for this fit, or None when they can."""
+        if not hasattr(pl_module.model, "classify_features"):
+            return "the model has no backbone/head split"
+        policy = pl_module.finetune.cache_bypass_reason()
+        if policy:
+            return policy
+        if trainer.fast_dev_run:
+            return "trainer.fast_dev_run touches one batch, less than computing every feature"
+        return dm.feature_cache_blocker()
 
 
 class TrainThroughput(L.Callback):

@@ -1,16 +1,10 @@
-"""Inference from a checkpoint: safe loading, input lists, a batched predictor with TTA.
-
-`python -m vision_tl.predict`, `eval` and `explain` share these pieces, so a model is
-loaded, checked and fed the same way everywhere.
-"""
+"""Batched class probabilities from a classifier, with test-time augmentation, on the same
+decode-resize-normalise path as training; and the inputs and outputs of `predict`."""
 
 from __future__ import annotations
 
 import logging
-import os
-import re
 import time
-import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,90 +15,23 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
-from torchvision import tv_tensors
-from torchvision.transforms import InterpolationMode, v2
+from torchvision.transforms import v2
 
-from vision_tl.data.images import IMAGE_EXTENSIONS, is_image_file, load_rgb
-from vision_tl.data.transforms import eval_transform
-from vision_tl.errors import ConfigError
-from vision_tl.models.classifier import Classifier
-from vision_tl.models.preprocess import Preprocess
+from vision_tl.core.errors import ConfigError
+from vision_tl.core.runtime import available_cpus, resolve_device
+from vision_tl.data.augment import eval_transform, normalize_batch, resize_op
+from vision_tl.data.decode import IMAGE_EXTENSIONS, decode, error_line, is_image_file
+from vision_tl.data.preprocess import Preprocess
+from vision_tl.inference.checkpoint import LoadedModel
 
 log = logging.getLogger(__name__)
 
 CROPS = (1, 5)
 
 
-@dataclass
-class LoadedModel:
-    """A network ready for inference, with the class names and preprocessing it was trained on."""
-
-    model: Classifier
-    class_names: list[str]
-    preprocess: Preprocess
-    path: Path
-
-
-def load_checkpoint(ckpt_path: str | Path | None) -> LoadedModel:
-    """Load a `vision_tl.train` checkpoint on the CPU, weights only (no pickled code runs).
-
-    A missing, corrupt or foreign file is a one-line `ConfigError`, not a traceback.
-    """
-    from vision_tl.task import ClassificationTask
-
-    if not ckpt_path:
-        raise ConfigError("ckpt_path is required, e.g. ckpt_path=RUN_DIR/checkpoints/best.ckpt")
-    path = Path(ckpt_path).expanduser().resolve()
-    if not path.is_file():
-        raise ConfigError(f"ckpt_path {path} does not exist or is not a file")
-    try:
-        task = ClassificationTask.load_from_checkpoint(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ConfigError(
-            f"cannot load checkpoint {path}: {_load_failure(path, err)}; "
-            "expected a .ckpt written by vision_tl.train"
-        ) from err
-    model = task.model.eval()
-    return LoadedModel(model, list(task.class_names), task.preprocess, path)
-
-
-def _load_failure(path: Path, err: Exception) -> str:
-    """The reason a checkpoint did not load, in a few words instead of torch's paragraph."""
-    if not zipfile.is_zipfile(path):
-        return "not a PyTorch zip archive (corrupt, truncated or another format)"
-    text = str(err)
-    if "Weights only load failed" in text:
-        found = re.search(r"GLOBAL (\S+)", text)
-        return (
-            f"it pickles {found.group(1) if found else 'code'}, which a weights-only load refuses"
-        )
-    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
-
-
-def check_class_names(ckpt: Sequence[str], data: Sequence[str], where: str) -> None:
-    """Fail when the data's classes differ from the checkpoint's: indices would be wrong."""
-    if list(ckpt) != list(data):
-        raise ConfigError(
-            f"class list mismatch: the checkpoint has {list(ckpt)} but {where} has {list(data)}"
-        )
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """`auto` is the GPU when there is one; anything else must be a torch device name."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError as err:
-        raise ConfigError(f"device={name} is not a torch device (auto, cpu, cuda, cuda:1)") from err
-
-
 def default_workers(num_workers: int | None) -> int:
     """Decoding processes: `None` means up to 4, never more than the cores this process has."""
-    if num_workers is not None:
-        return int(num_workers)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return min(4, cores or 1)
+    return min(4, available_cpus()) if num_workers is None else int(num_workers)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -158,58 +85,43 @@ def collect_inputs(source: str | Path | None) -> InputImages:
 
 
 class ViewTransform:
-    """RGB image -> [views, C, H, W]: the eval centre crop, or five crops of the resized image."""
+    """uint8 image -> uint8 views [V, C, S, S]: the eval centre crop, or five crops (corners
+    and centre) of the resized image."""
 
     def __init__(self, preprocess: Preprocess, crops: int = 1) -> None:
         if crops not in CROPS:
             raise ConfigError(f"tta.crops must be one of {CROPS}, got {crops}")
         self.crops = crops
-        if crops == 1:
-            self.transform = eval_transform(preprocess)
-        else:
-            interpolation = InterpolationMode(preprocess.interpolation.lower())
-            self.resize = v2.Compose(
-                [
-                    v2.ToImage(),
-                    v2.Resize(preprocess.resize_size, interpolation=interpolation, antialias=True),
-                ]
-            )
-            self.five_crop = v2.FiveCrop(preprocess.input_size)
-            self.transform = v2.Compose(
-                [
-                    v2.ToDtype(torch.float32, scale=True),
-                    v2.Normalize(preprocess.mean, preprocess.std),
-                ]
-            )
+        self.transform = eval_transform(preprocess)
+        self.resize = resize_op(preprocess)
+        self.five_crop = v2.FiveCrop(preprocess.input_size)
 
-    def __call__(self, image: Any) -> torch.Tensor:
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
         if self.crops == 1:
             return self.transform(image).unsqueeze(0)
-        crops = self.five_crop(self.resize(image))
-        return self.transform(tv_tensors.Image(torch.stack(crops))).as_subclass(torch.Tensor)
+        return torch.stack(self.five_crop(self.resize(image)))
 
 
 class ImageFiles(Dataset):
-    """Decode files to TTA views; a file that cannot be read yields its error instead."""
+    """Decode files (as training does) to TTA views; an unreadable file yields its error."""
 
     def __init__(
-        self,
-        files: Sequence[str | Path],
-        transform: ViewTransform,
-        background: tuple[int, int, int] = (255, 255, 255),
+        self, files: Sequence[str | Path], preprocess: Preprocess, transform: ViewTransform
     ) -> None:
         self.files = list(files)
+        self.preprocess = preprocess
         self.transform = transform
-        self.background = background
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int, str | None]:
+        pre = self.preprocess
         try:
-            views = self.transform(load_rgb(self.files[index], self.background))
+            image = decode(self.files[index], pre.background, pre.decode_min_side)
+            views = self.transform(image)
         except Exception as err:  # any decode failure is reported per file, never fatal
-            return None, index, f"{type(err).__name__}: {err}".splitlines()[0]
+            return None, index, error_line(err)
         return views, index, None
 
 
@@ -246,7 +158,8 @@ class Predictor:
 
     TTA views are the centre crop (or five crops, `crops=5`) and, with `hflip`, their
     mirror images; the softmax of each view is averaged, which is also right for the
-    `mean` ensemble fusion (its output is a log-probability).
+    `mean` ensemble fusion (its output is a log-probability). Views travel as uint8 and
+    are normalised on the device, exactly as training batches are.
     """
 
     def __init__(
@@ -258,22 +171,21 @@ class Predictor:
         num_workers: int | None = 0,
         hflip: bool = False,
         crops: int = 1,
-        background: Sequence[int] = (255, 255, 255),
         progress: bool = False,
     ) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-        self.device = resolve_device(device) if isinstance(device, str) else device
+        self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
+        self.preprocess = preprocess
         self.transform = ViewTransform(preprocess, crops)
         self.batch_size = batch_size
         self.num_workers = default_workers(num_workers)
         self.hflip = hflip
-        self.background = tuple(int(v) for v in background)
         self.progress = progress
 
     def loader(self, files: Sequence[str | Path]) -> DataLoader:
-        dataset = ImageFiles(files, self.transform, self.background)
+        dataset = ImageFiles(files, self.preprocess, self.transform)
         batches = -(-len(files) // self.batch_size)
         # Workers only pay off when one decodes a batch while the model runs another.
         workers = min(self.num_workers, batches) if batches > 1 else 0
@@ -289,7 +201,7 @@ class Predictor:
     def probabilities(self, views: torch.Tensor) -> torch.Tensor:
         """[B, V, C, H, W] views -> [B, classes] probabilities averaged over views (and flips)."""
         batch, num_views = views.shape[:2]
-        x = views.to(self.device, non_blocking=True).flatten(0, 1)
+        x = normalize_batch(views.to(self.device, non_blocking=True).flatten(0, 1), self.preprocess)
         if self.hflip:
             x = torch.cat([x, x.flip(-1)])
         probs = self.model(x).float().softmax(dim=1)
@@ -372,36 +284,3 @@ def write_unreadable(path: Path, names: Sequence[str], unreadable: list[tuple[in
         rows = [(names[i], reason) for i, reason in unreadable]
         pd.DataFrame(rows, columns=["path", "reason"]).to_csv(path, index=False)
         log.warning("%d unreadable file(s) listed in %s", len(rows), path)
-
-
-def run_predict(cfg: DictConfig) -> pd.DataFrame:
-    """Write `predictions.csv` (and `submission.csv`, `unreadable.csv`) into the run dir."""
-    out = Path(cfg.paths.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    loaded = load_checkpoint(cfg.get("ckpt_path"))
-    inputs = collect_inputs(cfg.get("input"))
-    log.info("Predicting %d image(s) from %s with %s", len(inputs.files), cfg.input, loaded.path)
-    result = predictor_from_config(loaded, cfg).predict(inputs.files)
-    frame = predictions_frame(
-        [inputs.names[i] for i in result.indices],
-        result.probs,
-        loaded.class_names,
-        top_k=cfg.get("top_k", 3),
-        reject_threshold=cfg.get("reject_threshold"),
-        unknown_label=cfg.get("unknown_label", "unknown"),
-    )
-    frame.to_csv(out / "predictions.csv", index=False, float_format="%.6g")
-    if cfg.get("submission"):
-        ids = [inputs.ids[i] for i in result.indices]
-        if len(set(ids)) < len(ids):
-            log.warning("submission.csv has duplicate ids (same file stem in several folders)")
-        submission = pd.DataFrame({"id": ids, "label": frame["label"]})
-        submission.to_csv(out / "submission.csv", index=False)
-    write_unreadable(out / "unreadable.csv", inputs.names, result.unreadable)
-    log.info(
-        "%d prediction(s) in %s (%.1f images/s)",
-        len(frame),
-        out / "predictions.csv",
-        result.images_per_second,
-    )
-    return frame

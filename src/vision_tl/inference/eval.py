@@ -1,4 +1,8 @@
-"""`run_eval(cfg)`: judge a checkpoint on a labelled split, with files a person can read."""
+"""`run_eval(cfg)`: judge a checkpoint on a labelled split (worker of `python -m vision_tl.eval`).
+
+The data is read exactly as training reads it (same layouts, manifest and split rules),
+and images go through the checkpoint's own preprocessing on the training decode path.
+"""
 
 from __future__ import annotations
 
@@ -26,18 +30,13 @@ from torchmetrics.functional.classification import (
     multiclass_recall,
 )
 
+from vision_tl.core.errors import ConfigError
+from vision_tl.core.io import write_json
+from vision_tl.core.plots import confusion_matrix_figure
+from vision_tl.data.decode import load_rgb
 from vision_tl.data.folder import SPLITS
-from vision_tl.data.images import load_rgb
-from vision_tl.errors import ConfigError
-from vision_tl.inference import (
-    check_class_names,
-    load_checkpoint,
-    predictions_frame,
-    predictor_from_config,
-    write_unreadable,
-)
-from vision_tl.plots import confusion_matrix_figure
-from vision_tl.training import write_json
+from vision_tl.inference.checkpoint import check_class_names, load_checkpoint
+from vision_tl.inference.predictor import predictions_frame, predictor_from_config, write_unreadable
 
 log = logging.getLogger(__name__)
 
@@ -141,8 +140,7 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     names = [_relative(path, root) for path in files]
     log.info("Evaluating %s on %d %s image(s) from %s", loaded.path, len(files), split, where)
 
-    predictor = predictor_from_config(loaded, cfg, background=datamodule.background)
-    result = predictor.predict(files)
+    result = predictor_from_config(loaded, cfg).predict(files)
     write_unreadable(out / "unreadable.csv", names, result.unreadable)
     if not result.indices:
         raise ConfigError(f"none of the {len(files)} {split} image(s) of {where} could be read")

@@ -1,4 +1,4 @@
-"""Sweep jobs that survive interruption: a status file per job, GPU pinning, a closing report.
+"""Sweep jobs that survive interruption: GPU pinning, containment, resume, a closing report.
 
 Each multirun job writes `job_status.json` (its overrides, status, attempts). Re-running
 the same sweep command therefore skips jobs that finished, resumes interrupted ones from
@@ -15,7 +15,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -25,37 +25,10 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
-from vision_tl.errors import find_user_error
+from vision_tl.core.errors import find_user_error
+from vision_tl.sweeps.status import read_status, write_status
 
 log = logging.getLogger(__name__)
-
-STATUS_FILE = "job_status.json"
-STATUSES = ("running", "done", "failed", "interrupted")
-
-
-def read_json(path: Path) -> dict[str, Any] | None:
-    """A JSON file's content, or None when it is missing or half-written (a job still running)."""
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def read_status(job_dir: Path) -> dict[str, Any] | None:
-    """The job's recorded status, or None when it never started (or the file is unreadable)."""
-    return read_json(Path(job_dir) / STATUS_FILE)
-
-
-def write_status(job_dir: Path, **fields: Any) -> dict[str, Any]:
-    """Update the job's status file atomically; returns the new content."""
-    from vision_tl.training import write_json
-
-    path = Path(job_dir) / STATUS_FILE
-    status = {**(read_status(job_dir) or {}), **fields}
-    status["updated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(path, status)
-    return status
 
 
 class DeviceSlots:
@@ -184,13 +157,12 @@ def _is_multirun_job() -> bool:
     return HydraConfig.get().mode == RunMode.MULTIRUN and rank_zero_only.rank == 0
 
 
-def run_job(cfg: DictConfig) -> dict[str, Any]:
-    """Run one training job; inside a multirun, make it skippable, resumable and contained."""
-    from vision_tl.training import run_training
-
+def run_job(cfg: DictConfig, work: Callable[[DictConfig], dict[str, Any]]) -> dict[str, Any]:
+    """Run `work(cfg)` (a training run); inside a multirun, make it skippable, resumable
+    and contained: a failure is recorded and returned, never raised."""
     if not _is_multirun_job():
         with isolated_job(parallel_jobs=1):
-            return run_training(cfg)
+            return work(cfg)
 
     hydra_cfg = HydraConfig.get()
     job_dir = Path(hydra_cfg.runtime.output_dir)
@@ -228,7 +200,7 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
     sweep_dir = Path(str(hydra_cfg.sweep.dir))
     try:
         with isolated_job(_parallel_jobs(hydra_cfg)), pinned_gpu(cfg, sweep_dir):
-            metrics = run_training(cfg)
+            metrics = work(cfg)
     except Exception as err:
         user_error = find_user_error(err)
         root = _root_cause(err)
@@ -251,7 +223,7 @@ class SweepReportCallback(Callback):
     """Hydra callback: when a multirun ends, write its summary table and plots."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from vision_tl.report import write_report
+        from vision_tl.sweeps.report import write_report
 
         sweep_dir = Path(str(config.hydra.sweep.dir))
         try:

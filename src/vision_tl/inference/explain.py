@@ -1,4 +1,5 @@
-"""Grad-CAM overlays with `pytorch_grad_cam`: which pixels drive a class score.
+"""`run_explain(cfg)`: Grad-CAM overlays with `pytorch_grad_cam`, the worker of
+`python -m vision_tl.explain`: which pixels drive a class score.
 
 The target layer is each backbone's deepest stage that still outputs a spatial map. An
 ensemble gets one overlay per member, all explaining the fused (final) class score.
@@ -18,16 +19,12 @@ from omegaconf import DictConfig
 from PIL import Image
 from torch import nn
 
-from vision_tl.data.images import load_rgb
-from vision_tl.errors import ConfigError
-from vision_tl.inference import (
-    LoadedModel,
-    ViewTransform,
-    collect_inputs,
-    load_checkpoint,
-    resolve_device,
-    write_unreadable,
-)
+from vision_tl.core.errors import ConfigError
+from vision_tl.core.runtime import resolve_device
+from vision_tl.data.augment import denormalize_batch, eval_transform, normalize_batch
+from vision_tl.data.decode import decode, error_line
+from vision_tl.inference.checkpoint import LoadedModel, load_checkpoint
+from vision_tl.inference.predictor import collect_inputs, write_unreadable
 from vision_tl.models.backbones import Backbone
 
 log = logging.getLogger(__name__)
@@ -53,14 +50,10 @@ def cam_class(method: str) -> type:
 def target_layer(backbone: Backbone, input_size: int) -> nn.Module:
     """The deepest stage module whose output is a feature map (N, C, H, W).
 
-    Stages are tried from the output end, looking inside grouped stages (timm), so a
+    Stages are tried from the output end, looking inside each stage's modules, so a
     flattening classifier or global pool is skipped; a map larger than 1x1 is preferred.
     """
-    modules = [
-        m
-        for stage in backbone.stages
-        for m in (stage if isinstance(stage, nn.ModuleList) else [stage])
-    ]
+    modules = [m for stage in backbone.stages for m in stage.parts]
     shapes: dict[int, torch.Size] = {}
 
     def record(module: nn.Module, _: Any, output: Any) -> None:
@@ -145,13 +138,11 @@ class _BatchExplainer:
     def __init__(
         self, model: nn.Module, cams: dict[str, Any], loaded: LoadedModel, target: int | None
     ) -> None:
-        pre = loaded.preprocess
         self.model = model
         self.cams = cams
         self.target = target
-        self.transform = ViewTransform(pre, crops=1)
-        self.mean = torch.tensor(pre.mean).view(3, 1, 1)
-        self.std = torch.tensor(pre.std).view(3, 1, 1)
+        self.preprocess = loaded.preprocess
+        self.transform = eval_transform(loaded.preprocess)
         self.device = next(model.parameters()).device
 
     def __call__(
@@ -159,16 +150,18 @@ class _BatchExplainer:
     ) -> list[Explanation]:
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
+        pre = self.preprocess
         tensors, indices = [], []
         for i in batch:
             try:
-                tensors.append(self.transform(load_rgb(files[i]))[0])
+                image = decode(files[i], pre.background, pre.decode_min_side)
+                tensors.append(self.transform(image))
                 indices.append(i)
             except Exception as err:  # listed, never fatal, as in predict
-                unreadable.append((i, f"{type(err).__name__}: {err}".splitlines()[0]))
+                unreadable.append((i, error_line(err)))
         if not tensors:
             return []
-        x = torch.stack(tensors).to(self.device)
+        x = normalize_batch(torch.stack(tensors).to(self.device), pre)
         with torch.no_grad():
             conf, pred = self.model(x).float().softmax(dim=1).max(dim=1)
         targets = [self.target if self.target is not None else p for p in pred.tolist()]
@@ -178,7 +171,7 @@ class _BatchExplainer:
         heatmaps = {
             name: cam(input_tensor=x_grad, targets=outputs) for name, cam in self.cams.items()
         }
-        rgb = (x.cpu() * self.std + self.mean).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+        rgb = denormalize_batch(x.detach(), pre).cpu().permute(0, 2, 3, 1).numpy()
         return [
             Explanation(
                 index,

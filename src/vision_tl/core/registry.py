@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
-from vision_tl.errors import ConfigError
+from vision_tl.core.errors import ConfigError
 
 T = TypeVar("T")
 

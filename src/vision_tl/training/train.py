@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import threading
 import time
 from pathlib import Path
@@ -18,11 +16,12 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from vision_tl.callbacks import EpochHistory, TrainThroughput
-from vision_tl.data import ImageFolderDataModule
-from vision_tl.distributed import use_hydra_rank_command
-from vision_tl.errors import ConfigError
-from vision_tl.task import ClassificationTask
+from vision_tl.core.errors import ConfigError
+from vision_tl.core.io import write_json
+from vision_tl.data.datamodule import ImageFolderDataModule
+from vision_tl.training.callbacks import EpochHistory, FeatureCache, TrainThroughput
+from vision_tl.training.distributed import use_hydra_rank_command
+from vision_tl.training.task import ClassificationTask
 
 log = logging.getLogger(__name__)
 
@@ -94,13 +93,6 @@ class PeakMemory:
         }
 
 
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write atomically, so a reader never sees a half-written file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
 def class_weights(spec: Any, counts: list[int]) -> list[float] | None:
     """`None`, `auto` (inverse frequency, mean 1) or an explicit list, one weight per class."""
     if spec is None:
@@ -131,7 +123,7 @@ def final_accuracies(last_epoch: dict[str, float], last_val: dict[str, float]) -
 
 def predict_after_training(cfg: DictConfig, ckpt_path: str, run_dir: Path) -> Path:
     """`predictions.csv` for `cfg.predict_input` with the best checkpoint, in the run dir."""
-    from vision_tl.inference import run_predict
+    from vision_tl.inference.predict import run_predict
 
     predict_cfg = OmegaConf.create(
         {
@@ -178,19 +170,19 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
         finetune=OmegaConf.to_container(cfg.finetune, resolve=True),
         label_smoothing=cfg.loss.label_smoothing,
         class_weights=class_weights(cfg.loss.get("class_weights"), datamodule.class_counts()),
-        preprocess_overrides=datamodule.overrides,
+        preprocess_overrides=datamodule.preprocess_overrides,
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
     )
-    datamodule.set_preprocess(task.model.preprocess)
-    log.info("Preprocess: %s", datamodule.preprocess)
+    datamodule.set_preprocess(task.preprocess)  # resolved once, by the task
+    log.info("Preprocess: %s", task.preprocess)
 
     callbacks = _instantiate_all(cfg.get("callbacks"))
     throughput = TrainThroughput()
     history = EpochHistory(run_dir / "history.csv")
     loggers = _instantiate_all(cfg.get("logger"))
     trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=[*callbacks, throughput, history], logger=loggers
+        cfg.trainer, callbacks=[*callbacks, FeatureCache(), throughput, history], logger=loggers
     )
 
     with PeakMemory() as memory:
@@ -226,7 +218,7 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
         "best_checkpoint": best_path or None,
         "last_checkpoint": getattr(latest, "best_model_path", "") or None,
         "val_loss": float(val_loss) if val_loss is not None else None,
-        "preprocess": datamodule.preprocess.to_dict(),
+        "preprocess": task.preprocess.to_dict(),
         **{k.replace("/", "_"): v for k, v in task.last_val.items()},
         **{k.replace("/", "_"): v for k, v in task.last_test.items()},
     }

@@ -1,0 +1,119 @@
+"""Transforms built from a `Preprocess`, and the augmentation presets (a registry).
+
+Every transform maps a uint8 image tensor (3, H, W) to a uint8 crop (3, S, S); batches are
+normalised once, on their device, by `normalize_batch`. Adding a preset is one decorated
+function below: `data.augment=<name>` selects it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torchvision.transforms import InterpolationMode, v2
+
+from vision_tl.core.errors import ConfigError
+from vision_tl.core.registry import Registry
+from vision_tl.data.preprocess import Preprocess
+
+CropScale = tuple[float, float]
+
+
+@dataclass(frozen=True)
+class AugmentPreset:
+    """Training-time ops on a uint8 image; `random` presets give a new image every epoch."""
+
+    name: str
+    ops: Callable[[Preprocess, CropScale], list]
+    random: bool = True
+
+
+AUGMENTATIONS: Registry[AugmentPreset] = Registry("augment")
+
+
+def register_augment(name: str, random: bool = True) -> Callable:
+    """Register `fn(preprocess, crop_scale) -> [ops]` as the preset `name`."""
+
+    def decorator(fn: Callable[[Preprocess, CropScale], list]) -> Callable:
+        AUGMENTATIONS.add(name, AugmentPreset(name, fn, random))
+        return fn
+
+    return decorator
+
+
+def get_augment(name: str) -> AugmentPreset:
+    """The preset called `name`; an unknown name is a one-line error listing the presets."""
+    return AUGMENTATIONS.get(name)
+
+
+def interpolation_mode(name: str) -> InterpolationMode:
+    try:
+        return InterpolationMode(name.lower())
+    except ValueError:
+        known = ", ".join(m.value for m in InterpolationMode)
+        raise ConfigError(f"unknown interpolation '{name}'; available: {known}") from None
+
+
+def resize_op(pre: Preprocess) -> v2.Resize:
+    """Shorter side to `resize_size`, antialiased: the first step of every eval-time view."""
+    return v2.Resize(pre.resize_size, interpolation=interpolation_mode(pre.interpolation))
+
+
+@register_augment("none", random=False)
+def none(pre: Preprocess, crop_scale: CropScale) -> list:
+    """No augmentation: the eval transform (resize, centre crop)."""
+    return [resize_op(pre), v2.CenterCrop(pre.input_size)]
+
+
+@register_augment("flip_crop")
+def flip_crop(pre: Preprocess, crop_scale: CropScale) -> list:
+    """RandomResizedCrop to the input size and a horizontal flip: the standard recipe."""
+    interp = interpolation_mode(pre.interpolation)
+    return [
+        v2.RandomResizedCrop(pre.input_size, scale=tuple(crop_scale), interpolation=interp),
+        v2.RandomHorizontalFlip(),
+    ]
+
+
+# Geometric ops of the auto-augment policies support only nearest/bilinear on tensors.
+@register_augment("trivialaugment")
+def trivialaugment(pre: Preprocess, crop_scale: CropScale) -> list:
+    """flip_crop, then TrivialAugmentWide (one random op of random strength per image)."""
+    return [
+        *flip_crop(pre, crop_scale),
+        v2.TrivialAugmentWide(interpolation=InterpolationMode.BILINEAR),
+    ]
+
+
+@register_augment("randaugment")
+def randaugment(pre: Preprocess, crop_scale: CropScale) -> list:
+    """flip_crop, then RandAugment (two random ops of fixed strength per image)."""
+    return [*flip_crop(pre, crop_scale), v2.RandAugment(interpolation=InterpolationMode.BILINEAR)]
+
+
+def eval_transform(pre: Preprocess) -> v2.Compose:
+    """Resize the shorter side to `resize_size`, centre-crop `input_size` (uint8 stays uint8)."""
+    return v2.Compose(none(pre, (1.0, 1.0)))
+
+
+def train_transform(
+    pre: Preprocess, augment: str = "flip_crop", crop_scale: Sequence[float] = (0.08, 1.0)
+) -> v2.Compose:
+    """The preset's ops for a training image (the eval transform for `none`)."""
+    low, high = (float(v) for v in crop_scale)
+    return v2.Compose(get_augment(augment).ops(pre, (low, high)))
+
+
+def normalize_batch(x: torch.Tensor, pre: Preprocess) -> torch.Tensor:
+    """A uint8 batch (N, 3, H, W) to normalised float32, on the batch's device."""
+    mean = torch.tensor(pre.mean, device=x.device).view(1, -1, 1, 1) * 255.0
+    scale = 1.0 / (torch.tensor(pre.std, device=x.device).view(1, -1, 1, 1) * 255.0)
+    return x.float().sub_(mean).mul_(scale)
+
+
+def denormalize_batch(x: torch.Tensor, pre: Preprocess) -> torch.Tensor:
+    """Inverse of `normalize_batch`, as floats in [0, 1] (for overlays and thumbnails)."""
+    mean = torch.tensor(pre.mean, device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(pre.std, device=x.device).view(1, -1, 1, 1)
+    return (x * std + mean).clamp(0, 1)

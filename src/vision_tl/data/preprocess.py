@@ -1,0 +1,124 @@
+"""How pixels must look for a set of weights, resolved once and carried to every consumer.
+
+The backbone's pretrained config (torchvision weights metadata, timm's pretrained config)
+gives the base; the user's `data.*` overrides are applied once, by `resolve`. The result
+drives training, the feature cache, the checkpoint, eval, predict, explain and export.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Names of the user overrides (the `data.*` config keys) that `resolve` applies.
+OVERRIDES = ("image_size", "resize_size", "interpolation", "mean", "std", "background", "draft")
+
+
+def resize_for(input_size: int, crop_pct: float) -> int:
+    """Shorter side before the centre crop, as timm computes it: floor(size / crop_pct).
+
+    The tiny epsilon keeps exact ratios exact (224 / (224 / 256) is 256, not 255).
+    """
+    return math.floor(input_size / crop_pct + 1e-6)
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """What an image goes through before the network, as its weights were trained.
+
+    Decode (RGB, EXIF orientation, alpha composited on `background`; with `draft`, large
+    JPEGs decode at a reduced scale that still covers `resize_size`), resize the shorter
+    side to `resize_size` (`interpolation`, antialiased), centre-crop `input_size`
+    (random crops when training), scale to [0, 1], subtract `mean`, divide by `std`.
+    """
+
+    input_size: int = 224
+    resize_size: int = 256
+    interpolation: str = "bilinear"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    background: tuple[int, int, int] = (255, 255, 255)
+    draft: bool = True
+
+    @property
+    def crop_pct(self) -> float:
+        return self.input_size / self.resize_size
+
+    @property
+    def decode_min_side(self) -> int | None:
+        """Large JPEGs may decode at reduced size, never below the resize target."""
+        return self.resize_size if self.draft else None
+
+    def resolve(self, overrides: Mapping[str, Any] | None = None) -> Preprocess:
+        """Apply the user's overrides (None values keep the weights' own setting).
+
+        A new `image_size` without `resize_size` keeps the weights' crop ratio.
+        """
+        given = {k: v for k, v in (overrides or {}).items() if v is not None}
+        unknown = set(given) - set(OVERRIDES)
+        if unknown:
+            raise KeyError(f"unknown preprocessing overrides {sorted(unknown)}")
+        changes: dict[str, Any] = {}
+        if "image_size" in given:
+            changes["input_size"] = int(given["image_size"])
+            changes["resize_size"] = resize_for(changes["input_size"], self.crop_pct)
+        if "resize_size" in given:
+            changes["resize_size"] = int(given["resize_size"])
+        if "interpolation" in given:
+            changes["interpolation"] = str(given["interpolation"]).lower()
+        for key in ("mean", "std"):
+            if key in given:
+                changes[key] = tuple(float(v) for v in given[key])
+        if "background" in given:
+            changes["background"] = tuple(int(v) for v in given["background"])
+        if "draft" in given:
+            changes["draft"] = bool(given["draft"])
+        return replace(self, **changes)
+
+    def differences(self, other: Preprocess) -> list[str]:
+        """Human-readable list of fields that differ, e.g. `resize_size 232 != 256`."""
+        out = []
+        for f in fields(self):
+            a, b = getattr(self, f.name), getattr(other, f.name)
+            if a != b:
+                out.append(f"{f.name} {a} != {b}")
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        for key in ("mean", "std", "background"):
+            data[key] = list(data[key])
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Preprocess:
+        """Read `to_dict` output; fields missing from older files take their defaults."""
+        known = {f.name for f in fields(cls)}
+        values: dict[str, Any] = {k: v for k, v in data.items() if k in known}
+        for key in ("mean", "std", "background"):
+            if key in values:
+                values[key] = tuple(values[key])
+        for key in ("input_size", "resize_size"):
+            values[key] = int(values[key])
+        return cls(**values)
+
+
+def timm_preprocess(data_config: Mapping[str, Any]) -> Preprocess:
+    """The `Preprocess` of timm's resolved data config (`timm.data.resolve_data_config`)."""
+    size = int(data_config["input_size"][-1])
+    return Preprocess(
+        input_size=size,
+        resize_size=resize_for(size, float(data_config["crop_pct"])),
+        interpolation=str(data_config["interpolation"]),
+        mean=_triple(data_config["mean"]),
+        std=_triple(data_config["std"]),
+    )
+
+
+def _triple(values: Sequence[float]) -> tuple[float, float, float]:
+    a, b, c = (float(v) for v in values)
+    return a, b, c

@@ -1,0 +1,52 @@
+"""`run_predict(cfg)`: predictions for unlabelled images (worker of `vision_tl.predict`)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pandas as pd
+from omegaconf import DictConfig
+
+from vision_tl.inference.checkpoint import load_checkpoint
+from vision_tl.inference.predictor import (
+    collect_inputs,
+    predictions_frame,
+    predictor_from_config,
+    write_unreadable,
+)
+
+log = logging.getLogger(__name__)
+
+
+def run_predict(cfg: DictConfig) -> pd.DataFrame:
+    """Write `predictions.csv` (and `submission.csv`, `unreadable.csv`) into the run dir."""
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    loaded = load_checkpoint(cfg.get("ckpt_path"))
+    inputs = collect_inputs(cfg.get("input"))
+    log.info("Predicting %d image(s) from %s with %s", len(inputs.files), cfg.input, loaded.path)
+    result = predictor_from_config(loaded, cfg).predict(inputs.files)
+    frame = predictions_frame(
+        [inputs.names[i] for i in result.indices],
+        result.probs,
+        loaded.class_names,
+        top_k=cfg.get("top_k", 3),
+        reject_threshold=cfg.get("reject_threshold"),
+        unknown_label=cfg.get("unknown_label", "unknown"),
+    )
+    frame.to_csv(out / "predictions.csv", index=False, float_format="%.6g")
+    if cfg.get("submission"):
+        ids = [inputs.ids[i] for i in result.indices]
+        if len(set(ids)) < len(ids):
+            log.warning("submission.csv has duplicate ids (same file stem in several folders)")
+        submission = pd.DataFrame({"id": ids, "label": frame["label"]})
+        submission.to_csv(out / "submission.csv", index=False)
+    write_unreadable(out / "unreadable.csv", inputs.names, result.unreadable)
+    log.info(
+        "%d prediction(s) in %s (%.1f images/s)",
+        len(frame),
+        out / "predictions.csv",
+        result.images_per_second,
+    )
+    return frame

@@ -1,0 +1,298 @@
+"""One table of every job in a sweep, and its plots: the worker of `python -m vision_tl.report`.
+
+Reads only files in the sweep dir (`job_status.json`, `metrics.json`, `history.csv`,
+`.hydra/overrides.yaml`), so it works while the sweep is still running and on a sweep
+dir copied from a cluster. Writes `summary.csv`, `summary.md`, `heatmap.png`,
+`curves.png`, and `hparams/` for TensorBoard's HPARAMS tab.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import socket
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from vision_tl.core.io import read_json
+from vision_tl.sweeps.status import STATUS_FILE, read_status
+
+log = logging.getLogger(__name__)
+
+METRIC_COLUMNS = (
+    "best_val_acc",
+    "final_val_acc",
+    "val_loss",
+    "final_train_acc",
+    "train_val_gap",
+    "best_epoch",
+    "epochs",
+    "train_time_s",
+    "train_images_per_s",
+    "peak_rss_mb",
+    "peak_gpu_mem_mb",
+)
+LR_KEY = "optimizer.lr"
+BATCH_KEY = "data.batch_size"
+
+
+def find_jobs(sweep_dir: Path) -> list[Path]:
+    """Job folders under `sweep_dir`: those holding a status, metrics or Hydra overrides file."""
+    markers = (STATUS_FILE, "metrics.json", ".hydra/overrides.yaml")
+    found: set[Path] = set()
+    for marker in markers:
+        for path in sweep_dir.glob(f"**/{marker}"):
+            job = path.parent.parent if marker.startswith(".hydra") else path.parent
+            if job != sweep_dir and not any(p.startswith(".") for p in job.parts[-1:]):
+                found.add(job)
+    return sorted(found)
+
+
+def _read_history(job_dir: Path) -> pd.DataFrame:
+    try:
+        return pd.read_csv(job_dir / "history.csv")
+    except (OSError, ValueError, pd.errors.EmptyDataError):
+        return pd.DataFrame()
+
+
+def _overrides(job_dir: Path, status: dict[str, Any]) -> list[str]:
+    if status.get("overrides") is not None:
+        return list(status["overrides"])
+    try:
+        return list(yaml.safe_load((job_dir / ".hydra" / "overrides.yaml").read_text()) or [])
+    except (OSError, yaml.YAMLError):
+        return []
+
+
+def _parse_override(override: str) -> tuple[str, str]:
+    key, _, value = override.partition("=")
+    return key.lstrip("+~"), value
+
+
+def _alive(status: dict[str, Any]) -> bool:
+    """Whether a job marked running still runs (only knowable on the machine that ran it)."""
+    if status.get("host") != socket.gethostname() or not status.get("pid"):
+        return True
+    try:
+        os.kill(int(status["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError):
+        return True
+    return True
+
+
+def job_row(job_dir: Path, sweep_dir: Path) -> dict[str, Any]:
+    """One summary row: overrides, status and the metrics known so far."""
+    status = read_status(job_dir) or {}
+    metrics = read_json(job_dir / "metrics.json") or {}
+    history = _read_history(job_dir)
+    state = status.get("status") or ("done" if metrics else "unknown")
+    if state == "running" and not _alive(status):
+        state = "interrupted"
+    overrides = _overrides(job_dir, status)
+    row: dict[str, Any] = {
+        "job": str(job_dir.relative_to(sweep_dir)),
+        "status": state,
+        "overrides": " ".join(overrides),
+    }
+    row.update(dict(_parse_override(o) for o in overrides))
+    if not history.empty:
+        last = history.iloc[-1]
+        best = history["val_acc"].idxmax() if history["val_acc"].notna().any() else None
+        row.update(
+            best_val_acc=history["val_acc"].max(),
+            best_epoch=int(history.loc[best, "epoch"]) if best is not None else None,
+            final_val_acc=last["val_acc"],
+            val_loss=last["val_loss"],
+            final_train_acc=last["train_acc"],
+            train_val_gap=last["train_acc"] - last["val_acc"],
+            epochs=int(last["epoch"]) + 1,
+        )
+    row.update({k: metrics[k] for k in METRIC_COLUMNS if metrics.get(k) is not None})
+    row["error"] = status.get("error") or ""
+    return row
+
+
+def swept_keys(sweep_dir: Path) -> list[str]:
+    """Keys the sweep varies, from Hydra's `multirun.yaml` (sweeper params and a,b,c values)."""
+    try:
+        hydra_cfg = yaml.safe_load((sweep_dir / "multirun.yaml").read_text())["hydra"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return []
+    keys = list((hydra_cfg.get("sweeper") or {}).get("params") or {})
+    sweep_syntax = ("choice(", "range(", "interval(", "glob(", "tag(")
+    for override in (hydra_cfg.get("overrides") or {}).get("task") or []:
+        key, value = _parse_override(str(override))
+        if "," in value.strip("[]{}") or value.startswith(sweep_syntax):
+            keys.append(key)
+    return list(dict.fromkeys(keys))
+
+
+def _numeric(column: pd.Series) -> pd.Series:
+    converted = pd.to_numeric(column, errors="coerce")
+    return converted if converted.notna().sum() == column.notna().sum() else column
+
+
+def summarize(sweep_dir: Path, metric: str = "best_val_acc") -> tuple[pd.DataFrame, list[str]]:
+    """The summary table sorted by `metric` (best first), and the override keys that vary."""
+    rows = [job_row(job, sweep_dir) for job in find_jobs(sweep_dir)]
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return frame, []
+    fixed = ["job", "status", "overrides", *METRIC_COLUMNS, "error"]
+    keys = [c for c in frame.columns if c not in fixed]
+    swept = set(swept_keys(sweep_dir))
+    varying = [k for k in keys if k in swept or frame[k].astype(str).nunique(dropna=False) > 1]
+    for key in varying:
+        frame[key] = _numeric(frame[key])
+    for column in METRIC_COLUMNS:
+        if column not in frame:
+            frame[column] = math.nan
+        frame[column] = pd.to_numeric(frame[column], errors="coerce")
+    frame = frame[["job", "status", *varying, *METRIC_COLUMNS, "overrides", "error"]]
+    sort_key = metric if metric in frame else "best_val_acc"
+    frame = frame.sort_values(sort_key, ascending=False, na_position="last", kind="stable")
+    return frame.reset_index(drop=True), varying
+
+
+def to_markdown(frame: pd.DataFrame) -> str:
+    """A GitHub-flavoured markdown table (no extra dependency)."""
+
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return "" if math.isnan(value) else f"{value:.4g}"
+        return str(value).replace("|", "\\|")
+
+    lines = [
+        "| " + " | ".join(frame.columns) + " |",
+        "|" + "---|" * len(frame.columns),
+    ]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(False)]
+    return "\n".join(lines) + "\n"
+
+
+def _tick(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def plot_heatmap(frame: pd.DataFrame, varying: list[str], metric: str, path: Path) -> bool:
+    """Metric over learning rate x batch size (one panel per value of the other axes)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if LR_KEY in varying and BATCH_KEY in varying:
+        x_key, y_key = LR_KEY, BATCH_KEY
+    elif len(varying) == 2:
+        x_key, y_key = varying
+    else:
+        return False
+    data = frame[frame[metric].notna()]
+    if data.empty:
+        return False
+    others = [k for k in varying if k not in (x_key, y_key)]
+    groups = list(data.groupby(others, dropna=False)) if others else [("", data)]
+    groups = groups[:6]
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups), 4), squeeze=False)
+    for ax, (name, group) in zip(axes[0], groups, strict=False):
+        table = group.pivot_table(index=y_key, columns=x_key, values=metric, aggfunc="max")
+        image = ax.imshow(table.to_numpy(dtype=float), cmap="viridis", aspect="auto")
+        ax.set_xticks(range(len(table.columns)), [_tick(v) for v in table.columns])
+        ax.set_yticks(range(len(table.index)), [_tick(v) for v in table.index])
+        ax.set_xlabel(x_key)
+        ax.set_ylabel(y_key)
+        for (i, j), value in pd.DataFrame(table.to_numpy()).stack().items():
+            ax.text(j, i, f"{value:.3f}", ha="center", va="center", bbox={"fc": "white"})
+        label = name if isinstance(name, str) else ", ".join(map(str, name))
+        ax.set_title(f"{metric} {label}".strip())
+        fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def plot_curves(sweep_dir: Path, frame: pd.DataFrame, varying: list[str], path: Path) -> bool:
+    """Train and validation accuracy and loss per epoch, one panel per job (best first)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    jobs = [(row, _read_history(sweep_dir / row["job"])) for row in frame.to_dict("records")]
+    jobs = [(row, h) for row, h in jobs if not h.empty][:24]
+    if not jobs:
+        return False
+    cols = min(4, len(jobs))
+    rows = math.ceil(len(jobs) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
+    for ax in axes.flat[len(jobs) :]:
+        ax.axis("off")
+    for ax, (row, history) in zip(axes.flat, jobs, strict=False):
+        ax.plot(history["epoch"], history["train_acc"], label="train acc", color="C0")
+        ax.plot(history["epoch"], history["val_acc"], label="val acc", color="C1")
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        loss_ax = ax.twinx()
+        loss_ax.plot(history["epoch"], history["train_loss"], "--", color="C0", label="train loss")
+        loss_ax.plot(history["epoch"], history["val_loss"], "--", color="C1", label="val loss")
+        title = " ".join(f"{k.split('.')[-1]}={row[k]}" for k in varying)
+        ax.set_title(title or row["job"], fontsize=8)
+    handles = [*axes.flat[0].get_lines(), *fig.axes[-1].get_lines()]
+    fig.legend(handles, [h.get_label() for h in handles], loc="upper center", ncol=4)
+    fig.tight_layout(rect=(0, 0, 1, 0.94))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def write_hparams(sweep_dir: Path, frame: pd.DataFrame, varying: list[str]) -> Path:
+    """Fill TensorBoard's HPARAMS tab: one session per job, its overrides against its metrics."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    out = sweep_dir / "hparams"
+    shutil.rmtree(out, ignore_errors=True)
+    writer = SummaryWriter(log_dir=str(out))
+    for row in frame.to_dict("records"):
+        hparams = {k: _hparam_value(row.get(k)) for k in varying}
+        hparams["status"] = row["status"]
+        metrics = {
+            f"hparams/{k}": float(row[k])
+            for k in ("best_val_acc", "final_val_acc", "val_loss", "train_val_gap")
+            if row.get(k) is not None and not math.isnan(float(row[k]))
+        }
+        writer.add_hparams(hparams, metrics, run_name=row["job"])
+    writer.close()
+    return out
+
+
+def _hparam_value(value: Any) -> Any:
+    if isinstance(value, bool | int | float | str):
+        return value
+    return str(value)
+
+
+def write_report(sweep_dir: Path, metric: str | None = None, plots: bool = True) -> pd.DataFrame:
+    """Write summary.csv, summary.md and the plots into `sweep_dir`; return the table."""
+    sweep_dir = Path(sweep_dir)
+    metric = metric or "best_val_acc"
+    frame, varying = summarize(sweep_dir, metric)
+    if frame.empty:
+        return frame
+    frame.to_csv(sweep_dir / "summary.csv", index=False)
+    header = f"# Sweep {sweep_dir.name}: {len(frame)} jobs, sorted by {metric}\n\n"
+    (sweep_dir / "summary.md").write_text(header + to_markdown(frame.drop(columns=["overrides"])))
+    if plots:
+        plot_heatmap(frame, varying, metric, sweep_dir / "heatmap.png")
+        plot_curves(sweep_dir, frame, varying, sweep_dir / "curves.png")
+        write_hparams(sweep_dir, frame, varying)
+    return frame

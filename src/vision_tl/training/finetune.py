@@ -1,0 +1,169 @@
+"""Fine-tune policies (a registry): which parts of a classifier train, and when.
+
+Adding a policy is one decorated class below plus `conf/finetune/<name>.yaml`
+(`mode: <name>` and its options). The task asks its policy to set the trainable parts at
+the start, at each epoch start (`on_train_epoch_start`: newly trainable parameters) and
+after a resume; the feature cache asks it whether the backbone stays frozen throughout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+from torch import nn
+
+from vision_tl.core.errors import ConfigError
+from vision_tl.core.registry import Registry
+from vision_tl.models.classifier import Classifier
+
+
+def freeze(module: nn.Module) -> None:
+    """Stop gradients and keep every submodule in eval mode (BatchNorm stats, Dropout)."""
+    for p in module.parameters():
+        p.requires_grad_(False)
+    for m in module.modules():
+        m.frozen = True
+    module.eval()
+
+
+def unfreeze(module: nn.Module) -> None:
+    for m in module.modules():
+        m.frozen = False
+    for p in module.parameters():
+        p.requires_grad_(True)
+
+
+@dataclass(frozen=True)
+class FinetunePolicy:
+    """Base policy: everything trains. Backbone parameters train at `backbone_lr_mult`
+    times the head's learning rate."""
+
+    name: ClassVar[str] = ""
+    backbone_lr_mult: float = 1.0
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, int | float) and value < 0:
+                raise ConfigError(f"finetune.{f.name}={value}: must be >= 0")
+
+    def setup(self, model: Classifier) -> None:
+        """Set the trainable parts for the start of training."""
+        for backbone in model.backbones():
+            unfreeze(backbone)
+        model.train(model.training)
+
+    def on_train_epoch_start(self, model: Classifier, epoch: int) -> list[nn.Parameter]:
+        """Change the trainable parts at `epoch`; return parameters that became trainable."""
+        return []
+
+    def resume(self, model: Classifier, epoch: int) -> None:
+        """Restore the trainable parts of a run resumed after `epoch` epochs."""
+
+    def cache_bypass_reason(self) -> str | None:
+        """Why backbone features cannot be cached (the backbone trains), or None."""
+        return f"finetune={self.name} trains the backbone"
+
+
+FinetuneClass = Callable[..., FinetunePolicy]
+FINETUNE: Registry[FinetuneClass] = Registry("finetune mode")
+
+
+def register_finetune(name: str) -> Callable[[type[FinetunePolicy]], type[FinetunePolicy]]:
+    def decorator(cls: type[FinetunePolicy]) -> type[FinetunePolicy]:
+        cls.name = name
+        FINETUNE.add(name, cls)
+        return cls
+
+    return decorator
+
+
+@register_finetune("full")
+@dataclass(frozen=True)
+class Full(FinetunePolicy):
+    """Train everything."""
+
+
+@register_finetune("linear_probe")
+@dataclass(frozen=True)
+class LinearProbe(FinetunePolicy):
+    """Frozen backbone (BatchNorm in eval mode); only the head trains."""
+
+    def setup(self, model: Classifier) -> None:
+        for backbone in model.backbones():
+            freeze(backbone)
+        model.train(model.training)
+
+    def cache_bypass_reason(self) -> str | None:
+        return None
+
+
+@register_finetune("partial")
+@dataclass(frozen=True)
+class Partial(FinetunePolicy):
+    """Train the last `trainable_stages` stages of each backbone (its declared stages,
+    which partition its parameters) and the head."""
+
+    trainable_stages: int = 1
+
+    def setup(self, model: Classifier) -> None:
+        for backbone in model.backbones():
+            unfreeze(backbone)
+            stages = backbone.stages
+            if self.trainable_stages > len(stages):
+                raise ConfigError(
+                    f"finetune.trainable_stages={self.trainable_stages}: {backbone.name} has "
+                    f"{len(stages)} stages ({', '.join(s.name for s in stages)})"
+                )
+            for stage in stages[: len(stages) - self.trainable_stages]:
+                freeze(stage)
+        model.train(model.training)
+
+    def cache_bypass_reason(self) -> str | None:
+        return (
+            "finetune=partial trains the last backbone stages; caching the frozen prefix "
+            "is not supported, so every epoch decodes images and runs the whole backbone"
+        )
+
+
+@register_finetune("gradual")
+@dataclass(frozen=True)
+class Gradual(FinetunePolicy):
+    """A linear probe until `unfreeze_epoch`, then the whole backbone at
+    `backbone_lr_mult` times the head's LR."""
+
+    unfreeze_epoch: int = 1
+    backbone_lr_mult: float = 0.1
+
+    def setup(self, model: Classifier) -> None:
+        LinearProbe.setup(self, model)  # type: ignore[arg-type]
+
+    def on_train_epoch_start(self, model: Classifier, epoch: int) -> list[nn.Parameter]:
+        if epoch != self.unfreeze_epoch:
+            return []
+        before = {id(p) for p in model.parameters() if p.requires_grad}
+        Full.setup(self, model)  # type: ignore[arg-type]
+        return [p for p in model.parameters() if p.requires_grad and id(p) not in before]
+
+    def resume(self, model: Classifier, epoch: int) -> None:
+        if epoch >= self.unfreeze_epoch:  # the checkpoint's optimizer holds the backbone group
+            Full.setup(self, model)  # type: ignore[arg-type]
+
+    def cache_bypass_reason(self) -> str | None:
+        return "finetune=gradual unfreezes the backbone during training"
+
+
+def build_finetune(spec: Mapping[str, Any] | None) -> FinetunePolicy:
+    """The policy for a `finetune` config (`mode` plus the policy's options)."""
+    options = dict(spec or {})
+    cls = FINETUNE.get(str(options.pop("mode", "full")))
+    known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ConfigError(
+            f"finetune={cls.name} has no option {', '.join(unknown)}; "
+            f"it takes {', '.join(sorted(known))}"
+        )
+    return cls(**options)

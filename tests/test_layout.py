@@ -1,0 +1,125 @@
+"""The layout holds: every config composes and builds, configs mirror registries, no cycles."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, SHARED
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from vision_tl.core.config import config_dir
+from vision_tl.data import DATASETS, ImageFolderDataModule
+from vision_tl.models import HEADS, build_model
+from vision_tl.training.finetune import FINETUNE, build_finetune
+from vision_tl.training.task import ClassificationTask
+
+CONF = config_dir()
+ENTRY_POINTS = {"train", "eval", "predict", "explain", "export", "report"}
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def _compose(overrides: list[str]):
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        return compose("train", overrides=overrides, return_hydra_config=True)
+
+
+GROUPS = (
+    *("data", "model", "model/head", "finetune", "optimizer", "scheduler", "trainer"),
+    *("callbacks", "logger", "paths", "experiment", "hparams_search"),
+)
+GROUP_OPTIONS = [(group, name) for group in GROUPS for name in _options(group)]
+
+
+@pytest.mark.parametrize(("group", "name"), GROUP_OPTIONS, ids=lambda v: str(v))
+def test_every_config_option_composes_and_builds(group: str, name: str, tmp_path: Path) -> None:
+    """`<group>=<name>` composes with the rest of `train`, and what it configures builds."""
+    cfg = _compose([f"{group}={name}", "data.root=/data", f"paths.output_dir={tmp_path}"])
+    if group in ("data", "experiment"):
+        dm = instantiate(cfg.data)
+        assert isinstance(dm, ImageFolderDataModule)
+    if group in ("model", "model/head", "finetune", "experiment"):
+        spec = OmegaConf.to_container(cfg.model, resolve=True)
+        finetune = OmegaConf.to_container(cfg.finetune, resolve=True)
+        task = ClassificationTask({**spec, "pretrained": False}, ["a", "b"], finetune=finetune)
+        assert task(torch.randn(1, 3, 64, 64)).shape == (1, 2)
+    if group in ("optimizer", "scheduler", "experiment"):
+        params = [torch.nn.Parameter(torch.zeros(2))]
+        optimizer = instantiate(cfg.optimizer)(params=params)
+        if cfg.get("scheduler"):
+            scheduled = instantiate(cfg.scheduler)(optimizer, total_steps=10, steps_per_epoch=5)
+            assert "scheduler" in scheduled
+    if group == "trainer":
+        trainer = instantiate(cfg.trainer, accelerator="cpu", devices=1, logger=False)
+        assert trainer.max_epochs == cfg.trainer.max_epochs
+    if group in ("callbacks", "logger"):
+        for node in (cfg.get(group) or {}).values():
+            if node is not None:
+                assert instantiate(node) is not None
+    if group == "hparams_search":
+        assert cfg.hydra.mode.name == "MULTIRUN" and cfg.hydra.sweeper.params
+
+
+def test_config_groups_mirror_the_registries() -> None:
+    """A fine-tune policy or head without its config file (or the reverse) is caught here."""
+    finetune_files = {
+        n: OmegaConf.load(CONF / "finetune" / f"{n}.yaml") for n in _options("finetune")
+    }
+    assert {n: c.mode for n, c in finetune_files.items()} == {n: n for n in FINETUNE.names()}
+    head_files = {
+        n: OmegaConf.load(CONF / "model" / "head" / f"{n}.yaml") for n in _options("model/head")
+    }
+    assert {n: c.name for n, c in head_files.items()} == {n: n for n in HEADS.names()}
+
+
+@pytest.mark.parametrize("mode", FINETUNE.names())
+def test_every_finetune_policy_sets_a_trainable_head(mode: str) -> None:
+    """Each registered policy builds from its config file and leaves the head trainable."""
+    spec = OmegaConf.to_container(OmegaConf.load(CONF / "finetune" / f"{mode}.yaml"))
+    policy = build_finetune(spec)
+    model = build_model({"backbone": {"name": "resnet18"}}, 2, pretrained=False)
+    policy.setup(model)
+    assert all(p.requires_grad for p in model.head_parameters())
+    backbone_trains = False
+    for epoch in range(6):  # the feature cache may be used only if it never trains
+        policy.on_train_epoch_start(model, epoch)
+        backbone_trains |= any(p.requires_grad for p in model.backbone_parameters())
+    assert backbone_trains == (policy.cache_bypass_reason() is not None)
+
+
+@pytest.mark.parametrize("name", DATASETS.names())
+def test_every_builtin_dataset_generates_a_trainable_folder(name: str, tmp_path: Path) -> None:
+    dm = ImageFolderDataModule(builtin=name, cache=str(tmp_path), num_workers=0)
+    dm.setup()
+    assert len(dm.class_names) >= 2 and dm.split.samples["train"] and dm.split.samples["val"]
+    assert dm.preprocess_overrides["image_size"] == DATASETS.get(name).image_size
+
+
+def test_top_level_holds_only_thin_entry_points() -> None:
+    package = REPO / "src" / "vision_tl"
+    modules = {p.stem for p in package.glob("*.py")} - {"__init__"}
+    assert modules == ENTRY_POINTS
+    for name in ENTRY_POINTS:
+        lines = (package / f"{name}.py").read_text().splitlines()
+        assert len(lines) <= 45, f"{name}.py should only compose config and call its worker"
+
+
+@pytest.mark.skipif(not (SHARED / "tools" / "import_cycles.py").is_file(), reason="no ../shared")
+def test_no_import_cycles() -> None:
+    tool = SHARED / "tools" / "import_cycles.py"
+    out = subprocess.run(
+        [sys.executable, str(tool), str(REPO / "src" / "vision_tl")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert out.strip().splitlines()[-1].startswith("cycles=0 "), out
+
