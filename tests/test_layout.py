@@ -123,3 +123,13 @@ def test_no_import_cycles() -> None:
     ).stdout
     assert out.strip().splitlines()[-1].startswith("cycles=0 "), out
 
+
+@pytest.mark.parametrize(
+    ("data", "pretrained"),
+    [([], False), (["data.root=/d"], True), (["data.manifest=/d/labels.csv"], True)],
+    ids=["builtin", "folder", "manifest-without-root"],
+)
+def test_pretrained_weights_default_on_for_the_users_own_data(data, pretrained) -> None:
+    """A manifest without data.root is the user's data too: never random weights by default."""
+    for model in ("classifier", "ensemble"):
+        assert _compose([f"model={model}", *data]).model.pretrained is pretrained

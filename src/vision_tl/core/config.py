@@ -31,8 +31,10 @@ def cache_dir() -> Path:
 def register_resolvers() -> None:
     """Register `${vtl.*:...}` resolvers once; configs need them before they resolve."""
     if not OmegaConf.has_resolver("vtl.is_set"):
-        # Pretrained weights default to on for the user's own data and off for the
-        # built-in smoke-test set, which must run offline.
-        OmegaConf.register_new_resolver("vtl.is_set", lambda value: value is not None)
+        # Pretrained weights default to on for the user's own data (a folder or a
+        # manifest) and off for the built-in smoke-test set, which must run offline.
+        OmegaConf.register_new_resolver(
+            "vtl.is_set", lambda *values: any(v is not None for v in values)
+        )
     if not OmegaConf.has_resolver("vtl.cache_dir"):
         OmegaConf.register_new_resolver("vtl.cache_dir", lambda: str(cache_dir()))
