@@ -1,4 +1,4 @@
-"""A dataset over (path, label) pairs, decoded by `decode`, that survives files breaking mid-run."""
+"""A dataset over (path, label) pairs, decoded by `Preprocess.read`, that survives broken files."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, default_collate
 
-from vision_tl.data.decode import decode, error_line
+from vision_tl.data.decode import error_line
 from vision_tl.data.preprocess import Preprocess
 
 
@@ -41,8 +41,7 @@ class ImageListDataset(Dataset):
     def load(self, index: int) -> torch.Tensor:
         """The decoded, transformed image `index`; raises if the file cannot be read."""
         path = self.samples[index][0]
-        pre = self.preprocess
-        image = decode(self.sources.get(path, path), pre.background, pre.decode_min_side)
+        image = self.preprocess.read(self.sources.get(path, path))
         return self.transform(image) if self.transform else image
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | None:

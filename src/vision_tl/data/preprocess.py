@@ -10,7 +10,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
 from typing import Any
+
+import torch
+
+from vision_tl.data.decode import decode
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -52,6 +57,10 @@ class Preprocess:
     def decode_min_side(self) -> int | None:
         """Large JPEGs may decode at reduced size, never below the resize target."""
         return self.resize_size if self.draft else None
+
+    def read(self, path: str | Path) -> torch.Tensor:
+        """Decode `path` the way these weights need it: the one decode step of every consumer."""
+        return decode(path, self.background, self.decode_min_side)
 
     def resolve(self, overrides: Mapping[str, Any] | None = None) -> Preprocess:
         """Apply the user's overrides (None values keep the weights' own setting).

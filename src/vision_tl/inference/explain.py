@@ -22,7 +22,7 @@ from torch import nn
 from vision_tl.core.errors import ConfigError
 from vision_tl.core.runtime import resolve_device
 from vision_tl.data.augment import denormalize_batch, eval_transform, normalize_batch
-from vision_tl.data.decode import decode, error_line
+from vision_tl.data.decode import error_line
 from vision_tl.inference.checkpoint import LoadedModel, load_checkpoint
 from vision_tl.inference.predictor import collect_inputs, write_unreadable
 from vision_tl.models.backbones import Backbone
@@ -150,18 +150,17 @@ class _BatchExplainer:
     ) -> list[Explanation]:
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-        pre = self.preprocess
         tensors, indices = [], []
         for i in batch:
             try:
-                image = decode(files[i], pre.background, pre.decode_min_side)
+                image = self.preprocess.read(files[i])
                 tensors.append(self.transform(image))
                 indices.append(i)
             except Exception as err:  # listed, never fatal, as in predict
                 unreadable.append((i, error_line(err)))
         if not tensors:
             return []
-        x = normalize_batch(torch.stack(tensors).to(self.device), pre)
+        x = normalize_batch(torch.stack(tensors).to(self.device), self.preprocess)
         with torch.no_grad():
             conf, pred = self.model(x).float().softmax(dim=1).max(dim=1)
         targets = [self.target if self.target is not None else p for p in pred.tolist()]
@@ -171,7 +170,7 @@ class _BatchExplainer:
         heatmaps = {
             name: cam(input_tensor=x_grad, targets=outputs) for name, cam in self.cams.items()
         }
-        rgb = denormalize_batch(x.detach(), pre).cpu().permute(0, 2, 3, 1).numpy()
+        rgb = denormalize_batch(x.detach(), self.preprocess).cpu().permute(0, 2, 3, 1).numpy()
         return [
             Explanation(
                 index,

@@ -20,7 +20,7 @@ from torchvision.transforms import v2
 from vision_tl.core.errors import ConfigError
 from vision_tl.core.runtime import available_cpus, resolve_device
 from vision_tl.data.augment import eval_transform, normalize_batch, resize_op
-from vision_tl.data.decode import IMAGE_EXTENSIONS, decode, error_line, is_image_file
+from vision_tl.data.decode import IMAGE_EXTENSIONS, error_line, is_image_file
 from vision_tl.data.preprocess import Preprocess
 from vision_tl.inference.checkpoint import LoadedModel
 
@@ -116,9 +116,8 @@ class ImageFiles(Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int, str | None]:
-        pre = self.preprocess
         try:
-            image = decode(self.files[index], pre.background, pre.decode_min_side)
+            image = self.preprocess.read(self.files[index])
             views = self.transform(image)
         except Exception as err:  # any decode failure is reported per file, never fatal
             return None, index, error_line(err)
@@ -231,18 +230,19 @@ class Predictor:
         return Predictions(probs, indices, unreadable, seconds)
 
 
-def predictor_from_config(loaded: LoadedModel, cfg: DictConfig, **overrides: Any) -> Predictor:
+def predictor_from_config(loaded: LoadedModel, cfg: DictConfig) -> Predictor:
     """The predictor described by an entry config (`device`, `batch_size`, `tta`, ...)."""
     tta = cfg.get("tta") or {}
-    options: dict[str, Any] = {
-        "device": cfg.get("device", "auto"),
-        "batch_size": int(cfg.batch_size),
-        "num_workers": cfg.get("num_workers"),
-        "hflip": bool(tta.get("hflip", False)),
-        "crops": int(tta.get("crops", 1)),
-        "progress": bool(cfg.get("progress", False)),
-    }
-    return Predictor(loaded.model, loaded.preprocess, **{**options, **overrides})
+    return Predictor(
+        loaded.model,
+        loaded.preprocess,
+        device=cfg.get("device", "auto"),
+        batch_size=int(cfg.batch_size),
+        num_workers=cfg.get("num_workers"),
+        hflip=bool(tta.get("hflip", False)),
+        crops=int(tta.get("crops", 1)),
+        progress=bool(cfg.get("progress", False)),
+    )
 
 
 # --------------------------------------------------------------------------- outputs

@@ -228,12 +228,23 @@ class ClassificationTask(L.LightningModule):
             "val_acc_best": float(self.val_acc_best.compute()) if self.best_epoch >= 0 else None,
         }
 
+    def _take_saved_preprocess(self, saved: Preprocess) -> None:
+        """Loading for inference: what the run used travels with its weights. Resuming a fit:
+        the datamodule and the feature cache already hold the resolved object, so it stays."""
+        if self._trainer is None:
+            self.preprocess = saved
+        elif saved != self.preprocess:
+            log.warning(
+                "Resuming with other preprocessing than the checkpoint's: %s",
+                "; ".join(self.preprocess.differences(saved)),
+            )
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Runs before the weights load: older layouts are upgraded in place first."""
         upgrade_checkpoint(checkpoint)
         meta = checkpoint.get("vision_tl", {})
-        if meta.get("preprocess"):  # what the run actually used travels with its weights
-            self.preprocess = Preprocess.from_dict(meta["preprocess"])
+        if meta.get("preprocess"):
+            self._take_saved_preprocess(Preprocess.from_dict(meta["preprocess"]))
         self.best_epoch = meta.get("best_epoch", -1)
         if meta.get("val_acc_best") is not None:
             self.val_acc_best(torch.tensor(meta["val_acc_best"]))
