@@ -13,6 +13,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from vision_tl.core.config import config_dir
+from vision_tl.inference.predict import predict_for_run
 from vision_tl.training.train import run_training
 
 EXPERIMENTS = sorted(p.stem for p in (config_dir() / "experiment").glob("*.yaml"))
@@ -124,7 +125,7 @@ def test_experiment_trains(compose_train, image_folder: Path, tmp_path: Path, na
         ],
         tmp_path,
     )
-    metrics = run_training(cfg)
+    metrics = run_training(cfg, predict=predict_for_run)
     assert metrics["num_classes"] == 3
     assert (tmp_path / "metrics.json").exists()
 
@@ -149,7 +150,7 @@ def test_competition_recipe_writes_predictions_for_the_unlabeled_test_folder(
         ],
         tmp_path / "run",
     )
-    metrics = run_training(cfg)
+    metrics = run_training(cfg, predict=predict_for_run)
     predictions = pd.read_csv(metrics["predictions"])
     assert sorted(Path(p).name for p in predictions["path"]) == sorted(
         p.name for p in unlabeled.iterdir()

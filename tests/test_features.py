@@ -126,7 +126,7 @@ def test_linear_probe_reuses_the_cache_and_a_change_invalidates_it(
     def run(name: str, *extra: str) -> tuple[dict, str]:
         caplog.clear()
         calls.clear()
-        with caplog.at_level(logging.INFO, logger="vision_tl.data.features"):
+        with caplog.at_level(logging.INFO, logger="vision_tl.data.datamodule"):
             metrics = run_training(compose_train([*base, *extra], tmp_path / name))
         verdict = [r.message for r in caplog.records if "the backbone does not run" in r.message]
         return metrics, (verdict[0].split()[2] if verdict else "bypassed")

@@ -18,7 +18,10 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from vision_tl.core.errors import ConfigError
-from vision_tl.data import ImageFolderDataModule, Preprocess, decode, load_rgb, scan_root
+from vision_tl.data import ImageFolderDataModule, Preprocess, load_rgb, scan_root
+from vision_tl.data.augment import resize_op
+from vision_tl.data.decode import decode
+from vision_tl.data.resized import resized_copies
 from vision_tl.data.scan import ImageScanner, read_bad_files
 from vision_tl.training.train import run_training
 
@@ -259,6 +262,22 @@ def test_resize_cache_makes_copies_once(tmp_path: Path) -> None:
     again.set_preprocess(Preprocess(32, 40))
     assert again.sources() == copies
     assert {c: os.stat(c).st_mtime_ns for c in copies.values()} == stamps
+
+
+def test_resize_cache_copy_is_the_shared_decode_and_resize(tmp_path: Path) -> None:
+    """A copy holds what training would compute from the original, up to JPEG quality 95."""
+    yy, xx = np.mgrid[0:120, 0:200]
+    smooth = np.stack([xx * 255 // 199, yy * 255 // 119, (xx + yy) * 255 // 318], -1)
+    photo = tmp_path / "wide.png"
+    Image.fromarray(smooth.astype(np.uint8)).save(photo)
+    pre = Preprocess(32, 40, "bicubic", background=(0, 0, 0))
+    copy = resized_copies([str(photo)], pre, tmp_path / "cache")[str(photo)]
+    expected = resize_op(pre)(pre.read(photo)).float()
+    got = pre.read(copy).float()
+    assert got.shape == expected.shape == (3, 40, 66)
+    assert (got - expected).abs().mean() < 1.5
+    other = Preprocess(32, 40, "nearest", background=(0, 0, 0))
+    assert resized_copies([str(photo)], other, tmp_path / "cache")[str(photo)] != copy
 
 
 def test_batches_are_normalised_after_transfer_like_the_float_pipeline(tmp_path: Path) -> None:

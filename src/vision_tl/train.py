@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import hydra
 from omegaconf import DictConfig
@@ -16,10 +17,11 @@ def main(cfg: DictConfig) -> float | None:
     """Run one training job (`training.train.run_training`), as a resumable, contained job
     inside a sweep (`sweeps.jobs.run_job`); return the metric a sweeper optimises (NaN
     for a failed job)."""
+    from vision_tl.inference.predict import predict_for_run
     from vision_tl.sweeps.jobs import run_job
     from vision_tl.training.train import run_training
 
-    metrics = run_command(run_job, cfg, run_training)
+    metrics = run_command(run_job, cfg, partial(run_training, predict=predict_for_run))
     value = metrics.get(cfg.get("optimized_metric") or "best_val_acc")
     return float(value) if value is not None else math.nan
 

@@ -1,42 +1,44 @@
 """Data: image folders and manifests, file checks, splits, the one decode path, preprocessing,
-augmentation presets, the feature store and the datamodule."""
+augmentation presets, the feature store and the datamodule.
 
-from vision_tl.data.augment import (
-    AUGMENTATIONS,
-    eval_transform,
-    normalize_batch,
-    register_augment,
-    train_transform,
-)
-from vision_tl.data.builtin import DATASETS, BuiltinDataset, builtin_dataset
-from vision_tl.data.datamodule import ImageFolderDataModule
-from vision_tl.data.dataset import ImageListDataset, collate_skipping_none
-from vision_tl.data.decode import decode, load_rgb, to_rgb
-from vision_tl.data.folder import SplitSamples, read_manifest, scan_root, stratified_split
-from vision_tl.data.preprocess import Preprocess
-from vision_tl.data.scan import BadFile, ImageScanner, check_image
+The names below are loaded on first use, so `vision_tl.data.preprocess` (which every model
+imports) does not pull in Lightning and pandas with the datamodule.
+"""
 
-__all__ = [
-    "AUGMENTATIONS",
-    "DATASETS",
-    "BadFile",
-    "BuiltinDataset",
-    "ImageFolderDataModule",
-    "ImageListDataset",
-    "ImageScanner",
-    "Preprocess",
-    "SplitSamples",
-    "builtin_dataset",
-    "check_image",
-    "collate_skipping_none",
-    "decode",
-    "eval_transform",
-    "load_rgb",
-    "normalize_batch",
-    "read_manifest",
-    "register_augment",
-    "scan_root",
-    "stratified_split",
-    "to_rgb",
-    "train_transform",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "AUGMENTATIONS": "augment",
+    "eval_transform": "augment",
+    "normalize_batch": "augment",
+    "register_augment": "augment",
+    "train_transform": "augment",
+    "DATASETS": "builtin",
+    "BuiltinDataset": "builtin",
+    "builtin_dataset": "builtin",
+    "ImageFolderDataModule": "datamodule",
+    "ImageListDataset": "dataset",
+    "collate_skipping_none": "dataset",
+    "load_rgb": "decode",
+    "to_rgb": "decode",
+    "SplitSamples": "folder",
+    "read_manifest": "folder",
+    "scan_root": "folder",
+    "stratified_split": "folder",
+    "Preprocess": "preprocess",
+    "BadFile": "scan",
+    "ImageScanner": "scan",
+    "check_image": "scan",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'vision_tl.data' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"vision_tl.data.{module}"), name)

@@ -7,11 +7,12 @@ import logging
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import lightning as L
 import pandas as pd
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from vision_tl.core.config import cache_dir
@@ -26,15 +27,21 @@ from vision_tl.data.augment import (
 )
 from vision_tl.data.builtin import DATASETS
 from vision_tl.data.dataset import ImageListDataset, collate_skipping_none
+from vision_tl.data.features import (
+    CACHE_VERSION,
+    CachedFeatures,
+    FeatureStore,
+    file_signature,
+    load_or_build,
+    weights_digest,
+)
 from vision_tl.data.features import MODES as FEATURE_CACHE_MODES
 from vision_tl.data.folder import SplitSamples, scan_root
 from vision_tl.data.preprocess import Preprocess
+from vision_tl.data.resized import resized_copies
 from vision_tl.data.samplers import SAMPLERS, ViewSampler, train_sampler
 from vision_tl.data.scan import DEFAULT_MAX_PIXELS, BadFileLog, ImageScanner, write_bad_files
 from vision_tl.data.stats import class_count_table, imbalance, log_class_counts
-
-if TYPE_CHECKING:
-    from vision_tl.data.features import CachedFeatures
 
 log = logging.getLogger(__name__)
 
@@ -235,16 +242,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         if self._sources is None:
             self._sources = {}
             if self.resize_cache:
-                from vision_tl.data.resized import resized_copies
-
                 files = [p for samples in self.split.samples.values() for p, _ in samples]
-                self._sources = resized_copies(
-                    files,
-                    self.preprocess.resize_size,
-                    self.cache_root,
-                    self.preprocess.background,
-                    self.preprocess.interpolation,
-                )
+                self._sources = resized_copies(files, self.preprocess, self.cache_root)
         return self._sources
 
     def feature_cache_blocker(self) -> str | None:
@@ -252,6 +251,63 @@ class ImageFolderDataModule(L.LightningDataModule):
         if self.augment_preset.random and self.feature_views < 1:
             return f"data.augment={self.augment} with data.feature_views=0 augments every epoch"
         return None
+
+    def build_features(self, model: nn.Module, device: torch.device) -> CachedFeatures:
+        """Load or compute the cached features this fit needs from `model.features`.
+
+        Needs the split and the preprocessing set. Whether features may be cached at all
+        is decided elsewhere, once (`vision_tl.training.callbacks.FeatureCache`).
+        """
+        dm = self
+        pre = dm.preprocess
+        base = {
+            "version": CACHE_VERSION,
+            "backbones": [
+                {"name": b.name, "weights": weights_digest(b)} for b in model.backbones()
+            ],
+            "preprocess": pre.to_dict(),
+            "decode": {"resize_cache": bool(dm.resize_cache)},
+        }
+        root = dm.cache_root / "features"
+        batch_size = max(32, dm.batch_size)
+        samples = dm.split.samples
+
+        def build(
+            files: list[str], transform: Any, views: int, spec: dict
+        ) -> tuple[FeatureStore, bool]:
+            images = ImageListDataset([(p, 0) for p in files], pre, transform, dm.sources())
+            spec = {**base, **spec, "files": file_signature(files)}
+            workers = dm.num_workers
+            return load_or_build(root, spec, model, images, views, device, batch_size, workers)
+
+        every_file = sorted({p for split in samples.values() for p, _ in split})
+        eval_store, eval_hit = build(every_file, eval_transform(pre), 1, {"transform": "eval"})
+        hits = {"eval": eval_hit}
+        train_store = None
+        if dm.augment_preset.random:
+            transform = train_transform(pre, dm.augment, dm.crop_scale)
+            spec = {"transform": {"augment": dm.augment, "crop_scale": list(dm.crop_scale)}}
+            spec["transform"]["views"] = dm.feature_views
+            train_files = sorted(p for p, _ in samples["train"])
+            train_store, hits["train"] = build(train_files, transform, dm.feature_views, spec)
+        for store in (eval_store, train_store):
+            for path, why in (store.failed if store else {}).items():
+                dm.bad_file_log(path, why)
+        views = (
+            f"{dm.feature_views} augmented views ({dm.augment}) per training image"
+            if train_store
+            else "the eval transform (data.augment=none)"
+        )
+        log.info(
+            "Feature cache: %s %d images, %d features each, %s; the backbone does not run during "
+            "training (%s)",
+            "reusing" if all(hits.values()) else "built",
+            len(every_file),
+            eval_store.dim,
+            views,
+            eval_store.directory.parent,
+        )
+        return CachedFeatures(eval_store, train_store, samples, hits)
 
     def use_features(self, features: CachedFeatures | None) -> None:
         """Serve `features` instead of images from now on (None: images again)."""
@@ -311,7 +367,7 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         x, y = batch
-        if x.dtype == torch.uint8:
+        if self.features is None:  # image batches; cached features arrive ready
             x = self.normalize(x)
             if self.trainer is not None:  # the dtype the precision plugin gives inputs
                 x = self.trainer.precision_plugin.convert_input(x)

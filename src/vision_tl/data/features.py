@@ -34,7 +34,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from vision_tl.core.errors import ConfigError
-from vision_tl.data.augment import eval_transform, normalize_batch, train_transform
+from vision_tl.data.augment import normalize_batch
 from vision_tl.data.dataset import ImageListDataset
 from vision_tl.data.decode import error_line
 
@@ -298,62 +298,3 @@ class CachedFeatures:
         kept = [(index[p], label) for p, label in self.samples[split] if p in index]
         rows, labels = [r for r, _ in kept], [label for _, label in kept]
         return FeatureDataset(store, rows, labels), store.views
-
-
-def build_cached_features(
-    datamodule: Any, model: nn.Module, device: torch.device
-) -> CachedFeatures:
-    """Load or compute the entries `datamodule`'s fit needs from `model.features`.
-
-    `datamodule` is an `ImageFolderDataModule` with its split and preprocessing set;
-    whether features may be cached at all is the caller's decision (see
-    `vision_tl.training.callbacks.FeatureCache`).
-    """
-    dm = datamodule
-    pre = dm.preprocess
-    base = {
-        "version": CACHE_VERSION,
-        "backbones": [{"name": b.name, "weights": weights_digest(b)} for b in model.backbones()],
-        "preprocess": pre.to_dict(),
-        "decode": {"resize_cache": bool(dm.resize_cache)},
-    }
-    root = dm.cache_root / "features"
-    batch_size = max(32, dm.batch_size)
-    samples = dm.split.samples
-
-    def build(
-        files: list[str], transform: Any, views: int, spec: dict
-    ) -> tuple[FeatureStore, bool]:
-        images = ImageListDataset([(p, 0) for p in files], pre, transform, dm.sources())
-        spec = {**base, **spec, "files": file_signature(files)}
-        workers = dm.num_workers
-        return load_or_build(root, spec, model, images, views, device, batch_size, workers)
-
-    every_file = sorted({p for split in samples.values() for p, _ in split})
-    eval_store, eval_hit = build(every_file, eval_transform(pre), 1, {"transform": "eval"})
-    hits = {"eval": eval_hit}
-    train_store = None
-    if dm.augment_preset.random:
-        transform = train_transform(pre, dm.augment, dm.crop_scale)
-        spec = {"transform": {"augment": dm.augment, "crop_scale": list(dm.crop_scale)}}
-        spec["transform"]["views"] = dm.feature_views
-        train_files = sorted(p for p, _ in samples["train"])
-        train_store, hits["train"] = build(train_files, transform, dm.feature_views, spec)
-    for store in (eval_store, train_store):
-        for path, why in (store.failed if store else {}).items():
-            dm.bad_file_log(path, why)
-    views = (
-        f"{dm.feature_views} augmented views ({dm.augment}) per training image"
-        if train_store
-        else "the eval transform (data.augment=none)"
-    )
-    log.info(
-        "Feature cache: %s %d images, %d features each, %s; the backbone does not run during "
-        "training (%s)",
-        "reusing" if all(hits.values()) else "built",
-        len(every_file),
-        eval_store.dim,
-        views,
-        eval_store.directory.parent,
-    )
-    return CachedFeatures(eval_store, train_store, samples, hits)

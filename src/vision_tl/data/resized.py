@@ -2,9 +2,10 @@
 
 Decoding dominates data loading, and its cost grows with the pixel count: a 12-megapixel
 photo bound for a 256-pixel resize is decoded ~50x larger than needed every epoch. Each
-such file gets a JPEG copy (quality 95, EXIF orientation and alpha already applied) whose
-shorter side is the resize target; smaller files are read as they are. Copies are keyed
-by path, size, mtime and target, so an edited photo gets a fresh copy.
+such file gets a JPEG copy (quality 95) of what training computes first anyway: the image
+read by `Preprocess.read` and resized by `resize_op`, the same decode-and-resize path as
+every other consumer. Smaller files are read as they are. Copies are keyed by path, size,
+mtime and preprocessing, so an edited photo gets a fresh copy.
 """
 
 from __future__ import annotations
@@ -18,18 +19,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from PIL import Image
+from torchvision.io import encode_jpeg
 
 from vision_tl.core.runtime import available_cpus
-from vision_tl.data.decode import load_rgb
+from vision_tl.data.augment import resize_op
+from vision_tl.data.preprocess import Preprocess
 
 log = logging.getLogger(__name__)
-
-RESAMPLE = {
-    "nearest": Image.Resampling.NEAREST,
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-    "lanczos": Image.Resampling.LANCZOS,
-}
 
 
 def _copy_path(folder: Path, path: str, side: int, extra: str) -> Path | None:
@@ -42,36 +38,32 @@ def _copy_path(folder: Path, path: str, side: int, extra: str) -> Path | None:
     return folder / digest[:2] / f"{digest}.jpg"
 
 
-def _make_copy(
-    path: str, target: Path, side: int, background: tuple[int, int, int], resample: int
-) -> bool:
-    """Write the copy; False when the file is no larger than `side` (read it as it is)."""
+def _make_copy(path: str, target: Path, preprocess: Preprocess) -> bool:
+    """Write the copy; False when the file is no larger than the resize (read it as it is)."""
     with Image.open(path) as header:
-        if min(header.size) <= side:
+        if min(header.size) <= preprocess.resize_size:
             return False
-    image = load_rgb(path, background, min_side=side)
-    scale = side / min(image.size)
-    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    image = resize_op(preprocess)(preprocess.read(path))
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    image.resize(size, resample).save(tmp, format="JPEG", quality=95)
+    tmp.write_bytes(encode_jpeg(image, quality=95).numpy().tobytes())
     os.replace(tmp, target)
     return True
 
 
 def resized_copies(
     paths: Sequence[str],
-    side: int,
+    preprocess: Preprocess,
     cache_root: str | Path,
-    background: tuple[int, int, int] = (255, 255, 255),
-    interpolation: str = "bicubic",
 ) -> dict[str, str]:
-    """Map each file larger than `side` (shorter side) to its resized copy, making missing
-    copies in parallel threads. Files that fail to open keep their original path."""
+    """Map each file larger than `preprocess.resize_size` (shorter side) to its resized copy,
+    making missing copies in parallel threads. Files that fail to open keep their path."""
     start = time.perf_counter()
+    side = preprocess.resize_size
+    resize_op(preprocess)  # an unknown interpolation is a config error, not a silent default
     folder = Path(cache_root).expanduser() / "resized" / str(side)
-    extra = f"{background}|{interpolation}"
-    resample = RESAMPLE.get(interpolation.lower(), Image.Resampling.BICUBIC)
+    pre = preprocess
+    extra = f"tv|{pre.background}|{pre.interpolation}|{pre.draft}"
     sources: dict[str, str] = {}
     todo: list[tuple[str, Path]] = []
     for path in paths:
@@ -85,7 +77,7 @@ def resized_copies(
 
     def work(item: tuple[str, Path]) -> bool:
         try:
-            return _make_copy(item[0], item[1], side, background, resample)
+            return _make_copy(item[0], item[1], preprocess)
         except Exception:
             return False  # read the original; a broken file is reported when it is read
 

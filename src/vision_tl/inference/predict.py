@@ -1,4 +1,5 @@
-"""`run_predict(cfg)`: predictions for unlabelled images (worker of `vision_tl.predict`)."""
+"""`run_predict(cfg)`: predictions for unlabelled images (worker of `vision_tl.predict`), and
+`predict_for_run`, the step a training run with `predict_input` ends with."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import logging
 from pathlib import Path
 
 import pandas as pd
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from vision_tl.inference.checkpoint import load_checkpoint
 from vision_tl.inference.predictor import (
@@ -50,3 +51,21 @@ def run_predict(cfg: DictConfig) -> pd.DataFrame:
         result.images_per_second,
     )
     return frame
+
+
+def predict_for_run(cfg: DictConfig, ckpt_path: str, run_dir: Path) -> Path:
+    """`predictions.csv` for a training config's `predict_input`, written into its run dir."""
+    predict_cfg = OmegaConf.create(
+        {
+            "paths": {"output_dir": str(run_dir)},
+            "ckpt_path": ckpt_path,
+            "input": cfg.predict_input,
+            "batch_size": cfg.data.batch_size,
+            "num_workers": cfg.data.get("num_workers"),
+            "device": "auto",
+            "top_k": 3,
+            "progress": False,
+        }
+    )
+    run_predict(predict_cfg)
+    return run_dir / "predictions.csv"

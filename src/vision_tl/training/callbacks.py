@@ -13,7 +13,7 @@ import lightning as L
 import pandas as pd
 
 from vision_tl.core.errors import ConfigError
-from vision_tl.data.features import build_cached_features
+from vision_tl.data.datamodule import ImageFolderDataModule
 
 log = logging.getLogger(__name__)
 
@@ -32,29 +32,25 @@ class FeatureCache(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         dm = trainer.datamodule
         if stage != "fit":  # test/validate after fit: the eval entry covers every split
-            pl_module.feature_inputs = getattr(dm, "features", None) is not None
+            pl_module.feature_inputs = dm is not None and dm.features is not None
             return
         if dm is None or dm.feature_cache == "off":
             return
-        reason = self.bypass_reason(trainer, pl_module, dm)
+        policy = pl_module.finetune
+        reason = policy.cache_bypass_reason() or self.bypass_reason(trainer, dm)
         if reason:
             if dm.feature_cache == "on":
                 raise ConfigError(f"data.feature_cache=on cannot be used: {reason}")
-            if pl_module.finetune.name != "full":  # full fine-tuning never expects a cache
+            if policy.announce_cache_bypass:
                 log.info("Feature cache bypassed: %s", reason)
             return
         device = trainer.strategy.root_device
-        dm.use_features(build_cached_features(dm, pl_module.model, device))
+        dm.use_features(dm.build_features(pl_module.model, device))
         pl_module.feature_inputs = True
 
     @staticmethod
-    def bypass_reason(trainer: L.Trainer, pl_module: L.LightningModule, dm: Any) -> str | None:
-        """Why features cannot be cached for this fit, or None when they can."""
-        if not hasattr(pl_module.model, "classify_features"):
-            return "the model has no backbone/head split"
-        policy = pl_module.finetune.cache_bypass_reason()
-        if policy:
-            return policy
+    def bypass_reason(trainer: L.Trainer, dm: ImageFolderDataModule) -> str | None:
+        """Why the run or the data rules the cache out for this fit (None when neither does)."""
         if trainer.fast_dev_run:
             return "trainer.fast_dev_run touches one batch, less than computing every feature"
         return dm.feature_cache_blocker()

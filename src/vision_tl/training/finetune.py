@@ -41,6 +41,9 @@ class FinetunePolicy:
     times the head's learning rate."""
 
     name: ClassVar[str] = ""
+    # Whether a run logs why the feature cache is bypassed: worth saying when the user may
+    # have expected a cache, noise for a policy that plainly trains everything.
+    announce_cache_bypass: ClassVar[bool] = True
     backbone_lr_mult: float = 1.0
 
     def __post_init__(self) -> None:
@@ -84,6 +87,8 @@ def register_finetune(name: str) -> Callable[[type[FinetunePolicy]], type[Finetu
 @dataclass(frozen=True)
 class Full(FinetunePolicy):
     """Train everything."""
+
+    announce_cache_bypass: ClassVar[bool] = False
 
 
 @register_finetune("linear_probe")

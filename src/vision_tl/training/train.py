@@ -6,6 +6,7 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,10 @@ from vision_tl.training.distributed import use_hydra_rank_command
 from vision_tl.training.task import ClassificationTask
 
 log = logging.getLogger(__name__)
+
+# Writes predictions for `cfg.predict_input` with a checkpoint into the run dir; handed in by
+# the entry point (`inference.predict.predict_for_run`) so training never imports inference.
+PredictFn = Callable[[DictConfig, str, Path], Path]
 
 PRECISIONS = ("32", "32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64", "64-true")
 
@@ -121,32 +126,15 @@ def final_accuracies(last_epoch: dict[str, float], last_val: dict[str, float]) -
     return {"final_train_acc": train, "final_val_acc": val, "train_val_gap": gap}
 
 
-def predict_after_training(cfg: DictConfig, ckpt_path: str, run_dir: Path) -> Path:
-    """`predictions.csv` for `cfg.predict_input` with the best checkpoint, in the run dir."""
-    from vision_tl.inference.predict import run_predict
-
-    predict_cfg = OmegaConf.create(
-        {
-            "paths": {"output_dir": str(run_dir)},
-            "ckpt_path": ckpt_path,
-            "input": cfg.predict_input,
-            "batch_size": cfg.data.batch_size,
-            "num_workers": cfg.data.get("num_workers"),
-            "device": "auto",
-            "top_k": 3,
-            "progress": False,
-        }
-    )
-    run_predict(predict_cfg)
-    return run_dir / "predictions.csv"
-
-
 def _instantiate_all(group: DictConfig | None) -> list[Any]:
     return [instantiate(c) for c in (group or {}).values() if c is not None and "_target_" in c]
 
 
-def run_training(cfg: DictConfig) -> dict[str, Any]:
-    """Train and (if a test split exists) test; write `metrics.json` into the run dir."""
+def run_training(cfg: DictConfig, predict: PredictFn | None = None) -> dict[str, Any]:
+    """Train and (if a test split exists) test; with `cfg.predict_input`, `predict` labels
+    those images with the best checkpoint; write `metrics.json` into the run dir last."""
+    if cfg.get("predict_input") and predict is None:
+        raise ConfigError("predict_input is set but no predict step was given to run_training")
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     check_precision(cfg.trainer.get("precision", "32"), cfg.trainer.get("accelerator", "auto"))
@@ -222,9 +210,9 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
         **{k.replace("/", "_"): v for k, v in task.last_val.items()},
         **{k.replace("/", "_"): v for k, v in task.last_test.items()},
     }
-    if trainer.is_global_zero and cfg.get("predict_input") and not trainer.fast_dev_run:
+    if predict and cfg.get("predict_input") and trainer.is_global_zero and not trainer.fast_dev_run:
         ckpt = best_path or metrics["last_checkpoint"]
-        metrics["predictions"] = str(predict_after_training(cfg, ckpt, run_dir))
+        metrics["predictions"] = str(predict(cfg, ckpt, run_dir))
     if trainer.is_global_zero:
         write_json(run_dir / "metrics.json", metrics)
         log.info(
