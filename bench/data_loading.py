@@ -55,7 +55,7 @@ def vision_tl_loader(split: str, train: bool, batch_size: int, workers: int, cac
         root=str(HYMENOPTERA), cache=str(cache), batch_size=batch_size, num_workers=workers, **kw
     )
     dm.setup()
-    dm.set_preprocess(preprocess())
+    dm.set_preprocess(preprocess().resolve(dm.preprocess_overrides))
     # As under `Trainer.fit`: uint8 batches, normalised by the datamodule after transfer.
     dm.trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
     start = time.perf_counter()

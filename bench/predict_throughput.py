@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/predict_throughput.py [--images DIR] [--ckpt CKPT] [--rounds 6]
 
-Both sides use the same model object, the same image files, the same decode (`load_rgb`)
+Both sides use the same model object, the same image files, the same decode (`Preprocess.read`)
 and eval transform, batch size, worker count and device; TTA is off. The baseline is
 `ImageListDataset` + `DataLoader` + `model(x).softmax(1)`, which is what a notebook would
 write. One warm-up pass each, then `--rounds` timed passes of each side in ABBA order, so

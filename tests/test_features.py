@@ -16,7 +16,7 @@ from vision_tl.core.errors import ConfigError
 from vision_tl.data import ImageFolderDataModule
 from vision_tl.data.features import CachedFeatures
 from vision_tl.data.samplers import ViewSampler
-from vision_tl.models import build_model
+from vision_tl.models import FUSIONS, build_model
 from vision_tl.models.backbones import Backbone
 from vision_tl.training.callbacks import FeatureCache
 from vision_tl.training.task import ClassificationTask
@@ -73,7 +73,7 @@ def test_cached_features_equal_the_backbone_on_images(image_folder: Path) -> Non
     assert prepare_features(dm, task).hits == {"eval": True}
 
 
-@pytest.mark.parametrize("fusion", ["logits", "features", "mean"])
+@pytest.mark.parametrize("fusion", FUSIONS.names())
 def test_ensemble_heads_run_on_concatenated_member_features(fusion: str) -> None:
     spec = {"members": ["resnet18", "mobilenet_v2"], "fusion": fusion, "pretrained": False}
     model = build_model(spec, num_classes=3, pretrained=False).eval()

@@ -367,6 +367,8 @@ def test_inputs_folder_csv_and_mistakes(tmp_path: Path) -> None:
     root = make_image_folder(tmp_path / "images", classes=("a",), per_class=2, splits=())
     (root / ".thumbnails").mkdir()
     Image.new("RGB", (4, 4)).save(root / ".thumbnails" / "a_0.png")
+    (root / "__MACOSX").mkdir()  # skipped as in training, not predicted as photos
+    Image.new("RGB", (4, 4)).save(root / "__MACOSX" / "a_0.png")
     (root / "readme.txt").write_text("not an image")
     inputs = collect_inputs(root)
     assert inputs.names == ["a/a_0.png", "a/a_1.png"] and inputs.ids == ["a_0", "a_1"]

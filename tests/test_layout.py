@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import subprocess
 import sys
 from pathlib import Path
@@ -9,18 +10,21 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, SHARED
+from helpers.imports import cycles, import_graph
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from vision_tl.core.config import config_dir
-from vision_tl.data import DATASETS, ImageFolderDataModule
+from vision_tl.data import DATASETS, ImageFolderDataModule, Preprocess
 from vision_tl.models import HEADS, build_model
 from vision_tl.training.finetune import FINETUNE, build_finetune
 from vision_tl.training.task import ClassificationTask
 
 CONF = config_dir()
 ENTRY_POINTS = {"train", "eval", "predict", "explain", "export", "report"}
+PACKAGE = REPO / "src" / "vision_tl"
+LAYERS = ("core", "data", "models", "training", "inference", "sweeps")
 
 
 def _options(group: str) -> list[str]:
@@ -32,10 +36,8 @@ def _compose(overrides: list[str]):
         return compose("train", overrides=overrides, return_hydra_config=True)
 
 
-GROUPS = (
-    *("data", "model", "model/head", "finetune", "optimizer", "scheduler", "trainer"),
-    *("callbacks", "logger", "paths", "experiment", "hparams_search"),
-)
+# Every folder of conf/ that holds options, so a new group is tested without a new test.
+GROUPS = sorted({str(p.parent.relative_to(CONF)) for p in CONF.rglob("*/*.yaml")})
 GROUP_OPTIONS = [(group, name) for group in GROUPS for name in _options(group)]
 
 
@@ -66,6 +68,8 @@ def test_every_config_option_composes_and_builds(group: str, name: str, tmp_path
                 assert instantiate(node) is not None
     if group == "hparams_search":
         assert cfg.hydra.mode.name == "MULTIRUN" and cfg.hydra.sweeper.params
+    if group.startswith("hydra"):
+        assert cfg.hydra.launcher._target_ and cfg.hydra.run.dir
 
 
 def test_config_groups_mirror_the_registries() -> None:
@@ -104,7 +108,7 @@ def test_every_builtin_dataset_generates_a_trainable_folder(name: str, tmp_path:
 
 
 def test_top_level_holds_only_thin_entry_points() -> None:
-    package = REPO / "src" / "vision_tl"
+    package = PACKAGE
     modules = {p.stem for p in package.glob("*.py")} - {"__init__"}
     assert modules == ENTRY_POINTS
     for name in ENTRY_POINTS:
@@ -112,16 +116,58 @@ def test_top_level_holds_only_thin_entry_points() -> None:
         assert len(lines) <= 45, f"{name}.py should only compose config and call its worker"
 
 
+def test_no_import_cycles_even_inside_functions() -> None:
+    assert cycles(import_graph(PACKAGE)) == []
+
+
+def test_packages_import_only_downwards() -> None:
+    """core <- data <- models <- training <- inference <- sweeps <- entry points."""
+    rank = {name: i for i, name in enumerate(LAYERS)}
+
+    def layer(module: str) -> str:
+        parts = module.split(".")
+        return parts[1] if len(parts) > 1 and parts[1] in rank else "entry points"
+
+    rank["entry points"] = len(LAYERS)
+    upward = [
+        f"{a} -> {b}"
+        for a, targets in import_graph(PACKAGE).items()
+        for b in targets
+        if rank[layer(a)] < rank[layer(b)]
+    ]
+    assert upward == []
+
+
 @pytest.mark.skipif(not (SHARED / "tools" / "import_cycles.py").is_file(), reason="no ../shared")
-def test_no_import_cycles() -> None:
+def test_the_workplace_cycle_tool_agrees() -> None:
     tool = SHARED / "tools" / "import_cycles.py"
     out = subprocess.run(
-        [sys.executable, str(tool), str(REPO / "src" / "vision_tl")],
-        capture_output=True,
-        text=True,
-        check=True,
+        [sys.executable, str(tool), str(PACKAGE)], capture_output=True, text=True, check=True
     ).stdout
     assert out.strip().splitlines()[-1].startswith("cycles=0 "), out
+
+
+def test_models_and_preprocessing_import_without_the_training_stack() -> None:
+    code = (
+        "import sys, vision_tl.models, vision_tl.data.preprocess, vision_tl.core.io\n"
+        "print(sorted(m for m in ('lightning', 'pandas', 'matplotlib') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_data_package_exports_objects_not_submodules() -> None:
+    """`vision_tl.data` resolves its names lazily; a name shadowed by a submodule would not."""
+    import vision_tl.data as data
+
+    for name in data.__all__:
+        assert not inspect.ismodule(getattr(data, name)), name
+
+
+def test_background_is_a_data_option_that_reaches_the_preprocessing() -> None:
+    cfg = _compose(["data.root=/data", "data.background=[0,0,0]"])
+    dm = instantiate(cfg.data)
+    assert Preprocess().resolve(dm.preprocess_overrides).background == (0, 0, 0)
 
 
 @pytest.mark.parametrize(

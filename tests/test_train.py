@@ -14,6 +14,7 @@ from conftest import TINY, run_cli
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from vision_tl.data import ImageFolderDataModule
+from vision_tl.models import FUSIONS
 from vision_tl.models.backbones import torchvision_cache_path
 from vision_tl.training.task import ClassificationTask
 from vision_tl.training.train import run_training
@@ -132,7 +133,7 @@ def test_resume_from_last_checkpoint(compose_train, image_folder: Path, tmp_path
     assert len(_scalars(run_dir)["val/acc"]) == 3  # epoch 0 was not trained again
 
 
-@pytest.mark.parametrize("fusion", ["logits", "features", "mean"])
+@pytest.mark.parametrize("fusion", FUSIONS.names())
 def test_ensemble_fast_dev_run(
     compose_train, image_folder: Path, tmp_path: Path, fusion: str
 ) -> None:

@@ -25,17 +25,20 @@ class AugmentPreset:
     """Training-time ops on a uint8 image; `random` presets give a new image every epoch."""
 
     name: str
-    ops: Callable[[Preprocess, CropScale], list]
+    ops: Callable[[Preprocess, CropScale], list[v2.Transform]]
     random: bool = True
 
 
 AUGMENTATIONS: Registry[AugmentPreset] = Registry("augment")
 
 
-def register_augment(name: str, random: bool = True) -> Callable:
+AugmentFn = Callable[[Preprocess, CropScale], list[v2.Transform]]
+
+
+def register_augment(name: str, random: bool = True) -> Callable[[AugmentFn], AugmentFn]:
     """Register `fn(preprocess, crop_scale) -> [ops]` as the preset `name`."""
 
-    def decorator(fn: Callable[[Preprocess, CropScale], list]) -> Callable:
+    def decorator(fn: AugmentFn) -> AugmentFn:
         AUGMENTATIONS.add(name, AugmentPreset(name, fn, random))
         return fn
 

@@ -61,7 +61,9 @@ class BuiltinDataset:
 DATASETS: Registry[BuiltinDataset] = Registry("built-in dataset")
 
 
-def builtin_dataset(name: str, image_size: int, version: int = 1):
+def builtin_dataset(
+    name: str, image_size: int, version: int = 1
+) -> Callable[[Callable[[Path], None]], Callable[[Path], None]]:
     """Register a generator function as a built-in dataset."""
 
     def decorator(fn: Callable[[Path], None]) -> Callable[[Path], None]:

@@ -92,9 +92,13 @@ def classification_metrics(
 
 
 def highest_loss_figure(
-    files: Sequence[str | Path], titles: Sequence[str], thumbnail: int = 256
+    files: Sequence[str | Path],
+    titles: Sequence[str],
+    background: tuple[int, int, int] = (255, 255, 255),
+    thumbnail: int = 256,
 ) -> Figure:
-    """A grid of images with a title each (true and predicted label), worst first."""
+    """A grid of whole images (not the network's crop, to show what was cut away) with a
+    title each (true and predicted label), worst first."""
     n = max(1, len(files))
     cols = min(4, n)
     rows = math.ceil(n / cols)
@@ -102,7 +106,7 @@ def highest_loss_figure(
     for ax in axes.flat:
         ax.axis("off")
     for ax, file, title in zip(axes.flat, files, titles, strict=False):
-        image = load_rgb(file)
+        image = load_rgb(file, background)
         image.thumbnail((thumbnail, thumbnail))
         ax.imshow(image)
         ax.set_title(title, fontsize=9)
@@ -162,7 +166,10 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
         for r in worst.itertuples()
     ]
     worst_files = [files[result.indices[row]] for row in worst.index]
-    _save(highest_loss_figure(worst_files, titles), out / "highest_loss.png")
+    _save(
+        highest_loss_figure(worst_files, titles, loaded.preprocess.background),
+        out / "highest_loss.png",
+    )
 
     metrics = {
         **scalars,

@@ -20,7 +20,7 @@ from torchvision.transforms import v2
 from vision_tl.core.errors import ConfigError
 from vision_tl.core.runtime import available_cpus, resolve_device
 from vision_tl.data.augment import eval_transform, normalize_batch, resize_op
-from vision_tl.data.decode import IMAGE_EXTENSIONS, error_line, is_image_file
+from vision_tl.data.decode import IMAGE_EXTENSIONS, error_line, is_hidden, is_image_file
 from vision_tl.data.preprocess import Preprocess
 from vision_tl.inference.checkpoint import LoadedModel
 
@@ -47,7 +47,8 @@ class InputImages:
 
 
 def collect_inputs(source: str | Path | None) -> InputImages:
-    """A folder (image files, recursively, sorted), one image, or a CSV with a `path` column.
+    """A folder (image files, recursively, sorted; hidden and system files such as
+    `__MACOSX/` skipped as in training), one image, or a CSV with a `path` column.
 
     Folder images are named relative to the folder; CSV paths are kept as written and
     resolved against the CSV's folder, and an `id` column, if any, gives submission ids.
@@ -61,7 +62,7 @@ def collect_inputs(source: str | Path | None) -> InputImages:
             for p in path.rglob("*")
             if p.is_file()
             and is_image_file(p)
-            and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            and not any(is_hidden(Path(part)) for part in p.relative_to(path).parts)
         )
         if not files:
             extensions = ", ".join(IMAGE_EXTENSIONS)

@@ -16,6 +16,7 @@ from urllib.parse import urlparse
 import torch
 import torchvision
 from torch import nn
+from torchvision.models import WeightsEnum
 
 from vision_tl.core.config import cache_dir
 from vision_tl.core.errors import ConfigError, WeightsError
@@ -150,7 +151,7 @@ def build_backbone(
 # --------------------------------------------------------------------------- torchvision
 
 
-def _tv_weights(arch: str, weights: str | None):
+def _tv_weights(arch: str, weights: str | None) -> tuple[type[WeightsEnum], WeightsEnum | None]:
     """Resolve a torchvision weights name ("DEFAULT", "IMAGENET1K_V2", ...) for `arch`."""
     enum = torchvision.models.get_model_weights(arch)
     if weights is None:
@@ -162,7 +163,7 @@ def _tv_weights(arch: str, weights: str | None):
         raise ConfigError(f"unknown weights '{weights}' for {arch}; available: {known}") from None
 
 
-def _tv_preprocess(weights) -> Preprocess:
+def _tv_preprocess(weights: WeightsEnum) -> Preprocess:
     t = weights.transforms()
     return Preprocess(
         input_size=int(t.crop_size[0]),

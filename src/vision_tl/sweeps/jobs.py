@@ -26,6 +26,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
 from vision_tl.core.errors import find_user_error
+from vision_tl.sweeps.report import write_report
 from vision_tl.sweeps.status import read_status, write_status
 
 log = logging.getLogger(__name__)
@@ -223,8 +224,6 @@ class SweepReportCallback(Callback):
     """Hydra callback: when a multirun ends, write its summary table and plots."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from vision_tl.sweeps.report import write_report
-
         sweep_dir = Path(str(config.hydra.sweep.dir))
         try:
             summary = write_report(sweep_dir, metric=config.get("optimized_metric"))
