@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vision_tl.core.errors import ConfigError
+from vision_tl.models import available_backbones
 from vision_tl.training.finetune import build_finetune
 from vision_tl.training.task import ClassificationTask
 
@@ -97,22 +98,10 @@ def test_bad_finetune_values() -> None:
         build_finetune({"mode": "full", "unfreeze_epoch": 2})
 
 
-# The networks whose stages used to be guessed from attributes, and a timm convnext and vit:
-# each is built at the smallest input it accepts (vit_b_16 takes only 224 px).
-PARTIAL_NETWORKS = {
-    "resnet18": 32,
-    "resnet50": 32,
-    "mobilenet_v2": 32,
-    "mobilenet_v3_large": 32,
-    "efficientnet_b0": 32,
-    "efficientnet_v2_s": 32,
-    "convnext_tiny": 32,
-    "regnet_y_400mf": 32,
-    "vit_b_16": 224,
-    "vgg16": 32,
-    "timm/convnext_atto": 32,
-    "timm/test_vit": 160,
-}
+# Every registered backbone (resnet18/50, mobilenet_v2/v3_large, efficientnet_b0/v2_s,
+# convnext_tiny, regnet_y_400mf, vit_b_16, vgg16, ...) and a timm convnext and vit, each at
+# the smallest input it accepts (its fixed input size, else 32 px).
+PARTIAL_NETWORKS = [*available_backbones(), "timm/convnext_atto", "timm/test_vit"]
 
 
 @pytest.mark.parametrize("name", PARTIAL_NETWORKS)
@@ -130,7 +119,7 @@ def test_partial_one_stage_trains_exactly_the_last_stage(name: str) -> None:
     assert frozen_modules and not any(m.training for m in frozen_modules)
     assert all(m.training for part in backbone.stages[-1].parts for m in part.modules())
 
-    size = PARTIAL_NETWORKS[name]
+    size = backbone.fixed_input_size or 32
     F.cross_entropy(task(torch.randn(2, 3, size, size)), torch.tensor([0, 1])).backward()
     for p in backbone.parameters():
         assert (p.grad is not None) == (id(p) in last)
@@ -139,3 +128,11 @@ def test_partial_one_stage_trains_exactly_the_last_stage(name: str) -> None:
 def test_partial_with_more_stages_than_the_backbone_has_is_an_error() -> None:
     with pytest.raises(ConfigError, match=r"trainable_stages=99: resnet18 has 5 stages \(conv1"):
         _task({"mode": "partial", "trainable_stages": 99})
+
+
+def test_a_fixed_size_network_rejects_another_input_size() -> None:
+    """A ViT's position embeddings fix its input: a one-line error, not a shape mismatch."""
+    spec = {"backbone": {"name": "timm/test_vit"}, "pretrained": False}
+    assert ClassificationTask(spec, ["a", "b"]).preprocess.input_size == 160
+    with pytest.raises(ConfigError, match=r"data.image_size=64: timm/test_vit takes only 160 px"):
+        ClassificationTask(spec, ["a", "b"], preprocess_overrides={"image_size": 64})

@@ -23,8 +23,6 @@ from vision_tl.models import (
 )
 
 TIMM_MODELS = ["timm/tf_efficientnet_lite0", "timm/resnet18", "timm/test_convnext", "timm/test_vit"]
-# The smallest input each network accepts, where 32 px is too small.
-MIN_INPUT = {"vit_b_16": 224, "timm/test_vit": 160}
 REQUIRED = {
     "resnet18",
     "resnet34",
@@ -49,7 +47,7 @@ def test_registry_has_the_required_backbones() -> None:
 def test_backbone_forward_backward(name: str) -> None:
     backbone = build_backbone(name, weights=None)
     assert isinstance(backbone, Backbone)
-    size = MIN_INPUT.get(name, 32)
+    size = backbone.fixed_input_size or 32  # the smallest input every other network takes
     x = torch.randn(2, 3, size, size)
     features = backbone(x)
     assert features.shape == (2, backbone.num_features)

@@ -94,7 +94,9 @@ class Backbone(nn.Module):
     `body` maps images to pooled features of size `num_features`; `preprocess` is the
     input pipeline of its weights; `stages` partition the body's parameters from input
     to output, for freezing all but the last N; `dropped_keys` names the original
-    classifier's state-dict prefixes, which a weights file may carry but the body lacks.
+    classifier's state-dict prefixes, which a weights file may carry but the body lacks;
+    `fixed_input_size` is the one input size a network accepts (a ViT's position
+    embeddings), None when any size from 32 px up works.
     """
 
     def __init__(
@@ -105,6 +107,7 @@ class Backbone(nn.Module):
         preprocess: Preprocess,
         stages: Sequence[Stage],
         dropped_keys: Sequence[str] = (),
+        fixed_input_size: int | None = None,
     ) -> None:
         super().__init__()
         self.name = name
@@ -114,6 +117,7 @@ class Backbone(nn.Module):
         # A tuple is not registered as submodules, so parameters are not listed twice.
         self.stages: tuple[Stage, ...] = tuple(stages)
         self.dropped_keys = tuple(dropped_keys)
+        self.fixed_input_size = fixed_input_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
@@ -219,6 +223,7 @@ def torchvision_backbone(
     weights: str | None,
     classifier: str,
     stages: Callable[[nn.Module], Sequence[StageSpec]],
+    fixed_input_size: int | None = None,
 ) -> Backbone:
     """Generic torchvision builder: load weights, cut the `classifier`, build `stages`.
 
@@ -238,6 +243,7 @@ def torchvision_backbone(
         preprocess=_tv_preprocess(resolved or enum.DEFAULT),
         stages=build_stages(model, [s for s in specs if _has_params(model, s[1])]),
         dropped_keys=dropped,
+        fixed_input_size=fixed_input_size,
     )
 
 
@@ -331,7 +337,9 @@ def regnet_y_400mf(weights: str | None = "DEFAULT") -> Backbone:
 
 @register_backbone("vit_b_16")
 def vit_b_16(weights: str | None = "DEFAULT") -> Backbone:
-    return torchvision_backbone("vit_b_16", weights, classifier="heads", stages=_vit_stages)
+    return torchvision_backbone(
+        "vit_b_16", weights, classifier="heads", stages=_vit_stages, fixed_input_size=224
+    )
 
 
 @register_backbone("vgg16")
@@ -389,7 +397,8 @@ def timm_backbone(name: str, weights: str | None = "DEFAULT") -> Backbone:
     model = _timm_create(name, weights)
     groups = group_parameters(model, model.group_matcher(coarse=True))
     specs = [(f"group{g}", tuple(names)) for g, names in sorted(groups.items())]
-    classifier = model.pretrained_cfg.get("classifier") or "classifier"
+    cfg = model.pretrained_cfg
+    classifier = cfg.get("classifier") or "classifier"
     return Backbone(
         name=TIMM_PREFIX + name,
         body=model,
@@ -397,4 +406,5 @@ def timm_backbone(name: str, weights: str | None = "DEFAULT") -> Backbone:
         preprocess=timm_preprocess(resolve_data_config({}, model=model)),
         stages=build_stages(model, specs),
         dropped_keys=[classifier] if isinstance(classifier, str) else list(classifier),
+        fixed_input_size=int(cfg["input_size"][-1]) if cfg.get("fixed_input_size") else None,
     )

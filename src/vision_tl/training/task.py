@@ -17,6 +17,7 @@ from torchmetrics.classification import (
     MulticlassF1Score,
 )
 
+from vision_tl.core.errors import ConfigError
 from vision_tl.data.preprocess import Preprocess
 from vision_tl.models import build_model
 from vision_tl.training.compat import CHECKPOINT_FORMAT, upgrade_checkpoint
@@ -75,6 +76,13 @@ class ClassificationTask(L.LightningModule):
         self.finetune = build_finetune(finetune)
         self.finetune.setup(self.model)
         self.preprocess: Preprocess = self.model.preprocess.resolve(preprocess_overrides)
+        for backbone in self.model.backbones():
+            fixed = backbone.fixed_input_size
+            if fixed and self.preprocess.input_size != fixed:
+                raise ConfigError(
+                    f"data.image_size={self.preprocess.input_size}: {backbone.name} takes "
+                    f"only {fixed} px inputs"
+                )
         self.feature_inputs = False
         self.label_smoothing = label_smoothing
         weights = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
