@@ -108,11 +108,10 @@ def test_every_builtin_dataset_generates_a_trainable_folder(name: str, tmp_path:
 
 
 def test_top_level_holds_only_thin_entry_points() -> None:
-    package = PACKAGE
-    modules = {p.stem for p in package.glob("*.py")} - {"__init__"}
+    modules = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__"}
     assert modules == ENTRY_POINTS
     for name in ENTRY_POINTS:
-        lines = (package / f"{name}.py").read_text().splitlines()
+        lines = (PACKAGE / f"{name}.py").read_text().splitlines()
         assert len(lines) <= 45, f"{name}.py should only compose config and call its worker"
 
 

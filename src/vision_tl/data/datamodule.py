@@ -258,43 +258,42 @@ class ImageFolderDataModule(L.LightningDataModule):
         Needs the split and the preprocessing set. Whether features may be cached at all
         is decided elsewhere, once (`vision_tl.training.callbacks.FeatureCache`).
         """
-        dm = self
-        pre = dm.preprocess
+        pre = self.preprocess
         base = {
             "version": CACHE_VERSION,
             "backbones": [
                 {"name": b.name, "weights": weights_digest(b)} for b in model.backbones()
             ],
             "preprocess": pre.to_dict(),
-            "decode": {"resize_cache": bool(dm.resize_cache)},
+            "decode": {"resize_cache": bool(self.resize_cache)},
         }
-        root = dm.cache_root / "features"
-        batch_size = max(32, dm.batch_size)
-        samples = dm.split.samples
+        root = self.cache_root / "features"
+        batch_size = max(32, self.batch_size)
+        samples = self.split.samples
 
         def build(
             files: list[str], transform: Any, views: int, spec: dict
         ) -> tuple[FeatureStore, bool]:
-            images = ImageListDataset([(p, 0) for p in files], pre, transform, dm.sources())
+            images = ImageListDataset([(p, 0) for p in files], pre, transform, self.sources())
             spec = {**base, **spec, "files": file_signature(files)}
-            workers = dm.num_workers
+            workers = self.num_workers
             return load_or_build(root, spec, model, images, views, device, batch_size, workers)
 
         every_file = sorted({p for split in samples.values() for p, _ in split})
         eval_store, eval_hit = build(every_file, eval_transform(pre), 1, {"transform": "eval"})
         hits = {"eval": eval_hit}
         train_store = None
-        if dm.augment_preset.random:
-            transform = train_transform(pre, dm.augment, dm.crop_scale)
-            spec = {"transform": {"augment": dm.augment, "crop_scale": list(dm.crop_scale)}}
-            spec["transform"]["views"] = dm.feature_views
+        if self.augment_preset.random:
+            transform = train_transform(pre, self.augment, self.crop_scale)
+            spec = {"transform": {"augment": self.augment, "crop_scale": list(self.crop_scale)}}
+            spec["transform"]["views"] = self.feature_views
             train_files = sorted(p for p, _ in samples["train"])
-            train_store, hits["train"] = build(train_files, transform, dm.feature_views, spec)
+            train_store, hits["train"] = build(train_files, transform, self.feature_views, spec)
         for store in (eval_store, train_store):
             for path, why in (store.failed if store else {}).items():
-                dm.bad_file_log(path, why)
+                self.bad_file_log(path, why)
         views = (
-            f"{dm.feature_views} augmented views ({dm.augment}) per training image"
+            f"{self.feature_views} augmented views ({self.augment}) per training image"
             if train_store
             else "the eval transform (data.augment=none)"
         )

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from PIL import Image
 from torchvision.io import encode_jpeg
+from torchvision.transforms import v2
 
 from vision_tl.core.runtime import available_cpus
 from vision_tl.data.augment import resize_op
@@ -38,12 +39,12 @@ def _copy_path(folder: Path, path: str, side: int, extra: str) -> Path | None:
     return folder / digest[:2] / f"{digest}.jpg"
 
 
-def _make_copy(path: str, target: Path, preprocess: Preprocess) -> bool:
+def _make_copy(path: str, target: Path, preprocess: Preprocess, resize: v2.Resize) -> bool:
     """Write the copy; False when the file is no larger than the resize (read it as it is)."""
     with Image.open(path) as header:
         if min(header.size) <= preprocess.resize_size:
             return False
-    image = resize_op(preprocess)(preprocess.read(path))
+    image = resize(preprocess.read(path))
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     tmp.write_bytes(encode_jpeg(image, quality=95).numpy().tobytes())
@@ -60,10 +61,9 @@ def resized_copies(
     making missing copies in parallel threads. Files that fail to open keep their path."""
     start = time.perf_counter()
     side = preprocess.resize_size
-    resize_op(preprocess)  # an unknown interpolation is a config error, not a silent default
+    resize = resize_op(preprocess)  # built once; an unknown interpolation is a config error
     folder = Path(cache_root).expanduser() / "resized" / str(side)
-    pre = preprocess
-    extra = f"tv|{pre.background}|{pre.interpolation}|{pre.draft}"
+    extra = f"tv|{preprocess.background}|{preprocess.interpolation}|{preprocess.draft}"
     sources: dict[str, str] = {}
     todo: list[tuple[str, Path]] = []
     for path in paths:
@@ -77,7 +77,7 @@ def resized_copies(
 
     def work(item: tuple[str, Path]) -> bool:
         try:
-            return _make_copy(item[0], item[1], preprocess)
+            return _make_copy(item[0], item[1], preprocess, resize)
         except Exception:
             return False  # read the original; a broken file is reported when it is read
 
