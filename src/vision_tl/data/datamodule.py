@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -50,7 +51,7 @@ ON_BAD_IMAGE = ("skip", "fail")
 
 def _choice(name: str, value: str, choices: Sequence[str]) -> str:
     if value not in choices:
-        raise ConfigError(f"data.{name}={value} is not one of {', '.join(choices)}")
+        raise ConfigError(f"data.{name}={value}: one of {', '.join(choices)}")
     return value
 
 
@@ -93,12 +94,13 @@ class ImageFolderDataModule(L.LightningDataModule):
         resize_cache: bool = False,
         feature_cache: str = "auto",
         feature_views: int = 4,
+        max_failed_fraction: float = 0.1,
     ) -> None:
         super().__init__()
         if batch_size < 1:
-            raise ConfigError(f"data.batch_size must be >= 1, got {batch_size}")
+            raise ConfigError(f"data.batch_size={batch_size}: a positive integer")
         if feature_views < 0:
-            raise ConfigError(f"data.feature_views must be >= 0, got {feature_views}")
+            raise ConfigError(f"data.feature_views={feature_views}: an integer >= 0")
         self.root = root
         self.builtin = builtin
         self.cache = cache
@@ -127,6 +129,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.resize_cache = resize_cache
         self.feature_cache = _choice("feature_cache", feature_cache, FEATURE_CACHE_MODES)
         self.feature_views = int(feature_views)
+        self.max_failed_fraction = float(max_failed_fraction)
+        self._failures_size = -1
         self.preprocess: Preprocess | None = None
         self.split: SplitSamples | None = None
         self.bad_file_log = BadFileLog()
@@ -223,9 +227,30 @@ class ImageFolderDataModule(L.LightningDataModule):
     def write_bad_files(self, path: str | Path, write: bool = True) -> None:
         """Write the unusable files found so far to `path` (a CSV of path, reason); files
         that fail later, during training or feature extraction, are appended to it."""
-        self.bad_file_log = BadFileLog(path)
+        self.bad_file_log = BadFileLog(path, preflight_rows=len(self.split.bad))
         if write:
             write_bad_files(path, self.split.bad)
+
+    def check_failures(self) -> None:
+        """Stop the run when more than `max_failed_fraction` of the files that passed the
+        pre-flight check failed since: so many failures point at the setup, not the files."""
+        path = self.bad_file_log.path
+        if path is not None:
+            size = os.path.getsize(path) if os.path.exists(path) else 0
+            if size == self._failures_size:
+                return
+            self._failures_size = size
+        failed = self.bad_file_log.later_failures()
+        total = sum(len(files) for files in self.split.samples.values())
+        if not failed or len(failed) <= self.max_failed_fraction * total:
+            return
+        first = failed[0]
+        raise ConfigError(
+            f"data.max_failed_fraction={self.max_failed_fraction}: {len(failed)} of {total} "
+            "images that passed the image check failed when read for training, which points "
+            f"at the setup (image size, augmentation, disk), not the files; first: {first.path}: "
+            f"{first.reason}"
+        )
 
     def teardown(self, stage: str | None = None) -> None:
         if self.trainer is None or self.trainer.is_global_zero:
@@ -366,7 +391,7 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         x, y = batch
-        if self.features is None:  # image batches; cached features arrive ready
+        if self.features is None and len(y) > 0:  # images; features arrive ready
             x = self.normalize(x)
             if self.trainer is not None:  # the dtype the precision plugin gives inputs
                 x = self.trainer.precision_plugin.convert_input(x)

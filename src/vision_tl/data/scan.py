@@ -253,18 +253,31 @@ class BadFileLog:
     O_APPEND, which does not interleave with other writers.
     """
 
-    def __init__(self, path: str | Path | None = None) -> None:
+    def __init__(self, path: str | Path | None = None, preflight_rows: int = 0) -> None:
         self.path = str(path) if path else None
-        self._seen: set[str] = set()
+        self.preflight_rows = preflight_rows
+        self._seen: dict[str, str] = {}
 
     def __call__(self, file: str, reason: str) -> None:
         if file in self._seen:
             return
-        self._seen.add(file)
+        self._seen[file] = reason
         log.warning("Skipping %s: %s", file, reason)
         if self.path:
             with open(self.path, "a", newline="") as f:
                 csv.writer(f).writerow([file, reason])
+
+    def later_failures(self) -> list[BadFile]:
+        """Files reported after the pre-flight rows, by any process (workers included),
+        each once, in the order they failed."""
+        if not self.path:
+            return [BadFile(path, reason) for path, reason in self._seen.items()]
+        if not os.path.exists(self.path):
+            return []
+        seen: dict[str, BadFile] = {}
+        for item in read_bad_files(self.path)[self.preflight_rows :]:
+            seen.setdefault(item.path, item)
+        return list(seen.values())
 
     def deduplicate(self) -> None:
         """Drop rows repeated by several workers, keeping the first of each path."""

@@ -1,4 +1,5 @@
-"""Callbacks every training run uses: the feature cache, throughput and per-epoch history."""
+"""Callbacks every training run uses: the feature cache, the failed-files guard, throughput
+and per-epoch history."""
 
 from __future__ import annotations
 
@@ -54,6 +55,25 @@ class FeatureCache(L.Callback):
         if trainer.fast_dev_run:
             return "trainer.fast_dev_run touches one batch, less than computing every feature"
         return dm.feature_cache_blocker()
+
+
+class FailedFilesGuard(L.Callback):
+    """Stop a fit whose files fail far more often than the pre-flight check predicted
+    (`data.max_failed_fraction`): a skipped file is logged, a broken setup is an error."""
+
+    def _check(self, trainer: L.Trainer) -> None:
+        dm = trainer.datamodule
+        if dm is not None and hasattr(dm, "check_failures"):
+            dm.check_failures()
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._check(trainer)  # feature extraction has run by now
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        self._check(trainer)
+
+    def on_validation_batch_end(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        self._check(trainer)
 
 
 class TrainThroughput(L.Callback):

@@ -20,7 +20,12 @@ from omegaconf import DictConfig, OmegaConf
 from vision_tl.core.errors import ConfigError
 from vision_tl.core.io import write_json
 from vision_tl.data.datamodule import ImageFolderDataModule
-from vision_tl.training.callbacks import EpochHistory, FeatureCache, TrainThroughput
+from vision_tl.training.callbacks import (
+    EpochHistory,
+    FailedFilesGuard,
+    FeatureCache,
+    TrainThroughput,
+)
 from vision_tl.training.distributed import use_hydra_rank_command
 from vision_tl.training.task import ClassificationTask
 
@@ -39,7 +44,7 @@ def check_precision(precision: Any, accelerator: Any) -> None:
 
     value = str(precision)
     if value not in PRECISIONS:
-        raise ConfigError(f"trainer.precision={value} is not one of {', '.join(PRECISIONS)}")
+        raise ConfigError(f"trainer.precision={value}: one of {', '.join(PRECISIONS)}")
     device = str(accelerator)
     if device == "auto":
         device = "gpu" if torch.cuda.is_available() else "cpu"
@@ -169,9 +174,8 @@ def run_training(cfg: DictConfig, predict: PredictFn | None = None) -> dict[str,
     throughput = TrainThroughput()
     history = EpochHistory(run_dir / "history.csv")
     loggers = _instantiate_all(cfg.get("logger"))
-    trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=[*callbacks, FeatureCache(), throughput, history], logger=loggers
-    )
+    ours = [FeatureCache(), FailedFilesGuard(), throughput, history]
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=[*callbacks, *ours], logger=loggers)
 
     with PeakMemory() as memory:
         start = time.perf_counter()
