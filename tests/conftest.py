@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers.offline import network_guard
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from PIL import Image
@@ -34,26 +34,13 @@ TINY = [
 ]
 
 
-class NetworkBlocked(RuntimeError):
-    pass
-
-
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Any attempt to open a network connection fails loudly."""
-
-    real_connect = socket.socket.connect
-
-    def connect(sock: socket.socket, address, *args, **kwargs):
-        if sock.family == socket.AF_UNIX:  # DataLoader workers share tensors this way
-            return real_connect(sock, address, *args, **kwargs)
-        raise NetworkBlocked(f"network access in tests: {address}")
-
-    def create_connection(address, *args, **kwargs):
-        raise NetworkBlocked(f"network access in tests: {address}")
-
-    monkeypatch.setattr(socket.socket, "connect", connect)
-    monkeypatch.setattr(socket, "create_connection", create_connection)
+# No network in this process or in any Python process it starts (see network_guard).
+OFFLINE = Path(network_guard.__file__).parent
+os.environ[network_guard.ENV] = "1"
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (str(OFFLINE), os.environ.get("PYTHONPATH")) if p
+)
+network_guard.install()
 
 
 @pytest.fixture(scope="session")

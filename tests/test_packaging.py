@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
-from conftest import REPO
+from conftest import OFFLINE, REPO
 
 from vision_tl.core.config import config_dir
+
+
+# Builds from what is installed (hatchling is a dev dependency) and never asks an index:
+# under the suite's network guard, any download would fail the test.
+def offline_pip(command: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", "pip", command, "--no-input", "--no-index", *args]
 
 
 def test_checkout_uses_the_top_level_conf() -> None:
@@ -19,7 +26,15 @@ def test_checkout_uses_the_top_level_conf() -> None:
 
 def test_wheel_ships_the_configs(tmp_path: Path) -> None:
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(REPO)],
+        offline_pip(
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(REPO),
+        ),
         check=True,
         capture_output=True,
     )
@@ -31,24 +46,14 @@ def test_wheel_ships_the_configs(tmp_path: Path) -> None:
 
     target = tmp_path / "site"
     subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "--no-deps",
-            "-q",
-            "--target",
-            str(target),
-            str(wheel),
-        ],
+        offline_pip("install", "--no-deps", "-q", "--target", str(target), str(wheel)),
         check=True,
         capture_output=True,
     )
     probe = "import vision_tl.core.config as c; print(c.config_dir())"
     out = subprocess.run(
         [sys.executable, "-c", probe],
-        env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"},
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(target), str(OFFLINE)])},
         capture_output=True,
         text=True,
         check=True,
