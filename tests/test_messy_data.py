@@ -181,14 +181,14 @@ def test_bad_files_and_bad_inputs_give_one_line_errors(tmp_path: Path) -> None:
     dm = ImageFolderDataModule(root=str(root), on_bad_image="fail", num_workers=0)
     with pytest.raises(ConfigError, match=r"^1 unusable files under .*broken\.jpg \(not an image"):
         dm.setup()
-    with pytest.raises(ConfigError, match="on_bad_image=maybe is not one of skip, fail"):
+    with pytest.raises(ConfigError, match="on_bad_image=maybe: one of skip, fail"):
         ImageFolderDataModule(root=str(root), on_bad_image="maybe")
 
     manifest = tmp_path / "labels.csv"
     manifest.write_text("file,class\na.png,cat\n")
     with pytest.raises(ConfigError, match=r"needs columns path,label .*found: file, class"):
         ImageFolderDataModule(root=str(root), manifest=str(manifest)).setup()
-    with pytest.raises(ConfigError, match=r"data.manifest .*missing\.csv does not exist"):
+    with pytest.raises(ConfigError, match=r"data.manifest=.*missing\.csv: does not exist"):
         ImageFolderDataModule(manifest=str(tmp_path / "missing.csv")).setup()
     (tmp_path / "junk" / "x").mkdir(parents=True)
     (tmp_path / "junk" / "x" / "a.jpg").write_bytes(b"")

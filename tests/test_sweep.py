@@ -165,7 +165,8 @@ def test_interrupted_sweep_resumes_without_redoing_finished_jobs(
 def test_failing_job_is_recorded_and_ddp_job_finishes_under_joblib(
     sweep_data: Path, tmp_path: Path
 ) -> None:
-    """Parallel jobs (joblib), each a 2-process DDP run; the job with batch size 0 fails."""
+    """Parallel jobs (joblib), each a 2-process DDP run; the job with an unknown backbone
+    fails when it builds its model (the command-line check cannot know the registry)."""
     sweep_dir = tmp_path / "fail"
     _sweep(
         [
@@ -173,18 +174,19 @@ def test_failing_job_is_recorded_and_ddp_job_finishes_under_joblib(
             f"data.root={sweep_data}",
             "trainer=ddp",
             "trainer.accelerator=cpu",
-            "data.batch_size=8,0",
+            "model.backbone.name=resnet18,resnet_nope",
             "hydra/launcher=joblib",
             "hydra.launcher.n_jobs=2",
             f"hydra.sweep.dir={sweep_dir}",
         ],
         cwd=tmp_path,
     )
-    summary = pd.read_csv(sweep_dir / "summary.csv").set_index("data.batch_size")
-    assert summary.loc[8, "status"] == "done" and summary.loc[8, "best_val_acc"] >= 0
-    assert summary.loc[0, "status"] == "failed"
-    assert "data.batch_size must be >= 1" in summary.loc[0, "error"]
-    done = sweep_dir / str(summary.loc[8, "job"])
+    summary = pd.read_csv(sweep_dir / "summary.csv").set_index("model.backbone.name")
+    ok, bad = summary.loc["resnet18"], summary.loc["resnet_nope"]
+    assert ok["status"] == "done" and ok["best_val_acc"] >= 0
+    assert bad["status"] == "failed"
+    assert "unknown backbone 'resnet_nope'" in bad["error"]
+    done = sweep_dir / str(ok["job"])
     assert json.loads((done / "metrics.json").read_text())["world_size"] == 2
     assert (done / "train_rank1.log").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fail"]
@@ -217,7 +219,7 @@ def test_ddp_two_cpu_processes_one_run_dir(sweep_data: Path, tmp_path: Path) -> 
     ("precision", "accelerator", "message"),
     [
         ("16-mixed", "cpu", "needs a GPU"),
-        ("8-mixed", "cpu", "is not one of"),
+        ("8-mixed", "cpu", "8-mixed: one of"),
     ],
 )
 def test_unsupported_precision_fails_in_one_line(

@@ -250,9 +250,9 @@ def test_cli_contract_with_ensemble_and_prefilled_weights_cache(
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
-        ("data.root=/no/such/folder", "error: data.root /no/such/folder does not exist"),
+        ("data.root=/no/such/folder", "error: data.root=/no/such/folder: an existing folder"),
         ("model.backbone.name=resnet9000", "error: unknown backbone 'resnet9000'; available:"),
-        ("trainer.precision=8", "error: trainer.precision=8 is not one of"),
+        ("trainer.precision=8", "error: trainer.precision=8: one of"),
         ("data.augment=mixup", "error: unknown augment 'mixup'"),
     ],
 )

@@ -5,14 +5,12 @@ from __future__ import annotations
 import math
 from functools import partial
 
-import hydra
 from omegaconf import DictConfig
 
-from vision_tl.core.cli import run_command
-from vision_tl.core.config import config_dir
+from vision_tl.core.cli import command, run_command
 
 
-@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
+@command("train")
 def main(cfg: DictConfig) -> float | None:
     """Run one training job (`training.train.run_training`), as a resumable, contained job
     inside a sweep (`sweeps.jobs.run_job`); return the metric a sweeper optimises (NaN

@@ -1,27 +1,230 @@
-"""What every `python -m vision_tl.<command>` entry point shares."""
+"""What every `python -m vision_tl.<command>` entry point shares: a command line checked
+before Hydra starts, values checked before any work, and one-line errors.
+
+Hydra reports a typo in a key, a missing config option or an unwritable run dir as a
+multi-line message or a traceback; `command` composes the config first, the way Hydra
+will, and turns each of those into one `error: KEY=VALUE: ...` line with exit status 1.
+"""
 
 from __future__ import annotations
 
+import errno
+import functools
 import logging
-from collections.abc import Callable
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from vision_tl.core.errors import find_user_error
+from vision_tl.core.config import config_dir, register_resolvers
+from vision_tl.core.errors import ConfigError, find_user_error
+from vision_tl.core.validate import did_you_mean, validate, violations
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+# OS errors that the user fixes (space, permissions, a read-only or missing place).
+_USER_OS_ERRORS = {
+    errno.EACCES,
+    errno.EPERM,
+    errno.ENOSPC,
+    errno.EROFS,
+    errno.EDQUOT,
+    errno.ENOENT,
+    errno.ENOTDIR,
+    errno.EISDIR,
+}
+# Each sweep dimension is checked value by value, up to this many compositions.
+_MAX_COMPOSITIONS = 32
+
+
+def os_error_line(err: BaseException | None) -> str | None:
+    """`PATH: reason` for an OS error behind `err` that the user can fix, else None."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno in _USER_OS_ERRORS:
+            where = err.filename if err.filename is not None else "a file"
+            return f"{where}: {err.strerror or err}"
+        err = err.__cause__ or err.__context__
+    return None
+
 
 def run_command(work: Callable[..., T], cfg: DictConfig, *args: Any) -> T:
-    """Run `work(cfg, *args)`; an error the user can fix exits with one line, not a traceback."""
+    """Validate `cfg`, then run `work(cfg, *args)`; an error the user can fix (a config
+    value, a file, a full disk, a permission) exits with one line, not a traceback."""
     try:
+        validate(cfg)
         return work(cfg, *args)
     except Exception as err:
         user_error = find_user_error(err)
-        if user_error is None:
+        line = str(user_error) if user_error is not None else os_error_line(err)
+        if line is None:
             raise
-        log.error("%s", user_error)
-        raise SystemExit(f"error: {user_error}") from None
+        line = line.splitlines()[0] if line else type(err).__name__
+        log.error("%s", line)
+        raise SystemExit(f"error: {line}") from None
+
+
+def command(config_name: str) -> Callable[[Callable[[DictConfig], T]], Callable[[], T]]:
+    """`@hydra.main` on `conf/<config_name>.yaml`, after `check_command_line`."""
+    import hydra
+
+    def decorate(task: Callable[[DictConfig], T]) -> Callable[[], T]:
+        hydra_main = hydra.main(
+            version_base="1.3", config_path=str(config_dir()), config_name=config_name
+        )(task)
+
+        @functools.wraps(task)
+        def main() -> T:
+            try:
+                check_command_line(config_name, sys.argv[1:])
+            except ConfigError as err:
+                raise SystemExit(f"error: {err}") from None
+            return hydra_main()
+
+        return main
+
+    return decorate
+
+
+def check_command_line(config_name: str, argv: list[str]) -> None:
+    """Compose the config as Hydra will and raise a one-line `ConfigError` for an unknown
+    key or option, a bad value (every value of a sweep) or a run dir that cannot be written."""
+    from hydra._internal.utils import get_args_parser
+
+    args, _ = get_args_parser().parse_known_args(argv)
+    if (
+        args.help
+        or args.hydra_help
+        or args.cfg
+        or args.info
+        or args.shell_completion
+        or args.config_path
+        or args.config_dir
+        or args.experimental_rerun
+    ):
+        return
+    name = args.config_name or config_name
+    overrides = list(args.overrides)
+    register_resolvers()
+    first: DictConfig | None = None
+    for variant in _variants(overrides, multirun=bool(args.multirun)):
+        cfg = _compose(name, variant)
+        found = violations(cfg)
+        if found:
+            raise ConfigError(found[0])
+        first = first or cfg
+    if first is not None:
+        multirun = bool(args.multirun) or str(first.hydra.mode) == "RunMode.MULTIRUN"
+        key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+        _check_writable(key, OmegaConf.select(first, key))
+
+
+def _variants(overrides: list[str], multirun: bool) -> Iterator[list[str]]:
+    """The override lists to check: each sweep value in turn, the others at their first."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException, OverrideParseException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except OverrideParseException as err:
+        raise ConfigError(f"cannot parse the overrides: {str(err).splitlines()[0]}") from None
+    choices: list[list[str]] = []
+    for override in parsed:
+        line = override.input_line or ""
+        if not override.is_sweep_override():
+            choices.append([line])
+            continue
+        if not multirun:
+            raise ConfigError(f"{line}: a sweep over values needs -m (--multirun)")
+        try:
+            values = list(override.sweep_string_iterator())
+        except HydraException:  # interval(), tag(): Optuna draws them; the key is still checked
+            values = []
+        prefix = line.split("=", 1)[0]
+        choices.append([f"{prefix}={v}" for v in values] or [])
+    base = [c[0] for c in choices if c]
+    yield base
+    count = 1
+    for index, options in enumerate(choices):
+        for option in options[1:]:
+            if count >= _MAX_COMPOSITIONS:
+                return
+            count += 1
+            before = [c[0] for c in choices[:index] if c]
+            after = [c[0] for c in choices[index + 1 :] if c]
+            yield [*before, option, *after]
+
+
+def _compose(config_name: str, overrides: list[str]) -> DictConfig:
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import ConfigCompositionException, MissingConfigException
+
+    try:
+        with initialize_config_dir(str(config_dir()), version_base="1.3"):
+            return compose(config_name, overrides=overrides, return_hydra_config=True)
+    except MissingConfigException as err:
+        raise ConfigError(_missing_option(err, overrides)) from None
+    except ConfigCompositionException as err:
+        raise ConfigError(_composition_problem(config_name, err, overrides)) from None
+
+
+def _missing_option(err: Any, overrides: list[str]) -> str:
+    missing = str(getattr(err, "missing_cfg_file", "") or "")
+    group, _, option = missing.rpartition("/")
+    options = [str(o) for o in (getattr(err, "options", None) or [])]
+    given = next((o for o in overrides if o.lstrip("+~").split("=", 1)[0] == group), None)
+    if not group or not options:
+        return str(err).splitlines()[0]
+    return (
+        f"{given or f'{group}={option}'}: not a config of {group}/ "
+        f"(one of {', '.join(options)}){did_you_mean(option, options)}"
+    )
+
+
+def _composition_problem(config_name: str, err: Exception, overrides: list[str]) -> str:
+    message = str(err)
+    if message.startswith("Could not override '"):
+        key = message.split("'")[1]
+        given = next((o for o in overrides if o.split("=", 1)[0] == key), key)
+        others = [o for o in overrides if o.split("=", 1)[0] != key]
+        try:
+            known = _dotted_keys(_compose(config_name, others))
+        except ConfigError:
+            known = []
+        return f"{given}: no such key{did_you_mean(key, known)} (+{given} adds a new key)"
+    return message.splitlines()[0]
+
+
+def _dotted_keys(cfg: Any, prefix: str = "") -> list[str]:
+    """Every key path of `cfg`, groups and leaves, without Hydra's own node."""
+    keys = []
+    for key in cfg:
+        if not prefix and key == "hydra":
+            continue
+        path = f"{prefix}{key}"
+        keys.append(path)
+        node = cfg._get_node(key)
+        if isinstance(node, DictConfig):
+            keys.extend(_dotted_keys(node, f"{path}."))
+    return keys
+
+
+def _check_writable(key: str, directory: Any) -> None:
+    """Fail in one line when `directory` cannot be created or written, before Hydra tries."""
+    path = Path(str(directory)).expanduser().absolute()
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{key}={directory}: {existing} is a file, not a folder")
+    try:
+        probe = tempfile.mkdtemp(prefix=".vision_tl-", dir=existing)
+        Path(probe).rmdir()
+    except OSError as err:
+        raise ConfigError(
+            f"{key}={directory}: cannot write under {existing} ({err.strerror or err})"
+        ) from None

@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
 from vision_tl.core.errors import ConfigError
+from vision_tl.core.validate import did_you_mean
 
 T = TypeVar("T")
 
@@ -36,7 +37,8 @@ class Registry(Generic[T]):
             return self._entries[name]
         except KeyError:
             known = ", ".join(sorted(self._entries))
-            raise ConfigError(f"unknown {self.kind} '{name}'; available: {known}") from None
+            hint = did_you_mean(str(name), self.names())
+            raise ConfigError(f"unknown {self.kind} '{name}'; available: {known}{hint}") from None
 
     def names(self) -> list[str]:
         return sorted(self._entries)

@@ -107,7 +107,7 @@ def read_manifest(manifest: str | Path, root: str | Path | None, bad: list[BadFi
     """
     manifest = Path(manifest).expanduser()
     if not manifest.is_file():
-        raise ConfigError(f"data.manifest {manifest} does not exist")
+        raise ConfigError(f"data.manifest={manifest}: does not exist")
     try:
         frame = pd.read_csv(manifest, dtype=str, keep_default_na=False, skipinitialspace=True)
     except Exception as err:
@@ -156,7 +156,7 @@ def stratified_split(
     least one. The result depends only on the file names, `val_fraction` and `seed`.
     """
     if not 0.0 < val_fraction < 1.0:
-        raise ConfigError(f"data.val_fraction must be between 0 and 1, got {val_fraction}")
+        raise ConfigError(f"data.val_fraction={val_fraction}: a number > 0 and < 1")
     train, val = {}, {}
     for name, files in per_class.items():
         files = sorted(files)
@@ -195,7 +195,7 @@ def scan_root(
             raise ConfigError("data.root is not set")
         root = Path(root).expanduser()
         if not root.is_dir():
-            raise ConfigError(f"data.root {root} does not exist or is not a folder")
+            raise ConfigError(f"data.root={root}: does not exist or is not a folder")
         candidates = _folder_candidates(root, ignored, bad)
         where = f"class subfolders of {root / 'train' if (root / 'train').is_dir() else root}"
     if not any(candidates.get("train", {}).values()) and not bad:

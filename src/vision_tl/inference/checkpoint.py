@@ -35,7 +35,7 @@ def load_checkpoint(ckpt_path: str | Path | None) -> LoadedModel:
         raise ConfigError("ckpt_path is required, e.g. ckpt_path=RUN_DIR/checkpoints/best.ckpt")
     path = Path(ckpt_path).expanduser().resolve()
     if not path.is_file():
-        raise ConfigError(f"ckpt_path {path} does not exist or is not a file")
+        raise ConfigError(f"ckpt_path={path}: does not exist or is not a file")
     try:
         task = ClassificationTask.load_from_checkpoint(path, map_location="cpu", weights_only=True)
     except Exception as err:

@@ -33,6 +33,7 @@ from torchmetrics.functional.classification import (
 from vision_tl.core.errors import ConfigError
 from vision_tl.core.io import write_json
 from vision_tl.core.plots import confusion_matrix_figure
+from vision_tl.core.validate import did_you_mean
 from vision_tl.data.decode import load_rgb
 from vision_tl.data.folder import SPLITS
 from vision_tl.inference.checkpoint import check_class_names, load_checkpoint
@@ -46,7 +47,9 @@ EVAL_SPLITS = ("auto", *SPLITS, "all")
 def select_split(samples: dict[str, list[tuple[str, int]]], split: str) -> tuple[str, list]:
     """`auto` is the test split when the data has one, else val; `all` is every image."""
     if split not in EVAL_SPLITS:
-        raise ConfigError(f"split={split} is not one of {', '.join(EVAL_SPLITS)}")
+        raise ConfigError(
+            f"split={split}: one of {', '.join(EVAL_SPLITS)}{did_you_mean(str(split), EVAL_SPLITS)}"
+        )
     if split == "auto":
         split = "test" if samples.get("test") else "val"
     if split == "all":

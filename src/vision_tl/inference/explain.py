@@ -21,6 +21,7 @@ from torch import nn
 
 from vision_tl.core.errors import ConfigError
 from vision_tl.core.runtime import resolve_device
+from vision_tl.core.validate import did_you_mean
 from vision_tl.data.augment import denormalize_batch, eval_transform, normalize_batch
 from vision_tl.data.decode import error_line
 from vision_tl.inference.checkpoint import LoadedModel, load_checkpoint
@@ -43,7 +44,8 @@ def cam_class(method: str) -> type:
     import pytorch_grad_cam
 
     if method not in METHODS:
-        raise ConfigError(f"unknown method '{method}'; available: {', '.join(METHODS)}")
+        hint = did_you_mean(str(method), list(METHODS))
+        raise ConfigError(f"method={method}: one of {', '.join(METHODS)}{hint}")
     return getattr(pytorch_grad_cam, METHODS[method])
 
 

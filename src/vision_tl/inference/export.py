@@ -19,6 +19,7 @@ from torch import nn
 
 from vision_tl.core.errors import ConfigError
 from vision_tl.core.io import write_json
+from vision_tl.core.validate import did_you_mean
 from vision_tl.inference.checkpoint import LoadedModel, load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -121,7 +122,9 @@ def run_export(cfg: DictConfig) -> dict[str, Any]:
     """Write the model file and `model.json` into the run dir; check the file's outputs."""
     fmt = str(cfg.format)
     if fmt not in FORMATS:
-        raise ConfigError(f"format={fmt} is not one of {', '.join(FORMATS)}")
+        raise ConfigError(
+            f"format={fmt}: one of {', '.join(FORMATS)}{did_you_mean(fmt, list(FORMATS))}"
+        )
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     loaded = load_checkpoint(cfg.get("ckpt_path"))

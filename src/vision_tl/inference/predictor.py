@@ -66,20 +66,20 @@ def collect_inputs(source: str | Path | None) -> InputImages:
         )
         if not files:
             extensions = ", ".join(IMAGE_EXTENSIONS)
-            raise ConfigError(f"input {path} holds no image files ({extensions})")
+            raise ConfigError(f"input={path}: holds no image files ({extensions})")
         names = [p.relative_to(path).as_posix() for p in files]
         return InputImages(files, names, [p.stem for p in files])
     if path.suffix.lower() == ".csv" and path.is_file():
         frame = pd.read_csv(path, dtype=str, keep_default_na=False)
         if "path" not in frame.columns:
-            raise ConfigError(f"input {path} has no 'path' column (columns: {list(frame.columns)})")
+            raise ConfigError(f"input={path}: no 'path' column (columns: {list(frame.columns)})")
         names = frame["path"].tolist()
         files = [path.parent / name for name in names]
         ids = frame["id"].tolist() if "id" in frame.columns else [Path(n).stem for n in names]
         return InputImages(files, names, ids)
     if path.is_file():
         return InputImages([path], [str(source)], [path.stem])
-    raise ConfigError(f"input {path} does not exist")
+    raise ConfigError(f"input={path}: does not exist")
 
 
 # --------------------------------------------------------------------------- dataset
@@ -91,7 +91,7 @@ class ViewTransform:
 
     def __init__(self, preprocess: Preprocess, crops: int = 1) -> None:
         if crops not in CROPS:
-            raise ConfigError(f"tta.crops must be one of {CROPS}, got {crops}")
+            raise ConfigError(f"tta.crops={crops}: one of {CROPS}")
         self.crops = crops
         self.transform = eval_transform(preprocess)
         self.resize = resize_op(preprocess)
@@ -174,7 +174,7 @@ class Predictor:
         progress: bool = False,
     ) -> None:
         if batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+            raise ConfigError(f"batch_size={batch_size}: a positive integer")
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.preprocess = preprocess
