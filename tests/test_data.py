@@ -25,6 +25,7 @@ from vision_tl.data import (
     train_transform,
 )
 from vision_tl.data.builtin import shapes
+from vision_tl.data.decode import decode
 from vision_tl.models import build_backbone
 
 
@@ -180,3 +181,69 @@ def test_builtin_dataset_is_generated_once(tmp_path: Path) -> None:
     stamp = marker.stat().st_mtime_ns
     assert DATASETS.get("shapes").materialize(tmp_path) == first
     assert marker.stat().st_mtime_ns == stamp
+
+
+def _corner_marked(width: int, height: int) -> np.ndarray:
+    """A grey image with a red block in its top-left corner: every rotation looks different."""
+    pixels = np.full((height, width, 3), 90, np.uint8)
+    pixels[: height // 4, : width // 4] = (250, 0, 0)
+    return pixels
+
+
+# EXIF orientation -> the turn a viewer applies (np.rot90 counts anticlockwise quarter turns).
+QUARTER_TURNS = {3: 2, 6: -1, 8: 1}
+
+
+@pytest.mark.parametrize("orientation", sorted(QUARTER_TURNS))
+def test_exif_orientation_turns_an_asymmetric_image_the_right_way(
+    tmp_path: Path, orientation: int
+) -> None:
+    stored = _corner_marked(40, 24)
+    path = tmp_path / f"rotated{orientation}.jpg"
+    image = Image.fromarray(stored)
+    exif = image.getexif()
+    exif[0x0112] = orientation
+    image.save(path, exif=exif, quality=95)
+    upright = np.rot90(stored, QUARTER_TURNS[orientation]).astype(int)
+    for decoded in (decode(path).permute(1, 2, 0).numpy(), np.asarray(load_rgb(path))):
+        assert decoded.shape == upright.shape, "width and height follow the orientation"
+        error = np.abs(decoded.astype(int) - upright).mean()  # JPEG blurs the block's edge
+        assert error < 6, "the red corner sits where a viewer shows it"
+
+
+def test_16_bit_images_are_scaled_not_clipped(tmp_path: Path) -> None:
+    path = tmp_path / "deep.png"
+    levels = np.array([[0, 257 * 64, 257 * 128, 65535]], dtype=np.uint16).repeat(4, 0)
+    Image.fromarray(levels).save(path)
+    assert Image.open(path).mode.startswith("I")
+    expected = np.array([0, 64, 128, 255])
+    assert decode(path)[0, 0].tolist() == expected.tolist()
+    assert [load_rgb(path).getpixel((x, 0))[0] for x in range(4)] == expected.tolist()
+
+
+def test_palette_transparency_is_composited_on_the_background(tmp_path: Path) -> None:
+    path = tmp_path / "palette.png"
+    indices = np.zeros((4, 4), np.uint8)
+    indices[:, 2:] = 1  # left half: palette entry 0 (transparent); right half: red
+    image = Image.fromarray(indices, mode="P")
+    image.putpalette([0, 255, 0, 200, 0, 0] + [0] * 762)  # entry 0 is green when opaque
+    image.save(path, transparency=0)
+    background = (10, 20, 30)
+    for decoded in (
+        decode(path, background),
+        torch.from_numpy(np.asarray(load_rgb(path, background=background))).permute(2, 0, 1),
+    ):
+        assert decoded[:, 0, 0].tolist() == list(background), "transparent pixels show through"
+        assert decoded[:, 0, 3].tolist() == [200, 0, 0]
+
+
+def test_train_crops_are_random_regions_not_the_centre() -> None:
+    pre = Preprocess(16, 18, "bilinear")
+    ramp = torch.arange(64 * 64, dtype=torch.float32).view(1, 64, 64) / (64 * 64) * 255
+    image = ramp.to(torch.uint8).expand(3, 64, 64).contiguous()
+    centre = eval_transform(pre)(image)
+    torch.manual_seed(0)
+    crops = [train_transform(pre, "flip_crop", (0.2, 0.5))(image) for _ in range(8)]
+    means = {round(c.float().mean().item()) for c in crops}
+    assert len(means) >= 6, "each draw takes another region of the ramp"
+    assert all(not torch.equal(c, centre) for c in crops)

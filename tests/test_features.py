@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from functools import partial
 from pathlib import Path
@@ -182,6 +183,14 @@ def test_ensemble_probe_with_augmented_views_trains_from_the_cache(
         "finetune=linear_probe",
         "data.feature_views=2",
         "trainer.max_epochs=1",
+        "+callbacks.spy._target_=helpers.spies.RunSpy",
     ]
     metrics = run_training(compose_train(overrides, tmp_path / "run"))
     assert metrics["epochs"] == 1 and 0.0 <= metrics["test_acc"] <= 1.0
+    spy = json.loads((tmp_path / "run" / "spy.json").read_text())
+    assert spy["feature_inputs"] and spy["backbone_calls"] == 0, "no member ran during training"
+
+    bypassed = [*overrides, "data.feature_cache=off"]
+    run_training(compose_train(bypassed, tmp_path / "off"))
+    spy = json.loads((tmp_path / "off" / "spy.json").read_text())
+    assert spy["backbone_calls"] > 0, "the spy sees the members when they do run"

@@ -20,7 +20,7 @@ from torch import nn
 from vision_tl.core.cli import run_command
 from vision_tl.core.config import config_dir
 from vision_tl.core.errors import ConfigError
-from vision_tl.data.augment import eval_transform, normalize_batch
+from vision_tl.data.augment import eval_transform, normalize_batch, resize_op
 from vision_tl.data.decode import decode
 from vision_tl.data.preprocess import Preprocess
 from vision_tl.inference.checkpoint import load_checkpoint
@@ -28,7 +28,7 @@ from vision_tl.inference.eval import run_eval, select_split
 from vision_tl.inference.explain import run_explain, target_layer
 from vision_tl.inference.export import run_export
 from vision_tl.inference.predict import run_predict
-from vision_tl.inference.predictor import Predictor, collect_inputs
+from vision_tl.inference.predictor import Predictor, ViewTransform, collect_inputs
 from vision_tl.models import build_backbone
 from vision_tl.training.train import run_training
 
@@ -226,6 +226,54 @@ def test_export_cli_onnx_matches_pytorch(
 # --------------------------------------------------------------------------- in-process
 
 
+def test_reject_threshold_splits_rows_on_both_sides(
+    single_ckpt: Path, data_root: Path, tmp_path: Path
+) -> None:
+    base = [f"ckpt_path={single_ckpt}", f"input={data_root / 'test'}", "num_workers=0"]
+    run_predict(compose_entry("predict", base, tmp_path / "plain"))
+    confidence = pd.read_csv(tmp_path / "plain" / "predictions.csv").confidence.sort_values()
+    assert confidence.iloc[0] < confidence.iloc[-1], "the model is not equally sure of every image"
+    middle = len(confidence) // 2
+    threshold = float((confidence.iloc[middle - 1] + confidence.iloc[middle]) / 2)
+    if confidence.iloc[middle - 1] == confidence.iloc[middle]:
+        threshold = float((confidence.iloc[0] + confidence.iloc[-1]) / 2)
+    run_predict(
+        compose_entry("predict", [*base, f"reject_threshold={threshold}"], tmp_path / "reject")
+    )
+    frame = pd.read_csv(tmp_path / "reject" / "predictions.csv")
+    rejected = frame.confidence < threshold
+    assert 0 < rejected.sum() < len(frame), "rows on both sides of the threshold"
+    assert (frame.label[rejected] == "unknown").all()
+    assert (frame.label[~rejected] == frame.top1_label[~rejected]).all()
+
+
+@pytest.fixture(scope="module")
+def timm_ckpt(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    timm = ["model.backbone.name=timm/tf_efficientnet_lite0", "data.image_size=64"]
+    return _train(data_root, tmp_path_factory.mktemp("timm"), timm)
+
+
+@pytest.mark.parametrize("which", ["ensemble_ckpt", "timm_ckpt"])
+def test_onnx_parity_for_an_ensemble_and_a_timm_model(
+    which: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    import onnxruntime as ort
+
+    ckpt = request.getfixturevalue(which)
+    card = run_export(compose_entry("export", [f"ckpt_path={ckpt}", "format=onnx"], tmp_path))
+    assert card["max_abs_diff"] < 1e-4
+    model = load_checkpoint(ckpt).model
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    torch.manual_seed(0)
+    size = card["input_size"]
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, size, size)
+        with torch.no_grad():
+            expected = model(x).numpy()
+        (logits,) = session.run(None, {card["input"]["name"]: x.numpy()})
+        np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=0)
+
+
 @pytest.mark.filterwarnings(r"ignore:`torch\.jit\.load` is deprecated")
 def test_torchscript_export_matches_pytorch(single_ckpt: Path, tmp_path: Path) -> None:
     card = run_export(
@@ -345,6 +393,28 @@ def test_tta_averages_flips_and_crops(tmp_path: Path) -> None:
     assert not torch.allclose(plain.probs, flips.probs), "the flip changes the ramp score"
     crops = five.predict([tmp_path / "left.png"])
     torch.testing.assert_close(crops.probs.sum(1), torch.ones(1))
+
+
+def test_five_tta_crops_are_the_corners_and_centre_of_the_resized_image() -> None:
+    pre = Preprocess(input_size=8, resize_size=12, interpolation="nearest")
+    image = torch.arange(3 * 12 * 18, dtype=torch.int64).view(3, 12, 18).remainder(251)
+    image = image.to(torch.uint8)
+    views = ViewTransform(pre, crops=5)(image)
+    resized = resize_op(pre)(image)
+    s, h, w = 8, 12, 18
+    top, left = (h - s) // 2, (w - s) // 2
+    expected = [
+        resized[:, :s, :s],
+        resized[:, :s, -s:],
+        resized[:, -s:, :s],
+        resized[:, -s:, -s:],
+        resized[:, top : top + s, left : left + s],
+    ]
+    assert views.shape == (5, 3, s, s)
+    for view, region in zip(views, expected, strict=True):
+        torch.testing.assert_close(view, region)
+    distinct = {tuple(v.flatten().tolist()) for v in views}
+    assert len(distinct) == 5, "five different regions, not five copies of one crop"
 
 
 # Cheap to build, and the three stage layouts: ResNet layers, torchvision `features` +

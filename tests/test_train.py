@@ -6,11 +6,13 @@ import json
 import socket
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 import torchvision
-from conftest import TINY, run_cli
+from conftest import TINY, make_image_folder, run_cli
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from vision_tl.data import ImageFolderDataModule
@@ -73,17 +75,116 @@ def test_short_run_writes_checkpoints_metrics_and_tensorboard(
     assert ckpt["hyper_parameters"]["load_pretrained"] is False
 
 
-def test_tiny_run_learns(compose_train, image_folder: Path, tmp_path: Path) -> None:
+def _stripes(horizontal: bool, seed: int, size: int) -> Image.Image:
+    """Stripes of random colours, period and phase: only their direction tells the class."""
+    rng = np.random.default_rng(seed)
+    fg = rng.integers(0, 256, 3)
+    period = int(rng.integers(8, 13))
+    phase = int(rng.integers(0, period))
+    ramp = (np.arange(size) + phase) % period < period // 2
+    mask = np.repeat(ramp[:, None], size, 1) if horizontal else np.repeat(ramp[None, :], size, 0)
+    pixels = np.where(mask[..., None], fg, 255 - fg).astype(np.uint8)  # contrast in any hue
+    return Image.fromarray(pixels)
+
+
+def test_learns_where_only_shape_separates_the_classes(compose_train, tmp_path: Path) -> None:
+    """Colour says nothing about the class here: a broken resize, crop or layout cannot pass."""
+    root = tmp_path / "stripes"
+    for s, (split, count) in enumerate((("train", 40), ("val", 20))):
+        for c, name in enumerate(("horizontal", "vertical")):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                _stripes(c == 0, seed=s * 1000 + c * 100 + i, size=40).save(folder / f"{i}.png")
     overrides = [
         *TINY,
-        f"data.root={image_folder}",
-        "trainer.max_epochs=6",
+        f"data.root={root}",
+        "trainer.max_epochs=4",
         "finetune=full",
         "optimizer.lr=0.003",
-        "data.augment=none",
+        "data.crop_scale=[0.5,1.0]",
+        "test=false",
     ]
     metrics = run_training(compose_train(overrides, tmp_path / "run"))
     assert metrics["best_val_acc"] >= 0.9
+
+
+def test_class_weights_change_the_loss_by_the_expected_factor() -> None:
+    weights = [1.0, 4.0]
+    task = ClassificationTask(
+        {"backbone": {"name": "resnet18"}, "pretrained": False}, ["a", "b"], class_weights=weights
+    )
+    plain = ClassificationTask({"backbone": {"name": "resnet18"}, "pretrained": False}, ["a", "b"])
+    logits = torch.tensor([[2.0, 0.0], [2.0, 0.0]])  # right on the first, wrong on the second
+    y = torch.tensor([0, 1])
+    per_image = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+    expected = (1.0 * per_image[0] + 4.0 * per_image[1]) / 5.0  # weighted mean, as torch
+    torch.testing.assert_close(task._loss(logits, y), expected)
+    torch.testing.assert_close(plain._loss(logits, y), per_image.mean())
+    assert task._loss(logits, y) / plain._loss(logits, y) > 1.4, "the rare class weighs more"
+
+
+def _spied_run(compose_train, data: Path, out: Path, overrides: list[str]) -> tuple[dict, dict]:
+    cfg = compose_train(
+        [
+            *TINY,
+            f"data.root={data}",
+            "test=false",
+            "+callbacks.spy._target_=helpers.spies.RunSpy",
+            *overrides,
+        ],
+        out,
+    )
+    metrics = run_training(cfg)
+    return metrics, json.loads((out / "spy.json").read_text())
+
+
+def test_auto_class_weights_reach_the_loss(compose_train, tmp_path: Path) -> None:
+    data = make_image_folder(tmp_path / "data", classes=("a", "b"), per_class=6)
+    for extra in list((data / "train" / "b").iterdir())[2:]:
+        extra.unlink()  # train: 6 a, 2 b
+    _, spy = _spied_run(
+        compose_train, data, tmp_path / "run", ["trainer.max_epochs=1", "loss.class_weights=auto"]
+    )
+    inverse = [1 / 6, 1 / 2]
+    scale = 2 / sum(inverse)
+    assert spy["class_weights"] == pytest.approx([w * scale for w in inverse])  # [0.5, 1.5]
+
+
+def test_precision_asked_is_the_precision_used(
+    compose_train, image_folder: Path, tmp_path: Path
+) -> None:
+    metrics, spy = _spied_run(
+        compose_train,
+        image_folder,
+        tmp_path / "run",
+        ["trainer.max_epochs=1", "trainer.precision=bf16-mixed", "finetune=full"],
+    )
+    assert spy["precision"] == metrics["precision"] == "bf16-mixed"
+    assert spy["autocast"] == ["torch.bfloat16"], "the backbone ran under bf16 autocast"
+
+
+def test_early_stopping_fires(compose_train, image_folder: Path, tmp_path: Path) -> None:
+    """A head that cannot move (LR 1e-12 on frozen features) never improves val/acc."""
+    metrics = run_training(
+        compose_train(
+            [
+                *TINY,
+                f"data.root={image_folder}",
+                "test=false",
+                "finetune=linear_probe",
+                "callbacks=early_stopping",
+                "callbacks.early_stopping.patience=1",
+                "optimizer.lr=1e-12",
+                "scheduler=none",
+                "trainer.max_epochs=8",
+            ],
+            tmp_path / "run",
+        )
+    )
+    history = pd.read_csv(tmp_path / "run" / "history.csv")
+    assert len(history) == 2, "epoch 0 sets the best, epoch 1 fails to beat it: stop"
+    assert metrics["epochs"] < 8
 
 
 def test_checkpoint_reloads_offline_without_the_weights_file(
