@@ -19,8 +19,9 @@ format:
 test:
 	$(VENV)/bin/pytest
 
+# the unit tier: no training run, under a minute (integration and slow: make test)
 test-fast:
-	$(VENV)/bin/pytest -m "not slow"
+	$(VENV)/bin/pytest -m unit
 
 train:
 	$(PY) -m vision_tl.train $(ARGS)

@@ -43,6 +43,43 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 network_guard.install()
 
 
+TIERS = ("unit", "integration", "slow")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A test without `integration` or `slow` is `unit`; `unit_tests_never_train` holds
+    it to that. Runs before `-m` selects, so `make test-fast` (-m unit) sees the marks."""
+    for item in items:
+        tiers = {m.name for m in item.iter_markers() if m.name in TIERS}
+        if len(tiers) > 1:
+            raise pytest.UsageError(f"{item.nodeid}: one tier of {', '.join(TIERS)}, not {tiers}")
+        if not tiers:
+            item.add_marker(pytest.mark.unit)
+
+
+class TrainingInUnitTest(RuntimeError):
+    pass
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    """The unit tier stays fast because nothing in it, its fixtures included, fits a model
+    or starts a command."""
+    if item.get_closest_marker("unit") is None:
+        yield
+        return
+    import lightning
+
+    def refuse(*args, **kwargs):
+        raise TrainingInUnitTest(f"{item.nodeid} trains: mark it integration")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(lightning.Trainer, "fit", refuse)
+        mp.setenv("VISION_TL_TEST_TIER", "unit")
+        yield
+
+
 @pytest.fixture(scope="session")
 def session_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("vision_tl_cache")
@@ -109,6 +146,8 @@ def run_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeo
     import subprocess
     import sys
 
+    if os.environ.get("VISION_TL_TEST_TIER") == "unit":
+        raise TrainingInUnitTest(f"a unit test runs {args[:1]}: mark it integration")
     full_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
     # A session of its own, so a timeout also kills the processes it started (DDP ranks).
     with subprocess.Popen(

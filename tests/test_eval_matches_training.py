@@ -18,6 +18,8 @@ from vision_tl.core.config import config_dir
 from vision_tl.inference.eval import run_eval
 from vision_tl.training.train import run_training
 
+pytestmark = pytest.mark.integration
+
 
 def _jpeg_folder(root: Path) -> Path:
     make_image_folder(root, splits=("train", "val"), per_class=8, size=48)

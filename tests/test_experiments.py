@@ -111,6 +111,7 @@ def test_experiment_sets_its_recipe(name: str) -> None:
         assert value == expected, f"{name}: {key} = {value!r}, recipe says {expected!r}"
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_experiment_trains(compose_train, image_folder: Path, tmp_path: Path, name: str) -> None:
     cfg = compose_train(
@@ -130,6 +131,7 @@ def test_experiment_trains(compose_train, image_folder: Path, tmp_path: Path, na
     assert (tmp_path / "metrics.json").exists()
 
 
+@pytest.mark.integration
 def test_competition_recipe_writes_predictions_for_the_unlabeled_test_folder(
     compose_train, tmp_path: Path
 ) -> None:

@@ -112,6 +112,7 @@ def test_augmented_views_and_clear_bypasses(
         prepare_features(strict, _task("full"))
 
 
+@pytest.mark.integration
 def test_linear_probe_reuses_the_cache_and_a_change_invalidates_it(
     compose_train,
     image_folder: Path,
@@ -171,6 +172,7 @@ def test_linear_probe_reuses_the_cache_and_a_change_invalidates_it(
     assert run("other_backbone", "model.backbone.name=mobilenet_v2")[1] == "built"
 
 
+@pytest.mark.integration
 def test_ensemble_probe_with_augmented_views_trains_from_the_cache(
     compose_train, image_folder: Path, tmp_path: Path
 ) -> None:

@@ -104,6 +104,7 @@ def test_bad_finetune_values() -> None:
 PARTIAL_NETWORKS = [*available_backbones(), "timm/convnext_atto", "timm/test_vit"]
 
 
+@pytest.mark.integration  # builds every full-size network
 @pytest.mark.parametrize("name", PARTIAL_NETWORKS)
 def test_partial_one_stage_trains_exactly_the_last_stage(name: str) -> None:
     spec = {"backbone": {"name": name}, "head": {"name": "linear"}, "pretrained": False}

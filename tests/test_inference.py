@@ -140,6 +140,7 @@ def cli(
     return {name: base / name for name in commands}
 
 
+@pytest.mark.integration
 def test_predict_cli_folder_with_unreadable_file(cli: dict[str, Path]) -> None:
     out = cli["predict"]
     frame = pd.read_csv(out / "predictions.csv")
@@ -172,6 +173,7 @@ def test_predict_cli_folder_with_unreadable_file(cli: dict[str, Path]) -> None:
     assert submission.label.tolist() == frame.label.tolist()
 
 
+@pytest.mark.integration
 def test_eval_cli_writes_metrics_tables_and_plots(cli: dict[str, Path]) -> None:
     out = cli["eval"]
     metrics = json.loads((out / "metrics.json").read_text())
@@ -201,6 +203,7 @@ def test_eval_cli_writes_metrics_tables_and_plots(cli: dict[str, Path]) -> None:
         assert width > 100 and height > 100
 
 
+@pytest.mark.integration
 def test_export_cli_onnx_matches_pytorch(
     cli: dict[str, Path], single_ckpt: Path, data_root: Path
 ) -> None:
@@ -226,6 +229,7 @@ def test_export_cli_onnx_matches_pytorch(
 # --------------------------------------------------------------------------- in-process
 
 
+@pytest.mark.integration
 def test_reject_threshold_splits_rows_on_both_sides(
     single_ckpt: Path, data_root: Path, tmp_path: Path
 ) -> None:
@@ -253,6 +257,7 @@ def timm_ckpt(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     return _train(data_root, tmp_path_factory.mktemp("timm"), timm)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("which", ["ensemble_ckpt", "timm_ckpt"])
 def test_onnx_parity_for_an_ensemble_and_a_timm_model(
     which: str, request: pytest.FixtureRequest, tmp_path: Path
@@ -274,6 +279,7 @@ def test_onnx_parity_for_an_ensemble_and_a_timm_model(
         np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=0)
 
 
+@pytest.mark.integration
 @pytest.mark.filterwarnings(r"ignore:`torch\.jit\.load` is deprecated")
 def test_torchscript_export_matches_pytorch(single_ckpt: Path, tmp_path: Path) -> None:
     card = run_export(
@@ -287,6 +293,7 @@ def test_torchscript_export_matches_pytorch(single_ckpt: Path, tmp_path: Path) -
         torch.testing.assert_close(module(x), load_checkpoint(single_ckpt).model(x))
 
 
+@pytest.mark.integration
 def test_predict_ensemble_with_tta_from_csv(
     ensemble_ckpt: Path, data_root: Path, tmp_path: Path
 ) -> None:
@@ -318,6 +325,7 @@ def test_predict_ensemble_with_tta_from_csv(
     assert pd.read_csv(tmp_path / "out" / "unreadable.csv").path.tolist() == ["fox/missing.png"]
 
 
+@pytest.mark.integration
 def test_explain_single_and_ensemble(
     single_ckpt: Path, ensemble_ckpt: Path, data_root: Path, tmp_path: Path
 ) -> None:
@@ -340,6 +348,7 @@ def test_explain_single_and_ensemble(
         assert _decodes(out / file) == (64, 64)
 
 
+@pytest.mark.integration
 def test_class_list_mismatch_names_both_lists(single_ckpt: Path, tmp_path: Path) -> None:
     root = make_image_folder(tmp_path / "data", classes=("cat", "dog"), per_class=2)
     cfg = compose_entry("eval", [f"ckpt_path={single_ckpt}", f"data.root={root}"], tmp_path / "o")
@@ -419,6 +428,7 @@ def test_five_tta_crops_are_the_corners_and_centre_of_the_resized_image() -> Non
 
 # Cheap to build, and the three stage layouts: ResNet layers, torchvision `features` +
 # classifier (the last stage is flat), timm's grouped stages.
+@pytest.mark.integration  # builds every full-size network
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "timm/tf_efficientnet_lite0"])
 def test_cam_target_layer_is_a_spatial_stage(name: str) -> None:
     backbone = build_backbone(name, weights=None).eval()

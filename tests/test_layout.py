@@ -41,6 +41,7 @@ GROUPS = sorted({str(p.parent.relative_to(CONF)) for p in CONF.rglob("*/*.yaml")
 GROUP_OPTIONS = [(group, name) for group in GROUPS for name in _options(group)]
 
 
+@pytest.mark.integration  # builds every full-size network
 @pytest.mark.parametrize(("group", "name"), GROUP_OPTIONS, ids=lambda v: str(v))
 def test_every_config_option_composes_and_builds(group: str, name: str, tmp_path: Path) -> None:
     """`<group>=<name>` composes with the rest of `train`, and what it configures builds."""

@@ -140,6 +140,7 @@ def test_scan_sorts_every_kind_of_file_and_caches_verdicts(tmp_path: Path) -> No
     assert rotated.size == (24, 48), "EXIF orientation is applied"
 
 
+@pytest.mark.integration
 def test_training_on_a_messy_folder_uses_every_good_image_and_lists_every_bad_one(
     compose_train, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -43,6 +43,7 @@ def test_registry_has_the_required_backbones() -> None:
     assert set(available_backbones()) >= REQUIRED
 
 
+@pytest.mark.integration  # builds every full-size network
 @pytest.mark.parametrize("name", available_backbones() + TIMM_MODELS)
 def test_backbone_forward_backward(name: str) -> None:
     backbone = build_backbone(name, weights=None)

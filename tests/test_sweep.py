@@ -45,6 +45,7 @@ def _decodes(path: Path) -> bool:
         return image.size[0] > 0
 
 
+@pytest.mark.integration
 def test_grid_sweep_one_dir_per_job_and_summary(sweep_data: Path, tmp_path: Path) -> None:
     sweep_dir = tmp_path / "grid"
     _sweep(
@@ -96,6 +97,7 @@ def test_grid_sweep_one_dir_per_job_and_summary(sweep_data: Path, tmp_path: Path
     assert row["best_val_acc"] == pytest.approx(history["val_acc"].max())
 
 
+@pytest.mark.integration
 def test_optuna_search_three_trials(sweep_data: Path, tmp_path: Path) -> None:
     sweep_dir = tmp_path / "optuna"
     # A value given on the command line fixes that parameter: leave batch size to Optuna.
@@ -123,6 +125,7 @@ def test_optuna_search_three_trials(sweep_data: Path, tmp_path: Path) -> None:
     assert summary["model.head.dropout"].between(0.0, 0.6).all()
 
 
+@pytest.mark.integration
 def test_interrupted_sweep_resumes_without_redoing_finished_jobs(
     sweep_data: Path, tmp_path: Path
 ) -> None:
@@ -162,6 +165,7 @@ def test_interrupted_sweep_resumes_without_redoing_finished_jobs(
     assert "resuming from" in (second / "train.log").read_text()
 
 
+@pytest.mark.integration
 def test_failing_job_is_recorded_and_ddp_job_finishes_under_joblib(
     sweep_data: Path, tmp_path: Path
 ) -> None:
@@ -192,6 +196,7 @@ def test_failing_job_is_recorded_and_ddp_job_finishes_under_joblib(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fail"]
 
 
+@pytest.mark.integration
 def test_ddp_two_cpu_processes_one_run_dir(sweep_data: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "ddp"
     result = run_cli(
@@ -231,6 +236,7 @@ def test_unsupported_precision_fails_in_one_line(
     check_precision("bf16-mixed", "cpu")
 
 
+@pytest.mark.integration
 def test_cli_rejects_16_mixed_on_cpu(tmp_path: Path) -> None:
     result = run_cli(
         [

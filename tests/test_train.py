@@ -28,6 +28,7 @@ def _scalars(run_dir: Path) -> dict[str, list[float]]:
     return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
+@pytest.mark.integration
 def test_short_run_writes_checkpoints_metrics_and_tensorboard(
     compose_train, image_folder: Path, tmp_path: Path
 ) -> None:
@@ -87,6 +88,7 @@ def _stripes(horizontal: bool, seed: int, size: int) -> Image.Image:
     return Image.fromarray(pixels)
 
 
+@pytest.mark.integration
 def test_learns_where_only_shape_separates_the_classes(compose_train, tmp_path: Path) -> None:
     """Colour says nothing about the class here: a broken resize, crop or layout cannot pass."""
     root = tmp_path / "stripes"
@@ -139,6 +141,7 @@ def _spied_run(compose_train, data: Path, out: Path, overrides: list[str]) -> tu
     return metrics, json.loads((out / "spy.json").read_text())
 
 
+@pytest.mark.integration
 def test_auto_class_weights_reach_the_loss(compose_train, tmp_path: Path) -> None:
     data = make_image_folder(tmp_path / "data", classes=("a", "b"), per_class=6)
     for extra in list((data / "train" / "b").iterdir())[2:]:
@@ -151,6 +154,7 @@ def test_auto_class_weights_reach_the_loss(compose_train, tmp_path: Path) -> Non
     assert spy["class_weights"] == pytest.approx([w * scale for w in inverse])  # [0.5, 1.5]
 
 
+@pytest.mark.integration
 def test_precision_asked_is_the_precision_used(
     compose_train, image_folder: Path, tmp_path: Path
 ) -> None:
@@ -164,6 +168,7 @@ def test_precision_asked_is_the_precision_used(
     assert spy["autocast"] == ["torch.bfloat16"], "the backbone ran under bf16 autocast"
 
 
+@pytest.mark.integration
 def test_early_stopping_fires(compose_train, image_folder: Path, tmp_path: Path) -> None:
     """A head that cannot move (LR 1e-12 on frozen features) never improves val/acc."""
     metrics = run_training(
@@ -187,6 +192,7 @@ def test_early_stopping_fires(compose_train, image_folder: Path, tmp_path: Path)
     assert metrics["epochs"] < 8
 
 
+@pytest.mark.integration
 def test_checkpoint_reloads_offline_without_the_weights_file(
     compose_train, image_folder: Path, tmp_path: Path
 ) -> None:
@@ -220,6 +226,7 @@ def test_checkpoint_reloads_offline_without_the_weights_file(
     assert task.class_names == ["cat", "dog", "fox"] and task.preprocess.input_size == 32
 
 
+@pytest.mark.integration
 def test_resume_from_last_checkpoint(compose_train, image_folder: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     base = [*TINY, f"data.root={image_folder}", "test=false"]
@@ -234,6 +241,7 @@ def test_resume_from_last_checkpoint(compose_train, image_folder: Path, tmp_path
     assert len(_scalars(run_dir)["val/acc"]) == 3  # epoch 0 was not trained again
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("fusion", FUSIONS.names())
 def test_ensemble_fast_dev_run(
     compose_train, image_folder: Path, tmp_path: Path, fusion: str
@@ -250,6 +258,7 @@ def test_ensemble_fast_dev_run(
     assert metrics["num_classes"] == 3 and metrics["best_checkpoint"] is None
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     "overrides",
     [
@@ -274,6 +283,7 @@ def test_config_groups_train(compose_train, image_folder: Path, tmp_path: Path, 
     assert metrics["epochs"] == 2 and metrics["best_val_acc"] is not None
 
 
+@pytest.mark.integration
 def test_gradual_unfreezes_the_backbone(image_folder: Path) -> None:
     from functools import partial
 
@@ -315,6 +325,7 @@ def test_gradual_unfreezes_the_backbone(image_folder: Path) -> None:
     assert not torch.equal(start, task.model.backbone.body.conv1.weight)
 
 
+@pytest.mark.integration
 def test_cli_contract_with_ensemble_and_prefilled_weights_cache(
     image_folder: Path, tmp_path: Path
 ) -> None:
@@ -348,6 +359,7 @@ def test_cli_contract_with_ensemble_and_prefilled_weights_cache(
     assert not (tmp_path / "outputs").exists(), "hydra.run.dir must hold the whole run"
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
@@ -367,6 +379,7 @@ def test_cli_user_errors_are_one_line(tmp_path: Path, override: str, expected: s
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.integration
 def test_same_seed_same_run(compose_train, image_folder: Path, tmp_path: Path) -> None:
     overrides = [*TINY, f"data.root={image_folder}", "test=false", "seed=7"]
     runs = [run_training(compose_train(overrides, tmp_path / name)) for name in ("a", "b")]
