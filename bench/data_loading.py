@@ -1,14 +1,15 @@
-"""Bench 1: data-loading images/s, vision_tl's pipeline vs `ImageFolder` + classic transforms.
+"""Bench 1: data-loading images/s, vision_tl's pipeline vs two `ImageFolder` baselines.
 
     .venv/bin/python bench/data_loading.py [--epochs 4] [--rounds 3]
 
 Hymenoptera at 224 px (EfficientNet-Lite0 preprocessing), the same batch size and worker
-count on both sides, persistent workers on both. Each loader runs one warm-up epoch
-(workers start, files enter the page cache), then `--epochs` timed epochs; the rounds
-alternate the sides so background load hits both alike. vision_tl is timed as training
-sees it: under a Trainer its loaders ship uint8 batches and the datamodule normalises
-them after transfer (`on_after_batch_transfer`), which is included here; the baseline
-normalises in its workers. Prints one JSON document.
+count on both sides, persistent workers on both. Each loader runs one warm-up epoch (workers
+start, files enter the page cache), then `--epochs` timed epochs; the rounds alternate the
+sides so background load hits both alike. Baselines: the classic PIL + `ToTensor`
+transforms, and today's careful one (`decode_image` + v2 transforms on uint8). vision_tl is
+timed as training sees it: under a Trainer its loaders ship uint8 batches and the datamodule
+normalises them after transfer (`on_after_batch_transfer`), which is included here; the
+baseline normalises in its workers. Prints one JSON document.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from common import (
     HYMENOPTERA,
     add_loader_args,
+    careful_loader,
     emit,
     loader_workers,
     preprocess,
@@ -80,6 +82,11 @@ def main() -> None:
                 0.0,
                 None,
             ),
+            "torchvision_decode_v2_uint8": lambda s, t: (
+                careful_loader(s, t, True, args.batch_size, workers),
+                0.0,
+                None,
+            ),
             "vision_tl": lambda s, t: vision_tl_loader(s, t, args.batch_size, workers, cache),
             "vision_tl_resize_cache": lambda s, t: vision_tl_loader(
                 s, t, args.batch_size, workers, cache, resize_cache=True
@@ -106,6 +113,11 @@ def main() -> None:
                     side: round(v / base, 2)
                     for side, v in median.items()
                     if side != "torchvision_imagefolder"
+                },
+                "speedup_vs_decode_v2_uint8": {
+                    side: round(v / median["torchvision_decode_v2_uint8"], 2)
+                    for side, v in median.items()
+                    if side.startswith("vision_tl")
                 },
             }
         result["resize_cache_build_s"] = round(max(setup.values()), 2)
