@@ -51,6 +51,7 @@ from vision_tl.core.io import read_json, write_json
 from vision_tl.core.runtime import available_cpus, resolve_device
 from vision_tl.data.datamodule import ImageFolderDataModule
 from vision_tl.data.decode import load_rgb
+from vision_tl.data.features import file_signature
 from vision_tl.data.folder import SPLITS
 from vision_tl.data.stats import class_count_rows, imbalance
 from vision_tl.inference.audit_page import write_page
@@ -101,12 +102,12 @@ def fingerprints(paths: Sequence[str], cache_file: Path | None) -> pd.DataFrame:
     rows: dict[str, list[Any]] = {}
     todo = []
     for path in paths:
-        stat = os.stat(path)
+        key = file_signature([path])[0][1:]  # [size, mtime_ns]; [-1, -1] if it is gone
         entry = known.get(path)
-        if entry and entry[:2] == [stat.st_size, stat.st_mtime_ns]:
+        if entry and entry[:2] == key and key[0] >= 0:
             rows[path] = entry
         else:
-            todo.append((path, [stat.st_size, stat.st_mtime_ns]))
+            todo.append((path, key))
     if todo:
         with ThreadPoolExecutor(min(16, 2 * available_cpus())) as pool:
             for (path, key), values in zip(
