@@ -99,6 +99,13 @@ class FeatureStore:
         """Row of each file whose features exist (failed files have none)."""
         return {path: i for i, path in enumerate(self.files) if path not in self.failed}
 
+    def read_rows(self, rows: Sequence[int], view: int = 0) -> np.ndarray:
+        """Rows of one view as a (len(rows), dim) float32 array, for whole-set analyses
+        (the dataset audit) that hold every row in memory anyway."""
+        count = len(self.files) * self.dim
+        data = np.fromfile(self.data_file, np.float32, count, offset=view * count * 4)
+        return data.reshape(len(self.files), self.dim)[np.asarray(rows, dtype=np.int64)]
+
 
 class FeatureDataset(Dataset):
     """(features, label) items read from a `FeatureStore`, one `pread` per row.
