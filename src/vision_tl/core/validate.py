@@ -189,6 +189,15 @@ RULES: dict[str, Allowed] = {
     "opset": or_null(integer(7), "the exporter's default"),
     "tolerance": number(gt=0),
     "verify": FLAG,
+    # audit
+    "audit.hash_distance": integer(0),
+    "audit.sure_distance": integer(0),
+    "audit.min_similarity": number(ge=-1, le=1),
+    "audit.folds": integer(2),
+    "audit.neighbours": integer(1),
+    "audit.outlier_z": number(gt=0),
+    "audit.unclaimed": PROBABILITY,
+    "audit.thumbnails": integer(0),
 }
 
 
