@@ -22,13 +22,12 @@ import statistics
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from common import (
     add_loader_args,
     emit,
     loader_workers,
+    plain_fit,
     plain_model,
-    plain_optimizer,
     require_shared,
     scratch,
     standard_loader,
@@ -43,26 +42,7 @@ def plain_probe(seed: int, epochs: int, augment: bool, batch_size: int, workers:
     backbone.eval().requires_grad_(False)
     train = standard_loader("train", True, augment, batch_size, workers)
     val = standard_loader("val", False, augment, batch_size, workers)
-    optimizer, scheduler = plain_optimizer(head.parameters(), len(train), epochs)
-    accuracies = []
-    for _ in range(epochs):
-        head.train()
-        for x, y in train:
-            with torch.no_grad():
-                features = backbone(x)
-            loss = F.cross_entropy(head(features), y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-        head.eval()
-        correct = total = 0
-        with torch.no_grad():
-            for x, y in val:
-                correct += int((head(backbone(x)).argmax(1) == y).sum())
-                total += len(y)
-        accuracies.append(correct / total)
-    return {"best_val_acc": max(accuracies), "final_val_acc": accuracies[-1]}
+    return plain_fit(backbone, head, train, val, epochs)
 
 
 def vision_tl_probe(

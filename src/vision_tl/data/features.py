@@ -81,6 +81,7 @@ class FeatureStore:
     views: int
     dim: int
     failed: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0  # what computing the entry cost
 
     @property
     def row_bytes(self) -> int:
@@ -93,7 +94,14 @@ class FeatureStore:
     @classmethod
     def open(cls, directory: Path) -> FeatureStore:
         meta = json.loads((directory / "meta.json").read_text())
-        return cls(directory, meta["files"], meta["views"], meta["dim"], meta["failed"])
+        return cls(
+            directory,
+            meta["files"],
+            meta["views"],
+            meta["dim"],
+            meta["failed"],
+            float(meta.get("seconds", 0.0)),
+        )
 
     def index(self) -> dict[str, int]:
         """Row of each file whose features exist (failed files have none)."""
@@ -298,3 +306,27 @@ class CachedFeatures:
         kept = [(index[p], label) for p, label in self.samples[split] if p in index]
         rows, labels = [r for r, _ in kept], [label for _, label in kept]
         return FeatureDataset(store, rows, labels), store.views
+
+    def tensors(self, split: str, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every row of `split` in memory, as (views x samples x dim features, labels).
+
+        For the probe search, which trains many heads over the same rows: it holds one
+        split's rows, not the whole store.
+        """
+        dataset, views = self.dataset(split, train)
+        data = np.memmap(dataset.path, dtype=np.float32, mode="r")
+        data = data.reshape(views, dataset.stride, -1)[:, dataset.rows]
+        return torch.from_numpy(np.ascontiguousarray(data)), torch.from_numpy(dataset.labels)
+
+    @property
+    def images_per_s(self) -> float | None:
+        """Extraction throughput of these entries when they were computed (images x views)."""
+        stores = [s for s in (self.eval_store, self.train_store) if s is not None]
+        seconds = sum(s.seconds for s in stores)
+        return sum(len(s.files) * s.views for s in stores) / seconds if seconds > 0 else None
+
+    @property
+    def seconds_built(self) -> float:
+        """Seconds this fit spent computing features (0 when every entry was reused)."""
+        stores = {"eval": self.eval_store, "train": self.train_store}
+        return sum(s.seconds for k, s in stores.items() if s is not None and not self.hits.get(k))

@@ -84,6 +84,8 @@ class ClassificationTask(L.LightningModule):
                     f"only {fixed} px inputs"
                 )
         self.feature_inputs = False
+        # The converged probe's chosen settings and search cost (`training.probe`), if any.
+        self.probe: dict[str, Any] | None = None
         self.label_smoothing = label_smoothing
         weights = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
         self.register_buffer("class_weights", weights, persistent=False)
@@ -235,6 +237,8 @@ class ClassificationTask(L.LightningModule):
             "best_epoch": self.best_epoch,
             "val_acc_best": float(self.val_acc_best.compute()) if self.best_epoch >= 0 else None,
         }
+        if self.probe is not None:
+            checkpoint["vision_tl"]["probe"] = self.probe
 
     def _take_saved_preprocess(self, saved: Preprocess) -> None:
         """Loading for inference: what the run used travels with its weights. Resuming a fit:
@@ -254,6 +258,7 @@ class ClassificationTask(L.LightningModule):
         if meta.get("preprocess"):
             self._take_saved_preprocess(Preprocess.from_dict(meta["preprocess"]))
         self.best_epoch = meta.get("best_epoch", -1)
+        self.probe = meta.get("probe", self.probe)
         if meta.get("val_acc_best") is not None:
             self.val_acc_best(torch.tensor(meta["val_acc_best"]))
         self.finetune.resume(self.model, int(checkpoint.get("epoch", 0)))
