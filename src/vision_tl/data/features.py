@@ -34,6 +34,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from vision_tl.core.errors import ConfigError
+from vision_tl.core.runtime import backbone_precision
 from vision_tl.data.augment import normalize_batch
 from vision_tl.data.dataset import ImageListDataset
 from vision_tl.data.decode import error_line
@@ -193,10 +194,12 @@ def _extract(
     device: torch.device,
     batch_size: int,
     num_workers: int,
+    precision: str = "fp32",
 ) -> tuple[int, dict[str, str]]:
     """Write `model.features` of every image (per view) to `out/features.f32`.
 
-    `images` yields uint8 crops; they are normalised here, a batch at a time.
+    `images` yields uint8 crops; they are normalised here, a batch at a time. The
+    backbone runs in `precision` (`bf16`: autocast); rows are stored as float32.
     """
     n = len(images)
     failed: dict[str, str] = {}
@@ -219,7 +222,7 @@ def _extract(
                         failed.setdefault(images.samples[i][0], reason)
                     if x is None:
                         continue
-                    with torch.inference_mode():
+                    with torch.inference_mode(), backbone_precision(precision, device):
                         x = normalize_batch(x.to(device, non_blocking=True), images.preprocess)
                         x = x.contiguous(memory_format=torch.channels_last)
                         feats = model.features(x).float().cpu()
@@ -241,8 +244,10 @@ def load_or_build(
     device: torch.device,
     batch_size: int,
     num_workers: int,
+    precision: str = "fp32",
 ) -> tuple[FeatureStore, bool]:
-    """The entry for `spec`, computed now if absent; returns (store, was it a hit)."""
+    """The entry for `spec`, computed now (the backbone in `precision`) if absent; returns
+    (store, was it a hit)."""
     key = cache_key(spec)
     final = root / key
     root.mkdir(parents=True, exist_ok=True)
@@ -265,7 +270,9 @@ def load_or_build(
             # channels_last runs convolutions ~1.6x faster on CPU (oneDNN) and on tensor cores.
             model.eval().to(device, memory_format=torch.channels_last)
             try:
-                dim, failed = _extract(model, images, views, tmp, device, batch_size, num_workers)
+                dim, failed = _extract(
+                    model, images, views, tmp, device, batch_size, num_workers, precision
+                )
             finally:
                 model.to(original, memory_format=torch.contiguous_format)
                 model.train(training)
@@ -298,6 +305,7 @@ class CachedFeatures:
     train_store: FeatureStore | None
     samples: dict[str, list[tuple[str, int]]]
     hits: dict[str, bool] = field(default_factory=dict)
+    precision: str = "fp32"  # what the backbone ran in (`bf16`, `fp32`)
 
     def dataset(self, split: str, train: bool) -> tuple[FeatureDataset, int]:
         """Features of `split` (files that failed extraction left out), and the view count."""

@@ -58,6 +58,7 @@ class FeatureCache(L.Callback):
             features = self.converge_probe(trainer, pl_module, dm, features)
         dm.use_features(features)
         pl_module.feature_inputs = True
+        pl_module.feature_precision = features.precision
         self._one_thread = contextlib.ExitStack()
         self._one_thread.enter_context(one_thread())
 

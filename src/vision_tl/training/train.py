@@ -210,6 +210,7 @@ def run_training(cfg: DictConfig, predict: PredictFn | None = None) -> dict[str,
         "val_loss": float(val_loss) if val_loss is not None else None,
         "preprocess": task.preprocess.to_dict(),
         "probe": task.probe,
+        "feature_precision": task.feature_precision,
         **{k.replace("/", "_"): v for k, v in task.last_val.items()},
         **{k.replace("/", "_"): v for k, v in task.last_test.items()},
     }
