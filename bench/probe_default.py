@@ -53,15 +53,33 @@ GRID_LRS = (1e-3, 1e-2)
 GRID_WDS = (0.0, 1e-4, 1e-3, 1e-2, 1e-1)
 
 
-def vision_tl_run(root: Path, run_dir: Path, cache: Path, overrides: list[str]) -> dict:
+def data_overrides(name: str, work: Path, per_class: int) -> list[str]:
+    """`data.root` of the set; with `per_class`, a manifest of its first N images per class
+    (a set of class folders only), for a machine too slow or too busy for all of them."""
+    root = DATASETS[name]
+    if not per_class:
+        return [f"data.root={root}"]
+    if (root / "train").is_dir():
+        raise SystemExit(f"--per-class needs a set of class folders; {name} has a split")
+    rows = [
+        (str(path.relative_to(root)), folder.name)
+        for folder in sorted(p for p in root.iterdir() if p.is_dir())
+        for path in sorted(folder.iterdir())[:per_class]
+    ]
+    manifest = work / "manifest.csv"
+    pd.DataFrame(rows, columns=["path", "label"]).to_csv(manifest, index=False)
+    return [f"data.root={root}", f"data.manifest={manifest}"]
+
+
+def vision_tl_run(data: list[str], run_dir: Path, cache: Path, overrides: list[str]) -> dict:
     from vision_tl.training.train import run_training
 
     os.environ["VISION_TL_CACHE"] = str(cache)
-    cfg = vision_tl_config([f"data.root={root}", "test=false", *overrides], run_dir)
+    cfg = vision_tl_config([*data, "test=false", *overrides], run_dir)
     return run_training(cfg)
 
 
-def cached_features(root: Path, run_dir: Path, cache: Path) -> dict[str, torch.Tensor]:
+def cached_features(data: list[str], run_dir: Path, cache: Path) -> dict[str, torch.Tensor]:
     """The features a finished run cached (train views, train eval view, val eval view)."""
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
@@ -69,7 +87,7 @@ def cached_features(root: Path, run_dir: Path, cache: Path) -> dict[str, torch.T
     from vision_tl.models import build_model
 
     os.environ["VISION_TL_CACHE"] = str(cache)
-    cfg = vision_tl_config([f"data.root={root}", "finetune=linear_probe"], run_dir)
+    cfg = vision_tl_config([*data, "finetune=linear_probe"], run_dir)
     dm = instantiate(cfg.data)
     dm.setup("fit")
     model = build_model(OmegaConf.to_container(cfg.model), len(dm.class_names)).eval()
@@ -152,14 +170,14 @@ def plain_loop(split_csv: Path, epochs: int, batch_size: int, workers: int, seed
 
 
 def bench_dataset(name: str, work: Path, args: argparse.Namespace, workers: int) -> dict:
-    root = DATASETS[name]
+    data = data_overrides(name, work, args.per_class)
     common = ["finetune=linear_probe", f"data.num_workers={workers}", f"seed={args.seed}"]
     cache = work / "cache"
-    new, new_s = timed(vision_tl_run, root, work / "new", cache, common)
+    new, new_s = timed(vision_tl_run, data, work / "new", cache, common)
     # Same cache entries as the new default (same backbone, transform and views): only its
     # accuracy is compared, and that does not depend on who computed the features.
-    old, old_s = timed(vision_tl_run, root, work / "old", cache, [*common, "finetune.search=false"])
-    feats, load_s = timed(cached_features, root, work / "old", cache)
+    old, old_s = timed(vision_tl_run, data, work / "old", cache, [*common, "finetune.search=false"])
+    feats, load_s = timed(cached_features, data, work / "old", cache)
     grid, grid_s = timed(hand_grid, feats, len(old["class_names"]))
     split_csv = work / "old" / "split.csv"
     plain, plain_s = (None, None)
@@ -201,6 +219,7 @@ def main() -> None:
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     parser.add_argument("--plain-epochs", type=int, default=10)
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--per-class", type=int, default=0, help="first N images per class")
     add_loader_args(parser)
     args = parser.parse_args()
     require_shared()
