@@ -152,6 +152,33 @@ def plain_optimizer(params, steps_per_epoch: int, epochs: int):
     return optimizer, schedule["scheduler"]
 
 
+def plain_fit(backbone: nn.Module, head: nn.Module, train, val, epochs: int) -> dict:
+    """The notebook loop: the frozen backbone runs on every batch of every epoch; val acc
+    after each epoch."""
+    import torch.nn.functional as F
+
+    optimizer, scheduler = plain_optimizer(head.parameters(), len(train), epochs)
+    accuracies = []
+    for _ in range(epochs):
+        head.train()
+        for x, y in train:
+            with torch.no_grad():
+                features = backbone(x)
+            loss = F.cross_entropy(head(features), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+        head.eval()
+        correct = total = 0
+        with torch.no_grad():
+            for x, y in val:
+                correct += int((head(backbone(x)).argmax(1) == y).sum())
+                total += len(y)
+        accuracies.append(correct / total)
+    return {"best_val_acc": max(accuracies), "final_val_acc": accuracies[-1]}
+
+
 def vision_tl_config(overrides: Sequence[str], run_dir: Path):
     """The real `train` config with the hymenoptera + EfficientNet-Lite0 setting."""
     from hydra import compose, initialize_config_dir

@@ -29,6 +29,7 @@ from common import (
     careful_loader,
     emit,
     loader_workers,
+    plain_fit,
     plain_model,
     plain_optimizer,
     require_shared,
@@ -45,26 +46,7 @@ def plain_probe(seed: int, epochs: int, augment: bool, batch_size: int, workers:
     backbone.eval().requires_grad_(False)
     train = standard_loader("train", True, augment, batch_size, workers)
     val = standard_loader("val", False, augment, batch_size, workers)
-    optimizer, scheduler = plain_optimizer(head.parameters(), len(train), epochs)
-    accuracies = []
-    for _ in range(epochs):
-        head.train()
-        for x, y in train:
-            with torch.no_grad():
-                features = backbone(x)
-            loss = F.cross_entropy(head(features), y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-        head.eval()
-        correct = total = 0
-        with torch.no_grad():
-            for x, y in val:
-                correct += int((head(backbone(x)).argmax(1) == y).sum())
-                total += len(y)
-        accuracies.append(correct / total)
-    return {"best_val_acc": max(accuracies), "final_val_acc": accuracies[-1]}
+    return plain_fit(backbone, head, train, val, epochs)
 
 
 def careful_probe(seed: int, epochs: int, batch_size: int, workers: int) -> dict:
@@ -107,6 +89,7 @@ def vision_tl_probe(
 
     overrides = [
         "finetune=linear_probe",
+        "finetune.search=false",  # the same 10 epochs as the loops (bench/probe_default.py: search)
         f"seed={seed}",
         f"trainer.max_epochs={epochs}",
         f"data.augment={augment}",

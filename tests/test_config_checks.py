@@ -71,7 +71,7 @@ def test_every_rule_rejects_a_wrong_type_and_accepts_the_shipped_defaults() -> N
 
     from vision_tl.core.config import config_dir
 
-    for name in ("train", "eval", "predict", "explain", "export", "audit"):
+    for name in ("train", "eval", "predict", "explain", "export", "audit", "select"):
         with initialize_config_dir(version_base="1.3", config_dir=str(config_dir())):
             assert violations(compose(name)) == [], name
 

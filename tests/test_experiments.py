@@ -68,6 +68,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "binary_resnet18_features": {
         "model.backbone.name": "resnet18",
         "finetune.mode": "linear_probe",
+        "finetune.search": False,
         "optimizer._target_": "torch.optim.SGD",
         "scheduler.step_size": 7,
         "data.batch_size": 4,
@@ -77,6 +78,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "model.members": ["resnet50", "mobilenet_v2"],
         "model.fusion": "logits",
         "finetune.mode": "linear_probe",
+        "finetune.search": False,
         "hydra.sweeper.params": {"data.batch_size": "4,8", "optimizer.lr": "0.01,0.001"},
     },
     "ensemble_features_grid": {
@@ -84,12 +86,14 @@ RECIPES: dict[str, dict[str, Any]] = {
         "model.fusion": "features",
         "model.head.layer_norm": True,
         "finetune.mode": "linear_probe",
+        "finetune.search": False,
         "hydra.sweeper.params": {"data.batch_size": "4,8", "optimizer.lr": "0.01,0.001"},
     },
     "ensemble_features": {"model.fusion": "features", "finetune.mode": "linear_probe"},
     "hymenoptera_probe": {
         "model.backbone.name": "timm/tf_efficientnet_lite0",
         "finetune.mode": "linear_probe",
+        "finetune.search": True,
     },
 }
 

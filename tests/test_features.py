@@ -27,10 +27,12 @@ CLASSES = ["cat", "dog", "fox"]
 
 
 def _task(finetune: str = "linear_probe", backbone: str = "resnet18") -> ClassificationTask:
+    # The cache, not the probe search (tests/test_probe.py), is under test here.
+    policy = {"mode": finetune, **({"search": False} if finetune == "linear_probe" else {})}
     return ClassificationTask(
         {"backbone": {"name": backbone}, "pretrained": False},
         CLASSES,
-        finetune={"mode": finetune},
+        finetune=policy,
         optimizer=partial(torch.optim.AdamW, lr=1e-3),
     )
 
@@ -49,6 +51,7 @@ def prepare_features(
 
 
 def _datamodule(root: Path, task: ClassificationTask, **kwargs) -> ImageFolderDataModule:
+    kwargs.setdefault("feature_precision", "fp32")  # exact comparisons with the backbone
     dm = ImageFolderDataModule(root=str(root), num_workers=0, batch_size=8, image_size=32, **kwargs)
     dm.setup()
     dm.set_preprocess(task.model.preprocess.resolve(dm.preprocess_overrides))
@@ -123,7 +126,15 @@ def test_linear_probe_reuses_the_cache_and_a_change_invalidates_it(
     calls = []
     forward = Backbone.forward
     monkeypatch.setattr(Backbone, "forward", lambda self, x: calls.append(1) or forward(self, x))
-    base = [*TINY, f"data.root={image_folder}", "finetune=linear_probe", "data.augment=none"]
+    # The plain probe in fp32: the cached run must train exactly like the uncached one.
+    base = [
+        *TINY,
+        f"data.root={image_folder}",
+        "finetune=linear_probe",
+        "finetune.search=false",
+        "data.feature_precision=fp32",
+        "data.augment=none",
+    ]
 
     def run(name: str, *extra: str) -> tuple[dict, str]:
         caplog.clear()
@@ -183,6 +194,7 @@ def test_ensemble_probe_with_augmented_views_trains_from_the_cache(
         "model.members=[resnet18,mobilenet_v2]",
         "model.fusion=logits",
         "finetune=linear_probe",
+        "finetune.search=false",
         "data.feature_views=2",
         "trainer.max_epochs=1",
         "+callbacks.spy._target_=helpers.spies.RunSpy",

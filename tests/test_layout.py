@@ -22,7 +22,7 @@ from vision_tl.training.finetune import FINETUNE, build_finetune
 from vision_tl.training.task import ClassificationTask
 
 CONF = config_dir()
-ENTRY_POINTS = {"train", "eval", "predict", "explain", "export", "report", "audit"}
+ENTRY_POINTS = {"train", "eval", "predict", "explain", "export", "report", "audit", "select"}
 PACKAGE = REPO / "src" / "vision_tl"
 LAYERS = ("core", "data", "models", "training", "inference", "sweeps")
 

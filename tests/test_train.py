@@ -262,7 +262,14 @@ def test_ensemble_fast_dev_run(
 @pytest.mark.parametrize(
     "overrides",
     [
-        ["finetune=linear_probe", "model/head=mlp", "optimizer=sgd", "scheduler=step"],
+        # the probe search with another optimiser, an epoch scheduler and a dropout head
+        [
+            "finetune=linear_probe",
+            "finetune.epochs=2",
+            "model/head=mlp",
+            "optimizer=sgd",
+            "scheduler=step",
+        ],
         ["finetune=partial", "optimizer=adam", "scheduler=onecycle", "loss.class_weights=auto"],
         [
             "finetune=gradual",

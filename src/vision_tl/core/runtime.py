@@ -1,8 +1,13 @@
-"""Facts about the machine a command runs on: usable CPU cores, the torch device to use."""
+"""Facts about the machine a command runs on: usable CPU cores, the torch device to use,
+whether bfloat16 runs natively."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
+from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
@@ -26,3 +31,43 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
         return torch.device(name)
     except RuntimeError as err:
         raise ConfigError(f"device={name} is not a torch device (auto, cpu, cuda, cuda:1)") from err
+
+
+PRECISIONS = ("auto", "bf16", "fp32")  # data.feature_precision, eval/predict precision
+
+
+@functools.cache
+def _cpu_has_bf16() -> bool:
+    """AVX512-BF16 or AMX in the CPU flags (Linux), and oneDNN built with bf16 kernels:
+    elsewhere bf16 is emulated and slower than float32."""
+    if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether bfloat16 convolutions run natively (faster than float32) on `device`."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and _cpu_has_bf16()
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """`auto`: `bf16` where it runs natively on `device`, else `fp32`; `bf16` and `fp32`
+    as given."""
+    if name not in PRECISIONS:
+        raise ConfigError(f"precision={name} is not one of {', '.join(PRECISIONS)}")
+    if name == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return name
+
+
+@contextlib.contextmanager
+def backbone_precision(precision: str, device: torch.device) -> Iterator[None]:
+    """Run a frozen backbone's forward pass in `precision` (`bf16`: autocast)."""
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        yield

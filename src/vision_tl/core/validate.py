@@ -18,6 +18,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from vision_tl.core.errors import ConfigError
+from vision_tl.core.runtime import PRECISIONS
 
 _MISSING = object()
 
@@ -189,6 +190,15 @@ RULES: dict[str, Allowed] = {
     "opset": or_null(integer(7), "the exporter's default"),
     "tolerance": number(gt=0),
     "verify": FLAG,
+    # the converged probe (finetune=linear_probe), select
+    "finetune.search": FLAG,
+    "finetune.epochs": integer(1),
+    "finetune.batch_size": integer(1),
+    "finetune.folds": integer(2),
+    "data.feature_precision": one_of(*PRECISIONS),
+    "precision": one_of(*PRECISIONS),
+    "time_budget": or_null(number(gt=0), "no limit"),
+    "weights_dir": or_null(_path("folder"), "none"),
     # audit
     "audit.hash_distance": integer(0),
     "audit.sure_distance": integer(0),

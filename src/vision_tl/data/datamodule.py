@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from vision_tl.core.config import cache_dir
 from vision_tl.core.errors import ConfigError
-from vision_tl.core.runtime import available_cpus
+from vision_tl.core.runtime import available_cpus, resolve_precision
 from vision_tl.data.augment import (
     AugmentPreset,
     eval_transform,
@@ -95,6 +95,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         feature_cache: str = "auto",
         feature_views: int = 4,
         max_failed_fraction: float = 0.1,
+        feature_precision: str = "auto",
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -131,6 +132,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.feature_views = int(feature_views)
         self.max_failed_fraction = float(max_failed_fraction)
         self._failures_size = -1
+        resolve_precision(feature_precision, torch.device("cpu"))  # a bad name fails now
+        self.feature_precision = feature_precision
         self.preprocess: Preprocess | None = None
         self.split: SplitSamples | None = None
         self.bad_file_log = BadFileLog()
@@ -284,6 +287,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         is decided elsewhere, once (`vision_tl.training.callbacks.FeatureCache`).
         """
         pre = self.preprocess
+        precision = resolve_precision(self.feature_precision, device)
         base = {
             "version": CACHE_VERSION,
             "backbones": [
@@ -292,6 +296,8 @@ class ImageFolderDataModule(L.LightningDataModule):
             "preprocess": pre.to_dict(),
             "decode": {"resize_cache": bool(self.resize_cache)},
         }
+        if precision != "fp32":  # fp32 entries keep the keys they always had
+            base["precision"] = precision
         root = self.cache_root / "features"
         batch_size = max(32, self.batch_size)
         samples = self.split.samples
@@ -302,7 +308,9 @@ class ImageFolderDataModule(L.LightningDataModule):
             images = ImageListDataset([(p, 0) for p in files], pre, transform, self.sources())
             spec = {**base, **spec, "files": file_signature(files)}
             workers = self.num_workers
-            return load_or_build(root, spec, model, images, views, device, batch_size, workers)
+            return load_or_build(
+                root, spec, model, images, views, device, batch_size, workers, precision
+            )
 
         every_file = sorted({p for split in samples.values() for p, _ in split})
         eval_store, eval_hit = build(every_file, eval_transform(pre), 1, {"transform": "eval"})
@@ -323,15 +331,16 @@ class ImageFolderDataModule(L.LightningDataModule):
             else "the eval transform (data.augment=none)"
         )
         log.info(
-            "Feature cache: %s %d images, %d features each, %s; the backbone does not run during "
-            "training (%s)",
+            "Feature cache: %s %d images, %d features each (backbone in %s), %s; the backbone "
+            "does not run during training (%s)",
             "reusing" if all(hits.values()) else "built",
             len(every_file),
             eval_store.dim,
+            precision,
             views,
             eval_store.directory.parent,
         )
-        return CachedFeatures(eval_store, train_store, samples, hits)
+        return CachedFeatures(eval_store, train_store, samples, hits, precision)
 
     def use_features(self, features: CachedFeatures | None) -> None:
         """Serve `features` instead of images from now on (None: images again)."""

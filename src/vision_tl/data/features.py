@@ -34,6 +34,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from vision_tl.core.errors import ConfigError
+from vision_tl.core.runtime import backbone_precision
 from vision_tl.data.augment import normalize_batch
 from vision_tl.data.dataset import ImageListDataset
 from vision_tl.data.decode import error_line
@@ -81,6 +82,7 @@ class FeatureStore:
     views: int
     dim: int
     failed: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0  # what computing the entry cost
 
     @property
     def row_bytes(self) -> int:
@@ -93,7 +95,14 @@ class FeatureStore:
     @classmethod
     def open(cls, directory: Path) -> FeatureStore:
         meta = json.loads((directory / "meta.json").read_text())
-        return cls(directory, meta["files"], meta["views"], meta["dim"], meta["failed"])
+        return cls(
+            directory,
+            meta["files"],
+            meta["views"],
+            meta["dim"],
+            meta["failed"],
+            float(meta.get("seconds", 0.0)),
+        )
 
     def index(self) -> dict[str, int]:
         """Row of each file whose features exist (failed files have none)."""
@@ -192,10 +201,12 @@ def _extract(
     device: torch.device,
     batch_size: int,
     num_workers: int,
+    precision: str = "fp32",
 ) -> tuple[int, dict[str, str]]:
     """Write `model.features` of every image (per view) to `out/features.f32`.
 
-    `images` yields uint8 crops; they are normalised here, a batch at a time.
+    `images` yields uint8 crops; they are normalised here, a batch at a time. The
+    backbone runs in `precision` (`bf16`: autocast); rows are stored as float32.
     """
     n = len(images)
     failed: dict[str, str] = {}
@@ -218,7 +229,7 @@ def _extract(
                         failed.setdefault(images.samples[i][0], reason)
                     if x is None:
                         continue
-                    with torch.inference_mode():
+                    with torch.inference_mode(), backbone_precision(precision, device):
                         x = normalize_batch(x.to(device, non_blocking=True), images.preprocess)
                         x = x.contiguous(memory_format=torch.channels_last)
                         feats = model.features(x).float().cpu()
@@ -240,8 +251,10 @@ def load_or_build(
     device: torch.device,
     batch_size: int,
     num_workers: int,
+    precision: str = "fp32",
 ) -> tuple[FeatureStore, bool]:
-    """The entry for `spec`, computed now if absent; returns (store, was it a hit)."""
+    """The entry for `spec`, computed now (the backbone in `precision`) if absent; returns
+    (store, was it a hit)."""
     key = cache_key(spec)
     final = root / key
     root.mkdir(parents=True, exist_ok=True)
@@ -264,7 +277,9 @@ def load_or_build(
             # channels_last runs convolutions ~1.6x faster on CPU (oneDNN) and on tensor cores.
             model.eval().to(device, memory_format=torch.channels_last)
             try:
-                dim, failed = _extract(model, images, views, tmp, device, batch_size, num_workers)
+                dim, failed = _extract(
+                    model, images, views, tmp, device, batch_size, num_workers, precision
+                )
             finally:
                 model.to(original, memory_format=torch.contiguous_format)
                 model.train(training)
@@ -297,6 +312,7 @@ class CachedFeatures:
     train_store: FeatureStore | None
     samples: dict[str, list[tuple[str, int]]]
     hits: dict[str, bool] = field(default_factory=dict)
+    precision: str = "fp32"  # what the backbone ran in (`bf16`, `fp32`)
 
     def dataset(self, split: str, train: bool) -> tuple[FeatureDataset, int]:
         """Features of `split` (files that failed extraction left out), and the view count."""
@@ -305,3 +321,27 @@ class CachedFeatures:
         kept = [(index[p], label) for p, label in self.samples[split] if p in index]
         rows, labels = [r for r, _ in kept], [label for _, label in kept]
         return FeatureDataset(store, rows, labels), store.views
+
+    def tensors(self, split: str, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every row of `split` in memory, as (views x samples x dim features, labels).
+
+        For the probe search, which trains many heads over the same rows: it holds one
+        split's rows, not the whole store.
+        """
+        dataset, views = self.dataset(split, train)
+        data = np.memmap(dataset.path, dtype=np.float32, mode="r")
+        data = data.reshape(views, dataset.stride, -1)[:, dataset.rows]
+        return torch.from_numpy(np.ascontiguousarray(data)), torch.from_numpy(dataset.labels)
+
+    @property
+    def images_per_s(self) -> float | None:
+        """Extraction throughput of these entries when they were computed (images x views)."""
+        stores = [s for s in (self.eval_store, self.train_store) if s is not None]
+        seconds = sum(s.seconds for s in stores)
+        return sum(len(s.files) * s.views for s in stores) / seconds if seconds > 0 else None
+
+    @property
+    def seconds_built(self) -> float:
+        """Seconds this fit spent computing features (0 when every entry was reused)."""
+        stores = {"eval": self.eval_store, "train": self.train_store}
+        return sum(s.seconds for k, s in stores.items() if s is not None and not self.hits.get(k))

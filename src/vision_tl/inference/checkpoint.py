@@ -21,6 +21,8 @@ class LoadedModel:
     class_names: list[str]
     preprocess: Preprocess
     path: Path
+    # The backbone's precision when training validated (bf16 for features cached in bf16).
+    precision: str = "fp32"
 
 
 def load_checkpoint(ckpt_path: str | Path | None) -> LoadedModel:
@@ -43,7 +45,8 @@ def load_checkpoint(ckpt_path: str | Path | None) -> LoadedModel:
             f"cannot load checkpoint {path}: {_load_failure(path, err)}; "
             "expected a .ckpt written by vision_tl.train"
         ) from err
-    return LoadedModel(task.model.eval(), list(task.class_names), task.preprocess, path)
+    model = task.model.eval()
+    return LoadedModel(model, list(task.class_names), task.preprocess, path, task.feature_precision)
 
 
 def _load_failure(path: Path, err: Exception) -> str:

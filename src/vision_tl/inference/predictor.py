@@ -18,11 +18,17 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision.transforms import v2
 
 from vision_tl.core.errors import ConfigError
-from vision_tl.core.runtime import available_cpus, resolve_device
+from vision_tl.core.runtime import (
+    available_cpus,
+    backbone_precision,
+    resolve_device,
+    resolve_precision,
+)
 from vision_tl.data.augment import eval_transform, normalize_batch, resize_op
 from vision_tl.data.decode import IMAGE_EXTENSIONS, error_line, is_hidden, is_image_file
 from vision_tl.data.preprocess import Preprocess
 from vision_tl.inference.checkpoint import LoadedModel
+from vision_tl.models.classifier import Classifier
 
 log = logging.getLogger(__name__)
 
@@ -172,11 +178,13 @@ class Predictor:
         hflip: bool = False,
         crops: int = 1,
         progress: bool = False,
+        precision: str = "fp32",
     ) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch_size={batch_size}: a positive integer")
         self.device = resolve_device(device)
-        self.model = model.to(self.device).eval()
+        self.precision = resolve_precision(precision, self.device)
+        self.model = model.to(self.device, memory_format=torch.channels_last).eval()
         self.preprocess = preprocess
         self.transform = ViewTransform(preprocess, crops)
         self.batch_size = batch_size
@@ -197,6 +205,16 @@ class Predictor:
             pin_memory=self.device.type == "cuda",
         )
 
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """A classifier's backbone runs in `precision` and its head in float32, as the
+        feature cache and training ran them; any other module runs whole in `precision`."""
+        if not isinstance(self.model, Classifier):
+            with backbone_precision(self.precision, self.device):
+                return self.model(x).float()
+        with backbone_precision(self.precision, self.device):
+            features = self.model.features(x)
+        return self.model.classify_features(features.float())
+
     @torch.inference_mode()
     def probabilities(self, views: torch.Tensor) -> torch.Tensor:
         """[B, V, C, H, W] views -> [B, classes] probabilities averaged over views (and flips)."""
@@ -204,7 +222,7 @@ class Predictor:
         x = normalize_batch(views.to(self.device, non_blocking=True).flatten(0, 1), self.preprocess)
         if self.hflip:
             x = torch.cat([x, x.flip(-1)])
-        probs = self.model(x).float().softmax(dim=1)
+        probs = self.logits(x.contiguous(memory_format=torch.channels_last)).float().softmax(1)
         return probs.view(-1, batch, num_views, probs.shape[1]).mean(dim=(0, 2))
 
     def predict(self, files: Sequence[str | Path]) -> Predictions:
@@ -232,8 +250,12 @@ class Predictor:
 
 
 def predictor_from_config(loaded: LoadedModel, cfg: DictConfig) -> Predictor:
-    """The predictor described by an entry config (`device`, `batch_size`, `tta`, ...)."""
+    """The predictor described by an entry config (`device`, `batch_size`, `tta`, ...).
+
+    `precision=auto` runs the backbone as training validated it: bf16 for a probe whose
+    features were cached in bf16, else fp32; `bf16` or `fp32` force it."""
     tta = cfg.get("tta") or {}
+    precision = str(cfg.get("precision") or "auto")
     return Predictor(
         loaded.model,
         loaded.preprocess,
@@ -243,6 +265,7 @@ def predictor_from_config(loaded: LoadedModel, cfg: DictConfig) -> Predictor:
         hflip=bool(tta.get("hflip", False)),
         crops=int(tta.get("crops", 1)),
         progress=bool(cfg.get("progress", False)),
+        precision=loaded.precision if precision == "auto" else precision,
     )
 
 

@@ -3,6 +3,9 @@ and per-epoch history."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import functools
 import logging
 import math
 import os
@@ -15,6 +18,8 @@ import pandas as pd
 
 from vision_tl.core.errors import ConfigError
 from vision_tl.data.datamodule import ImageFolderDataModule
+from vision_tl.data.features import CachedFeatures
+from vision_tl.training.probe import ProbeGrid, one_thread, search_probe
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +34,9 @@ class FeatureCache(L.Callback):
     that its batches are features. `data.feature_cache`: `auto` caches when it can, `on`
     makes a bypass an error, `off` never caches.
     """
+
+    def __init__(self) -> None:
+        self._one_thread: contextlib.ExitStack | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         dm = trainer.datamodule
@@ -46,8 +54,43 @@ class FeatureCache(L.Callback):
                 log.info("Feature cache bypassed: %s", reason)
             return
         device = trainer.strategy.root_device
-        dm.use_features(dm.build_features(pl_module.model, device))
+        features = dm.build_features(pl_module.model, device)
+        if getattr(policy, "search", False):
+            features = self.converge_probe(trainer, pl_module, dm, features)
+        dm.use_features(features)
         pl_module.feature_inputs = True
+        pl_module.feature_precision = features.precision
+        self._one_thread = contextlib.ExitStack()
+        self._one_thread.enter_context(one_thread())
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._one_thread is not None:
+            self._one_thread.close()
+            self._one_thread = None
+
+    @staticmethod
+    def converge_probe(
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        dm: ImageFolderDataModule,
+        features: CachedFeatures,
+    ) -> CachedFeatures:
+        """Choose the probe's settings on the training split and set the fit up to train
+        the head to convergence with them: the policy's epochs and batch size, one
+        validation at the end (so the val split picks no epoch either)."""
+        policy = pl_module.finetune
+        grid = ProbeGrid(policy.lrs, policy.weight_decays, policy.epochs, policy.folds)
+        dm.batch_size = policy.batch_size
+        result = search_probe(pl_module, features, grid, dm.batch_size, dm.sampler)
+        pl_module.optimizer_factory = functools.partial(
+            pl_module.optimizer_factory, lr=result.lr, weight_decay=result.weight_decay
+        )
+        pl_module.probe = result.as_dict()
+        trainer.fit_loop.max_epochs = result.epochs
+        trainer.check_val_every_n_epoch = result.epochs
+        if result.views == "eval":
+            features = dataclasses.replace(features, train_store=None)
+        return features
 
     @staticmethod
     def bypass_reason(trainer: L.Trainer, dm: ImageFolderDataModule) -> str | None:

@@ -94,7 +94,32 @@ class Full(FinetunePolicy):
 @register_finetune("linear_probe")
 @dataclass(frozen=True)
 class LinearProbe(FinetunePolicy):
-    """Frozen backbone (BatchNorm in eval mode); only the head trains."""
+    """Frozen backbone (BatchNorm in eval mode); only the head trains.
+
+    With `search` on and the features cached, the head's LR, weight decay and views are
+    chosen by `folds`-fold cross-validation on the training split over `lrs` x
+    `weight_decays`, and the head then trains `epochs` epochs in batches of `batch_size`
+    (`vision_tl.training.probe`).
+    """
+
+    search: bool = True
+    epochs: int = 100
+    batch_size: int = 256
+    lrs: tuple[float, ...] = (1e-3, 1e-2)
+    weight_decays: tuple[float, ...] = (0.0, 1e-4, 1e-3, 1e-2, 1e-1)
+    folds: int = 3
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("lrs", "weight_decays"):
+            values = tuple(float(v) for v in getattr(self, name))
+            if not values or min(values) < 0:
+                raise ConfigError(f"finetune.{name} must list values >= 0, got {list(values)}")
+            object.__setattr__(self, name, values)
+        if self.epochs < 1 or self.batch_size < 1 or self.folds < 2:
+            raise ConfigError(
+                "finetune.epochs and finetune.batch_size must be >= 1, finetune.folds >= 2"
+            )
 
     def setup(self, model: Classifier) -> None:
         for backbone in model.backbones():

@@ -84,6 +84,10 @@ class ClassificationTask(L.LightningModule):
                     f"only {fixed} px inputs"
                 )
         self.feature_inputs = False
+        # The converged probe's chosen settings and search cost (`training.probe`), if any.
+        self.probe: dict[str, Any] | None = None
+        # The backbone's precision when its features were cached: eval and predict match it.
+        self.feature_precision = "fp32"
         self.label_smoothing = label_smoothing
         weights = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
         self.register_buffer("class_weights", weights, persistent=False)
@@ -235,6 +239,9 @@ class ClassificationTask(L.LightningModule):
             "best_epoch": self.best_epoch,
             "val_acc_best": float(self.val_acc_best.compute()) if self.best_epoch >= 0 else None,
         }
+        if self.probe is not None:
+            checkpoint["vision_tl"]["probe"] = self.probe
+        checkpoint["vision_tl"]["feature_precision"] = self.feature_precision
 
     def _take_saved_preprocess(self, saved: Preprocess) -> None:
         """Loading for inference: what the run used travels with its weights. Resuming a fit:
@@ -254,6 +261,8 @@ class ClassificationTask(L.LightningModule):
         if meta.get("preprocess"):
             self._take_saved_preprocess(Preprocess.from_dict(meta["preprocess"]))
         self.best_epoch = meta.get("best_epoch", -1)
+        self.probe = meta.get("probe", self.probe)
+        self.feature_precision = meta.get("feature_precision", self.feature_precision)
         if meta.get("val_acc_best") is not None:
             self.val_acc_best(torch.tensor(meta["val_acc_best"]))
         self.finetune.resume(self.model, int(checkpoint.get("epoch", 0)))

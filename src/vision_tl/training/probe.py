@@ -1,0 +1,255 @@
+"""The converged linear probe: its settings chosen on the training split, never on val.
+
+On cached features one epoch of a linear head costs milliseconds, so rather than one
+fixed LR and a few epochs, a small grid (learning rate x weight decay, and with or without
+the cached augmented views when the augmentation is random) is trained for the probe's
+full number of epochs on k-1 stratified folds of the training split and scored on the
+held-out fold. The setting chosen by the one-standard-error rule (`choose`) then trains
+the head on the whole training split, in the ordinary Lightning fit. The val split is never
+read here, so the val accuracy a run reports stays an honest estimate.
+
+Each candidate trains exactly as the fit will: the run's optimizer and scheduler
+(`optimizer.*` other than LR and weight decay, `scheduler.*`), batch size, sampler, loss
+(label smoothing, class weights) and one random cached view per image per epoch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import itertools
+import logging
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.model_selection import StratifiedKFold
+from torch.utils.data import BatchSampler
+
+from vision_tl.core.errors import ConfigError
+from vision_tl.data.features import CachedFeatures
+from vision_tl.data.samplers import ViewSampler, train_sampler
+from vision_tl.models.classifier import Classifier
+
+log = logging.getLogger(__name__)
+
+SEARCH_SEED = 0  # the search draws its folds, batches and views from its own generator
+
+
+@dataclass(frozen=True)
+class ProbeGrid:
+    """What the search tries, for how many epochs, on how many folds."""
+
+    lrs: Sequence[float]
+    weight_decays: Sequence[float]
+    epochs: int
+    folds: int
+
+
+@dataclass
+class ProbeResult:
+    """The chosen setting, every candidate's held-out score, and what the search cost."""
+
+    lr: float
+    weight_decay: float
+    views: str  # "augmented" (the cached random views) or "eval" (the eval transform only)
+    epochs: int
+    folds: int
+    holdout_acc: float
+    candidates: list[dict[str, Any]] = field(default_factory=list)
+    search_s: float = 0.0
+    features_s: float = 0.0  # this run's feature extraction (0 when the cache was warm)
+    features_images_per_s: float | None = None  # when the features were computed
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Heads on features are tiny ops: one thread runs them faster than several, and a
+    busy CPU does not stall it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _head_copy(model: Classifier) -> Classifier:
+    """A copy of `model` that shares its (frozen) backbones and owns its head."""
+    memo = {id(b): b for b in model.backbones()}
+    return copy.deepcopy(model, memo).train()
+
+
+def _batches(
+    labels: torch.Tensor, views: int, batch_size: int, sampler_kind: str, num_classes: int
+) -> BatchSampler:
+    """The batches of one epoch, drawn as the fit's train loader draws them."""
+    base = train_sampler(sampler_kind, labels.tolist(), num_classes)
+    sampler = ViewSampler(base, len(labels), views) if views > 1 else base
+    return BatchSampler(sampler, batch_size, drop_last=len(labels) > batch_size)
+
+
+def _train_heads(
+    task: Any,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    settings: list[tuple[float, float]],
+    epochs: int,
+    batch_size: int,
+    sampler_kind: str,
+) -> list[Classifier]:
+    """Train one head per (lr, weight_decay) on rows `x` (views x n x dim), side by side:
+    every head sees the same batches."""
+    models = [_head_copy(task.model) for _ in settings]
+    groups = [
+        {"params": [p for p in m.head_parameters() if p.requires_grad], "lr": lr, "weight_decay": d}
+        for m, (lr, d) in zip(models, settings, strict=True)
+    ]
+    optimizer = task.optimizer_factory(params=groups)
+    num_classes = len(task.class_names)
+    views, n = x.shape[0], x.shape[1]
+    flat = x.reshape(views * n, -1)
+    batches = _batches(y, views, batch_size, sampler_kind, num_classes)
+    steps = len(batches)
+    scheduler, per_step = None, True
+    if task.scheduler_factory is not None:
+        spec = task.scheduler_factory(
+            optimizer, total_steps=steps * epochs, steps_per_epoch=max(1, steps)
+        )
+        if "monitor" not in spec:  # a plateau scheduler needs val: the search leaves it out
+            scheduler, per_step = spec["scheduler"], spec.get("interval", "epoch") == "step"
+    weight = task.class_weights
+    for _ in range(epochs):
+        for batch in batches:
+            index = torch.as_tensor(batch)
+            features, target = flat[index], y[index % n]
+            loss = sum(
+                F.cross_entropy(
+                    m.classify_features(features),
+                    target,
+                    weight=weight,
+                    label_smoothing=task.label_smoothing,
+                )
+                for m in models
+            )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if scheduler is not None and per_step:
+                scheduler.step()
+        if scheduler is not None and not per_step:
+            scheduler.step()
+    return models
+
+
+def choose(candidates: list[dict[str, Any]], n: int) -> dict[str, Any]:
+    """The one-standard-error rule: of the candidates whose held-out accuracy is within one
+    standard error of the best, the most regularised (the cached augmented views, then the
+    larger weight decay, then the smaller LR). On a few hundred images, held-out accuracies
+    a couple of images apart are noise; this picks the setting least likely to overfit."""
+    top = max(c["holdout_acc"] for c in candidates)
+    se = math.sqrt(top * (1 - top) / max(n, 1))
+    tied = [c for c in candidates if c["holdout_acc"] >= top - se - 1e-9]
+    return min(tied, key=lambda c: (c["views"] != "augmented", -c["weight_decay"], c["lr"]))
+
+
+@torch.no_grad()
+def _score(model: Classifier, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    model.eval()
+    logits = model.classify_features(x).float()
+    correct = float((logits.argmax(1) == y).float().mean())
+    return correct, float(F.cross_entropy(logits, y))
+
+
+def search_probe(
+    task: Any,
+    features: CachedFeatures,
+    grid: ProbeGrid,
+    batch_size: int,
+    sampler_kind: str,
+) -> ProbeResult:
+    """Choose the probe's LR, weight decay and views by k-fold cross-validation on the
+    training split of `features` (its val split is never read)."""
+    start = time.perf_counter()
+    x_eval, y = features.tensors("train", train=False)
+    x_eval = x_eval[0]
+    options: dict[str, torch.Tensor] = {"eval": x_eval.unsqueeze(0)}
+    if features.train_store is not None:
+        x_aug, y_aug = features.tensors("train", train=True)
+        if not torch.equal(y_aug, y):
+            raise RuntimeError("augmented and eval features list the training files differently")
+        options = {"augmented": x_aug, **options}
+    counts = np.bincount(y.numpy(), minlength=len(task.class_names))
+    folds = min(grid.folds, int(counts[counts > 0].min()))
+    if folds < 2:
+        raise ConfigError(
+            "finetune.search needs at least 2 training images in every class to hold one "
+            "out; set finetune.search=false"
+        )
+    settings = list(itertools.product(grid.lrs, grid.weight_decays))
+    scores: dict[tuple[str, float, float], list[tuple[float, float]]] = {
+        (v, lr, wd): [] for v in options for lr, wd in settings
+    }
+    splitter = StratifiedKFold(folds, shuffle=True, random_state=SEARCH_SEED)
+    with one_thread(), torch.random.fork_rng(devices=[]), torch.enable_grad():
+        torch.manual_seed(SEARCH_SEED)
+        for fit_rows, held_rows in splitter.split(np.zeros(len(y)), y.numpy()):
+            fit_index, held_index = torch.as_tensor(fit_rows), torch.as_tensor(held_rows)
+            for views, x in options.items():
+                models = _train_heads(
+                    task,
+                    x[:, fit_index],
+                    y[fit_index],
+                    settings,
+                    grid.epochs,
+                    batch_size,
+                    sampler_kind,
+                )
+                for model, (lr, wd) in zip(models, settings, strict=True):
+                    held = _score(model, x_eval[held_index], y[held_index])
+                    scores[(views, lr, wd)].append(held)
+    candidates = [
+        {
+            "views": views,
+            "lr": lr,
+            "weight_decay": wd,
+            "holdout_acc": round(float(np.mean([a for a, _ in s])), 6),
+            "holdout_loss": round(float(np.mean([loss for _, loss in s])), 6),
+        }
+        for (views, lr, wd), s in scores.items()
+    ]
+
+    best = choose(candidates, len(y))
+    result = ProbeResult(
+        lr=best["lr"],
+        weight_decay=best["weight_decay"],
+        views=best["views"],
+        epochs=grid.epochs,
+        folds=folds,
+        holdout_acc=best["holdout_acc"],
+        candidates=candidates,
+        search_s=round(time.perf_counter() - start, 3),
+        features_s=round(features.seconds_built, 3),
+        features_images_per_s=round(features.images_per_s, 2) if features.images_per_s else None,
+    )
+    log.info(
+        "Probe search: %d settings x %d folds on the training split in %.1f s; chose lr=%g, "
+        "weight_decay=%g, %s features (held-out acc %.4f); the head now trains %d epochs",
+        len(candidates),
+        folds,
+        result.search_s,
+        result.lr,
+        result.weight_decay,
+        result.views,
+        result.holdout_acc,
+        result.epochs,
+    )
+    return result
