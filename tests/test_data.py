@@ -229,10 +229,8 @@ def test_palette_transparency_is_composited_on_the_background(tmp_path: Path) ->
     image.putpalette([0, 255, 0, 200, 0, 0] + [0] * 762)  # entry 0 is green when opaque
     image.save(path, transparency=0)
     background = (10, 20, 30)
-    for decoded in (
-        decode(path, background),
-        torch.from_numpy(np.asarray(load_rgb(path, background=background))).permute(2, 0, 1),
-    ):
+    as_pil = np.array(load_rgb(path, background=background))
+    for decoded in (decode(path, background), torch.from_numpy(as_pil).permute(2, 0, 1)):
         assert decoded[:, 0, 0].tolist() == list(background), "transparent pixels show through"
         assert decoded[:, 0, 3].tolist() == [200, 0, 0]
 

@@ -178,6 +178,7 @@ def test_early_stopping_fires(compose_train, image_folder: Path, tmp_path: Path)
                 f"data.root={image_folder}",
                 "test=false",
                 "finetune=linear_probe",
+                "finetune.search=false",  # the epochs and LR of this config, not a search
                 "callbacks=early_stopping",
                 "callbacks.early_stopping.patience=1",
                 "optimizer.lr=1e-12",
