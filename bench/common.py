@@ -72,10 +72,16 @@ def standard_transform(train: bool):
 
 def standard_loader(split: str, train: bool, augment: bool, batch_size: int, workers: int):
     """`ImageFolder` + the classic transforms; `augment=False` uses the eval transform."""
-    from torch.utils.data import DataLoader
     from torchvision.datasets import ImageFolder
 
     dataset = ImageFolder(str(HYMENOPTERA / split), standard_transform(train and augment))
+    return folder_loader(dataset, train, batch_size, workers)
+
+
+def folder_loader(dataset, train: bool, batch_size: int, workers: int):
+    """The DataLoader both baselines use: shuffled, full batches when training."""
+    from torch.utils.data import DataLoader
+
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -115,20 +121,12 @@ def careful_transform(train: bool):
 
 def careful_loader(split: str, train: bool, augment: bool, batch_size: int, workers: int):
     """`ImageFolder` decoding with `decode_image` and v2 transforms on uint8 tensors."""
-    from torch.utils.data import DataLoader
     from torchvision.datasets import ImageFolder
 
     dataset = ImageFolder(
         str(HYMENOPTERA / split), careful_transform(train and augment), loader=decode_file
     )
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=train,
-        drop_last=train,
-        num_workers=workers,
-        persistent_workers=workers > 0,
-    )
+    return folder_loader(dataset, train, batch_size, workers)
 
 
 def plain_model(num_classes: int = 2) -> tuple[nn.Module, nn.Module]:
