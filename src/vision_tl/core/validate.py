@@ -182,6 +182,7 @@ RULES: dict[str, Allowed] = {
     "num_workers": WORKERS,
     "top_k": integer(1),
     "reject_threshold": or_null(PROBABILITY, "never reject"),
+    "calibrate": FLAG,
     "tta.hflip": FLAG,
     "tta.crops": one_of(1, 5),
     "num_highest_loss": integer(0),

@@ -23,6 +23,8 @@ class LoadedModel:
     path: Path
     # The backbone's precision when training validated (bf16 for features cached in bf16).
     precision: str = "fp32"
+    # The calibration temperature fitted after training (1.0 for older checkpoints).
+    temperature: float = 1.0
 
 
 def load_checkpoint(ckpt_path: str | Path | None) -> LoadedModel:
@@ -46,7 +48,14 @@ def load_checkpoint(ckpt_path: str | Path | None) -> LoadedModel:
             "expected a .ckpt written by vision_tl.train"
         ) from err
     model = task.model.eval()
-    return LoadedModel(model, list(task.class_names), task.preprocess, path, task.feature_precision)
+    return LoadedModel(
+        model,
+        list(task.class_names),
+        task.preprocess,
+        path,
+        task.feature_precision,
+        task.temperature,
+    )
 
 
 def _load_failure(path: Path, err: Exception) -> str:

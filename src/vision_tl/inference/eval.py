@@ -147,7 +147,8 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     names = [_relative(path, root) for path in files]
     log.info("Evaluating %s on %d %s image(s) from %s", loaded.path, len(files), split, where)
 
-    result = predictor_from_config(loaded, cfg).predict(files)
+    predictor = predictor_from_config(loaded, cfg)
+    result = predictor.predict(files)
     write_unreadable(out / "unreadable.csv", names, result.unreadable)
     if not result.indices:
         raise ConfigError(f"none of the {len(files)} {split} image(s) of {where} could be read")
@@ -185,6 +186,7 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
         "data_root": None if root is None else str(root),
         "manifest": manifest,
         "tta": OmegaConf.to_container(cfg.tta),
+        "temperature": predictor.temperature,
         "images_per_s": round(result.images_per_second, 2),
     }
     write_json(out / "metrics.json", metrics)

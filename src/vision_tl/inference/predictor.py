@@ -165,7 +165,8 @@ class Predictor:
     TTA views are the centre crop (or five crops, `crops=5`) and, with `hflip`, their
     mirror images; the softmax of each view is averaged, which is also right for the
     `mean` ensemble fusion (its output is a log-probability). Views travel as uint8 and
-    are normalised on the device, exactly as training batches are.
+    are normalised on the device, exactly as training batches are. Logits are divided by
+    `temperature` (the checkpoint's calibration) before the softmax.
     """
 
     def __init__(
@@ -179,6 +180,7 @@ class Predictor:
         crops: int = 1,
         progress: bool = False,
         precision: str = "fp32",
+        temperature: float = 1.0,
     ) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch_size={batch_size}: a positive integer")
@@ -191,6 +193,9 @@ class Predictor:
         self.num_workers = default_workers(num_workers)
         self.hflip = hflip
         self.progress = progress
+        if not temperature > 0:
+            raise ConfigError(f"temperature={temperature}: a number > 0")
+        self.temperature = float(temperature)
 
     def loader(self, files: Sequence[str | Path]) -> DataLoader:
         dataset = ImageFiles(files, self.preprocess, self.transform)
@@ -222,7 +227,8 @@ class Predictor:
         x = normalize_batch(views.to(self.device, non_blocking=True).flatten(0, 1), self.preprocess)
         if self.hflip:
             x = torch.cat([x, x.flip(-1)])
-        probs = self.logits(x.contiguous(memory_format=torch.channels_last)).float().softmax(1)
+        logits = self.logits(x.contiguous(memory_format=torch.channels_last)).float()
+        probs = (logits / self.temperature).softmax(1)
         return probs.view(-1, batch, num_views, probs.shape[1]).mean(dim=(0, 2))
 
     def predict(self, files: Sequence[str | Path]) -> Predictions:
@@ -266,6 +272,7 @@ def predictor_from_config(loaded: LoadedModel, cfg: DictConfig) -> Predictor:
         crops=int(tta.get("crops", 1)),
         progress=bool(cfg.get("progress", False)),
         precision=loaded.precision if precision == "auto" else precision,
+        temperature=loaded.temperature if cfg.get("calibrate", True) else 1.0,
     )
 
 

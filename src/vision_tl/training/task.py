@@ -101,6 +101,10 @@ class ClassificationTask(L.LightningModule):
         self.best_epoch = -1
         self.last_val: dict[str, float] = {}
         self.last_test: dict[str, float] = {}
+        # Set by `training.calibration.val_logits`: validation collects (logits, labels).
+        self.collected: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        # The fitted calibration temperature a loaded checkpoint carries (1.0: none).
+        self.temperature = 1.0
 
     # ------------------------------------------------------------------ steps
 
@@ -147,6 +151,11 @@ class ClassificationTask(L.LightningModule):
         )
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        if self.collected is not None:
+            x, y = batch
+            if len(y):
+                self.collected.append((self._logits(x).float().cpu(), y.cpu()))
+            return
         self._eval_step(batch, self.val_metrics)
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
@@ -182,6 +191,8 @@ class ClassificationTask(L.LightningModule):
                 plt.close(figure)
 
     def on_validation_epoch_end(self) -> None:
+        if self.collected is not None:
+            return
         values = self._log_epoch(self.val_metrics)
         if self.trainer.sanity_checking:
             return
@@ -263,6 +274,7 @@ class ClassificationTask(L.LightningModule):
         self.best_epoch = meta.get("best_epoch", -1)
         self.probe = meta.get("probe", self.probe)
         self.feature_precision = meta.get("feature_precision", self.feature_precision)
+        self.temperature = float(meta.get("temperature", 1.0))
         if meta.get("val_acc_best") is not None:
             self.val_acc_best(torch.tensor(meta["val_acc_best"]))
         self.finetune.resume(self.model, int(checkpoint.get("epoch", 0)))

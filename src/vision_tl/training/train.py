@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from vision_tl.core.errors import ConfigError
 from vision_tl.core.io import write_json
 from vision_tl.data.datamodule import ImageFolderDataModule
+from vision_tl.training.calibration import calibrate_run
 from vision_tl.training.callbacks import (
     EpochHistory,
     FailedFilesGuard,
@@ -188,6 +189,9 @@ def run_training(cfg: DictConfig, predict: PredictFn | None = None) -> dict[str,
         checkpoint = next((c for c in checkpoints if c.monitor), None)
         latest = next((c for c in checkpoints if not c.monitor), None)
         best_path = checkpoint.best_model_path if checkpoint else ""
+        last_path = getattr(latest, "best_model_path", "") or ""
+        saved = [p for p in dict.fromkeys((best_path, last_path)) if p and Path(p).is_file()]
+        calibration = calibrate_run(trainer, task, datamodule, best_path or None, saved)
         if cfg.get("test") and datamodule.has_test:
             best = best_path or None
             trainer.test(task, datamodule=datamodule, ckpt_path=best, weights_only=True)
@@ -210,10 +214,11 @@ def run_training(cfg: DictConfig, predict: PredictFn | None = None) -> dict[str,
         **final_accuracies(history.last, task.last_val),
         **memory.as_dict(),
         "best_checkpoint": best_path or None,
-        "last_checkpoint": getattr(latest, "best_model_path", "") or None,
+        "last_checkpoint": last_path or None,
         "val_loss": float(val_loss) if val_loss is not None else None,
         "preprocess": task.preprocess.to_dict(),
         "probe": task.probe,
+        **calibration,
         "feature_precision": task.feature_precision,
         **{k.replace("/", "_"): v for k, v in task.last_val.items()},
         **{k.replace("/", "_"): v for k, v in task.last_test.items()},

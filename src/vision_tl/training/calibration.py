@@ -1,0 +1,149 @@
+"""Temperature scaling (Guo et al., ICML 2017): after training, one scalar T is fitted on
+the val split's logits of the best checkpoint so that `softmax(logits / T)` is calibrated.
+
+Dividing every logit by the same positive number never changes which class is largest,
+so no prediction changes class; only the probabilities (and what `reject_threshold`
+rejects) do. T is stored in the checkpoint's `vision_tl` dict; eval and predict apply it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics.functional.classification import multiclass_calibration_error
+
+log = logging.getLogger(__name__)
+
+ECE_BINS = 15  # as `python -m vision_tl.eval` bins its ECE
+# T is kept within these bounds: beyond them the val split is too small to say more.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.05, 20.0
+KEYS = ("temperature", "val_ece", "val_ece_uncalibrated", "val_nll", "val_nll_uncalibrated")
+
+
+def fit_temperature(logits: torch.Tensor, target: torch.Tensor) -> float:
+    """The T in [0.05, 20] minimising the NLL of `softmax(logits / T)` (LBFGS on log T, where
+    the problem is smooth and unconstrained); 1.0 when fitting does not lower the NLL."""
+    logits, target = logits.detach().double(), target.detach()
+    if len(target) == 0:
+        return 1.0
+    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_t], lr=0.5, max_iter=100, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(logits / log_t.exp(), target)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    value = float(log_t.detach().exp())
+    if not math.isfinite(value):
+        return 1.0
+    value = min(max(value, MIN_TEMPERATURE), MAX_TEMPERATURE)
+    if nll(logits, target, value) >= nll(logits, target, 1.0):
+        return 1.0
+    return value
+
+
+def nll(logits: torch.Tensor, target: torch.Tensor, temperature: float = 1.0) -> float:
+    """Mean negative log-likelihood of the true class at temperature T."""
+    return float(F.cross_entropy(logits.double() / temperature, target))
+
+
+def ece(logits: torch.Tensor, target: torch.Tensor, temperature: float = 1.0) -> float:
+    """Expected calibration error (top-label, 15 equal-width bins, L1), as eval reports it."""
+    probs = (logits.double() / temperature).softmax(1)
+    return float(
+        multiclass_calibration_error(probs, target, logits.shape[1], n_bins=ECE_BINS, norm="l1")
+    )
+
+
+def calibration_report(logits: torch.Tensor, target: torch.Tensor) -> dict[str, float | None]:
+    """The fitted temperature and the val ECE and NLL before and after it (metrics.json keys)."""
+    if len(target) == 0:
+        return uncalibrated_report()
+    temperature = fit_temperature(logits, target)
+    return {
+        "temperature": temperature,
+        "val_ece": ece(logits, target, temperature),
+        "val_ece_uncalibrated": ece(logits, target),
+        "val_nll": nll(logits, target, temperature),
+        "val_nll_uncalibrated": nll(logits, target),
+    }
+
+
+def uncalibrated_report() -> dict[str, float | None]:
+    """What a run reports when no temperature could be fitted: T = 1, no scores."""
+    return {key: 1.0 if key == "temperature" else None for key in KEYS}
+
+
+def store_temperature(path: str | Path, temperature: float) -> None:
+    """Write T into a checkpoint's `vision_tl` dict, atomically (a crash leaves the old file)."""
+    path = Path(path)
+    checkpoint: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint.setdefault("vision_tl", {})["temperature"] = float(temperature)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(checkpoint, tmp)
+    os.replace(tmp, path)
+
+
+def val_logits(
+    trainer: L.Trainer, task: Any, datamodule: L.LightningDataModule, ckpt_path: str | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The val split's logits and labels of `ckpt_path` (the task's current weights when
+    None), from one `trainer.validate` pass with the task collecting instead of logging."""
+    task.collected = []
+    try:
+        trainer.validate(
+            task, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True, verbose=False
+        )
+        chunks = task.collected
+    finally:
+        task.collected = None
+    if not chunks:
+        return torch.empty(0, len(task.class_names)), torch.empty(0, dtype=torch.long)
+    return torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])
+
+
+def calibrate_run(
+    trainer: L.Trainer,
+    task: Any,
+    datamodule: L.LightningDataModule,
+    best_path: str | None,
+    checkpoints: list[str],
+) -> dict[str, float | None]:
+    """Fit T on the best checkpoint's val logits and store it in every checkpoint given.
+
+    With several processes each holds a share of val; rather than gather them, the run
+    keeps T = 1 and says so (calibrate afterwards with a single-process run if needed)."""
+    if trainer.world_size > 1:
+        log.warning(
+            "Calibration skipped: %d processes each see part of val; temperature stays 1.0",
+            trainer.world_size,
+        )
+        return uncalibrated_report()
+    logits, target = val_logits(trainer, task, datamodule, best_path or None)
+    report = calibration_report(logits.float(), target)
+    if len(target) == 0:
+        log.warning("Calibration skipped: the val split gave no logits; temperature stays 1.0")
+        return report
+    for path in checkpoints:
+        store_temperature(path, report["temperature"])
+    log.info(
+        "Temperature %.3f on %d val images: ECE %.4f -> %.4f, NLL %.4f -> %.4f",
+        report["temperature"],
+        len(target),
+        report["val_ece_uncalibrated"],
+        report["val_ece"],
+        report["val_nll_uncalibrated"],
+        report["val_nll"],
+    )
+    return report

@@ -1,0 +1,134 @@
+"""Temperature scaling: the fit recovers a known temperature, a run stores it in its
+checkpoints and metrics.json, and eval and predict apply it (unless calibrate=false)
+without changing any predicted class."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TINY, make_image_folder
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from vision_tl.core.config import config_dir
+from vision_tl.inference.checkpoint import load_checkpoint
+from vision_tl.inference.eval import run_eval
+from vision_tl.inference.predict import run_predict
+from vision_tl.training.calibration import (
+    KEYS,
+    calibration_report,
+    ece,
+    fit_temperature,
+    nll,
+    store_temperature,
+)
+from vision_tl.training.train import run_training
+
+
+def _synthetic(temperature: float, n: int = 4000, classes: int = 5) -> tuple:
+    """Labels drawn from softmax(z); the model reports z * temperature, so dividing by the
+    temperature is exactly the calibration."""
+    generator = torch.Generator().manual_seed(0)
+    z = torch.randn(n, classes, generator=generator) * 2.0
+    target = torch.multinomial(z.softmax(1), 1, generator=generator)[:, 0]
+    return z * temperature, target
+
+
+# --------------------------------------------------------------------------- unit
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("temperature", [0.5, 3.0])
+def test_fit_recovers_a_known_temperature(temperature: float) -> None:
+    logits, target = _synthetic(temperature)
+    assert fit_temperature(logits, target) == pytest.approx(temperature, rel=0.1)
+
+
+@pytest.mark.unit
+def test_calibrated_logits_need_no_temperature() -> None:
+    logits, target = _synthetic(1.0)
+    assert fit_temperature(logits, target) == pytest.approx(1.0, abs=0.1)
+    assert nll(logits, target, 1.0) == pytest.approx(float(F.cross_entropy(logits, target)))
+
+
+@pytest.mark.unit
+def test_overconfident_logits_get_lower_ece_and_nll_and_keep_every_argmax() -> None:
+    logits, target = _synthetic(4.0)
+    report = calibration_report(logits, target)
+    assert set(report) == set(KEYS)
+    assert report["temperature"] > 1
+    assert report["val_nll"] < report["val_nll_uncalibrated"]
+    assert report["val_ece"] < report["val_ece_uncalibrated"]
+    assert report["val_ece"] == pytest.approx(ece(logits, target, report["temperature"]))
+    calibrated = logits / report["temperature"]
+    assert torch.equal(calibrated.argmax(1), logits.argmax(1))
+
+
+@pytest.mark.unit
+def test_store_temperature_keeps_the_rest_of_the_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / "best.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(2)}, "vision_tl": {"format": 2}}, path)
+    store_temperature(path, 2.5)
+    saved = torch.load(path, weights_only=True)
+    assert saved["vision_tl"] == {"format": 2, "temperature": 2.5}
+    assert torch.equal(saved["state_dict"]["w"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["best.ckpt"]
+
+
+# --------------------------------------------------------------------------- integration
+
+
+def _compose(name: str, overrides: list[str], out: Path) -> DictConfig:
+    with initialize_config_dir(version_base="1.3", config_dir=str(config_dir())):
+        return compose(name, overrides=[*overrides, f"paths.output_dir={out}"])
+
+
+@pytest.mark.integration
+def test_run_stores_the_temperature_and_eval_and_predict_apply_it(tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path / "data", per_class=6, splits=("train", "val"))
+    quiet = ["logger=none", "callbacks.learning_rate_monitor=null", "trainer.max_epochs=1"]
+    overrides = [*TINY, *quiet, f"data.root={root}"]
+    metrics = run_training(_compose("train", overrides, tmp_path / "run"))
+    on_disk = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert all(math.isfinite(on_disk[key]) for key in KEYS), on_disk
+    assert on_disk["val_nll"] <= on_disk["val_nll_uncalibrated"]
+    temperature = metrics["temperature"]
+    for name in ("best.ckpt", "last.ckpt"):
+        ckpt = tmp_path / "run" / "checkpoints" / name
+        saved = torch.load(ckpt, weights_only=True)
+        assert saved["vision_tl"]["temperature"] == temperature
+        assert load_checkpoint(ckpt).temperature == temperature
+
+    # A clearly non-unit temperature makes the effect on probabilities unmistakable.
+    best = tmp_path / "run" / "checkpoints" / "best.ckpt"
+    store_temperature(best, 3.0)
+    base = [f"ckpt_path={best}", "num_workers=0"]
+    result = run_eval(_compose("eval", [*base, f"data.root={root}"], tmp_path / "eval"))
+    assert result["temperature"] == 3.0
+
+    predict = [*base, f"input={root / 'val'}"]
+    raw = run_predict(_compose("predict", [*predict, "calibrate=false"], tmp_path / "raw"))
+    probs = raw[[c for c in raw.columns if c.startswith("prob_")]].to_numpy()
+    expected = torch.tensor(np.log(probs) / 3.0).softmax(1).numpy().max(1)
+    # reject_threshold judges the calibrated probabilities: just above every calibrated
+    # confidence, it rejects every image with calibrate=true and not without.
+    threshold = float(expected.max()) + 1e-4
+    assert (raw.confidence > threshold).any()
+    calibrated = run_predict(
+        _compose("predict", [*predict, f"reject_threshold={threshold}"], tmp_path / "cal")
+    )
+    assert (calibrated.top1_label == raw.top1_label).all(), "no prediction changes class"
+    np.testing.assert_allclose(calibrated.confidence, expected, atol=1e-4)
+    assert (calibrated.label == "unknown").all()
+
+    old = tmp_path / "old.ckpt"
+    checkpoint = torch.load(best, weights_only=True)
+    del checkpoint["vision_tl"]["temperature"]
+    torch.save(checkpoint, old)
+    assert load_checkpoint(old).temperature == 1.0
