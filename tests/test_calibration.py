@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -19,9 +20,11 @@ from omegaconf import DictConfig
 from vision_tl.core.config import config_dir
 from vision_tl.inference.checkpoint import load_checkpoint
 from vision_tl.inference.eval import run_eval
+from vision_tl.inference.export import model_card
 from vision_tl.inference.predict import run_predict
 from vision_tl.training.calibration import (
     KEYS,
+    calibrate_run,
     calibration_report,
     ece,
     fit_temperature,
@@ -81,6 +84,19 @@ def test_store_temperature_keeps_the_rest_of_the_checkpoint(tmp_path: Path) -> N
     assert [p.name for p in tmp_path.iterdir()] == ["best.ckpt"]
 
 
+@pytest.mark.unit
+def test_several_processes_keep_temperature_one_and_leave_checkpoints_alone(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "best.ckpt"
+    torch.save({"vision_tl": {"format": 2}}, path)
+    trainer = SimpleNamespace(world_size=2)
+    report = calibrate_run(trainer, None, None, str(path), [str(path)])
+    assert report == {"temperature": 1.0, **dict.fromkeys(KEYS[1:])}
+    assert "Calibration skipped: 2 processes" in caplog.text
+    assert torch.load(path, weights_only=True) == {"vision_tl": {"format": 2}}
+
+
 # --------------------------------------------------------------------------- integration
 
 
@@ -111,6 +127,7 @@ def test_run_stores_the_temperature_and_eval_and_predict_apply_it(tmp_path: Path
     base = [f"ckpt_path={best}", "num_workers=0"]
     result = run_eval(_compose("eval", [*base, f"data.root={root}"], tmp_path / "eval"))
     assert result["temperature"] == 3.0
+    assert model_card(load_checkpoint(best), "onnx", "model.onnx", 17)["temperature"] == 3.0
 
     predict = [*base, f"input={root / 'val'}"]
     raw = run_predict(_compose("predict", [*predict, "calibrate=false"], tmp_path / "raw"))

@@ -113,7 +113,9 @@ def model_card(loaded: LoadedModel, fmt: str, file: str, opset: int | None) -> d
             "centre-crop input_size, scale to [0, 1], subtract mean, divide by std",
         },
         "output": {"name": OUTPUT_NAME, "shape": ["batch", len(loaded.class_names)]},
-        "softmax": "not applied: apply softmax over the class axis for probabilities",
+        "softmax": "not applied: divide the logits by temperature, then apply softmax over "
+        "the class axis for calibrated probabilities",
+        "temperature": loaded.temperature,
         "checkpoint": str(loaded.path),
     }
 
