@@ -116,7 +116,8 @@ def check_command_line(config_name: str, argv: list[str]) -> None:
         found = violations(cfg)
         if found:
             raise ConfigError(found[0])
-        first = first or cfg
+        if first is None:
+            first = cfg
     if first is not None:
         multirun = bool(args.multirun) or str(first.hydra.mode) == "RunMode.MULTIRUN"
         key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
@@ -145,7 +146,7 @@ def _variants(overrides: list[str], multirun: bool) -> Iterator[list[str]]:
         except HydraException:  # interval(), tag(): Optuna draws them; the key is still checked
             values = []
         prefix = line.split("=", 1)[0]
-        choices.append([f"{prefix}={v}" for v in values] or [])
+        choices.append([f"{prefix}={v}" for v in values])
     base = [c[0] for c in choices if c]
     yield base
     count = 1
