@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import copy
+import json
 from functools import partial
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY
 from torch import nn
 
 from vision_tl.core.errors import ConfigError
 from vision_tl.models import available_backbones
 from vision_tl.training.finetune import build_finetune
 from vision_tl.training.task import ClassificationTask
+from vision_tl.training.train import run_training
 
 SPEC = {"backbone": {"name": "resnet18"}, "pretrained": False}
 
@@ -137,3 +141,57 @@ def test_a_fixed_size_network_rejects_another_input_size() -> None:
     assert ClassificationTask(spec, ["a", "b"]).preprocess.input_size == 160
     with pytest.raises(ConfigError, match=r"data.image_size=64: timm/test_vit takes only 160 px"):
         ClassificationTask(spec, ["a", "b"], preprocess_overrides={"image_size": 64})
+
+
+@pytest.mark.parametrize("batchnorm", ["frozen", "train"])
+def test_lp_ft_fine_tune_phase_trains_everything_and_batchnorm_as_asked(batchnorm: str) -> None:
+    task = _task({"mode": "lp_ft", "batchnorm": batchnorm})
+    backbone = task.model.backbone
+    assert not any(p.requires_grad for p in backbone.parameters()), "the probe phase first"
+    task.finetune.start_finetune(task.model)
+    task.train()
+    assert all(p.requires_grad for p in backbone.parameters())
+    norms = [m for m in backbone.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert norms and all(m.training is (batchnorm == "train") for m in norms)
+    assert all(m.weight.requires_grad for m in norms), "affine weights train either way"
+
+
+@pytest.mark.integration
+def test_lp_ft_starts_from_the_probe_head_then_trains_everything(
+    compose_train, image_folder: Path, tmp_path: Path
+) -> None:
+    """The fine-tune starts from the converged probe's head (scoring the probe's val
+    accuracy), at lr_scale x LR, with every backbone tensor trainable, and the backbone's
+    BatchNorm statistics stay at their pretrained values (batchnorm=frozen)."""
+    run_dir = tmp_path / "run"
+    metrics = run_training(
+        compose_train(
+            [
+                *TINY,
+                f"data.root={image_folder}",
+                "test=false",
+                "logger=none",
+                "finetune=lp_ft",
+                "finetune.epochs=30",
+                "finetune.folds=2",
+                "finetune.lrs=[0.01]",
+                "finetune.weight_decays=[0,0.01]",
+                "finetune.lr_scale=0.1",
+                "optimizer.lr=0.02",
+                "data.feature_precision=fp32",
+                "trainer.max_epochs=1",
+                "+callbacks.spy._target_=helpers.spies.RunSpy",
+            ],
+            run_dir,
+        )
+    )
+    spy = json.loads((run_dir / "spy.json").read_text())
+    probe = metrics["probe"]
+    assert probe["lr"] == 0.01 and probe["weight_decay"] in (0.0, 0.01)
+    assert probe["probe_val_acc"] >= 0.8, "the probe learned the colour-coded classes"
+    assert spy["start"]["val_acc"] == pytest.approx(probe["probe_val_acc"], abs=1e-6)
+    assert spy["start"]["group_lrs"] == pytest.approx([0.002, 0.002])
+    assert spy["start"]["backbone_trainable"] == spy["start"]["backbone_tensors"] > 0
+    assert spy["backbone_calls"] > 0 and not spy["feature_inputs"], "phase 2 reads images"
+    assert spy["backbone_weights_moved"]
+    assert not spy["bn_stats_moved"]

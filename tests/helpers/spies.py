@@ -13,13 +13,17 @@ import torch
 
 class RunSpy(L.Callback):
     """Write `spy.json` into the run dir: backbone forward calls during fit (after the
-    feature cache was built), the autocast state inside the backbone, the trainer's precision
-    and the loss function's class weights."""
+    feature cache was built), the autocast state inside the backbone, the trainer's precision,
+    the loss function's class weights; and what the fit starts from: the val accuracy of the
+    model as handed to the training loop, the optimizer groups' LRs, which backbone
+    parameters train, and whether BatchNorm statistics and backbone weights moved."""
 
     def __init__(self) -> None:
         self.calls = 0
         self.autocast: list[str] = []
         self._hooks: list[Any] = []
+        self.start: dict[str, Any] = {}
+        self._backbone: dict[str, torch.Tensor] = {}
 
     def _seen(self, module: torch.nn.Module, inputs: Any) -> None:
         self.calls += 1
@@ -27,7 +31,30 @@ class RunSpy(L.Callback):
         enabled = torch.is_autocast_enabled(device)
         self.autocast.append(str(torch.get_autocast_dtype(device)) if enabled else "off")
 
+    @torch.no_grad()
+    def _val_accuracy(self, trainer: L.Trainer, pl_module: L.LightningModule) -> float:
+        was_training = pl_module.training
+        pl_module.eval()
+        right = total = 0
+        dm = trainer.datamodule
+        for batch in dm.val_dataloader():
+            x, y = dm.on_after_batch_transfer(batch, 0)
+            right += int((pl_module._logits(x).argmax(1) == y).sum())
+            total += len(y)
+        pl_module.train(was_training)
+        return right / total
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        backbone_params = list(pl_module.model.backbone_parameters())
+        self.start = {
+            "val_acc": self._val_accuracy(trainer, pl_module),
+            "group_lrs": [g.get("initial_lr", g["lr"]) for g in trainer.optimizers[0].param_groups],
+            "backbone_trainable": sum(p.requires_grad for p in backbone_params),
+            "backbone_tensors": len(backbone_params),
+        }
+        self._backbone = {
+            k: v.clone() for b in pl_module.model.backbones() for k, v in b.state_dict().items()
+        }
         self._hooks = [b.register_forward_pre_hook(self._seen) for b in pl_module.model.backbones()]
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -40,5 +67,15 @@ class RunSpy(L.Callback):
             "precision": str(trainer.precision),
             "class_weights": None if weights is None else weights.tolist(),
             "feature_inputs": bool(pl_module.feature_inputs),
+            "start": self.start,
+            **self._moved(pl_module),
         }
         Path(trainer.default_root_dir, "spy.json").write_text(json.dumps(record))
+
+    def _moved(self, pl_module: L.LightningModule) -> dict[str, bool]:
+        now = {k: v for b in pl_module.model.backbones() for k, v in b.state_dict().items()}
+        changed = {k for k, v in self._backbone.items() if not torch.equal(v, now[k])}
+        return {
+            "bn_stats_moved": any("running" in k for k in changed),
+            "backbone_weights_moved": any(k.endswith("weight") for k in changed),
+        }

@@ -196,6 +196,9 @@ RULES: dict[str, Allowed] = {
     "finetune.epochs": integer(1),
     "finetune.batch_size": integer(1),
     "finetune.folds": integer(2),
+    # LP-FT (finetune=lp_ft)
+    "finetune.lr_scale": number(gt=0),
+    "finetune.batchnorm": one_of("frozen", "train"),
     "data.feature_precision": one_of(*PRECISIONS),
     "precision": one_of(*PRECISIONS),
     "time_budget": or_null(number(gt=0), "no limit"),

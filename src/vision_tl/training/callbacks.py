@@ -19,7 +19,7 @@ import pandas as pd
 from vision_tl.core.errors import ConfigError
 from vision_tl.data.datamodule import ImageFolderDataModule
 from vision_tl.data.features import CachedFeatures
-from vision_tl.training.probe import ProbeGrid, one_thread, search_probe
+from vision_tl.training.probe import ProbeGrid, ProbeResult, fit_head, one_thread, search_probe
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +43,12 @@ class FeatureCache(L.Callback):
         if stage != "fit":  # test/validate after fit: the eval entry covers every split
             pl_module.feature_inputs = dm is not None and dm.features is not None
             return
+        policy = pl_module.finetune
+        if policy.probe_first():
+            self.probe_phase(trainer, pl_module, dm)
+            return
         if dm is None or dm.feature_cache == "off":
             return
-        policy = pl_module.finetune
         reason = policy.cache_bypass_reason() or self.bypass_reason(trainer, dm)
         if reason:
             if dm.feature_cache == "on":
@@ -67,6 +70,69 @@ class FeatureCache(L.Callback):
         if self._one_thread is not None:
             self._one_thread.close()
             self._one_thread = None
+
+    def probe_phase(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, dm: ImageFolderDataModule | None
+    ) -> None:
+        """LP-FT's first phase: fit the head as a converged probe on the frozen backbone's
+        cached features, then hand the fit a fully trainable model at the scaled LR. A
+        resumed run is past this phase (its checkpoint holds the fine-tuned weights)."""
+        policy = pl_module.finetune
+        factory = pl_module.optimizer_factory
+        base_lr = getattr(factory, "keywords", {}).get("lr")
+        if base_lr is None:
+            raise ConfigError(f"finetune={policy.name} needs optimizer.lr set")
+        if trainer.ckpt_path is None:
+            blocker = "data.feature_cache=off" if dm is None or dm.feature_cache == "off" else None
+            blocker = blocker or self.bypass_reason(trainer, dm)
+            if blocker is None:
+                self.fit_probe_head(trainer, pl_module, dm)
+            elif not trainer.fast_dev_run:
+                log.warning(
+                    "finetune=%s: no probe phase (%s); the head starts untrained",
+                    policy.name,
+                    blocker,
+                )
+        policy.start_finetune(pl_module.model)
+        pl_module.optimizer_factory = functools.partial(factory, lr=base_lr * policy.lr_scale)
+
+    @staticmethod
+    def fit_probe_head(
+        trainer: L.Trainer, pl_module: L.LightningModule, dm: ImageFolderDataModule
+    ) -> None:
+        """Train the head in place on cached features with settings chosen on the training
+        split (the `linear_probe` search), and record them with the probe's val accuracy."""
+        policy = pl_module.finetune
+        start = time.perf_counter()
+        features = dm.build_features(pl_module.model, trainer.strategy.root_device)
+        if policy.search:
+            grid = ProbeGrid(policy.lrs, policy.weight_decays, policy.epochs, policy.folds)
+            result = search_probe(pl_module, features, grid, policy.batch_size, dm.sampler)
+        else:
+            keywords = pl_module.optimizer_factory.keywords
+            result = ProbeResult(
+                lr=keywords["lr"],
+                weight_decay=keywords.get("weight_decay", 0.0),
+                views="augmented" if features.train_store is not None else "eval",
+                epochs=policy.epochs,
+                folds=0,
+                holdout_acc=None,
+                features_s=round(features.seconds_built, 3),
+            )
+        val_acc = fit_head(pl_module, features, result, policy.batch_size, dm.sampler)
+        pl_module.probe = {
+            **result.as_dict(),
+            "probe_val_acc": val_acc,
+            "probe_phase_s": round(time.perf_counter() - start, 3),
+        }
+        log.info(
+            "LP-FT probe phase: head trained %d epochs on %s features in %.1f s (probe val acc "
+            "%s); now everything fine-tunes",
+            result.epochs,
+            result.views,
+            pl_module.probe["probe_phase_s"],
+            val_acc,
+        )
 
     @staticmethod
     def converge_probe(

@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from vision_tl.core.errors import ConfigError
 from vision_tl.core.registry import Registry
@@ -68,6 +69,11 @@ class FinetunePolicy:
     def cache_bypass_reason(self) -> str | None:
         """Why backbone features cannot be cached (the backbone trains), or None."""
         return f"finetune={self.name} trains the backbone"
+
+    def probe_first(self) -> bool:
+        """Whether the head is first fit as a converged probe on the frozen backbone's
+        cached features, before the fit trains the backbone (`finetune=lp_ft`)."""
+        return False
 
 
 FinetuneClass = Callable[..., FinetunePolicy]
@@ -128,6 +134,48 @@ class LinearProbe(FinetunePolicy):
 
     def cache_bypass_reason(self) -> str | None:
         return None
+
+
+@register_finetune("lp_ft")
+@dataclass(frozen=True)
+class LpFt(LinearProbe):
+    """LP-FT (Kumar et al., ICLR 2022): the head is first fit as a converged linear probe
+    on the frozen backbone's cached features (the same search and epochs as
+    `linear_probe`, chosen on the training split), then everything fine-tunes for
+    `trainer.max_epochs` at `lr_scale` x `optimizer.lr`, with the scheduler's warmup.
+
+    A fresh head's large early gradients are what distort pretrained features on small
+    data; starting from the probe's head avoids them. `batchnorm=frozen` keeps the
+    backbone's BatchNorm statistics at their pretrained values (its affine weights still
+    train); `train` lets them follow the new data.
+    """
+
+    lr_scale: float = 0.1
+    batchnorm: str = "frozen"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.batchnorm not in ("frozen", "train"):
+            raise ConfigError(f"finetune.batchnorm={self.batchnorm}: one of frozen, train")
+
+    def probe_first(self) -> bool:
+        return True
+
+    def start_finetune(self, model: Classifier) -> None:
+        """The probe phase is over: every parameter trains, BatchNorm as `batchnorm` says."""
+        for backbone in model.backbones():
+            unfreeze(backbone)
+            if self.batchnorm == "frozen":
+                for module in backbone.modules():
+                    if isinstance(module, _BatchNorm):
+                        module.frozen = True
+        model.train(model.training)
+
+    def resume(self, model: Classifier, epoch: int) -> None:
+        self.start_finetune(model)  # a checkpoint is written after the probe phase
+
+    def cache_bypass_reason(self) -> str | None:
+        return "finetune=lp_ft trains the backbone after its probe phase"
 
 
 @register_finetune("partial")

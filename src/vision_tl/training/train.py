@@ -14,7 +14,7 @@ import lightning as L
 import psutil
 from hydra.utils import instantiate
 from lightning.fabric.utilities.rank_zero import rank_zero_only
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from vision_tl.core.errors import ConfigError
@@ -175,6 +175,8 @@ def run_training(cfg: DictConfig, predict: PredictFn | None = None) -> dict[str,
     throughput = TrainThroughput()
     history = EpochHistory(run_dir / "history.csv")
     loggers = _instantiate_all(cfg.get("logger"))
+    if not loggers:  # nothing would receive the LR curve (Lightning refuses the pairing)
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     ours = [FeatureCache(), FailedFilesGuard(), throughput, history]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=[*callbacks, *ours], logger=loggers)
 
