@@ -20,6 +20,7 @@ class RunSpy(L.Callback):
 
     def __init__(self) -> None:
         self.calls = 0
+        self.teacher_calls = 0
         self.autocast: list[str] = []
         self._hooks: list[Any] = []
         self.start: dict[str, Any] = {}
@@ -56,6 +57,27 @@ class RunSpy(L.Callback):
             k: v.clone() for b in pl_module.model.backbones() for k, v in b.state_dict().items()
         }
         self._hooks = [b.register_forward_pre_hook(self._seen) for b in pl_module.model.backbones()]
+        distill = getattr(pl_module, "distill", None)
+        if distill is not None:
+            self.start["cached_teacher_max_diff"] = self._cached_teacher_diff(trainer, distill)
+            self._hooks.append(distill.teacher.register_forward_pre_hook(self._teacher_seen))
+
+    def _teacher_seen(self, module: torch.nn.Module, inputs: Any) -> None:
+        self.teacher_calls += 1
+
+    @torch.no_grad()
+    def _cached_teacher_diff(self, trainer: L.Trainer, distill: Any) -> float | None:
+        """Largest difference between the teacher logits cached for the val images and the
+        teacher run on those images now (None when nothing is cached)."""
+        dm = trainer.datamodule
+        if dm.features is None:
+            return None
+        rows, _ = dm.features.dataset("val", train=False)
+        images = dm.image_dataset("val", train=False, report=False)
+        cached = torch.stack([rows[i][0][1] for i in range(len(rows))])
+        x = torch.stack([images[i][0] for i in range(len(images))])
+        now = distill.teacher(dm.normalize(x).to(cached.device))
+        return float((cached - now).abs().max())
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for hook in self._hooks:
@@ -63,6 +85,7 @@ class RunSpy(L.Callback):
         weights = pl_module.class_weights
         record = {
             "backbone_calls": self.calls,
+            "teacher_calls": self.teacher_calls,
             "autocast": sorted(set(self.autocast)),
             "precision": str(trainer.precision),
             "class_weights": None if weights is None else weights.tolist(),

@@ -199,6 +199,10 @@ RULES: dict[str, Allowed] = {
     # LP-FT (finetune=lp_ft)
     "finetune.lr_scale": number(gt=0),
     "finetune.batchnorm": one_of("frozen", "train"),
+    # distillation
+    "distill.teacher": or_null(_path("file"), "no distillation"),
+    "distill.temperature": number(gt=0),
+    "distill.alpha": PROBABILITY,
     "data.feature_precision": one_of(*PRECISIONS),
     "precision": one_of(*PRECISIONS),
     "time_budget": or_null(number(gt=0), "no limit"),

@@ -32,6 +32,7 @@ from vision_tl.data.features import (
     CACHE_VERSION,
     CachedFeatures,
     FeatureStore,
+    WithTeacher,
     file_signature,
     load_or_build,
     weights_digest,
@@ -280,11 +281,15 @@ class ImageFolderDataModule(L.LightningDataModule):
             return f"data.augment={self.augment} with data.feature_views=0 augments every epoch"
         return None
 
-    def build_features(self, model: nn.Module, device: torch.device) -> CachedFeatures:
+    def build_features(
+        self, model: nn.Module, device: torch.device, teacher: nn.Module | None = None
+    ) -> CachedFeatures:
         """Load or compute the cached features this fit needs from `model.features`.
 
         Needs the split and the preprocessing set. Whether features may be cached at all
-        is decided elsewhere, once (`vision_tl.training.callbacks.FeatureCache`).
+        is decided elsewhere, once (`vision_tl.training.callbacks.FeatureCache`). With a
+        distillation `teacher` (a module taking the same normalised views), each row also
+        holds the teacher's logits of that view (`CachedFeatures.teacher_columns`).
         """
         pre = self.preprocess
         precision = resolve_precision(self.feature_precision, device)
@@ -298,6 +303,10 @@ class ImageFolderDataModule(L.LightningDataModule):
         }
         if precision != "fp32":  # fp32 entries keep the keys they always had
             base["precision"] = precision
+        extractor = model
+        if teacher is not None:
+            base["teacher"] = weights_digest(teacher)
+            extractor = WithTeacher(model, teacher)
         root = self.cache_root / "features"
         batch_size = max(32, self.batch_size)
         samples = self.split.samples
@@ -309,7 +318,7 @@ class ImageFolderDataModule(L.LightningDataModule):
             spec = {**base, **spec, "files": file_signature(files)}
             workers = self.num_workers
             return load_or_build(
-                root, spec, model, images, views, device, batch_size, workers, precision
+                root, spec, extractor, images, views, device, batch_size, workers, precision
             )
 
         every_file = sorted({p for split in samples.values() for p, _ in split})
@@ -340,7 +349,8 @@ class ImageFolderDataModule(L.LightningDataModule):
             views,
             eval_store.directory.parent,
         )
-        return CachedFeatures(eval_store, train_store, samples, hits, precision)
+        columns = int(teacher.num_classes) if teacher is not None else 0
+        return CachedFeatures(eval_store, train_store, samples, hits, precision, columns)
 
     def use_features(self, features: CachedFeatures | None) -> None:
         """Serve `features` instead of images from now on (None: images again)."""

@@ -123,7 +123,14 @@ class FeatureDataset(Dataset):
     index is view 0. The file descriptor opens lazily, once per process.
     """
 
-    def __init__(self, store: FeatureStore, rows: Sequence[int], labels: Sequence[int]) -> None:
+    def __init__(
+        self,
+        store: FeatureStore,
+        rows: Sequence[int],
+        labels: Sequence[int],
+        split_at: int | None = None,
+    ) -> None:
+        self.split_at = split_at  # rows carry a teacher's logits after this column
         self.path = str(store.data_file)
         self.row_bytes = store.row_bytes
         self.stride = len(store.files)
@@ -144,13 +151,28 @@ class FeatureDataset(Dataset):
             with contextlib.suppress(OSError):
                 os.close(self._fd)
 
-    def __getitem__(self, item: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, item: int) -> tuple[Any, int]:
         if self._fd is None or self._pid != os.getpid():
             self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
         view, index = divmod(int(item), len(self.rows))
         offset = (view * self.stride + int(self.rows[index])) * self.row_bytes
         data = os.pread(self._fd, self.row_bytes, offset)
-        return torch.frombuffer(bytearray(data), dtype=torch.float32), int(self.labels[index])
+        row = torch.frombuffer(bytearray(data), dtype=torch.float32)
+        if self.split_at is not None:  # (backbone features, teacher logits) of this view
+            return (row[: self.split_at], row[self.split_at :]), int(self.labels[index])
+        return row, int(self.labels[index])
+
+
+class WithTeacher(nn.Module):
+    """Backbone features and a teacher's logits of the same view, side by side in one row:
+    the teacher runs once per cached view, in the same pass, so the two always match."""
+
+    def __init__(self, model: nn.Module, teacher: nn.Module) -> None:
+        super().__init__()
+        self.model, self.teacher = model, teacher
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.model.features(x).float(), self.teacher(x).float()], dim=1)
 
 
 class _Indexed(Dataset):
@@ -313,6 +335,7 @@ class CachedFeatures:
     samples: dict[str, list[tuple[str, int]]]
     hits: dict[str, bool] = field(default_factory=dict)
     precision: str = "fp32"  # what the backbone ran in (`bf16`, `fp32`)
+    teacher_columns: int = 0  # rows end with a distillation teacher's logits
 
     def dataset(self, split: str, train: bool) -> tuple[FeatureDataset, int]:
         """Features of `split` (files that failed extraction left out), and the view count."""
@@ -320,7 +343,8 @@ class CachedFeatures:
         index = store.index()
         kept = [(index[p], label) for p, label in self.samples[split] if p in index]
         rows, labels = [r for r, _ in kept], [label for _, label in kept]
-        return FeatureDataset(store, rows, labels), store.views
+        split_at = store.dim - self.teacher_columns if self.teacher_columns else None
+        return FeatureDataset(store, rows, labels, split_at), store.views
 
     def tensors(self, split: str, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Every row of `split` in memory, as (views x samples x dim features, labels).

@@ -57,7 +57,7 @@ class FeatureCache(L.Callback):
                 log.info("Feature cache bypassed: %s", reason)
             return
         device = trainer.strategy.root_device
-        features = dm.build_features(pl_module.model, device)
+        features = dm.build_features(pl_module.model, device, teacher_of(pl_module))
         if getattr(policy, "search", False):
             features = self.converge_probe(trainer, pl_module, dm, features)
         dm.use_features(features)
@@ -104,7 +104,8 @@ class FeatureCache(L.Callback):
         split (the `linear_probe` search), and record them with the probe's val accuracy."""
         policy = pl_module.finetune
         start = time.perf_counter()
-        features = dm.build_features(pl_module.model, trainer.strategy.root_device)
+        device = trainer.strategy.root_device
+        features = dm.build_features(pl_module.model, device, teacher_of(pl_module))
         if policy.search:
             grid = ProbeGrid(policy.lrs, policy.weight_decays, policy.epochs, policy.folds)
             result = search_probe(pl_module, features, grid, policy.batch_size, dm.sampler)
@@ -164,6 +165,12 @@ class FeatureCache(L.Callback):
         if trainer.fast_dev_run:
             return "trainer.fast_dev_run touches one batch, less than computing every feature"
         return dm.feature_cache_blocker()
+
+
+def teacher_of(pl_module: L.LightningModule) -> Any:
+    """The run's distillation teacher, whose logits are cached with the features, or None."""
+    distill = getattr(pl_module, "distill", None)
+    return distill.teacher if distill is not None else None
 
 
 class FailedFilesGuard(L.Callback):

@@ -105,9 +105,11 @@ def _train_heads(
     epochs: int,
     batch_size: int,
     sampler_kind: str,
+    teacher_columns: int = 0,
 ) -> list[Classifier]:
     """Train one head per (lr, weight_decay) on rows `x` (views x n x dim), side by side:
-    every head sees the same batches."""
+    every head sees the same batches. Rows ending in `teacher_columns` cached teacher
+    logits train with the run's distillation loss."""
     models = [_head_copy(task.model) for _ in settings]
     groups = [
         {"params": [p for p in m.head_parameters() if p.requires_grad], "lr": lr, "weight_decay": d}
@@ -130,16 +132,17 @@ def _train_heads(
     for _ in range(epochs):
         for batch in batches:
             index = torch.as_tensor(batch)
-            features, target = flat[index], y[index % n]
-            loss = sum(
-                F.cross_entropy(
-                    m.classify_features(features),
-                    target,
-                    weight=weight,
-                    label_smoothing=task.label_smoothing,
+            features, teacher = split_columns(flat[index], teacher_columns)
+            target = y[index % n]
+            loss = 0.0
+            for m in models:
+                logits = m.classify_features(features)
+                task_loss = F.cross_entropy(
+                    logits, target, weight=weight, label_smoothing=task.label_smoothing
                 )
-                for m in models
-            )
+                if teacher is not None:
+                    task_loss = task.distill.loss(task_loss, logits, teacher)
+                loss = loss + task_loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -148,6 +151,11 @@ def _train_heads(
         if scheduler is not None and not per_step:
             scheduler.step()
     return models
+
+
+def split_columns(x: torch.Tensor, columns: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Cached rows as (features, teacher logits); no teacher columns: (rows, None)."""
+    return (x[..., :-columns], x[..., -columns:]) if columns else (x, None)
 
 
 def choose(candidates: list[dict[str, Any]], n: int) -> dict[str, Any]:
@@ -179,6 +187,7 @@ def search_probe(
     """Choose the probe's LR, weight decay and views by k-fold cross-validation on the
     training split of `features` (its val split is never read)."""
     start = time.perf_counter()
+    columns = features.teacher_columns
     x_eval, y = features.tensors("train", train=False)
     x_eval = x_eval[0]
     options: dict[str, torch.Tensor] = {"eval": x_eval.unsqueeze(0)}
@@ -212,9 +221,11 @@ def search_probe(
                     grid.epochs,
                     batch_size,
                     sampler_kind,
+                    columns,
                 )
+                held_x = split_columns(x_eval[held_index], columns)[0]
                 for model, (lr, wd) in zip(models, settings, strict=True):
-                    held = _score(model, x_eval[held_index], y[held_index])
+                    held = _score(model, held_x, y[held_index])
                     scores[(views, lr, wd)].append(held)
     candidates = [
         {
@@ -268,11 +279,13 @@ def fit_head(
     setting = [(result.lr, result.weight_decay)]
     with one_thread(), torch.random.fork_rng(devices=[]), torch.enable_grad():
         torch.manual_seed(SEARCH_SEED)
-        (head,) = _train_heads(task, x, y, setting, result.epochs, batch_size, sampler_kind)
+        (head,) = _train_heads(
+            task, x, y, setting, result.epochs, batch_size, sampler_kind, features.teacher_columns
+        )
     task.model.load_state_dict(head.state_dict())
     if not features.samples.get("val"):
         return None
     x_val, y_val = features.tensors("val", train=False)
-    accuracy = _score(task.model, x_val[0], y_val)[0]
+    accuracy = _score(task.model, split_columns(x_val[0], features.teacher_columns)[0], y_val)[0]
     task.model.train()
     return round(accuracy, 6)

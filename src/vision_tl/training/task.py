@@ -21,6 +21,7 @@ from vision_tl.core.errors import ConfigError
 from vision_tl.data.preprocess import Preprocess
 from vision_tl.models import build_model
 from vision_tl.training.compat import CHECKPOINT_FORMAT, upgrade_checkpoint
+from vision_tl.training.distill import Distillation, split_teacher
 from vision_tl.training.finetune import build_finetune
 from vision_tl.training.optim import add_param_group
 
@@ -105,13 +106,16 @@ class ClassificationTask(L.LightningModule):
         self.collected: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         # The fitted calibration temperature a loaded checkpoint carries (1.0: none).
         self.temperature = 1.0
+        # A distillation teacher (`training.distill`), set by `run_training`; not saved.
+        self.distill: Distillation | None = None
 
     # ------------------------------------------------------------------ steps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+    def _logits(self, x: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        x = split_teacher(x)[0]  # cached teacher logits are for the loss only
         return self.model.classify_features(x) if self.feature_inputs else self(x)
 
     def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -125,8 +129,12 @@ class ClassificationTask(L.LightningModule):
         x, y = batch
         if len(y) == 0:  # every file in the batch failed to load (listed in bad_files.csv)
             return None
+        x, cached_teacher = split_teacher(x)
         logits = self._logits(x)
         loss = self._loss(logits, y)
+        if self.distill is not None:
+            teacher = cached_teacher if cached_teacher is not None else self.distill.teacher(x)
+            loss = self.distill.loss(loss, logits, teacher)
         self.train_acc(logits, y)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
@@ -208,6 +216,10 @@ class ClassificationTask(L.LightningModule):
         self.last_test = self._log_epoch(self.test_metrics)
 
     # ------------------------------------------------------------------ fine-tuning
+
+    def on_fit_start(self) -> None:
+        if self.distill is not None:
+            self.distill.teacher.to(self.device)
 
     def on_train_epoch_start(self) -> None:
         new = self.finetune.on_train_epoch_start(self.model, self.current_epoch)

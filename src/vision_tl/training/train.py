@@ -27,6 +27,7 @@ from vision_tl.training.callbacks import (
     FeatureCache,
     TrainThroughput,
 )
+from vision_tl.training.distill import build_distillation, distill_report
 from vision_tl.training.distributed import use_hydra_rank_command
 from vision_tl.training.task import ClassificationTask
 
@@ -169,6 +170,7 @@ def run_training(cfg: DictConfig, predict: PredictFn | None = None) -> dict[str,
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
     )
     datamodule.set_preprocess(task.preprocess)  # resolved once, by the task
+    task.distill = build_distillation(cfg.get("distill"), task.class_names, task.preprocess)
     log.info("Preprocess: %s", task.preprocess)
 
     callbacks = _instantiate_all(cfg.get("callbacks"))
@@ -225,6 +227,8 @@ def run_training(cfg: DictConfig, predict: PredictFn | None = None) -> dict[str,
         **{k.replace("/", "_"): v for k, v in task.last_val.items()},
         **{k.replace("/", "_"): v for k, v in task.last_test.items()},
     }
+    if task.distill is not None and trainer.is_global_zero and not trainer.fast_dev_run:
+        metrics["distill"] = distill_report(task, datamodule, metrics["best_val_acc"])
     if predict and cfg.get("predict_input") and trainer.is_global_zero and not trainer.fast_dev_run:
         ckpt = best_path or metrics["last_checkpoint"]
         metrics["predictions"] = str(predict(cfg, ckpt, run_dir))
