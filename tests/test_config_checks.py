@@ -117,6 +117,20 @@ BAD_INPUTS = {
         "error: finetune.trainable_stages=99: resnet18 has 5 stages",
     ),
     "unwritable_run_dir": (["hydra.run.dir=/proc/x"], "error: hydra.run.dir=/proc/x: cannot"),
+    "missing_data_root": (
+        ["data.root=/no/such/folder"],
+        "error: data.root=/no/such/folder: an existing folder",
+    ),
+    "unknown_backbone": (
+        ["model.backbone.name=resnet9000"],
+        "error: unknown backbone 'resnet9000'; available:",
+    ),
+    "unknown_precision": (["trainer.precision=8"], "error: trainer.precision=8: one of"),
+    "fp16_on_cpu": (
+        ["trainer.precision=16-mixed"],
+        "error: trainer.precision=16-mixed needs a GPU",
+    ),
+    "unknown_augment": (["data.augment=mixup"], "error: unknown augment 'mixup'"),
 }
 
 

@@ -236,21 +236,6 @@ def test_unsupported_precision_fails_in_one_line(
     check_precision("bf16-mixed", "cpu")
 
 
-@pytest.mark.integration
-def test_cli_rejects_16_mixed_on_cpu(tmp_path: Path) -> None:
-    result = run_cli(
-        [
-            "vision_tl.train",
-            "trainer.precision=16-mixed",
-            "trainer.accelerator=cpu",
-            f"hydra.run.dir={tmp_path / 'r'}",
-        ],
-        cwd=tmp_path,
-    )
-    assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1].startswith("error: trainer.precision=16-mixed")
-
-
 def test_device_slots_never_share_a_card(tmp_path: Path) -> None:
     slots = [DeviceSlots(tmp_path / "locks", count=2) for _ in range(3)]
     assert slots[0].acquire(timeout=0) == 0

@@ -368,26 +368,6 @@ def test_cli_contract_with_ensemble_and_prefilled_weights_cache(
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize(
-    ("override", "expected"),
-    [
-        ("data.root=/no/such/folder", "error: data.root=/no/such/folder: an existing folder"),
-        ("model.backbone.name=resnet9000", "error: unknown backbone 'resnet9000'; available:"),
-        ("trainer.precision=8", "error: trainer.precision=8: one of"),
-        ("data.augment=mixup", "error: unknown augment 'mixup'"),
-    ],
-)
-def test_cli_user_errors_are_one_line(tmp_path: Path, override: str, expected: str) -> None:
-    result = run_cli(
-        ["vision_tl.train", override, f"hydra.run.dir={tmp_path / 'r'}", "model.pretrained=false"],
-        cwd=tmp_path,
-    )
-    assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1].startswith(expected), result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
-
-
-@pytest.mark.integration
 def test_same_seed_same_run(compose_train, image_folder: Path, tmp_path: Path) -> None:
     overrides = [*TINY, f"data.root={image_folder}", "test=false", "seed=7"]
     runs = [run_training(compose_train(overrides, tmp_path / name)) for name in ("a", "b")]
