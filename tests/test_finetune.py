@@ -7,6 +7,7 @@ import json
 from functools import partial
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -195,3 +196,8 @@ def test_lp_ft_starts_from_the_probe_head_then_trains_everything(
     assert spy["backbone_calls"] > 0 and not spy["feature_inputs"], "phase 2 reads images"
     assert spy["backbone_weights_moved"]
     assert not spy["bn_stats_moved"]
+    # The probe start competes for best.ckpt: the fine-tune keeps it unless an epoch beats it.
+    epochs_val = pd.read_csv(run_dir / "history.csv")["val_acc"]
+    beaten = bool((epochs_val > probe["probe_val_acc"] + 1e-9).any())
+    assert (metrics["best_epoch"] >= 0) is beaten
+    assert metrics["best_val_acc"] == pytest.approx(max(probe["probe_val_acc"], epochs_val.max()))

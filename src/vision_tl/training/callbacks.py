@@ -15,6 +15,8 @@ from typing import Any
 
 import lightning as L
 import pandas as pd
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from vision_tl.core.errors import ConfigError
 from vision_tl.data.datamodule import ImageFolderDataModule
@@ -37,6 +39,7 @@ class FeatureCache(L.Callback):
 
     def __init__(self) -> None:
         self._one_thread: contextlib.ExitStack | None = None
+        self._probe_start: float | None = None  # LP-FT: the probe's val acc, before fine-tuning
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         dm = trainer.datamodule
@@ -66,6 +69,26 @@ class FeatureCache(L.Callback):
         self._one_thread = contextlib.ExitStack()
         self._one_thread.enter_context(one_thread())
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """LP-FT: the probe the fine-tune starts from competes for the best checkpoint, so a
+        fine-tune that only degrades it on val keeps the probe (`best_epoch` -1)."""
+        if self._probe_start is None:
+            return
+        score = torch.tensor(self._probe_start)
+        for callback in trainer.checkpoint_callbacks:
+            if (
+                isinstance(callback, ModelCheckpoint)
+                and callback.monitor == "val/acc"
+                and callback.mode == "max"
+                and callback.save_top_k == 1
+            ):
+                path = callback.format_checkpoint_name({})
+                callback.best_k_models = {path: score}
+                callback.kth_best_model_path = callback.best_model_path = path
+                callback.kth_value = callback.best_model_score = score
+                pl_module.val_acc_best(score)
+                trainer.save_checkpoint(path)  # with the state above: reloading keeps it
+
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self._one_thread is not None:
             self._one_thread.close()
@@ -87,6 +110,7 @@ class FeatureCache(L.Callback):
             blocker = blocker or self.bypass_reason(trainer, dm)
             if blocker is None:
                 self.fit_probe_head(trainer, pl_module, dm)
+                self._probe_start = pl_module.probe["probe_val_acc"]
             elif not trainer.fast_dev_run:
                 log.warning(
                     "finetune=%s: no probe phase (%s); the head starts untrained",

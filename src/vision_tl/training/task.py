@@ -205,7 +205,8 @@ class ClassificationTask(L.LightningModule):
         if self.trainer.sanity_checking:
             return
         acc = values["val/acc"]
-        previous = float(self.val_acc_best.compute()) if self.best_epoch >= 0 else -1.0
+        # Before the first epoch, the best may already be set: LP-FT's probe start competes.
+        previous = float(self.val_acc_best.compute()) if self.val_acc_best.update_called else -1.0
         if acc > previous:
             self.best_epoch = self.current_epoch
         self.val_acc_best(torch.tensor(acc))
