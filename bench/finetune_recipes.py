@@ -1,0 +1,140 @@
+"""Bench: fine-tuning recipes against the probe, and distillation against the student alone.
+
+    .venv/bin/python bench/finetune_recipes.py [--datasets hymenoptera vehicles6] [--epochs 5]
+        [--recipes full lp_ft finetune_strong] [--image-size N] [--per-class N]
+        [--distill] [--distill-recipe linear_probe]
+
+Per dataset, EfficientNet-Lite0 with the shared ImageNet weights, each recipe for
+`--epochs` epochs, side by side in one process:
+
+- `probe`: `finetune=linear_probe` as it ships (the reference every recipe must beat);
+- `full`: the defaults (`finetune=full`, AdamW 1e-3 on every layer, cosine with warmup);
+- `lp_ft`: `finetune=lp_ft` (the probe first, then everything at 0.1 x LR);
+- `finetune_strong`: `experiment=finetune_strong`.
+
+With `--distill`: a lite2 teacher (`--distill-recipe`, lite2 weights) is trained, then the
+lite0 student with the same recipe and epochs, alone and with `distill.teacher=` the
+teacher's best checkpoint. vehicles6 has no split: every side uses the split vision_tl
+writes (`data.val_fraction` 0.2, seed 42). Accuracies are on val; the probe and the search
+never choose on it, the fine-tunes choose their best epoch on it (as every fine-tune's
+best.ckpt does), so `last_val_acc` is given too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from common import SHARED, emit, require_shared, scratch, timed
+from probe_default import data_overrides, vision_tl_run
+
+WEIGHTS = {
+    name: SHARED / "weights" / f"tf_efficientnet_{name}.in1k.safetensors"
+    for name in ("lite0", "lite2")
+}
+RECIPES = {
+    "probe": ["finetune=linear_probe"],
+    "full": ["finetune=full"],
+    "lp_ft": ["finetune=lp_ft"],
+    "finetune_strong": ["experiment=finetune_strong"],
+    "linear_probe": ["finetune=linear_probe"],
+}
+
+
+def backbone(name: str) -> list[str]:
+    return [
+        f"model.backbone.name=timm/tf_efficientnet_{name}",
+        f"model.backbone.weights_path={WEIGHTS[name]}",
+    ]
+
+
+def summary(metrics: dict, seconds: float, run_dir: Path) -> dict:
+    history = run_dir / "history.csv"
+    last = history.read_text().strip().splitlines()[-1].split(",") if history.is_file() else []
+    probe = metrics.get("probe") or {}
+    return {
+        "best_val_acc": round(metrics["best_val_acc"], 4),
+        "best_epoch": metrics["best_epoch"],
+        "last_val_acc": round(float(last[4]), 4) if len(last) > 4 else None,
+        "probe_val_acc": probe.get("probe_val_acc"),
+        "val_ece": metrics.get("val_ece"),
+        "val_ece_uncalibrated": metrics.get("val_ece_uncalibrated"),
+        "seconds": round(seconds, 1),
+        "distill": metrics.get("distill"),
+    }
+
+
+def run(
+    work: Path,
+    cache: Path,
+    common: list[str],
+    rows: dict,
+    key: tuple[str, str],
+    overrides: list[str],
+) -> Path:
+    """One in-process `train` run; its summary goes into `rows[name]` and is printed."""
+    dataset, name = key
+    run_dir = work / dataset / name
+    metrics, seconds = timed(vision_tl_run, common, run_dir, cache, overrides)
+    rows[name] = summary(metrics, seconds, run_dir)
+    print(json.dumps({dataset: {name: rows[name]}}), flush=True)
+    return run_dir
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--datasets", nargs="+", default=["hymenoptera"])
+    parser.add_argument("--recipes", nargs="*", default=["probe", "full", "lp_ft"])
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--image-size", type=int, default=None, help="default: the weights'")
+    parser.add_argument("--per-class", type=int, default=0)
+    parser.add_argument("--distill", action="store_true")
+    parser.add_argument("--distill-recipe", default="linear_probe")
+    parser.add_argument("--cache", type=Path, default=None, help="default: a fresh one")
+    args = parser.parse_args()
+    require_shared()
+    results: dict[str, dict] = {}
+    with scratch("recipes") as work:
+        cache = args.cache or work / "cache"
+        for dataset in args.datasets:
+            data = data_overrides(dataset, work, args.per_class)
+            if args.image_size:
+                data.append(f"data.image_size={args.image_size}")
+            common = [*data, f"trainer.max_epochs={args.epochs}", "logger=none"]
+            rows = results.setdefault(dataset, {})
+            for recipe in args.recipes:
+                run(
+                    work,
+                    cache,
+                    common,
+                    rows,
+                    (dataset, recipe),
+                    [*backbone("lite0"), *RECIPES[recipe]],
+                )
+            if args.distill:
+                recipe = RECIPES[args.distill_recipe]
+                teacher = run(
+                    work,
+                    cache,
+                    common,
+                    rows,
+                    (dataset, "teacher_lite2"),
+                    [*backbone("lite2"), *recipe],
+                )
+                ckpt = teacher / "checkpoints" / "best.ckpt"
+                student = [*backbone("lite0"), *recipe]
+                run(work, cache, common, rows, (dataset, "student_lite0_alone"), student)
+                run(
+                    work,
+                    cache,
+                    common,
+                    rows,
+                    (dataset, "student_lite0_distilled"),
+                    [*student, f"distill.teacher={ckpt}"],
+                )
+    emit("finetune_recipes", {"epochs": args.epochs, "results": results})
+
+
+if __name__ == "__main__":
+    main()
