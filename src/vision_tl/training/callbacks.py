@@ -87,7 +87,7 @@ class FeatureCache(L.Callback):
                 callback.kth_best_model_path = callback.best_model_path = path
                 callback.kth_value = callback.best_model_score = score
                 pl_module.val_acc_best(score)
-                trainer.save_checkpoint(path)  # with the state above: reloading keeps it
+                trainer.save_checkpoint(path, weights_only=False)  # with the state above
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self._one_thread is not None:
