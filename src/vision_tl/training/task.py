@@ -23,6 +23,7 @@ from vision_tl.models import build_model
 from vision_tl.training.compat import CHECKPOINT_FORMAT, upgrade_checkpoint
 from vision_tl.training.finetune import build_finetune
 from vision_tl.training.optim import add_param_group
+from vision_tl.training.recipes import backbone_param_groups, build_mixup
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ class ClassificationTask(L.LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable[..., dict[str, Any]] | None = None,
         load_pretrained: bool = True,
+        mixup: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
@@ -84,11 +86,15 @@ class ClassificationTask(L.LightningModule):
                     f"only {fixed} px inputs"
                 )
         self.feature_inputs = False
+        # Set during the LR range test: the trainable parts stay as they are (its steps
+        # may span a gradual policy's unfreeze epoch, and its optimizer is restored after).
+        self.hold_trainable = False
         # The converged probe's chosen settings and search cost (`training.probe`), if any.
         self.probe: dict[str, Any] | None = None
         # The backbone's precision when its features were cached: eval and predict match it.
         self.feature_precision = "fp32"
         self.label_smoothing = label_smoothing
+        self.mixup = build_mixup(mixup, num_classes)
         weights = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
         self.register_buffer("class_weights", weights, persistent=False)
         self.optimizer_factory = optimizer
@@ -115,6 +121,7 @@ class ClassificationTask(L.LightningModule):
         return self.model.classify_features(x) if self.feature_inputs else self(x)
 
     def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy against class indices or, after Mixup/CutMix, soft targets."""
         return F.cross_entropy(
             logits.float(), y, weight=self.class_weights, label_smoothing=self.label_smoothing
         )
@@ -125,8 +132,11 @@ class ClassificationTask(L.LightningModule):
         x, y = batch
         if len(y) == 0:  # every file in the batch failed to load (listed in bad_files.csv)
             return None
+        target = y
+        if self.mixup is not None and not self.feature_inputs:
+            x, target = self.mixup(x, y)
         logits = self._logits(x)
-        loss = self._loss(logits, y)
+        loss = self._loss(logits, target)
         self.train_acc(logits, y)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
@@ -209,12 +219,27 @@ class ClassificationTask(L.LightningModule):
 
     # ------------------------------------------------------------------ fine-tuning
 
+    def on_train_start(self) -> None:
+        if self.mixup is not None and self.feature_inputs:
+            log.info("Mixup/CutMix not applied: the batches are cached features, not images")
+
+    def _backbone_groups(
+        self, keep: Callable[[torch.nn.Parameter], bool]
+    ) -> list[tuple[list[torch.nn.Parameter], float]]:
+        policy = self.finetune
+        return backbone_param_groups(
+            self.model.backbones(), policy.backbone_lr_mult, policy.layer_decay, keep
+        )
+
     def on_train_epoch_start(self) -> None:
+        if self.hold_trainable:
+            return
         new = self.finetune.on_train_epoch_start(self.model, self.current_epoch)
         if new and self.trainer.optimizers:
             schedulers = [c.scheduler for c in self.trainer.lr_scheduler_configs]
-            mult = self.finetune.backbone_lr_mult
-            add_param_group(self.trainer.optimizers[0], schedulers, new, mult)
+            ids = {id(p) for p in new}
+            for params, scale in self._backbone_groups(lambda p: id(p) in ids):
+                add_param_group(self.trainer.optimizers[0], schedulers, params, scale)
         if new:
             log.info("Epoch %d: %d more tensors train", self.current_epoch, len(new))
 
@@ -222,11 +247,11 @@ class ClassificationTask(L.LightningModule):
         if self.optimizer_factory is None:
             raise RuntimeError("ClassificationTask needs an optimizer factory to train")
         head = [p for p in self.model.head_parameters() if p.requires_grad]
-        backbone = [p for p in self.model.backbone_parameters() if p.requires_grad]
-        groups = [{"params": head}] + ([{"params": backbone}] if backbone else [])
+        backbone = self._backbone_groups(lambda p: p.requires_grad)
+        groups = [{"params": head}, *({"params": params} for params, _ in backbone)]
         optimizer = self.optimizer_factory(params=groups)
-        if backbone:
-            optimizer.param_groups[1]["lr"] *= self.finetune.backbone_lr_mult
+        for group, (_, scale) in zip(optimizer.param_groups[1:], backbone, strict=True):
+            group["lr"] *= scale
         if self.scheduler_factory is None:
             return optimizer
         total = int(self.trainer.estimated_stepping_batches)
