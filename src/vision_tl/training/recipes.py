@@ -170,7 +170,8 @@ class TimeBudget(L.Callback):
         done = trainer.current_epoch + 1
         elapsed = self.clock() - self._start
         per_epoch = elapsed / max(1, done - self._first_epoch)
-        left = max(0.0, timer._duration - elapsed)
+        # A resumed fit: the timer's offset is the time the earlier sessions used.
+        left = max(0.0, timer._duration - timer._offset - elapsed)
         fits = done + math.floor(left * self.margin / per_epoch) if per_epoch > 0 else done
         limit = trainer.fit_loop.max_epochs
         planned = min(fits, limit if limit and limit > 0 else fits, self.planned_epochs or fits)

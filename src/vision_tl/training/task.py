@@ -121,9 +121,11 @@ class ClassificationTask(L.LightningModule):
         return self.model.classify_features(x) if self.feature_inputs else self(x)
 
     def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy against class indices or, after Mixup/CutMix, soft targets."""
+        """Cross-entropy against class indices or, after Mixup/CutMix, soft targets (in
+        fp32 like the logits, whatever the precision the images came in)."""
+        target = y.float() if y.is_floating_point() else y
         return F.cross_entropy(
-            logits.float(), y, weight=self.class_weights, label_smoothing=self.label_smoothing
+            logits.float(), target, weight=self.class_weights, label_smoothing=self.label_smoothing
         )
 
     def training_step(
