@@ -121,6 +121,18 @@ def _crop_scale(value: Any) -> bool:
     return 0 < low <= high <= 1
 
 
+def _max_time(value: Any) -> bool:
+    """What Lightning's `Trainer(max_time=...)` parses: null, `DD:HH:MM:SS`, or a dict."""
+    if value is None:
+        return True
+    if isinstance(value, (dict, DictConfig)):
+        keys = {"days", "hours", "minutes", "seconds"}
+        values = list(value.values())
+        return bool(values) and set(value) <= keys and all(_is_number(v) and v >= 0 for v in values)
+    parts = str(value).strip().split(":")
+    return len(parts) == 4 and all(p.isdigit() for p in parts) and any(int(p) for p in parts)
+
+
 def _path(kind: str) -> Allowed:
     """An existing folder, file or either (relative to where the command runs)."""
     checks = {"folder": Path.is_dir, "file": Path.is_file, "path": Path.exists}
@@ -157,6 +169,17 @@ RULES: dict[str, Allowed] = {
     "finetune.backbone_lr_mult": number(ge=0),
     "finetune.unfreeze_epoch": integer(0),
     "finetune.trainable_stages": integer(0),
+    "finetune.layer_decay": or_null(number(gt=0, le=1), "off"),
+    # fine-tuning recipes
+    "ema.decay": or_null(number(gt=0, lt=1), "no EMA"),
+    "ema.warmup": FLAG,
+    "ema.every_n_steps": integer(1),
+    "mixup.alpha": number(ge=0),
+    "mixup.cutmix_alpha": number(ge=0),
+    "mixup.prob": PROBABILITY,
+    "lr_find": FLAG,
+    "lr_find_steps": integer(20),
+    "trainer.max_time": Allowed(_max_time, "DD:HH:MM:SS or a dict of days/hours/minutes/seconds"),
     "loss.label_smoothing": number(ge=0, lt=1),
     "loss.class_weights": Allowed(_class_weights, "null, auto, or one number >= 0 per class"),
     # optimizer/, scheduler/

@@ -39,19 +39,25 @@ def unfreeze(module: nn.Module) -> None:
 @dataclass(frozen=True)
 class FinetunePolicy:
     """Base policy: everything trains. Backbone parameters train at `backbone_lr_mult`
-    times the head's learning rate."""
+    times the head's learning rate; with `layer_decay` (null or 1: off) each backbone stage
+    before the last trains at `layer_decay` times the next stage's LR."""
 
     name: ClassVar[str] = ""
     # Whether a run logs why the feature cache is bypassed: worth saying when the user may
     # have expected a cache, noise for a policy that plainly trains everything.
     announce_cache_bypass: ClassVar[bool] = True
     backbone_lr_mult: float = 1.0
+    layer_decay: float | None = None
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, int | float) and value < 0:
                 raise ConfigError(f"finetune.{f.name}={value}: must be >= 0")
+        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
+            raise ConfigError(
+                f"finetune.layer_decay={self.layer_decay}: a number in (0, 1], or null"
+            )
 
     def setup(self, model: Classifier) -> None:
         """Set the trainable parts for the start of training."""

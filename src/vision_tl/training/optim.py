@@ -7,6 +7,7 @@ once the Trainer has the data), and returns what `configure_optimizers` returns.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 from torch.optim import Optimizer, lr_scheduler
@@ -17,6 +18,29 @@ def step_lr(
 ) -> dict[str, Any]:
     """Multiply the LR by `gamma` every `step_size` epochs (the classic StepLR recipe)."""
     return {"scheduler": lr_scheduler.StepLR(optimizer, step_size, gamma), "interval": "epoch"}
+
+
+@dataclass
+class WarmupCosine:
+    """The LR factor at a step: linear warmup for `warmup` steps, then cosine decay to
+    `min_lr_ratio` at `total_steps`. An object, not a closure, so LambdaLR saves it in
+    checkpoints and a time budget can move its horizon (`replan`)."""
+
+    total_steps: int
+    warmup: int
+    min_lr_ratio: float
+    steps_per_epoch: int
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / (self.warmup + 1)
+        progress = min(1.0, (step - self.warmup) / max(1, self.total_steps - self.warmup))
+        cosine = 0.5 * (1 + math.cos(math.pi * progress))
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * cosine
+
+    def replan(self, epochs: int) -> None:
+        """End the schedule after `epochs` epochs."""
+        self.total_steps = epochs * self.steps_per_epoch
 
 
 def cosine_with_warmup(
@@ -30,13 +54,7 @@ def cosine_with_warmup(
 ) -> dict[str, Any]:
     """Linear warmup for `warmup_epochs`, then cosine decay to `min_lr_ratio` x LR, per step."""
     warmup = min(int(warmup_epochs * steps_per_epoch), max(total_steps - 1, 0))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
+    factor = WarmupCosine(total_steps, warmup, min_lr_ratio, steps_per_epoch)
     return {"scheduler": lr_scheduler.LambdaLR(optimizer, factor), "interval": "step"}
 
 

@@ -24,6 +24,7 @@ from vision_tl.training.compat import CHECKPOINT_FORMAT, upgrade_checkpoint
 from vision_tl.training.distill import Distillation, split_teacher
 from vision_tl.training.finetune import build_finetune
 from vision_tl.training.optim import add_param_group
+from vision_tl.training.recipes import backbone_param_groups, build_mixup
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,7 @@ class ClassificationTask(L.LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable[..., dict[str, Any]] | None = None,
         load_pretrained: bool = True,
+        mixup: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
@@ -85,11 +87,15 @@ class ClassificationTask(L.LightningModule):
                     f"only {fixed} px inputs"
                 )
         self.feature_inputs = False
+        # Set during the LR range test: the trainable parts stay as they are (its steps
+        # may span a gradual policy's unfreeze epoch, and its optimizer is restored after).
+        self.hold_trainable = False
         # The converged probe's chosen settings and search cost (`training.probe`), if any.
         self.probe: dict[str, Any] | None = None
         # The backbone's precision when its features were cached: eval and predict match it.
         self.feature_precision = "fp32"
         self.label_smoothing = label_smoothing
+        self.mixup = build_mixup(mixup, num_classes)
         weights = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
         self.register_buffer("class_weights", weights, persistent=False)
         self.optimizer_factory = optimizer
@@ -119,8 +125,11 @@ class ClassificationTask(L.LightningModule):
         return self.model.classify_features(x) if self.feature_inputs else self(x)
 
     def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy against class indices or, after Mixup/CutMix, soft targets (in
+        fp32 like the logits, whatever the precision the images came in)."""
+        target = y.float() if y.is_floating_point() else y
         return F.cross_entropy(
-            logits.float(), y, weight=self.class_weights, label_smoothing=self.label_smoothing
+            logits.float(), target, weight=self.class_weights, label_smoothing=self.label_smoothing
         )
 
     def training_step(
@@ -130,9 +139,12 @@ class ClassificationTask(L.LightningModule):
         if len(y) == 0:  # every file in the batch failed to load (listed in bad_files.csv)
             return None
         x, cached_teacher = split_teacher(x)
+        target = y
+        if self.mixup is not None and not self.feature_inputs:
+            x, target = self.mixup(x, y)
         logits = self._logits(x)
-        loss = self._loss(logits, y)
-        if self.distill is not None:
+        loss = self._loss(logits, target)
+        if self.distill is not None:  # on a mixed batch the teacher sees the mixed images
             teacher = cached_teacher if cached_teacher is not None else self.distill.teacher(x)
             loss = self.distill.loss(loss, logits, teacher)
         self.train_acc(logits, y)
@@ -222,12 +234,27 @@ class ClassificationTask(L.LightningModule):
         if self.distill is not None:
             self.distill.teacher.to(self.device)
 
+    def on_train_start(self) -> None:
+        if self.mixup is not None and self.feature_inputs:
+            log.info("Mixup/CutMix not applied: the batches are cached features, not images")
+
+    def _backbone_groups(
+        self, keep: Callable[[torch.nn.Parameter], bool]
+    ) -> list[tuple[list[torch.nn.Parameter], float]]:
+        policy = self.finetune
+        return backbone_param_groups(
+            self.model.backbones(), policy.backbone_lr_mult, policy.layer_decay, keep
+        )
+
     def on_train_epoch_start(self) -> None:
+        if self.hold_trainable:
+            return
         new = self.finetune.on_train_epoch_start(self.model, self.current_epoch)
         if new and self.trainer.optimizers:
             schedulers = [c.scheduler for c in self.trainer.lr_scheduler_configs]
-            mult = self.finetune.backbone_lr_mult
-            add_param_group(self.trainer.optimizers[0], schedulers, new, mult)
+            ids = {id(p) for p in new}
+            for params, scale in self._backbone_groups(lambda p: id(p) in ids):
+                add_param_group(self.trainer.optimizers[0], schedulers, params, scale)
         if new:
             log.info("Epoch %d: %d more tensors train", self.current_epoch, len(new))
 
@@ -235,11 +262,11 @@ class ClassificationTask(L.LightningModule):
         if self.optimizer_factory is None:
             raise RuntimeError("ClassificationTask needs an optimizer factory to train")
         head = [p for p in self.model.head_parameters() if p.requires_grad]
-        backbone = [p for p in self.model.backbone_parameters() if p.requires_grad]
-        groups = [{"params": head}] + ([{"params": backbone}] if backbone else [])
+        backbone = self._backbone_groups(lambda p: p.requires_grad)
+        groups = [{"params": head}, *({"params": params} for params, _ in backbone)]
         optimizer = self.optimizer_factory(params=groups)
-        if backbone:
-            optimizer.param_groups[1]["lr"] *= self.finetune.backbone_lr_mult
+        for group, (_, scale) in zip(optimizer.param_groups[1:], backbone, strict=True):
+            group["lr"] *= scale
         if self.scheduler_factory is None:
             return optimizer
         total = int(self.trainer.estimated_stepping_batches)

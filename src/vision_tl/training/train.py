@@ -29,6 +29,7 @@ from vision_tl.training.callbacks import (
 )
 from vision_tl.training.distill import build_distillation, distill_report
 from vision_tl.training.distributed import use_hydra_rank_command
+from vision_tl.training.recipes import TimeBudget, build_ema, find_lr, lr_find_skip_reason
 from vision_tl.training.task import ClassificationTask
 
 log = logging.getLogger(__name__)
@@ -168,6 +169,7 @@ def run_training(cfg: DictConfig, predict: PredictFn | None = None) -> dict[str,
         preprocess_overrides=datamodule.preprocess_overrides,
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        mixup=OmegaConf.to_container(cfg.mixup, resolve=True) if cfg.get("mixup") else None,
     )
     datamodule.set_preprocess(task.preprocess)  # resolved once, by the task
     task.distill = build_distillation(cfg.get("distill"), task.class_names, task.preprocess)
@@ -179,12 +181,30 @@ def run_training(cfg: DictConfig, predict: PredictFn | None = None) -> dict[str,
     loggers = _instantiate_all(cfg.get("logger"))
     if not loggers:  # nothing would receive the LR curve (Lightning refuses the pairing)
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    ours = [FeatureCache(), FailedFilesGuard(), throughput, history]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=[*callbacks, *ours], logger=loggers)
+    budget = TimeBudget() if cfg.trainer.get("max_time") else None
+    ema = build_ema(cfg.get("ema"))
+    # After FeatureCache: EMA copies the task once the fit's setup has shaped it (for LP-FT,
+    # after the probe phase).
+    recipes = [c for c in (budget, ema) if c is not None]
+    ours = [FeatureCache(), *recipes, FailedFilesGuard(), throughput, history]
+    # Lightning's Timer reads a dict `max_time` only as a plain dict.
+    max_time = OmegaConf.to_container(cfg.trainer, resolve=True).get("max_time")
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, callbacks=[*callbacks, *ours], logger=loggers, max_time=max_time
+    )
 
     with PeakMemory() as memory:
         start = time.perf_counter()
         ckpt_path = cfg.get("ckpt_path")
+        lr_suggestion = None
+        if cfg.get("lr_find"):
+            skip = lr_find_skip_reason(task, bool(ckpt_path), bool(trainer.fast_dev_run))
+            if skip:
+                log.info("lr_find skipped: %s", skip)
+            else:
+                lr_suggestion = find_lr(
+                    trainer, task, datamodule, run_dir, int(cfg.get("lr_find_steps", 100))
+                )
         trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         train_time = time.perf_counter() - start
 
@@ -222,6 +242,8 @@ def run_training(cfg: DictConfig, predict: PredictFn | None = None) -> dict[str,
         "val_loss": float(val_loss) if val_loss is not None else None,
         "preprocess": task.preprocess.to_dict(),
         "probe": task.probe,
+        "lr_find_suggestion": lr_suggestion,
+        "planned_epochs": budget.planned_epochs if budget else None,
         **calibration,
         "feature_precision": task.feature_precision,
         **{k.replace("/", "_"): v for k, v in task.last_val.items()},

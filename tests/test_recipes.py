@@ -1,0 +1,119 @@
+"""Fine-tuning recipes without a fit: Mixup/CutMix targets and loss, layer-wise LR decay,
+the re-plannable cosine schedule and the config checks."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from vision_tl.core.errors import ConfigError
+from vision_tl.core.validate import violations
+from vision_tl.training.optim import cosine_with_warmup
+from vision_tl.training.recipes import build_mixup
+from vision_tl.training.task import ClassificationTask
+
+pytestmark = pytest.mark.unit
+
+SPEC = {"backbone": {"name": "resnet18"}, "pretrained": False}
+
+
+def test_mixed_targets_sum_to_one_and_the_loss_is_soft_target_cross_entropy() -> None:
+    torch.manual_seed(0)
+    weights = [1.0, 2.0, 0.5]
+    task = ClassificationTask(
+        SPEC,
+        ["a", "b", "c"],
+        label_smoothing=0.1,
+        class_weights=weights,
+        mixup={"alpha": 0.8, "cutmix_alpha": 1.0, "prob": 1.0},
+    )
+    x, y = torch.rand(8, 3, 32, 32), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    seen_mixed = False
+    for _ in range(4):  # both Mixup and CutMix get picked
+        mixed, target = task.mixup(x, y)
+        assert mixed.shape == x.shape and target.shape == (8, 3)
+        torch.testing.assert_close(target.sum(1), torch.ones(8))
+        seen_mixed |= bool((target.max(1).values < 1).any())
+    assert seen_mixed
+
+    logits = torch.randn(8, 3)
+    smoothed = target * 0.9 + 0.1 / 3
+    by_hand = -(smoothed * torch.tensor(weights) * logits.log_softmax(1)).sum(1).mean()
+    torch.testing.assert_close(task._loss(logits, target), by_hand)
+    # prob=0 (the default) or no alpha: no mixing at all
+    assert build_mixup({"alpha": 0.8, "cutmix_alpha": 1.0, "prob": 0.0}, 3) is None
+    assert build_mixup({"alpha": 0.0, "cutmix_alpha": 0.0, "prob": 1.0}, 3) is None
+
+
+@pytest.mark.parametrize("model", [SPEC, {"members": ["resnet18", "mobilenet_v2"]}])
+def test_layer_decay_gives_one_group_per_stage_with_lrs_decreasing_by_the_factor(
+    model: dict,
+) -> None:
+    spec = {**model, "pretrained": False}
+    finetune = {"mode": "full", "backbone_lr_mult": 0.5, "layer_decay": 0.7}
+    task = ClassificationTask(
+        spec, ["a", "b"], finetune=finetune, optimizer=partial(torch.optim.SGD, lr=0.1)
+    )
+    groups = task.configure_optimizers().param_groups
+    assert groups[0]["lr"] == pytest.approx(0.1)  # the head
+    expected, rest = [], groups[1:]
+    for backbone in task.model.backbones():
+        stages = list(backbone.stages)
+        for depth, stage in enumerate(reversed(stages)):
+            group = rest.pop(0)
+            assert {id(p) for p in group["params"]} == {id(p) for p in stage.parameters()}
+            expected.append(0.1 * 0.5 * 0.7**depth)
+            assert group["lr"] == pytest.approx(expected[-1])
+    assert not rest
+    covered = {id(p) for g in groups for p in g["params"]}
+    assert covered == {id(p) for p in task.model.parameters()}
+
+
+def test_layer_decay_keeps_only_trainable_stages_and_rejects_bad_values() -> None:
+    finetune = {"mode": "partial", "trainable_stages": 2, "layer_decay": 0.5}
+    task = ClassificationTask(
+        SPEC, ["a", "b"], finetune=finetune, optimizer=partial(torch.optim.SGD, lr=1.0)
+    )
+    lrs = [g["lr"] for g in task.configure_optimizers().param_groups]
+    assert lrs == pytest.approx([1.0, 1.0, 0.5])
+    with pytest.raises(ConfigError, match=r"layer_decay=1\.5"):
+        ClassificationTask(SPEC, ["a", "b"], finetune={"mode": "full", "layer_decay": 1.5})
+
+
+def test_replanned_cosine_ends_at_its_minimum_on_the_new_last_step() -> None:
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = cosine_with_warmup(
+        optimizer, total_steps=100, steps_per_epoch=10, warmup_epochs=1, min_lr_ratio=0.1
+    )["scheduler"]
+    (factor,) = schedule.lr_lambdas
+    assert factor(40) > 0.5
+    factor.replan(4)
+    assert factor(40) == pytest.approx(0.1) and factor(39) > 0.1
+    state = schedule.state_dict()  # the horizon travels in checkpoints
+    assert state["lr_lambdas"][0]["total_steps"] == 40
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "ok"),
+    [
+        ("trainer.max_time", "00:00:05:00", True),
+        ("trainer.max_time", {"minutes": 5}, True),
+        ("trainer.max_time", "5 minutes", False),
+        ("trainer.max_time", {"weeks": 1}, False),
+        ("ema.decay", 1.0, False),
+        ("ema.decay", None, True),
+        ("mixup.prob", 1.5, False),
+        ("finetune.layer_decay", 0.0, False),
+        ("lr_find_steps", 5, False),
+    ],
+)
+def test_recipe_keys_are_checked(key: str, value: object, ok: bool) -> None:
+    cfg = OmegaConf.create({})
+    OmegaConf.update(cfg, key, value, force_add=True)
+    found = violations(cfg)
+    assert (found == []) == ok, found
+    if not ok:
+        assert found[0].startswith(f"{key}=")
