@@ -95,7 +95,24 @@ RECIPES: dict[str, dict[str, Any]] = {
         "finetune.mode": "linear_probe",
         "finetune.search": True,
     },
+    "finetune_strong": {
+        "finetune.mode": "lp_ft",
+        "finetune.layer_decay": 0.75,
+        "ema.decay": 0.999,
+        "mixup.prob": 1.0,
+        "loss.label_smoothing": 0.1,
+    },
+    "distill_ensemble": {
+        "model.backbone.name": "mobilenet_v2",
+        "finetune.mode": "lp_ft",
+        "distill.alpha": 0.7,
+        "distill.teacher": "TEACHER/checkpoints/best.ckpt",
+    },
 }
+
+# Overrides an experiment needs to train on tiny data here: distill_ensemble's teacher is a
+# placeholder the user replaces (distillation itself: tests/test_distill.py).
+TRAIN_OVERRIDES: dict[str, list[str]] = {"distill_ensemble": ["distill.teacher=null"]}
 
 
 def test_every_experiment_has_a_recipe_check() -> None:
@@ -127,6 +144,7 @@ def test_experiment_trains(compose_train, image_folder: Path, tmp_path: Path, na
             "data.resize_size=56",
             "data.batch_size=4",
             "trainer.fast_dev_run=true",
+            *TRAIN_OVERRIDES.get(name, []),
         ],
         tmp_path,
     )
