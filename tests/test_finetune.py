@@ -201,3 +201,11 @@ def test_lp_ft_starts_from_the_probe_head_then_trains_everything(
     beaten = bool((epochs_val > probe["probe_val_acc"] + 1e-9).any())
     assert (metrics["best_epoch"] >= 0) is beaten
     assert metrics["best_val_acc"] == pytest.approx(max(probe["probe_val_acc"], epochs_val.max()))
+
+
+def test_lr_finder_is_skipped_where_the_policy_chooses_its_own_lr() -> None:
+    from vision_tl.training.recipes import lr_find_skip_reason
+
+    assert "lp_ft" in lr_find_skip_reason(_task({"mode": "lp_ft"}), False, False)
+    assert "cross-validation" in lr_find_skip_reason(_task({"mode": "linear_probe"}), False, False)
+    assert lr_find_skip_reason(_task({"mode": "full"}), False, False) is None
