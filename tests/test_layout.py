@@ -93,6 +93,9 @@ def test_every_finetune_policy_sets_a_trainable_head(mode: str) -> None:
     model = build_model({"backbone": {"name": "resnet18"}}, 2, pretrained=False)
     policy.setup(model)
     assert all(p.requires_grad for p in model.head_parameters())
+    if policy.probe_first():  # the feature cache fits the head, then hands over (LP-FT)
+        assert not any(p.requires_grad for p in model.backbone_parameters())
+        policy.start_finetune(model)
     backbone_trains = False
     for epoch in range(6):  # the feature cache may be used only if it never trains
         policy.on_train_epoch_start(model, epoch)

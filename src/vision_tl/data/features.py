@@ -163,6 +163,13 @@ class FeatureDataset(Dataset):
         return row, int(self.labels[index])
 
 
+def split_teacher(x: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A batch's inputs and the teacher logits cached with them (None: not cached)."""
+    if isinstance(x, list | tuple):
+        return x[0], x[1]
+    return x, None
+
+
 class WithTeacher(nn.Module):
     """Backbone features and a teacher's logits of the same view, side by side in one row:
     the teacher runs once per cached view, in the same pass, so the two always match."""

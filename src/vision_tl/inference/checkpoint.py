@@ -9,7 +9,7 @@ from pathlib import Path
 from vision_tl.core.errors import ConfigError
 from vision_tl.data.preprocess import Preprocess
 from vision_tl.models.classifier import Classifier
-from vision_tl.training.compat import load_task
+from vision_tl.training.task import load_task
 
 
 @dataclass

@@ -26,7 +26,7 @@ from torch import nn
 
 from vision_tl.core.errors import ConfigError
 from vision_tl.data.preprocess import Preprocess
-from vision_tl.training.compat import load_task
+from vision_tl.training.task import load_task
 
 
 class Teacher(nn.Module):
@@ -135,13 +135,6 @@ def accuracy_and_speed(
         right += int((logits.argmax(1) == y).sum())
         total += len(y)
     return (right / total if total else float("nan")), (total / seconds if seconds else 0.0)
-
-
-def split_teacher(x: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A batch's inputs and the teacher logits cached with them (None: not cached)."""
-    if isinstance(x, list | tuple):
-        return x[0], x[1]
-    return x, None
 
 
 def distill_report(task: Any, datamodule: Any, student_val_acc: float | None) -> dict[str, Any]:

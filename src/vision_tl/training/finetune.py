@@ -81,6 +81,10 @@ class FinetunePolicy:
         cached features, before the fit trains the backbone (`finetune=lp_ft`)."""
         return False
 
+    def start_finetune(self, model: Classifier) -> None:
+        """After a `probe_first` policy's probe phase (the feature cache calls it before the
+        first epoch): set the trainable parts of the fine-tune."""
+
 
 FinetuneClass = Callable[..., FinetunePolicy]
 FINETUNE: Registry[FinetuneClass] = Registry("finetune mode")

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+import re
 import warnings
+import zipfile
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -18,10 +21,10 @@ from torchmetrics.classification import (
 )
 
 from vision_tl.core.errors import ConfigError
+from vision_tl.data.features import split_teacher
 from vision_tl.data.preprocess import Preprocess
 from vision_tl.models import build_model
 from vision_tl.training.compat import CHECKPOINT_FORMAT, upgrade_checkpoint
-from vision_tl.training.distill import Distillation, split_teacher
 from vision_tl.training.finetune import build_finetune
 from vision_tl.training.optim import add_param_group
 from vision_tl.training.recipes import backbone_param_groups, build_mixup
@@ -112,8 +115,8 @@ class ClassificationTask(L.LightningModule):
         self.collected: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         # The fitted calibration temperature a loaded checkpoint carries (1.0: none).
         self.temperature = 1.0
-        # A distillation teacher (`training.distill`), set by `run_training`; not saved.
-        self.distill: Distillation | None = None
+        # A `training.distill.Distillation` (the teacher), set by `run_training`; not saved.
+        self.distill: Any = None
 
     # ------------------------------------------------------------------ steps
 
@@ -318,3 +321,34 @@ class ClassificationTask(L.LightningModule):
         if meta.get("val_acc_best") is not None:
             self.val_acc_best(torch.tensor(meta["val_acc_best"]))
         self.finetune.resume(self.model, int(checkpoint.get("epoch", 0)))
+
+
+def load_task(ckpt_path: str | Path | None, key: str = "ckpt_path") -> ClassificationTask:
+    """A `vision_tl.train` checkpoint as its task, on the CPU, weights only (no pickled code
+    runs), upgraded from older layouts; a missing, corrupt or foreign file is a one-line
+    `ConfigError` naming `key`, not a traceback."""
+    if not ckpt_path:
+        raise ConfigError(f"{key} is required, e.g. {key}=RUN_DIR/checkpoints/best.ckpt")
+    path = Path(ckpt_path).expanduser().resolve()
+    if not path.is_file():
+        raise ConfigError(f"{key}={path}: does not exist or is not a file")
+    try:
+        return ClassificationTask.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ConfigError(
+            f"cannot load checkpoint {path}: {_load_failure(path, err)}; "
+            "expected a .ckpt written by vision_tl.train"
+        ) from err
+
+
+def _load_failure(path: Path, err: Exception) -> str:
+    """The reason a checkpoint did not load, in a few words instead of torch's paragraph."""
+    if not zipfile.is_zipfile(path):
+        return "not a PyTorch zip archive (corrupt, truncated or another format)"
+    text = str(err)
+    if "Weights only load failed" in text:
+        found = re.search(r"GLOBAL (\S+)", text)
+        return (
+            f"it pickles {found.group(1) if found else 'code'}, which a weights-only load refuses"
+        )
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
