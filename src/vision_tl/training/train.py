@@ -221,6 +221,8 @@ def run_training(cfg: DictConfig, predict: PredictFn | None = None) -> dict[str,
         **calibration,
         "feature_precision": task.feature_precision,
         **{k.replace("/", "_"): v for k, v in task.last_val.items()},
+        # Each ensemble member's share of the fused model, next to the fused `val_acc`.
+        "val_acc_members": task.last_val_members or None,
         **{k.replace("/", "_"): v for k, v in task.last_test.items()},
     }
     if predict and cfg.get("predict_input") and trainer.is_global_zero and not trainer.fast_dev_run:
