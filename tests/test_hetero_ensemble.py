@@ -266,15 +266,13 @@ def test_full_fine_tune_feeds_each_member_its_own_batch(data_root: Path, tmp_pat
         *QUICK,
         f"data.root={data_root}",
         "finetune=full",
-        "trainer.max_epochs=1",
-        "+trainer.limit_train_batches=2",
-        "+trainer.limit_val_batches=1",
+        "trainer.fast_dev_run=true",  # one train and one val batch
         "+callbacks.spy._target_=helpers.spies.RunSpy",
     ]
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("VISION_TL_CACHE", str(tmp_path / "cache"))
         metrics = run_training(compose_entry("train", overrides, tmp_path / "run"))
     spy = json.loads((tmp_path / "run" / "spy.json").read_text())
-    calls = (2 + 1) * 2  # (train + val batches) x members
+    calls = (1 + 1) * 2  # (train + val batch) x members
     assert not spy["feature_inputs"] and spy["backbone_calls"] == calls
     assert set(metrics["val_acc_members"]) == {"resnet18", "timm/resnet10t"}
