@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from vision_tl.core.config import config_dir
+from vision_tl.core.errors import ConfigError
 from vision_tl.data.augment import eval_transform, normalize_batch, train_transform
 from vision_tl.data.datamodule import ImageFolderDataModule
 from vision_tl.data.preprocess import (
@@ -146,6 +147,8 @@ def test_per_member_preprocessing_round_trips_and_old_single_form_loads() -> Non
     single = Preprocess(input_size=64, resize_size=73)
     assert load_preprocess(single.to_dict()) == single
     assert load_preprocess({"members": [single.to_dict()] * 2}) == single
+    with pytest.raises(ConfigError, match=r"unknown: \['image_sise'\]"):
+        build_model({"members": [{"name": "resnet18", "image_sise": 32}, "resnet18"]}, 2, False)
     resolved = pre.resolve({"image_size": 40})
     assert [m.input_size for m in resolved.members] == [40, 40]
     assert [m.resize_size for m in resolved.members] == [45, 45]

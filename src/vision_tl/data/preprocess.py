@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from vision_tl.core.errors import ConfigError
 from vision_tl.data.decode import decode
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -185,7 +186,7 @@ def combine(members: Sequence[Preprocess]) -> AnyPreprocess:
     if all(m == first for m in members[1:]):
         return first
     if len({(m.background, m.draft) for m in members}) > 1:
-        raise ValueError("ensemble members must share data.background and data.draft")
+        raise ConfigError("ensemble members must share one background and draft setting")
     return EnsemblePreprocess(tuple(members))
 
 

@@ -9,13 +9,13 @@ import torch
 from torch import nn
 
 from vision_tl.core.errors import ConfigError
+from vision_tl.data.augment import Inputs
 from vision_tl.data.preprocess import OVERRIDES, AnyPreprocess, combine
 from vision_tl.models.backbones import Backbone, build_backbone
 from vision_tl.models.fusions import build_fusion
 from vision_tl.models.heads import build_head
 
-# A batch for every backbone, or one per ensemble member (see `EnsemblePreprocess`).
-Inputs = torch.Tensor | Sequence[torch.Tensor]
+MEMBER_KEYS = ("name", "weights", "weights_path", *OVERRIDES)
 
 
 class Classifier(nn.Module):
@@ -137,6 +137,12 @@ class EnsembleClassifier(Classifier):
 def _member_spec(member: str | Mapping[str, Any], default_weights: str | None) -> dict:
     if isinstance(member, str):
         return {"name": member, "weights": default_weights, "weights_path": None}
+    unknown = sorted(set(member) - set(MEMBER_KEYS))
+    if unknown or "name" not in member:
+        raise ConfigError(
+            f"model.members entry {dict(member)}: needs 'name'; may also set "
+            f"{', '.join(MEMBER_KEYS[1:])}{f' (unknown: {unknown})' if unknown else ''}"
+        )
     return {"weights": default_weights, "weights_path": None, **member}
 
 
