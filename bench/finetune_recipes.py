@@ -37,6 +37,8 @@ RECIPES = {
     "probe": ["finetune=linear_probe"],
     "full": ["finetune=full"],
     "lp_ft": ["finetune=lp_ft"],
+    "lp_ft_lr_scale_0.01": ["finetune=lp_ft", "finetune.lr_scale=0.01"],
+    "lp_ft_lr_scale_0.1": ["finetune=lp_ft", "finetune.lr_scale=0.1"],
     "finetune_strong": ["experiment=finetune_strong"],
     "linear_probe": ["finetune=linear_probe"],
 }

@@ -70,11 +70,14 @@ def single_ckpt(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 @pytest.fixture(scope="module")
 def ensemble_ckpt(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     # 64 px: under no_grad, torch 2.15's CPU depthwise convolutions take ~2 s a batch at <= 48 px.
+    # One resize for both members: an ensemble that shares one input tensor (members that
+    # need different preprocessing: test_hetero_ensemble.py).
     members = [
         "model=ensemble",
         "model.members=[resnet18,mobilenet_v2]",
         "finetune=linear_probe",
         "data.image_size=64",
+        "data.resize_size=73",
     ]
     return _train(data_root, tmp_path_factory.mktemp("ensemble"), members)
 

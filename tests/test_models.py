@@ -10,6 +10,7 @@ from torch import nn
 
 from vision_tl.core.errors import ConfigError
 from vision_tl.core.registry import Registry
+from vision_tl.data.preprocess import EnsemblePreprocess
 from vision_tl.models import (
     FUSIONS,
     HEADS,
@@ -136,20 +137,15 @@ def test_ensemble_mean_fusion_averages_member_probabilities() -> None:
         torch.testing.assert_close(model(x).exp(), (probs[0] + probs[1]) / 2)
 
 
-def test_ensemble_members_must_agree_on_preprocessing() -> None:
-    a = build_backbone("resnet18", weights=None)
-    b = build_backbone("mobilenet_v2", weights=None)
-    b.preprocess = replace(b.preprocess, input_size=200, std=(0.5, 0.5, 0.5))
-    with pytest.raises(ConfigError, match=r"resnet18 and mobilenet_v2 .*input_size 224 != 200"):
-        EnsembleClassifier([a, b], num_classes=2)
-
-
-def test_ensemble_resize_difference_is_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+def test_ensemble_members_keep_their_own_preprocessing() -> None:
     a = build_backbone("resnet18", weights=None)  # resize 256
     b = build_backbone("mobilenet_v2", weights=None)  # resize 232
     model = EnsembleClassifier([a, b], num_classes=2)
-    assert model.preprocess == a.preprocess
-    assert "resize_size 256 != 232" in caplog.text
+    assert model.preprocess == EnsemblePreprocess((a.preprocess, b.preprocess))
+    b.preprocess = replace(b.preprocess, input_size=200, std=(0.5, 0.5, 0.5))
+    assert model.preprocess.members[1].input_size == 200
+    b.preprocess = a.preprocess
+    assert model.preprocess == a.preprocess, "members that agree share one tensor"
 
 
 def test_ensemble_rejects_unknown_fusion() -> None:

@@ -48,6 +48,29 @@ def test_mixed_targets_sum_to_one_and_the_loss_is_soft_target_cross_entropy() ->
     assert build_mixup({"alpha": 0.0, "cutmix_alpha": 0.0, "prob": 1.0}, 3) is None
 
 
+@pytest.mark.parametrize("kind", ["mixup", "cutmix"])
+def test_per_member_batches_are_mixed_alike(kind: str) -> None:
+    """An ensemble whose members need their own sizes gets one batch per member: every
+    member is mixed with the same partner and weight (CutMix: the same relative box)."""
+    torch.manual_seed(1)
+    on, off = ("alpha", "cutmix_alpha") if kind == "mixup" else ("cutmix_alpha", "alpha")
+    mix = build_mixup({on: 1.0, off: 0.0, "prob": 1.0}, 3)
+    y = torch.tensor([0, 1, 2, 1])  # each row's partner (the batch rolled by one) differs
+    xs = (torch.rand(4, 3, 16, 16), torch.rand(4, 3, 24, 24))
+    mixed, target = mix(xs, y)
+    torch.testing.assert_close(target.sum(1), torch.ones(4))
+    lam = float(target[0, 0])  # row 0: class 0, its partner (row 3) class 1
+    assert float(target[0, 1]) == pytest.approx(1 - lam) and 0 < lam < 1
+    for x, out in zip(xs, mixed, strict=True):
+        assert out.shape == x.shape
+        partner = x.roll(1, 0)
+        if kind == "mixup":
+            torch.testing.assert_close(out, lam * x + (1 - lam) * partner)
+        else:
+            from_partner = (out == partner).all(1) & (out != x).all(1)
+            assert float(from_partner.float().mean()) == pytest.approx(1 - lam, abs=0.1)
+
+
 @pytest.mark.parametrize("model", [SPEC, {"members": ["resnet18", "mobilenet_v2"]}])
 def test_layer_decay_gives_one_group_per_stage_with_lrs_decreasing_by_the_factor(
     model: dict,

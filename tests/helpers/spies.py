@@ -74,7 +74,7 @@ class RunSpy(L.Callback):
             return None
         rows, _ = dm.features.dataset("val", train=False)
         images = dm.image_dataset("val", train=False, report=False)
-        cached = torch.stack([rows[i][0][1] for i in range(len(rows))])
+        cached = torch.stack([rows[i][0]["teacher"] for i in range(len(rows))])
         x = torch.stack([images[i][0] for i in range(len(images))])
         now = distill.teacher(dm.normalize(x).to(cached.device))
         return float((cached - now).abs().max())

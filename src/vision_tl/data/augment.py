@@ -15,9 +15,11 @@ from torchvision.transforms import InterpolationMode, v2
 
 from vision_tl.core.errors import ConfigError
 from vision_tl.core.registry import Registry
-from vision_tl.data.preprocess import Preprocess
+from vision_tl.data.preprocess import AnyPreprocess, EnsemblePreprocess, Preprocess
 
 CropScale = tuple[float, float]
+# A batch for one network input, or one per member of an ensemble with `EnsemblePreprocess`.
+Inputs = torch.Tensor | Sequence[torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -95,21 +97,67 @@ def randaugment(pre: Preprocess, crop_scale: CropScale) -> list:
     return [*flip_crop(pre, crop_scale), v2.RandAugment(interpolation=InterpolationMode.BILINEAR)]
 
 
-def eval_transform(pre: Preprocess) -> v2.Compose:
-    """Resize the shorter side to `resize_size`, centre-crop `input_size` (uint8 stays uint8)."""
+class PerMember:
+    """uint8 image -> a tuple of uint8 crops, one per ensemble member, each by that member's
+    own transform (its size, resize and interpolation).
+
+    With `shared_draws`, every member's transform runs from the same random seed, drawn
+    once per image: a random crop covers the same region of the image for every member
+    (each resamples it to its own size), and a flip or augmentation op is the same for all.
+    So the fused head learns from one view of the image seen by every member, as at eval.
+    """
+
+    def __init__(self, transforms: Sequence[Callable], shared_draws: bool) -> None:
+        self.transforms = list(transforms)
+        self.shared_draws = shared_draws
+
+    def __call__(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if not self.shared_draws:
+            return tuple(t(image) for t in self.transforms)
+        seed = int(torch.randint(0, 2**62, ()))
+        crops = []
+        for transform in self.transforms:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                crops.append(transform(image))
+        return tuple(crops)
+
+
+def eval_transform(pre: AnyPreprocess) -> Callable:
+    """Resize the shorter side to `resize_size`, centre-crop `input_size` (uint8 stays uint8);
+    per member for an `EnsemblePreprocess`."""
+    if isinstance(pre, EnsemblePreprocess):
+        return PerMember([eval_transform(m) for m in pre.members], shared_draws=False)
     return v2.Compose(none(pre, (1.0, 1.0)))
 
 
 def train_transform(
-    pre: Preprocess, augment: str = "flip_crop", crop_scale: Sequence[float] = (0.08, 1.0)
-) -> v2.Compose:
-    """The preset's ops for a training image (the eval transform for `none`)."""
+    pre: AnyPreprocess, augment: str = "flip_crop", crop_scale: Sequence[float] = (0.08, 1.0)
+) -> Callable:
+    """The preset's ops for a training image (the eval transform for `none`); per member,
+    with shared random draws, for an `EnsemblePreprocess`."""
+    if isinstance(pre, EnsemblePreprocess):
+        members = [train_transform(m, augment, crop_scale) for m in pre.members]
+        return PerMember(members, shared_draws=True)
     low, high = (float(v) for v in crop_scale)
     return v2.Compose(get_augment(augment).ops(pre, (low, high)))
 
 
-def normalize_batch(x: torch.Tensor, pre: Preprocess) -> torch.Tensor:
-    """A uint8 batch (N, 3, H, W) to normalised float32, on the batch's device."""
+def map_inputs(fn: Callable[[torch.Tensor], torch.Tensor], x: Inputs) -> Inputs:
+    """`fn` applied to a batch, or to each member's batch of a per-member tuple."""
+    return tuple(fn(t) for t in x) if isinstance(x, list | tuple) else fn(x)
+
+
+def to_channels_last(x: torch.Tensor) -> torch.Tensor:
+    """channels_last runs convolutions ~1.6x faster on CPU (oneDNN) and on tensor cores."""
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def normalize_batch(x: Inputs, pre: AnyPreprocess) -> Inputs:
+    """A uint8 batch (N, 3, H, W) to normalised float32, on the batch's device (each
+    member's batch with its own mean and std for an `EnsemblePreprocess`)."""
+    if isinstance(pre, EnsemblePreprocess):
+        return tuple(normalize_batch(t, m) for t, m in zip(x, pre.members, strict=True))
     mean = torch.tensor(pre.mean, device=x.device).view(1, -1, 1, 1) * 255.0
     scale = 1.0 / (torch.tensor(pre.std, device=x.device).view(1, -1, 1, 1) * 255.0)
     return x.float().sub_(mean).mul_(scale)

@@ -21,8 +21,10 @@ from vision_tl.core.errors import ConfigError
 from vision_tl.core.runtime import available_cpus, resolve_precision
 from vision_tl.data.augment import (
     AugmentPreset,
+    Inputs,
     eval_transform,
     get_augment,
+    map_inputs,
     normalize_batch,
     train_transform,
 )
@@ -39,7 +41,7 @@ from vision_tl.data.features import (
 )
 from vision_tl.data.features import MODES as FEATURE_CACHE_MODES
 from vision_tl.data.folder import SplitSamples, scan_root
-from vision_tl.data.preprocess import Preprocess
+from vision_tl.data.preprocess import AnyPreprocess, EnsemblePreprocess
 from vision_tl.data.resized import resized_copies
 from vision_tl.data.samplers import SAMPLERS, ViewSampler, train_sampler
 from vision_tl.data.scan import DEFAULT_MAX_PIXELS, BadFileLog, ImageScanner, write_bad_files
@@ -135,7 +137,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         self._failures_size = -1
         resolve_precision(feature_precision, torch.device("cpu"))  # a bad name fails now
         self.feature_precision = feature_precision
-        self.preprocess: Preprocess | None = None
+        self.preprocess: AnyPreprocess | None = None
         self.split: SplitSamples | None = None
         self.bad_file_log = BadFileLog()
         self.features: CachedFeatures | None = None
@@ -260,8 +262,9 @@ class ImageFolderDataModule(L.LightningDataModule):
         if self.trainer is None or self.trainer.is_global_zero:
             self.bad_file_log.deduplicate()
 
-    def set_preprocess(self, preprocess: Preprocess) -> Preprocess:
-        """Use `preprocess` (already resolved: see `Preprocess.resolve`) for every image."""
+    def set_preprocess(self, preprocess: AnyPreprocess) -> AnyPreprocess:
+        """Use `preprocess` (already resolved: see `Preprocess.resolve`) for every image; an
+        `EnsemblePreprocess` makes every image a tuple of per-member crops."""
         self.preprocess = preprocess
         self._sources = None
         return preprocess
@@ -272,7 +275,9 @@ class ImageFolderDataModule(L.LightningDataModule):
             self._sources = {}
             if self.resize_cache:
                 files = [p for samples in self.split.samples.values() for p, _ in samples]
-                self._sources = resized_copies(files, self.preprocess, self.cache_root)
+                pre = self.preprocess
+                pre = pre.decode_as if isinstance(pre, EnsemblePreprocess) else pre
+                self._sources = resized_copies(files, pre, self.cache_root)
         return self._sources
 
     def feature_cache_blocker(self) -> str | None:
@@ -404,8 +409,9 @@ class ImageFolderDataModule(L.LightningDataModule):
             **kwargs,
         )
 
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """A uint8 image batch from these loaders as the network's float input."""
+    def normalize(self, x: Inputs) -> Inputs:
+        """A uint8 image batch from these loaders (one per member for an ensemble with
+        per-member preprocessing) as the network's float input."""
         return normalize_batch(x, self.preprocess)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
@@ -413,7 +419,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         if self.features is None and len(y) > 0:  # images; features arrive ready
             x = self.normalize(x)
             if self.trainer is not None:  # the dtype the precision plugin gives inputs
-                x = self.trainer.precision_plugin.convert_input(x)
+                x = map_inputs(self.trainer.precision_plugin.convert_input, x)
         return type(batch)((x, y)) if isinstance(batch, tuple | list) else (x, y)
 
     def train_dataloader(self) -> DataLoader:

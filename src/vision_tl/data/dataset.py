@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import Dataset, default_collate
 
 from vision_tl.data.decode import error_line
-from vision_tl.data.preprocess import Preprocess
+from vision_tl.data.preprocess import AnyPreprocess
 
 
 class ImageListDataset(Dataset):
@@ -24,7 +24,7 @@ class ImageListDataset(Dataset):
     def __init__(
         self,
         samples: Sequence[tuple[str, int]],
-        preprocess: Preprocess,
+        preprocess: AnyPreprocess,
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
         sources: Mapping[str, str] | None = None,
         on_error: Callable[[str, str], None] | None = None,

@@ -31,11 +31,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from vision_tl.core.errors import ConfigError
 from vision_tl.core.runtime import backbone_precision
-from vision_tl.data.augment import normalize_batch
+from vision_tl.data.augment import Inputs, map_inputs, normalize_batch, to_channels_last
 from vision_tl.data.dataset import ImageListDataset
 from vision_tl.data.decode import error_line
 
@@ -159,14 +159,15 @@ class FeatureDataset(Dataset):
         data = os.pread(self._fd, self.row_bytes, offset)
         row = torch.frombuffer(bytearray(data), dtype=torch.float32)
         if self.split_at is not None:  # (backbone features, teacher logits) of this view
-            return (row[: self.split_at], row[self.split_at :]), int(self.labels[index])
+            pair = {"features": row[: self.split_at], "teacher": row[self.split_at :]}
+            return pair, int(self.labels[index])
         return row, int(self.labels[index])
 
 
-def split_teacher(x: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+def split_teacher(x: Any) -> tuple[Any, torch.Tensor | None]:
     """A batch's inputs and the teacher logits cached with them (None: not cached)."""
-    if isinstance(x, list | tuple):
-        return x[0], x[1]
+    if isinstance(x, dict):
+        return x["features"], x["teacher"]
     return x, None
 
 
@@ -199,10 +200,11 @@ class _Indexed(Dataset):
             return None, index, f"failed during feature extraction ({error_line(err)})"
 
 
-def _collate(batch: list) -> tuple[torch.Tensor | None, list[int], list[tuple[int, str]]]:
+def _collate(batch: list) -> tuple[Inputs | None, list[int], list[tuple[int, str]]]:
     ok = [(x, i) for x, i, _ in batch if x is not None]
     failed = [(i, reason) for x, i, reason in batch if x is None]
-    images = torch.stack([x for x, _ in ok]) if ok else None
+    # One stacked batch, or one per member (an ensemble with per-member preprocessing).
+    images = default_collate([x for x, _ in ok]) if ok else None
     return images, [i for _, i in ok], failed
 
 
@@ -234,7 +236,8 @@ def _extract(
 ) -> tuple[int, dict[str, str]]:
     """Write `model.features` of every image (per view) to `out/features.f32`.
 
-    `images` yields uint8 crops; they are normalised here, a batch at a time. The
+    `images` yields uint8 crops (a tuple of per-member crops for an ensemble whose members
+    need different preprocessing); they are normalised here, a batch at a time. The
     backbone runs in `precision` (`bf16`: autocast); rows are stored as float32.
     """
     n = len(images)
@@ -259,8 +262,8 @@ def _extract(
                     if x is None:
                         continue
                     with torch.inference_mode(), backbone_precision(precision, device):
-                        x = normalize_batch(x.to(device, non_blocking=True), images.preprocess)
-                        x = x.contiguous(memory_format=torch.channels_last)
+                        x = map_inputs(lambda t: t.to(device, non_blocking=True), x)
+                        x = map_inputs(to_channels_last, normalize_batch(x, images.preprocess))
                         feats = model.features(x).float().cpu()
                     dim = feats.shape[1]
                     data = feats.numpy()

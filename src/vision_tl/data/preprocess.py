@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from vision_tl.core.errors import ConfigError
 from vision_tl.data.decode import decode
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -131,3 +132,75 @@ def timm_preprocess(data_config: Mapping[str, Any]) -> Preprocess:
 def _triple(values: Sequence[float]) -> tuple[float, float, float]:
     a, b, c = (float(v) for v in values)
     return a, b, c
+
+
+@dataclass(frozen=True)
+class EnsemblePreprocess:
+    """The preprocessing of an ensemble whose members need different pixels: one
+    `Preprocess` per member, in member order.
+
+    An image is decoded once (the member with the largest resize decides the draft scale)
+    and each member gets its own resize, crop and normalisation of that decoded image, so
+    a batch is a tuple of tensors, one per member. Built by `combine`, which keeps a
+    single `Preprocess` when every member agrees, so same-preprocessing ensembles still
+    see one tensor.
+    """
+
+    members: tuple[Preprocess, ...]
+
+    @property
+    def decode_as(self) -> Preprocess:
+        """The member whose decode (and resized copies) serves every member: the largest."""
+        return max(self.members, key=lambda m: m.resize_size)
+
+    @property
+    def background(self) -> tuple[int, int, int]:
+        return self.decode_as.background
+
+    def read(self, path: str | Path) -> torch.Tensor:
+        return self.decode_as.read(path)
+
+    def resolve(self, overrides: Mapping[str, Any] | None = None) -> AnyPreprocess:
+        """The user's `data.*` overrides apply to every member (a given `image_size` gives
+        every member that size, each keeping its own crop ratio)."""
+        return combine([m.resolve(overrides) for m in self.members])
+
+    def differences(self, other: Preprocess | EnsemblePreprocess) -> list[str]:
+        theirs = per_member(other, len(self.members))
+        return [
+            f"member {i}: {d}"
+            for i, (a, b) in enumerate(zip(self.members, theirs, strict=True))
+            for d in a.differences(b)
+        ]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"members": [m.to_dict() for m in self.members]}
+
+
+AnyPreprocess = Preprocess | EnsemblePreprocess
+
+
+def combine(members: Sequence[Preprocess]) -> AnyPreprocess:
+    """One `Preprocess` when every member needs the same pixels, else the per-member form."""
+    first = members[0]
+    if all(m == first for m in members[1:]):
+        return first
+    if len({(m.background, m.draft) for m in members}) > 1:
+        raise ConfigError("ensemble members must share one background and draft setting")
+    return EnsemblePreprocess(tuple(members))
+
+
+def per_member(pre: AnyPreprocess, count: int) -> list[Preprocess]:
+    """What each of `count` members sees: its own entry, or the one shared `Preprocess`."""
+    if isinstance(pre, EnsemblePreprocess):
+        if len(pre.members) != count:
+            raise ValueError(f"preprocessing for {len(pre.members)} members, model has {count}")
+        return list(pre.members)
+    return [pre] * count
+
+
+def load_preprocess(data: Mapping[str, Any]) -> AnyPreprocess:
+    """Read `to_dict` output of either form (older files hold a single `Preprocess`)."""
+    if "members" in data:
+        return combine([Preprocess.from_dict(m) for m in data["members"]])
+    return Preprocess.from_dict(data)

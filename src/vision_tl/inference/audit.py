@@ -53,6 +53,7 @@ from vision_tl.data.datamodule import ImageFolderDataModule
 from vision_tl.data.decode import load_rgb
 from vision_tl.data.features import file_signature
 from vision_tl.data.folder import SPLITS
+from vision_tl.data.preprocess import per_member
 from vision_tl.data.stats import class_count_rows, imbalance
 from vision_tl.inference.audit_page import write_page
 from vision_tl.training.task import ClassificationTask
@@ -440,7 +441,8 @@ def run_audit(cfg: DictConfig) -> dict[str, Any]:
     clean = clean_manifest(dm, findings)
     clean.to_csv(out / "clean_manifest.csv", index=False)
     counts = {name: sum(f.issue == name for f in findings) for name in ISSUES}
-    stats = dataset_statistics(dm, images, task.preprocess.input_size)
+    members = per_member(task.preprocess, len(task.model.backbones()))
+    stats = dataset_statistics(dm, images, max(p.input_size for p in members))
     lap("csv")
     given = dict(zip(images["path"], (class_names[i] for i in labels), strict=True))
     write_page(

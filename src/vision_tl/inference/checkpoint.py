@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vision_tl.core.errors import ConfigError
-from vision_tl.data.preprocess import Preprocess
+from vision_tl.data.preprocess import AnyPreprocess
 from vision_tl.models.classifier import Classifier
 from vision_tl.training.task import load_task
 
@@ -18,7 +18,7 @@ class LoadedModel:
 
     model: Classifier
     class_names: list[str]
-    preprocess: Preprocess
+    preprocess: AnyPreprocess  # per member for an ensemble whose members need different pixels
     path: Path
     # The backbone's precision when training validated (bf16 for features cached in bf16).
     precision: str = "fp32"

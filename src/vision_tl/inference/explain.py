@@ -2,7 +2,10 @@
 `python -m vision_tl.explain`: which pixels drive a class score.
 
 The target layer is each backbone's deepest stage that still outputs a spatial map. An
-ensemble gets one overlay per member, all explaining the fused (final) class score.
+ensemble gets one overlay per member, all explaining the fused (final) class score. When
+members need different preprocessing, each member's map is computed on, and drawn over,
+that member's own input (its size, crop and normalisation), the other members' inputs held
+fixed.
 """
 
 from __future__ import annotations
@@ -18,12 +21,14 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image
 from torch import nn
+from torch.utils.data import default_collate
 
 from vision_tl.core.errors import ConfigError
 from vision_tl.core.runtime import resolve_device
 from vision_tl.core.validate import did_you_mean
 from vision_tl.data.augment import denormalize_batch, eval_transform, normalize_batch
 from vision_tl.data.decode import error_line
+from vision_tl.data.preprocess import EnsemblePreprocess, per_member
 from vision_tl.inference.checkpoint import LoadedModel, load_checkpoint
 from vision_tl.inference.predictor import collect_inputs, write_unreadable
 from vision_tl.models.backbones import Backbone
@@ -109,13 +114,17 @@ def explain(
     """Overlays for each readable file, and the unreadable ones as (index, reason)."""
     model = loaded.model.to(resolve_device(device)).eval()
     backbones = model.backbones()
-    layers = {
-        member_name(i, b, len(backbones)): target_layer(b, loaded.preprocess.input_size)
-        for i, b in enumerate(backbones)
-    }
+    members = per_member(loaded.preprocess, len(backbones))
+    per_input = isinstance(loaded.preprocess, EnsemblePreprocess)
     # Not `with cam:` - BaseCAM.__exit__ swallows IndexError; hooks are released below.
     cam_type = cam_class(method)
-    cams = {name: cam_type(model=model, target_layers=[layer]) for name, layer in layers.items()}
+    cams = {
+        member_name(i, b, len(backbones)): cam_type(
+            model=MemberInput(model, i) if per_input else model,
+            target_layers=[target_layer(b, pre.input_size)],
+        )
+        for i, (b, pre) in enumerate(zip(backbones, members, strict=True))
+    }
     explainer = _BatchExplainer(model, cams, loaded, target)
     results: list[Explanation] = []
     unreadable: list[tuple[int, str]] = []
@@ -132,6 +141,22 @@ def explain(
 def member_name(index: int, backbone: Backbone, members: int) -> str:
     """`""` for a single backbone, else e.g. `member0_resnet18` (unique, file-name safe)."""
     return "" if members == 1 else f"member{index}_{backbone.name.replace('/', '_')}"
+
+
+class MemberInput(nn.Module):
+    """An ensemble with per-member inputs as a function of member `index`'s batch alone
+    (the others' batches, `others`, held fixed), so Grad-CAM maps that member's input."""
+
+    def __init__(self, model: nn.Module, index: int) -> None:
+        super().__init__()
+        self.model = model
+        self.index = index
+        self.others: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        inputs = list(self.others)
+        inputs[self.index] = x
+        return self.model(inputs)
 
 
 class _BatchExplainer:
@@ -162,24 +187,32 @@ class _BatchExplainer:
                 unreadable.append((i, error_line(err)))
         if not tensors:
             return []
-        x = normalize_batch(torch.stack(tensors).to(self.device), self.preprocess)
+        batch = default_collate(tensors)
+        if isinstance(batch, torch.Tensor):
+            batch = [batch]
+        pres = per_member(self.preprocess, len(batch))
+        x = [normalize_batch(t.to(self.device), p) for t, p in zip(batch, pres, strict=True)]
         with torch.no_grad():
-            conf, pred = self.model(x).float().softmax(dim=1).max(dim=1)
+            fused = self.model(x if len(x) > 1 else x[0])
+            conf, pred = fused.float().softmax(dim=1).max(dim=1)
         targets = [self.target if self.target is not None else p for p in pred.tolist()]
         outputs = [ClassifierOutputTarget(t) for t in targets]
-        # Gradients must reach the target layer even when the backbone is frozen.
-        x_grad = x.detach().requires_grad_(True)
-        heatmaps = {
-            name: cam(input_tensor=x_grad, targets=outputs) for name, cam in self.cams.items()
-        }
-        rgb = denormalize_batch(x.detach(), self.preprocess).cpu().permute(0, 2, 3, 1).numpy()
+        heatmaps, images = {}, {}
+        for i, (name, cam) in enumerate(self.cams.items()):
+            k = i if len(x) > 1 else 0  # the input this member reads
+            if isinstance(cam.model, MemberInput):
+                cam.model.others = x
+            # Gradients must reach the target layer even when the backbone is frozen.
+            x_grad = x[k].detach().requires_grad_(True)
+            heatmaps[name] = cam(input_tensor=x_grad, targets=outputs)
+            images[name] = denormalize_batch(x[k], pres[k]).cpu().permute(0, 2, 3, 1).numpy()
         return [
             Explanation(
                 index,
                 int(pred[j]),
                 float(conf[j]),
                 targets[j],
-                {name: overlay(rgb[j], maps[j]) for name, maps in heatmaps.items()},
+                {name: overlay(images[name][j], maps[j]) for name, maps in heatmaps.items()},
             )
             for j, index in enumerate(indices)
         ]

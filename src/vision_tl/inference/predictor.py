@@ -24,9 +24,16 @@ from vision_tl.core.runtime import (
     resolve_device,
     resolve_precision,
 )
-from vision_tl.data.augment import eval_transform, normalize_batch, resize_op
+from vision_tl.data.augment import (
+    Inputs,
+    eval_transform,
+    map_inputs,
+    normalize_batch,
+    resize_op,
+    to_channels_last,
+)
 from vision_tl.data.decode import IMAGE_EXTENSIONS, error_line, is_hidden, is_image_file
-from vision_tl.data.preprocess import Preprocess
+from vision_tl.data.preprocess import AnyPreprocess, EnsemblePreprocess
 from vision_tl.inference.checkpoint import LoadedModel
 from vision_tl.models.classifier import Classifier
 
@@ -93,17 +100,24 @@ def collect_inputs(source: str | Path | None) -> InputImages:
 
 class ViewTransform:
     """uint8 image -> uint8 views [V, C, S, S]: the eval centre crop, or five crops (corners
-    and centre) of the resized image."""
+    and centre) of the resized image. For an `EnsemblePreprocess`, a tuple of such views,
+    one per member, each cut from that member's own resize of the image."""
 
-    def __init__(self, preprocess: Preprocess, crops: int = 1) -> None:
+    def __init__(self, preprocess: AnyPreprocess, crops: int = 1) -> None:
         if crops not in CROPS:
             raise ConfigError(f"tta.crops={crops}: one of {CROPS}")
         self.crops = crops
+        self.members: list[ViewTransform] = []
+        if isinstance(preprocess, EnsemblePreprocess):
+            self.members = [ViewTransform(m, crops) for m in preprocess.members]
+            return
         self.transform = eval_transform(preprocess)
         self.resize = resize_op(preprocess)
         self.five_crop = v2.FiveCrop(preprocess.input_size)
 
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+    def __call__(self, image: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        if self.members:
+            return tuple(member(image) for member in self.members)
         if self.crops == 1:
             return self.transform(image).unsqueeze(0)
         return torch.stack(self.five_crop(self.resize(image)))
@@ -113,7 +127,7 @@ class ImageFiles(Dataset):
     """Decode files (as training does) to TTA views; an unreadable file yields its error."""
 
     def __init__(
-        self, files: Sequence[str | Path], preprocess: Preprocess, transform: ViewTransform
+        self, files: Sequence[str | Path], preprocess: AnyPreprocess, transform: ViewTransform
     ) -> None:
         self.files = list(files)
         self.preprocess = preprocess
@@ -132,8 +146,8 @@ class ImageFiles(Dataset):
 
 
 def collate_views(
-    items: list[tuple[torch.Tensor | None, int, str | None]],
-) -> tuple[torch.Tensor | None, torch.Tensor, list[tuple[int, str]]]:
+    items: list[tuple[Inputs | None, int, str | None]],
+) -> tuple[Inputs | None, torch.Tensor, list[tuple[int, str]]]:
     """Stack the readable images; pass the unreadable ones on as (index, reason)."""
     good = [(views, index) for views, index, error in items if error is None]
     bad = [(index, error) for _, index, error in items if error is not None]
@@ -172,7 +186,7 @@ class Predictor:
     def __init__(
         self,
         model: nn.Module,
-        preprocess: Preprocess,
+        preprocess: AnyPreprocess,
         device: str | torch.device = "cpu",
         batch_size: int = 32,
         num_workers: int | None = 0,
@@ -210,7 +224,7 @@ class Predictor:
             pin_memory=self.device.type == "cuda",
         )
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
+    def logits(self, x: Inputs) -> torch.Tensor:
         """A classifier's backbone runs in `precision` and its head in float32, as the
         feature cache and training ran them; any other module runs whole in `precision`."""
         if not isinstance(self.model, Classifier):
@@ -221,13 +235,15 @@ class Predictor:
         return self.model.classify_features(features.float())
 
     @torch.inference_mode()
-    def probabilities(self, views: torch.Tensor) -> torch.Tensor:
-        """[B, V, C, H, W] views -> [B, classes] probabilities averaged over views (and flips)."""
-        batch, num_views = views.shape[:2]
-        x = normalize_batch(views.to(self.device, non_blocking=True).flatten(0, 1), self.preprocess)
+    def probabilities(self, views: Inputs) -> torch.Tensor:
+        """[B, V, C, H, W] views (one such batch per member for an `EnsemblePreprocess`) ->
+        [B, classes] probabilities averaged over views (and flips)."""
+        batch, num_views = (views if isinstance(views, torch.Tensor) else views[0]).shape[:2]
+        x = map_inputs(lambda t: t.to(self.device, non_blocking=True).flatten(0, 1), views)
+        x = normalize_batch(x, self.preprocess)
         if self.hflip:
-            x = torch.cat([x, x.flip(-1)])
-        logits = self.logits(x.contiguous(memory_format=torch.channels_last)).float()
+            x = map_inputs(lambda t: torch.cat([t, t.flip(-1)]), x)
+        logits = self.logits(map_inputs(to_channels_last, x)).float()
         probs = (logits / self.temperature).softmax(1)
         return probs.view(-1, batch, num_views, probs.shape[1]).mean(dim=(0, 2))
 

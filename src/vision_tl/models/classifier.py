@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -10,15 +9,13 @@ import torch
 from torch import nn
 
 from vision_tl.core.errors import ConfigError
-from vision_tl.data.preprocess import Preprocess
+from vision_tl.data.augment import Inputs
+from vision_tl.data.preprocess import OVERRIDES, AnyPreprocess, combine
 from vision_tl.models.backbones import Backbone, build_backbone
 from vision_tl.models.fusions import build_fusion
 from vision_tl.models.heads import build_head
 
-log = logging.getLogger(__name__)
-
-# Members see one tensor: these must match. Resize and interpolation only shape the crop.
-TENSOR_FIELDS = ("input_size", "mean", "std")
+MEMBER_KEYS = ("name", "weights", "weights_path", *OVERRIDES)
 
 
 class Classifier(nn.Module):
@@ -28,8 +25,10 @@ class Classifier(nn.Module):
         raise NotImplementedError
 
     @property
-    def preprocess(self) -> Preprocess:
-        return self.backbones()[0].preprocess
+    def preprocess(self) -> AnyPreprocess:
+        """The pixels the backbones need: one `Preprocess`, or an `EnsemblePreprocess` when
+        ensemble members need different ones."""
+        return combine([b.preprocess for b in self.backbones()])
 
     def train(self, mode: bool = True) -> Classifier:
         super().train(mode)
@@ -46,16 +45,31 @@ class Classifier(nn.Module):
     def backbone_parameters(self) -> Iterator[nn.Parameter]:
         return (p for b in self.backbones() for p in b.parameters())
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
+    def features(self, x: Inputs) -> torch.Tensor:
         """Pooled backbone features (concatenated over ensemble members): what a frozen
-        backbone's feature cache stores."""
-        return torch.cat([b(x) for b in self.backbones()], dim=1)
+        backbone's feature cache stores. `x` is one batch every backbone sees, or a
+        sequence of batches, one per backbone, each preprocessed for it."""
+        backbones = self.backbones()
+        if isinstance(x, torch.Tensor):
+            return torch.cat([b(x) for b in backbones], dim=1)
+        if len(x) != len(backbones):
+            raise ValueError(f"{len(x)} input batches for {len(backbones)} backbones")
+        return torch.cat([b(t) for b, t in zip(backbones, x, strict=True)], dim=1)
 
     def classify_features(self, features: torch.Tensor) -> torch.Tensor:
         """Logits from `features(x)`; `forward(x)` is exactly this composition."""
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def member_logits(self, features: torch.Tensor) -> list[torch.Tensor]:
+        """Each ensemble member's class scores within the fused model, from `features(x)`,
+        where the fusion can split them out (`fusions`; none for a single backbone)."""
+        return []
+
+    def member_names(self) -> list[str]:
+        """Unique names of the members `member_logits` scores, in its order."""
+        return []
+
+    def forward(self, x: Inputs) -> torch.Tensor:
         return self.classify_features(self.features(x))
 
 
@@ -79,7 +93,11 @@ class ImageClassifier(Classifier):
 
 class EnsembleClassifier(Classifier):
     """Several backbones fused into one prediction by a registered fusion
-    (`vision_tl.models.fusions`: `logits`, `features`, `mean`)."""
+    (`vision_tl.models.fusions`: `logits`, `features`, `mean`).
+
+    Members may need different preprocessing (input size, resize, interpolation, mean and
+    std): then `preprocess` is an `EnsemblePreprocess` and `forward` takes one batch per
+    member, each prepared for it."""
 
     def __init__(
         self,
@@ -91,23 +109,6 @@ class EnsembleClassifier(Classifier):
         super().__init__()
         if len(members) < 2:
             raise ConfigError("an ensemble needs at least two members")
-        first = members[0]
-        for other in members[1:]:
-            diff = first.preprocess.differences(other.preprocess)
-            hard = [d for d in diff if d.split()[0] in TENSOR_FIELDS]
-            if hard:
-                raise ConfigError(
-                    f"ensemble members {first.name} and {other.name} need different "
-                    f"preprocessing ({'; '.join(hard)}); choose weights that agree"
-                )
-            if diff:
-                log.warning(
-                    "ensemble members %s and %s differ in %s; using %s's",
-                    first.name,
-                    other.name,
-                    "; ".join(diff),
-                    first.name,
-                )
         self.fusion_name = fusion
         self.members = nn.ModuleList(members)
         self.fusion = build_fusion(fusion, [m.num_features for m in members], num_classes, head)
@@ -115,20 +116,50 @@ class EnsembleClassifier(Classifier):
     def backbones(self) -> list[Backbone]:
         return list(self.members)
 
+    def _split(self, features: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return features.split([m.num_features for m in self.members], dim=1)
+
     def classify_features(self, features: torch.Tensor) -> torch.Tensor:
-        return self.fusion(features.split([m.num_features for m in self.members], dim=1))
+        return self.fusion(self._split(features))
+
+    def member_logits(self, features: torch.Tensor) -> list[torch.Tensor]:
+        if not getattr(self.fusion, "per_member", False):
+            return []
+        return self.fusion.member_logits(self._split(features))
+
+    def member_names(self) -> list[str]:
+        if not getattr(self.fusion, "per_member", False):
+            return []
+        names = [m.name for m in self.members]
+        return [n if names.count(n) == 1 else f"{n}#{i}" for i, n in enumerate(names)]
 
 
 def _member_spec(member: str | Mapping[str, Any], default_weights: str | None) -> dict:
     if isinstance(member, str):
         return {"name": member, "weights": default_weights, "weights_path": None}
+    unknown = sorted(set(member) - set(MEMBER_KEYS))
+    if unknown or "name" not in member:
+        raise ConfigError(
+            f"model.members entry {dict(member)}: needs 'name'; may also set "
+            f"{', '.join(MEMBER_KEYS[1:])}{f' (unknown: {unknown})' if unknown else ''}"
+        )
     return {"weights": default_weights, "weights_path": None, **member}
+
+
+def _with_overrides(backbone: Backbone, spec: Mapping[str, Any]) -> Backbone:
+    """A member's own preprocessing overrides (`image_size`, `mean`, ... in its mapping)."""
+    given = {k: spec[k] for k in OVERRIDES if spec.get(k) is not None}
+    if given:
+        backbone.preprocess = backbone.preprocess.resolve(given)
+    return backbone
 
 
 def build_model(spec: Mapping[str, Any], num_classes: int, pretrained: bool = True) -> Classifier:
     """Build a classifier from the `model` config (plain dict).
 
-    A spec with `members` is an ensemble; otherwise `backbone` + `head`.
+    A spec with `members` is an ensemble; otherwise `backbone` + `head`. A member given as
+    a mapping may carry its own preprocessing overrides (`image_size`, `resize_size`,
+    `interpolation`, `mean`, `std`), applied before the run's `data.*` overrides.
     `pretrained=False` builds every backbone with random weights and no download.
     """
 
@@ -139,7 +170,8 @@ def build_model(spec: Mapping[str, Any], num_classes: int, pretrained: bool = Tr
 
     if spec.get("members"):
         weights = spec.get("weights", "DEFAULT")
-        members = [backbone(_member_spec(m, weights)) for m in spec["members"]]
+        specs = [_member_spec(m, weights) for m in spec["members"]]
+        members = [_with_overrides(backbone(m), m) for m in specs]
         return EnsembleClassifier(
             members, num_classes, spec.get("fusion", "logits"), spec.get("head")
         )

@@ -2,7 +2,9 @@
 
 Adding a fusion is one decorated `nn.Module` class below. It is built with the members'
 feature sizes, the class count and the `model.head` spec, and maps the list of member
-features (one tensor per member) to logits; `model.fusion=<name>` selects it.
+features (one tensor per member) to logits; `model.fusion=<name>` selects it. A fusion may
+also say what each member alone scores (`member_logits`, reported as
+`val_acc_members`); `per_member` tells whether it can.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vision_tl.core.registry import Registry
@@ -29,9 +32,18 @@ class LogitFusion(nn.Module):
         self.heads = nn.ModuleList(nn.Linear(d, num_classes) for d in dims)
         self.fuse = nn.Linear(len(dims) * num_classes, num_classes)
 
+    per_member = True
+
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         logits = [head(f) for f, head in zip(features, self.heads, strict=True)]
         return self.fuse(torch.cat(logits, dim=1))
+
+    def member_logits(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Each member's share of the fused logits: its head through its block of the fusing
+        weights, plus the bias (the fused logits are their sum minus the extra biases)."""
+        logits = [head(f) for f, head in zip(features, self.heads, strict=True)]
+        blocks = self.fuse.weight.split([t.shape[1] for t in logits], dim=1)
+        return [F.linear(t, w, self.fuse.bias) for t, w in zip(logits, blocks, strict=True)]
 
 
 @register_fusion("features")
@@ -42,9 +54,29 @@ class FeatureFusion(nn.Module):
         super().__init__()
         spec = dict(head or {"name": "mlp", "layer_norm": True, "dropout": 0.3})
         self.fuse = build_head(spec.pop("name"), sum(dims), num_classes, **spec)
+        # A linear head splits into per-member shares; an MLP mixes members inside.
+        self.per_member = _only_linear(self.fuse) is not None
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         return self.fuse(torch.cat(list(features), dim=1))
+
+    def member_logits(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """With a linear head, each member's features through its block of the weights,
+        plus the bias; nothing for an MLP head."""
+        linear = _only_linear(self.fuse)
+        if linear is None:
+            return []
+        blocks = linear.weight.split([f.shape[1] for f in features], dim=1)
+        return [F.linear(f, w, linear.bias) for f, w in zip(features, blocks, strict=True)]
+
+
+def _only_linear(head: nn.Module) -> nn.Linear | None:
+    """The head's one `nn.Linear` when nothing else in it changes values at eval."""
+    passive = (nn.Sequential, nn.Dropout, nn.Identity, nn.Linear)
+    linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
+    if len(linears) == 1 and all(isinstance(m, passive) for m in head.modules()):
+        return linears[0]
+    return None
 
 
 @register_fusion("mean")
@@ -56,10 +88,15 @@ class MeanFusion(nn.Module):
         super().__init__()
         self.heads = nn.ModuleList(nn.Linear(d, num_classes) for d in dims)
 
+    per_member = True
+
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
-        logits = [head(f) for f, head in zip(features, self.heads, strict=True)]
-        probs = torch.stack([t.softmax(dim=1) for t in logits]).mean(dim=0)
+        probs = torch.stack([t.softmax(dim=1) for t in self.member_logits(features)]).mean(dim=0)
         return probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
+
+    def member_logits(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Each member's own head: a classifier in its own right."""
+        return [head(f) for f, head in zip(features, self.heads, strict=True)]
 
 
 def build_fusion(

@@ -25,43 +25,63 @@ import torch.nn.functional as F
 from torch import nn
 
 from vision_tl.core.errors import ConfigError
-from vision_tl.data.preprocess import Preprocess
+from vision_tl.data.augment import Inputs, denormalize_batch
+from vision_tl.data.preprocess import AnyPreprocess, EnsemblePreprocess, Preprocess
 from vision_tl.training.task import load_task
 
 
 class Teacher(nn.Module):
-    """A frozen checkpoint's network that reads batches prepared for the student."""
+    """A frozen checkpoint's network that reads batches prepared for the student.
+
+    Either side may be an ensemble with per-member preprocessing: the student's view with
+    the most pixels is the source, and each teacher member gets its own adaptation of it.
+    """
 
     def __init__(
-        self, model: nn.Module, own: Preprocess, student: Preprocess, num_classes: int
+        self, model: nn.Module, own: AnyPreprocess, student: AnyPreprocess, num_classes: int
     ) -> None:
         super().__init__()
         self.model = model.eval().requires_grad_(False)
         self.own, self.student = own, student
         self.num_classes = num_classes
-        self.register_buffer("s_mean", torch.tensor(student.mean).view(1, 3, 1, 1), False)
-        self.register_buffer("s_std", torch.tensor(student.std).view(1, 3, 1, 1), False)
-        self.register_buffer("t_mean", torch.tensor(own.mean).view(1, 3, 1, 1), False)
-        self.register_buffer("t_std", torch.tensor(own.std).view(1, 3, 1, 1), False)
 
     def train(self, mode: bool = True) -> Teacher:
         return super().train(False)  # BatchNorm and dropout stay in inference mode
 
-    def adapt(self, x: torch.Tensor) -> torch.Tensor:
-        """A student batch as this teacher's input (its size and mean/std)."""
-        same_stats = self.own.mean == self.student.mean and self.own.std == self.student.std
-        if same_stats and x.shape[-1] == self.own.input_size == x.shape[-2]:
-            return x
-        x = x.float() * self.s_std + self.s_mean
-        if x.shape[-2:] != (self.own.input_size, self.own.input_size):
-            mode = "bicubic" if self.own.interpolation == "bicubic" else "bilinear"
-            size = (self.own.input_size, self.own.input_size)
-            x = F.interpolate(x, size=size, mode=mode, antialias=True, align_corners=False)
-        return (x - self.t_mean) / self.t_std
+    def _source(self, x: Inputs) -> tuple[torch.Tensor, Preprocess]:
+        if isinstance(self.student, EnsemblePreprocess):
+            members = list(zip(x, self.student.members, strict=True))
+            return max(members, key=lambda member: member[1].input_size)
+        return x, self.student  # type: ignore[return-value]
+
+    def adapt(self, x: Inputs) -> Inputs:
+        """A student batch as this teacher's input (its size(s) and mean/std)."""
+        source, pre = self._source(x)
+        if isinstance(self.own, EnsemblePreprocess):
+            return tuple(adapt(source, pre, target) for target in self.own.members)
+        return adapt(source, pre, self.own)
 
     @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: Inputs) -> torch.Tensor:
         return self.model(self.adapt(x))
+
+
+def adapt(x: torch.Tensor, source: Preprocess, target: Preprocess) -> torch.Tensor:
+    """A normalised batch of `source`'s preprocessing as `target` would have made it from the
+    same pixels: un-normalise, resize to `target`'s input size, normalise with its stats."""
+    size = (target.input_size, target.input_size)
+    if source.mean == target.mean and source.std == target.std and x.shape[-2:] == size:
+        return x
+    x = denormalize_batch(x.float(), source)
+    if x.shape[-2:] != size:
+        mode = "bicubic" if target.interpolation == "bicubic" else "bilinear"
+        x = F.interpolate(x, size=size, mode=mode, antialias=True, align_corners=False)
+    return normalize(x, target)
+
+
+def normalize(x: torch.Tensor, pre: Preprocess) -> torch.Tensor:
+    mean = torch.tensor(pre.mean, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / torch.tensor(pre.std, device=x.device).view(1, 3, 1, 1)
 
 
 @dataclass

@@ -20,6 +20,7 @@ from torch import nn
 from torchvision.transforms import v2
 
 from vision_tl.core.io import write_json
+from vision_tl.data.augment import Inputs
 
 log = logging.getLogger(__name__)
 
@@ -87,13 +88,49 @@ class BatchMix:
         if cutmix_alpha > 0:
             choices.append(v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes))
         self.mix = choices[0] if len(choices) == 1 else v2.RandomChoice(choices)
+        self.alphas = {"mixup": alpha, "cutmix": cutmix_alpha}
         self.num_classes = num_classes
         self.prob = prob
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, x: Inputs, y: torch.Tensor) -> tuple[Inputs, torch.Tensor]:
+        if isinstance(x, list | tuple):  # one batch per ensemble member (own sizes)
+            return self._per_member(list(x), y)
         if float(torch.rand(())) < self.prob:
             return self.mix(x, y)
         return x, F.one_hot(y, self.num_classes).to(x.dtype)
+
+    def _per_member(
+        self, xs: list[torch.Tensor], y: torch.Tensor
+    ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """torchvision's Mixup / CutMix with one draw for every member's batch: the same
+        mixing weight and partner (the batch rolled by one), and for CutMix the same
+        relative box, cut at each member's own size."""
+        target = F.one_hot(y, self.num_classes).to(xs[0].dtype)
+        if float(torch.rand(())) >= self.prob:
+            return tuple(xs), target
+        kinds = [k for k, a in self.alphas.items() if a > 0]
+        kind = kinds[int(torch.randint(len(kinds), ()))]
+        alpha = self.alphas[kind]
+        lam = float(torch.distributions.Beta(alpha, alpha).sample())
+        if kind == "mixup":
+            mixed = tuple(x.roll(1, 0).mul(1 - lam).add_(x.mul(lam)) for x in xs)
+        else:
+            cy, cx = float(torch.rand(())), float(torch.rand(()))
+            half = math.sqrt(1 - lam) / 2
+            box = (max(cy - half, 0), min(cy + half, 1), max(cx - half, 0), min(cx + half, 1))
+            mixed = tuple(_paste(x, box) for x in xs)
+            lam = 1 - (box[1] - box[0]) * (box[3] - box[2])
+        return mixed, target.roll(1, 0).mul(1 - lam).add_(target.mul(lam))
+
+
+def _paste(x: torch.Tensor, box: tuple[float, float, float, float]) -> torch.Tensor:
+    """`x` with the relative `box` (top, bottom, left, right) taken from the rolled batch."""
+    h, w = x.shape[-2:]
+    top, bottom = round(box[0] * h), round(box[1] * h)
+    left, right = round(box[2] * w), round(box[3] * w)
+    out = x.clone()
+    out[..., top:bottom, left:right] = x.roll(1, 0)[..., top:bottom, left:right]
+    return out
 
 
 def build_mixup(spec: Mapping[str, Any] | None, num_classes: int) -> BatchMix | None:

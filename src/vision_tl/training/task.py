@@ -13,6 +13,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from torch.nn import ModuleList
 from torchmetrics import MaxMetric, MetricCollection
 from torchmetrics.classification import (
     MulticlassAccuracy,
@@ -22,7 +23,7 @@ from torchmetrics.classification import (
 
 from vision_tl.core.errors import ConfigError
 from vision_tl.data.features import split_teacher
-from vision_tl.data.preprocess import Preprocess
+from vision_tl.data.preprocess import AnyPreprocess, load_preprocess, per_member
 from vision_tl.models import build_model
 from vision_tl.training.compat import CHECKPOINT_FORMAT, upgrade_checkpoint
 from vision_tl.training.finetune import build_finetune
@@ -81,12 +82,14 @@ class ClassificationTask(L.LightningModule):
         self.model = build_model(model, num_classes, pretrained=pretrained)
         self.finetune = build_finetune(finetune)
         self.finetune.setup(self.model)
-        self.preprocess: Preprocess = self.model.preprocess.resolve(preprocess_overrides)
-        for backbone in self.model.backbones():
+        self.preprocess: AnyPreprocess = self.model.preprocess.resolve(preprocess_overrides)
+        backbones = self.model.backbones()
+        members = per_member(self.preprocess, len(backbones))
+        for backbone, pre in zip(backbones, members, strict=True):
             fixed = backbone.fixed_input_size
-            if fixed and self.preprocess.input_size != fixed:
+            if fixed and pre.input_size != fixed:
                 raise ConfigError(
-                    f"data.image_size={self.preprocess.input_size}: {backbone.name} takes "
+                    f"data.image_size={pre.input_size}: {backbone.name} takes "
                     f"only {fixed} px inputs"
                 )
         self.feature_inputs = False
@@ -107,6 +110,11 @@ class ClassificationTask(L.LightningModule):
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_metrics = _split_metrics(num_classes, "val/")
         self.test_metrics = _split_metrics(num_classes, "test/")
+        # Each ensemble member's share of the fused prediction on val (`fusions`).
+        self.val_member_acc = ModuleList(
+            MulticlassAccuracy(num_classes, average="micro") for _ in self.model.member_names()
+        )
+        self.last_val_members: dict[str, float] = {}
         self.val_acc_best = MaxMetric()
         self.best_epoch = -1
         self.last_val: dict[str, float] = {}
@@ -161,9 +169,14 @@ class ClassificationTask(L.LightningModule):
         x, y = batch
         if len(y) == 0:
             return
-        logits = self._logits(x)
+        features = x if self.feature_inputs else self.model.features(x)
+        logits = self.model.classify_features(features)
         loss = F.cross_entropy(logits.float(), y)
         metrics.update(logits, y)
+        if metrics is self.val_metrics:
+            members = self.model.member_logits(features)
+            for metric, member in zip(self.val_member_acc, members, strict=True):
+                metric.update(member, y)
         self.log(
             f"{metrics.prefix}loss",
             loss,
@@ -217,8 +230,14 @@ class ClassificationTask(L.LightningModule):
         if self.collected is not None:
             return
         values = self._log_epoch(self.val_metrics)
+        members = {}
+        for name, metric in zip(self.model.member_names(), self.val_member_acc, strict=True):
+            members[name] = float(metric.compute())
+            metric.reset()
+            self.log(f"val/acc_member/{name}", members[name], sync_dist=True)
         if self.trainer.sanity_checking:
             return
+        self.last_val_members = members
         acc = values["val/acc"]
         # Before the first epoch, the best may already be set: LP-FT's probe start competes.
         previous = float(self.val_acc_best.compute()) if self.val_acc_best.update_called else -1.0
@@ -297,7 +316,7 @@ class ClassificationTask(L.LightningModule):
             checkpoint["vision_tl"]["probe"] = self.probe
         checkpoint["vision_tl"]["feature_precision"] = self.feature_precision
 
-    def _take_saved_preprocess(self, saved: Preprocess) -> None:
+    def _take_saved_preprocess(self, saved: AnyPreprocess) -> None:
         """Loading for inference: what the run used travels with its weights. Resuming a fit:
         the datamodule and the feature cache already hold the resolved object, so it stays."""
         if self._trainer is None:
@@ -313,7 +332,7 @@ class ClassificationTask(L.LightningModule):
         upgrade_checkpoint(checkpoint)
         meta = checkpoint.get("vision_tl", {})
         if meta.get("preprocess"):
-            self._take_saved_preprocess(Preprocess.from_dict(meta["preprocess"]))
+            self._take_saved_preprocess(load_preprocess(meta["preprocess"]))
         self.best_epoch = meta.get("best_epoch", -1)
         self.probe = meta.get("probe", self.probe)
         self.feature_precision = meta.get("feature_precision", self.feature_precision)

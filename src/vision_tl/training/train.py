@@ -247,6 +247,8 @@ def run_training(cfg: DictConfig, predict: PredictFn | None = None) -> dict[str,
         **calibration,
         "feature_precision": task.feature_precision,
         **{k.replace("/", "_"): v for k, v in task.last_val.items()},
+        # Each ensemble member's share of the fused model, next to the fused `val_acc`.
+        "val_acc_members": task.last_val_members or None,
         **{k.replace("/", "_"): v for k, v in task.last_test.items()},
     }
     if task.distill is not None and trainer.is_global_zero and not trainer.fast_dev_run:
