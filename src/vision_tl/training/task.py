@@ -169,6 +169,7 @@ class ClassificationTask(L.LightningModule):
         x, y = batch
         if len(y) == 0:
             return
+        x = split_teacher(x)[0]
         features = x if self.feature_inputs else self.model.features(x)
         logits = self.model.classify_features(features)
         loss = F.cross_entropy(logits.float(), y)
