@@ -94,6 +94,9 @@ def main() -> None:
     parser.add_argument("--distill", action="store_true")
     parser.add_argument("--distill-recipe", default="linear_probe")
     parser.add_argument("--cache", type=Path, default=None, help="default: a fresh one")
+    parser.add_argument(
+        "--override", action="append", default=[], help="a train override for every run"
+    )
     args = parser.parse_args()
     require_shared()
     results: dict[str, dict] = {}
@@ -103,7 +106,7 @@ def main() -> None:
             data = data_overrides(dataset, work, args.per_class)
             if args.image_size:
                 data.append(f"data.image_size={args.image_size}")
-            common = [*data, f"trainer.max_epochs={args.epochs}", "logger=none"]
+            common = [*data, f"trainer.max_epochs={args.epochs}", "logger=none", *args.override]
             rows = results.setdefault(dataset, {})
             for recipe in args.recipes:
                 run(
