@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vision_tl.core.errors import ConfigError
-from vision_tl.data.augment import Inputs, denormalize_batch
+from vision_tl.data.augment import Inputs, denormalize_batch, map_inputs
 from vision_tl.data.preprocess import AnyPreprocess, EnsemblePreprocess, Preprocess
 from vision_tl.training.task import load_task
 
@@ -120,7 +120,7 @@ def kd_loss(
 
 
 def build_distillation(
-    spec: Mapping[str, Any] | None, class_names: Sequence[str], student: Preprocess
+    spec: Mapping[str, Any] | None, class_names: Sequence[str], student: AnyPreprocess
 ) -> Distillation | None:
     """The teacher of `distill.teacher` (None when unset), checked against the data's classes."""
     spec = dict(spec or {})
@@ -140,7 +140,7 @@ def build_distillation(
 
 @torch.no_grad()
 def accuracy_and_speed(
-    model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
+    model: nn.Module, batches: Iterable[tuple[Inputs, torch.Tensor]]
 ) -> tuple[float, float]:
     """Accuracy and forward images/s of `model` on normalised `(images, labels)` batches."""
     model.eval()
@@ -165,10 +165,10 @@ def distill_report(task: Any, datamodule: Any, student_val_acc: float | None) ->
     datamodule.use_features(None)
     try:
 
-        def batches() -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        def batches() -> Iterable[tuple[Inputs, torch.Tensor]]:
             for batch in datamodule.val_dataloader():
                 x, y = datamodule.on_after_batch_transfer(batch, 0)
-                yield x.to(task.device), y.to(task.device)
+                yield map_inputs(lambda t: t.to(task.device), x), y.to(task.device)
 
         distill.teacher.to(task.device)
         teacher_acc, teacher_speed = accuracy_and_speed(distill.teacher, batches())
