@@ -128,7 +128,6 @@ def _train_heads(
         )
         if "monitor" not in spec:  # a plateau scheduler needs val: the search leaves it out
             scheduler, per_step = spec["scheduler"], spec.get("interval", "epoch") == "step"
-    weight = task.class_weights
     for _ in range(epochs):
         for batch in batches:
             index = torch.as_tensor(batch)
@@ -137,9 +136,7 @@ def _train_heads(
             loss = 0.0
             for m in models:
                 logits = m.classify_features(features)
-                task_loss = F.cross_entropy(
-                    logits, target, weight=weight, label_smoothing=task.label_smoothing
-                )
+                task_loss = task._loss(logits, target)  # the fit's loss, exactly
                 if teacher is not None:
                     task_loss = task.distill.loss(task_loss, logits, teacher)
                 loss = loss + task_loss
