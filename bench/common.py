@@ -193,6 +193,8 @@ def vision_tl_config(overrides: Sequence[str], run_dir: Path):
         "+trainer.enable_model_summary=false",
         f"paths.output_dir={run_dir}",
     ]
+    if any(o.startswith("model=") for o in overrides):  # another model group (an ensemble)
+        base = [o for o in base if not o.startswith("model.backbone.")]
     with initialize_config_dir(version_base="1.3", config_dir=str(config_dir())):
         return compose("train", overrides=[*base, *overrides])
 

@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/finetune_recipes.py [--datasets hymenoptera vehicles6] [--epochs 5]
         [--recipes full lp_ft finetune_strong] [--image-size N] [--per-class N]
-        [--distill] [--distill-recipe linear_probe]
+        [--distill] [--distill-recipe linear_probe] [--teacher lite2|ensemble]
+        [--teacher-recipe RECIPE] [--seeds 42 1 2]
 
 Per dataset, EfficientNet-Lite0 with the shared ImageNet weights, each recipe for
 `--epochs` epochs, side by side in one process:
@@ -12,17 +13,24 @@ Per dataset, EfficientNet-Lite0 with the shared ImageNet weights, each recipe fo
 - `lp_ft`: `finetune=lp_ft` (the probe first, then everything at 0.1 x LR);
 - `finetune_strong`: `experiment=finetune_strong`.
 
-With `--distill`: a lite2 teacher (`--distill-recipe`, lite2 weights) is trained, then the
-lite0 student with the same recipe and epochs, alone and with `distill.teacher=` the
-teacher's best checkpoint. vehicles6 has no split: every side uses the split vision_tl
+With `--distill`: a teacher is trained (`--teacher`: lite2, or the lite0 + lite2 ensemble;
+with `--teacher-recipe`, default `--distill-recipe`), then the lite0 student with
+`--distill-recipe` and the same epochs, alone and with `distill.teacher=` the teacher's best
+checkpoint. vehicles6 has no split: every side uses the split vision_tl
 writes (`data.val_fraction` 0.2, seed 42). Accuracies are on val; the probe and the search
 never choose on it, the fine-tunes choose their best epoch on it (as every fine-tune's
 best.ckpt does), so `last_val_acc` is given too.
+
+With several `--seeds`, every recipe runs once per training seed (`seed=`; the split and
+the cached views keep `data.seed=42`), and `mean_over_seeds` gives each recipe's mean, min
+and max best val acc: on a val split of a few hundred images one run is a couple of
+images of noise.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from pathlib import Path
 
@@ -51,6 +59,18 @@ def backbone(name: str) -> list[str]:
     ]
 
 
+def ensemble() -> list[str]:
+    """The lite0 + lite2 ensemble, each member with its own weights (and preprocessing)."""
+    members = ",".join(
+        f"{{name:timm/tf_efficientnet_{name},weights_path:{WEIGHTS[name]}}}"
+        for name in ("lite0", "lite2")
+    )
+    return ["model=ensemble", f"model.members=[{members}]"]
+
+
+TEACHERS = {"lite2": lambda: backbone("lite2"), "ensemble": ensemble}
+
+
 def summary(metrics: dict, seconds: float, run_dir: Path) -> dict:
     history = run_dir / "history.csv"
     last = history.read_text().strip().splitlines()[-1].split(",") if history.is_file() else []
@@ -64,6 +84,17 @@ def summary(metrics: dict, seconds: float, run_dir: Path) -> dict:
         "val_ece_uncalibrated": metrics.get("val_ece_uncalibrated"),
         "seconds": round(seconds, 1),
         "distill": metrics.get("distill"),
+    }
+
+
+def seed_means(rows: dict) -> dict:
+    """Per recipe, the mean, min and max of `best_val_acc` over its seeded runs."""
+    by_recipe: dict[str, list[float]] = {}
+    for name, row in rows.items():
+        by_recipe.setdefault(name.split("@seed")[0], []).append(row["best_val_acc"])
+    return {
+        name: {"mean": round(sum(a) / len(a), 4), "min": min(a), "max": max(a), "runs": len(a)}
+        for name, a in by_recipe.items()
     }
 
 
@@ -93,6 +124,9 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=0)
     parser.add_argument("--distill", action="store_true")
     parser.add_argument("--distill-recipe", default="linear_probe")
+    parser.add_argument("--teacher", choices=list(TEACHERS), default="lite2")
+    parser.add_argument("--teacher-recipe", default=None, help="default: --distill-recipe")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[42])
     parser.add_argument("--cache", type=Path, default=None, help="default: a fresh one")
     parser.add_argument(
         "--override", action="append", default=[], help="a train override for every run"
@@ -108,24 +142,30 @@ def main() -> None:
                 data.append(f"data.image_size={args.image_size}")
             common = [*data, f"trainer.max_epochs={args.epochs}", "logger=none", *args.override]
             rows = results.setdefault(dataset, {})
-            for recipe in args.recipes:
+            for recipe, seed in itertools.product(args.recipes, args.seeds):
+                name, seeded = recipe, []
+                if len(args.seeds) > 1:
+                    name, seeded = f"{recipe}@seed{seed}", [f"seed={seed}", "data.seed=42"]
                 run(
                     work,
                     cache,
                     common,
                     rows,
-                    (dataset, recipe),
-                    [*backbone("lite0"), *RECIPES[recipe]],
+                    (dataset, name),
+                    [*backbone("lite0"), *RECIPES[recipe], *seeded],
                 )
+            if len(args.seeds) > 1:
+                rows["mean_over_seeds"] = seed_means(rows)
             if args.distill:
                 recipe = RECIPES[args.distill_recipe]
+                teacher_recipe = RECIPES[args.teacher_recipe or args.distill_recipe]
                 teacher = run(
                     work,
                     cache,
                     common,
                     rows,
-                    (dataset, "teacher_lite2"),
-                    [*backbone("lite2"), *recipe],
+                    (dataset, f"teacher_{args.teacher}"),
+                    [*TEACHERS[args.teacher](), *teacher_recipe],
                 )
                 ckpt = teacher / "checkpoints" / "best.ckpt"
                 student = [*backbone("lite0"), *recipe]
