@@ -14,6 +14,7 @@ import torchvision
 from conftest import TINY, _draw
 
 from vision_tl.core.errors import ConfigError
+from vision_tl.core.runtime import feature_batch_size
 from vision_tl.data import ImageFolderDataModule
 from vision_tl.data.features import CachedFeatures
 from vision_tl.data.samplers import ViewSampler
@@ -75,6 +76,26 @@ def test_cached_features_equal_the_backbone_on_images(image_folder: Path) -> Non
         torch.testing.assert_close(features, expected, atol=1e-5, rtol=1e-5)
         assert [dataset[i][1] for i in range(24)] == [label for _, label in images.samples]
     assert prepare_features(dm, task).hits == {"eval": True}
+
+
+@pytest.mark.parametrize(("requested", "expected"), [(None, 8), (5, 5)])
+def test_feature_cache_batches_are_small_on_a_cpu_unless_asked(
+    image_folder: Path, requested: int | None, expected: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a CPU the cache runs the backbone 8 images at a time (about twice the images/s
+    of 32 on small CPUs), not at the training batch; `data.feature_batch_size` overrides."""
+    task = _task()
+    dm = _datamodule(image_folder, task, augment="none", feature_batch_size=requested)
+    dm.batch_size = 16
+    sizes: list[int] = []
+    features = task.model.features
+    monkeypatch.setattr(task.model, "features", lambda x: sizes.append(len(x)) or features(x))
+    assert prepare_features(dm, task) is not None
+    assert sum(sizes) == 72 and max(sizes) == expected and sizes.count(expected) == 72 // expected
+    assert feature_batch_size(None, torch.device("cuda"), 16) == 32
+    assert feature_batch_size(None, torch.device("cuda"), 64) == 64
+    with pytest.raises(ConfigError, match=r"data\.feature_batch_size=0"):
+        _datamodule(image_folder, task, feature_batch_size=0)
 
 
 @pytest.mark.parametrize("fusion", FUSIONS.names())

@@ -227,6 +227,7 @@ RULES: dict[str, Allowed] = {
     "distill.temperature": number(gt=0),
     "distill.alpha": PROBABILITY,
     "data.feature_precision": one_of(*PRECISIONS),
+    "data.feature_batch_size": or_null(integer(1), "8 on a CPU, else max(32, data.batch_size)"),
     "precision": one_of(*PRECISIONS),
     "time_budget": or_null(number(gt=0), "no limit"),
     "weights_dir": or_null(_path("folder"), "none"),

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from vision_tl.core.config import cache_dir
 from vision_tl.core.errors import ConfigError
-from vision_tl.core.runtime import available_cpus, resolve_precision
+from vision_tl.core.runtime import available_cpus, feature_batch_size, resolve_precision
 from vision_tl.data.augment import (
     AugmentPreset,
     Inputs,
@@ -99,6 +99,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         feature_views: int = 4,
         max_failed_fraction: float = 0.1,
         feature_precision: str = "auto",
+        feature_batch_size: int | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -137,6 +138,9 @@ class ImageFolderDataModule(L.LightningDataModule):
         self._failures_size = -1
         resolve_precision(feature_precision, torch.device("cpu"))  # a bad name fails now
         self.feature_precision = feature_precision
+        if feature_batch_size is not None and int(feature_batch_size) < 1:
+            raise ConfigError(f"data.feature_batch_size={feature_batch_size}: a positive integer")
+        self.feature_batch_size = feature_batch_size
         self.preprocess: AnyPreprocess | None = None
         self.split: SplitSamples | None = None
         self.bad_file_log = BadFileLog()
@@ -313,7 +317,7 @@ class ImageFolderDataModule(L.LightningDataModule):
             base["teacher"] = weights_digest(teacher)
             extractor = WithTeacher(model, teacher)
         root = self.cache_root / "features"
-        batch_size = max(32, self.batch_size)
+        batch_size = feature_batch_size(self.feature_batch_size, device, self.batch_size)
         samples = self.split.samples
 
         def build(
