@@ -66,9 +66,10 @@ def resolve_precision(name: str, device: torch.device) -> str:
     return name
 
 
-# Measured on the 2-core CPU this project's CI runs on, steady-state images/s at batch 8 vs
-# 32: EfficientNet-Lite0 150 vs 85 in bf16 and 60-88 vs 38 in fp32; lite2 and ResNet50
-# gain 5-60 %. Small batches keep a CPU's working set in cache; a GPU wants large ones.
+# Measured on the 2-core CPU this project's CI runs on, the backbone alone, steady-state
+# images/s at batch 8 vs 32: EfficientNet-Lite0 150 vs 85 in bf16 and 60-88 vs 38 in
+# fp32; lite2 and ResNet50 gain 5-60 %. Small batches keep a CPU's working set in cache;
+# a GPU wants large ones.
 CPU_FEATURE_BATCH = 8
 
 
