@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vision_tl.core.errors import ConfigError
-from vision_tl.data.augment import Inputs, denormalize_batch, map_inputs
+from vision_tl.data.augment import Inputs, denormalize_batch, map_inputs, normalize_batch
 from vision_tl.data.preprocess import AnyPreprocess, EnsemblePreprocess, Preprocess
 from vision_tl.training.task import load_task
 
@@ -76,12 +76,7 @@ def adapt(x: torch.Tensor, source: Preprocess, target: Preprocess) -> torch.Tens
     if x.shape[-2:] != size:
         mode = "bicubic" if target.interpolation == "bicubic" else "bilinear"
         x = F.interpolate(x, size=size, mode=mode, antialias=True, align_corners=False)
-    return normalize(x, target)
-
-
-def normalize(x: torch.Tensor, pre: Preprocess) -> torch.Tensor:
-    mean = torch.tensor(pre.mean, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / torch.tensor(pre.std, device=x.device).view(1, 3, 1, 1)
+    return normalize_batch(x.mul_(255.0), target)  # it takes 0-255 pixel values
 
 
 @dataclass
