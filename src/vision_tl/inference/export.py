@@ -23,7 +23,7 @@ from torch import nn
 from vision_tl.core.errors import ConfigError
 from vision_tl.core.io import write_json
 from vision_tl.core.validate import did_you_mean
-from vision_tl.data.preprocess import AnyPreprocess, EnsemblePreprocess, per_member
+from vision_tl.data.preprocess import AnyPreprocess, EnsemblePreprocess, Preprocess, per_member
 from vision_tl.inference.checkpoint import LoadedModel, load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -150,7 +150,7 @@ RECIPE = (
 )
 
 
-def _input_card(name: str, pre: Any) -> dict[str, Any]:
+def _input_card(name: str, pre: Preprocess) -> dict[str, Any]:
     return {
         "name": name,
         "shape": ["batch", 3, pre.input_size, pre.input_size],
