@@ -158,49 +158,57 @@ def test_lp_ft_fine_tune_phase_trains_everything_and_batchnorm_as_asked(batchnor
 
 
 @pytest.mark.integration
-def test_lp_ft_starts_from_the_probe_head_then_trains_everything(
+def test_lp_ft_starts_from_the_linear_probe_run_then_trains_everything(
     compose_train, image_folder: Path, tmp_path: Path
 ) -> None:
-    """The fine-tune starts from the converged probe's head (scoring the probe's val
+    """LP-FT's first stage is exactly the `finetune=linear_probe` run (the same head, bit for
+    bit, and val accuracy); the fine-tune starts from that head (scoring the probe's val
     accuracy), at lr_scale x LR, with every backbone tensor trainable, and the backbone's
     BatchNorm statistics stay at their pretrained values (batchnorm=frozen)."""
+    common = [
+        *TINY,
+        f"data.root={image_folder}",
+        "test=false",
+        "logger=none",
+        "finetune.epochs=30",
+        "finetune.folds=2",
+        "finetune.lrs=[0.01]",
+        "finetune.weight_decays=[0,0.01]",
+        "optimizer.lr=0.02",
+        "data.feature_precision=fp32",
+        "trainer.max_epochs=1",
+        "+callbacks.spy._target_=helpers.spies.RunSpy",
+    ]
+    alone = run_training(compose_train([*common, "finetune=linear_probe"], tmp_path / "probe"))
     run_dir = tmp_path / "run"
-    metrics = run_training(
-        compose_train(
-            [
-                *TINY,
-                f"data.root={image_folder}",
-                "test=false",
-                "logger=none",
-                "finetune=lp_ft",
-                "finetune.epochs=30",
-                "finetune.folds=2",
-                "finetune.lrs=[0.01]",
-                "finetune.weight_decays=[0,0.01]",
-                "finetune.lr_scale=0.1",
-                "optimizer.lr=0.02",
-                "data.feature_precision=fp32",
-                "trainer.max_epochs=1",
-                "+callbacks.spy._target_=helpers.spies.RunSpy",
-            ],
-            run_dir,
-        )
-    )
-    spy = json.loads((run_dir / "spy.json").read_text())
+    lp_ft = ["finetune=lp_ft", "finetune.lr_scale=0.1"]
+    metrics = run_training(compose_train([*common, *lp_ft], run_dir))
     probe = metrics["probe"]
-    assert probe["lr"] == 0.01 and probe["weight_decay"] in (0.0, 0.01)
-    assert probe["probe_val_acc"] >= 0.8, "the probe learned the colour-coded classes"
+    assert probe["probe_run"] == str(run_dir / "probe")
+    stage = json.loads((run_dir / "probe" / "metrics.json").read_text())
+    assert stage["probe"]["lr"] == alone["probe"]["lr"] == 0.01
+    assert stage["best_val_acc"] == probe["probe_val_acc"] == alone["best_val_acc"] >= 0.8
+    heads = [
+        torch.load(Path(m["best_checkpoint"]), weights_only=True)["state_dict"]
+        for m in (stage, alone)
+    ]
+    assert heads[0].keys() == heads[1].keys()
+    assert all(torch.equal(heads[0][k], heads[1][k]) for k in heads[0])
+
+    spy = json.loads((run_dir / "spy.json").read_text())
     assert spy["start"]["val_acc"] == pytest.approx(probe["probe_val_acc"], abs=1e-6)
     assert spy["start"]["group_lrs"] == pytest.approx([0.002, 0.002])
     assert spy["start"]["backbone_trainable"] == spy["start"]["backbone_tensors"] > 0
     assert spy["backbone_calls"] > 0 and not spy["feature_inputs"], "phase 2 reads images"
     assert spy["backbone_weights_moved"]
     assert not spy["bn_stats_moved"]
-    # The probe start competes for best.ckpt: the fine-tune keeps it unless an epoch beats it.
+    # The probe start competes for best.ckpt: the fine-tune keeps it unless an epoch beats it,
+    # so LP-FT never reports less than the linear_probe run.
     epochs_val = pd.read_csv(run_dir / "history.csv")["val_acc"]
     beaten = bool((epochs_val > probe["probe_val_acc"] + 1e-9).any())
     assert (metrics["best_epoch"] >= 0) is beaten
     assert metrics["best_val_acc"] == pytest.approx(max(probe["probe_val_acc"], epochs_val.max()))
+    assert metrics["best_val_acc"] >= alone["best_val_acc"]
 
 
 def test_lr_finder_is_skipped_where_the_policy_chooses_its_own_lr() -> None:

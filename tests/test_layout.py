@@ -93,7 +93,8 @@ def test_every_finetune_policy_sets_a_trainable_head(mode: str) -> None:
     model = build_model({"backbone": {"name": "resnet18"}}, 2, pretrained=False)
     policy.setup(model)
     assert all(p.requires_grad for p in model.head_parameters())
-    if policy.probe_first():  # the feature cache fits the head, then hands over (LP-FT)
+    if policy.probe_stage() is not None:  # a linear_probe run fits the head first (LP-FT)
+        assert build_finetune(policy.probe_stage()).cache_bypass_reason() is None
         assert not any(p.requires_grad for p in model.backbone_parameters())
         policy.start_finetune(model)
     backbone_trains = False

@@ -198,6 +198,7 @@ def test_failing_job_is_recorded_and_ddp_job_finishes_under_joblib(
 
 @pytest.mark.integration
 def test_ddp_two_cpu_processes_one_run_dir(sweep_data: Path, tmp_path: Path) -> None:
+    """Both ranks run both stages of LP-FT (two fits in one process) in the one run dir."""
     run_dir = tmp_path / "ddp"
     result = run_cli(
         [
@@ -207,6 +208,7 @@ def test_ddp_two_cpu_processes_one_run_dir(sweep_data: Path, tmp_path: Path) -> 
             "trainer=ddp",
             "trainer.devices=2",
             "trainer.accelerator=cpu",
+            "finetune=lp_ft",
             f"hydra.run.dir={run_dir}",
         ],
         cwd=tmp_path,
@@ -214,9 +216,14 @@ def test_ddp_two_cpu_processes_one_run_dir(sweep_data: Path, tmp_path: Path) -> 
     )
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["world_size"] == 2 and 0.0 <= metrics["best_val_acc"] <= 1.0
+    probe = json.loads((run_dir / "probe" / "metrics.json").read_text())
+    assert metrics["world_size"] == probe["world_size"] == 2
+    assert metrics["probe"]["probe_val_acc"] == probe["best_val_acc"] <= metrics["best_val_acc"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp"]
-    assert len(list(run_dir.glob("**/metrics.json"))) == 1
+    assert sorted(run_dir.glob("**/metrics.json")) == [
+        run_dir / "metrics.json",
+        run_dir / "probe" / "metrics.json",
+    ]
     assert len(list(run_dir.glob("**/.hydra"))) == 1
 
 
@@ -288,3 +295,14 @@ def test_failed_job_reports_the_root_cause_not_the_wrapper() -> None:
             raise RuntimeError("Error in call to target 'ImageFolderDataModule'") from err
     root = _root_cause(wrapped.value)
     assert isinstance(root, TypeError) and "manifest" in str(root)
+
+
+def test_a_run_inside_a_job_is_one_of_its_stages_not_a_job(tmp_path: Path) -> None:
+    for job in ("0", "0/probe", "1", "2/nested/probe"):
+        (tmp_path / job).mkdir(parents=True)
+        (tmp_path / job / "metrics.json").write_text("{}")
+    assert report.find_jobs(tmp_path) == [
+        tmp_path / "0",
+        tmp_path / "1",
+        tmp_path / "2/nested/probe",
+    ]

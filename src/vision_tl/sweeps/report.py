@@ -42,7 +42,8 @@ BATCH_KEY = "data.batch_size"
 
 
 def find_jobs(sweep_dir: Path) -> list[Path]:
-    """Job folders under `sweep_dir`: those holding a status, metrics or Hydra overrides file."""
+    """Job folders under `sweep_dir`: those holding a status, metrics or Hydra overrides file.
+    A run inside another job's folder is a stage of that job (LP-FT's `probe/`), not a job."""
     markers = (STATUS_FILE, "metrics.json", ".hydra/overrides.yaml")
     found: set[Path] = set()
     for marker in markers:
@@ -50,7 +51,7 @@ def find_jobs(sweep_dir: Path) -> list[Path]:
             job = path.parent.parent if marker.startswith(".hydra") else path.parent
             if job != sweep_dir and not any(p.startswith(".") for p in job.parts[-1:]):
                 found.add(job)
-    return sorted(found)
+    return sorted(job for job in found if not any(p in found for p in job.parents))
 
 
 def _read_history(job_dir: Path) -> pd.DataFrame:

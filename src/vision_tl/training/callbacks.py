@@ -1,5 +1,5 @@
 """Callbacks every training run uses: the feature cache, the failed-files guard, throughput
-and per-epoch history."""
+and per-epoch history; and LP-FT's hand-over from its probe stage (`ProbeStart`)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from vision_tl.core.errors import ConfigError
 from vision_tl.data.datamodule import ImageFolderDataModule
 from vision_tl.data.features import CachedFeatures
-from vision_tl.training.probe import ProbeGrid, ProbeResult, fit_head, one_thread, search_probe
+from vision_tl.training.probe import ProbeGrid, one_thread, search_probe
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,6 @@ class FeatureCache(L.Callback):
 
     def __init__(self) -> None:
         self._one_thread: contextlib.ExitStack | None = None
-        self._probe_start: float | None = None  # LP-FT: the probe's val acc, before fine-tuning
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         dm = trainer.datamodule
@@ -47,8 +46,7 @@ class FeatureCache(L.Callback):
             pl_module.feature_inputs = dm is not None and dm.features is not None
             return
         policy = pl_module.finetune
-        if policy.probe_first():
-            self.probe_phase(trainer, pl_module, dm)
+        if policy.probe_stage() is not None:  # the probe stage cached; the fine-tune reads images
             return
         if dm is None or dm.feature_cache == "off":
             return
@@ -69,95 +67,10 @@ class FeatureCache(L.Callback):
         self._one_thread = contextlib.ExitStack()
         self._one_thread.enter_context(one_thread())
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """LP-FT: the probe the fine-tune starts from competes for the best checkpoint, so a
-        fine-tune that only degrades it on val keeps the probe (`best_epoch` -1)."""
-        if self._probe_start is None:
-            return
-        score = torch.tensor(self._probe_start)
-        for callback in trainer.checkpoint_callbacks:
-            if (
-                isinstance(callback, ModelCheckpoint)
-                and callback.monitor == "val/acc"
-                and callback.mode == "max"
-                and callback.save_top_k == 1
-            ):
-                path = callback.format_checkpoint_name({})
-                callback.best_k_models = {path: score}
-                callback.kth_best_model_path = callback.best_model_path = path
-                callback.kth_value = callback.best_model_score = score
-                pl_module.val_acc_best(score)
-                trainer.save_checkpoint(path, weights_only=False)  # with the state above
-
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self._one_thread is not None:
             self._one_thread.close()
             self._one_thread = None
-
-    def probe_phase(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, dm: ImageFolderDataModule | None
-    ) -> None:
-        """LP-FT's first phase: fit the head as a converged probe on the frozen backbone's
-        cached features, then hand the fit a fully trainable model at the scaled LR. A
-        resumed run is past this phase (its checkpoint holds the fine-tuned weights)."""
-        policy = pl_module.finetune
-        factory = pl_module.optimizer_factory
-        base_lr = getattr(factory, "keywords", {}).get("lr")
-        if base_lr is None:
-            raise ConfigError(f"finetune={policy.name} needs optimizer.lr set")
-        if trainer.ckpt_path is None:
-            blocker = "data.feature_cache=off" if dm is None or dm.feature_cache == "off" else None
-            blocker = blocker or self.bypass_reason(trainer, dm)
-            if blocker is None:
-                self.fit_probe_head(trainer, pl_module, dm)
-                self._probe_start = pl_module.probe["probe_val_acc"]
-            elif not trainer.fast_dev_run:
-                log.warning(
-                    "finetune=%s: no probe phase (%s); the head starts untrained",
-                    policy.name,
-                    blocker,
-                )
-        policy.start_finetune(pl_module.model)
-        pl_module.optimizer_factory = functools.partial(factory, lr=base_lr * policy.lr_scale)
-
-    @staticmethod
-    def fit_probe_head(
-        trainer: L.Trainer, pl_module: L.LightningModule, dm: ImageFolderDataModule
-    ) -> None:
-        """Train the head in place on cached features with settings chosen on the training
-        split (the `linear_probe` search), and record them with the probe's val accuracy."""
-        policy = pl_module.finetune
-        start = time.perf_counter()
-        device = trainer.strategy.root_device
-        features = dm.build_features(pl_module.model, device, teacher_of(pl_module))
-        if policy.search:
-            grid = ProbeGrid(policy.lrs, policy.weight_decays, policy.epochs, policy.folds)
-            result = search_probe(pl_module, features, grid, policy.batch_size, dm.sampler)
-        else:
-            keywords = pl_module.optimizer_factory.keywords
-            result = ProbeResult(
-                lr=keywords["lr"],
-                weight_decay=keywords.get("weight_decay", 0.0),
-                views="augmented" if features.train_store is not None else "eval",
-                epochs=policy.epochs,
-                folds=0,
-                holdout_acc=None,
-                features_s=round(features.seconds_built, 3),
-            )
-        val_acc = fit_head(pl_module, features, result, policy.batch_size, dm.sampler)
-        pl_module.probe = {
-            **result.as_dict(),
-            "probe_val_acc": val_acc,
-            "probe_phase_s": round(time.perf_counter() - start, 3),
-        }
-        log.info(
-            "LP-FT probe phase: head trained %d epochs on %s features in %.1f s (probe val acc "
-            "%s); now everything fine-tunes",
-            result.epochs,
-            result.views,
-            pl_module.probe["probe_phase_s"],
-            val_acc,
-        )
 
     @staticmethod
     def converge_probe(
@@ -189,6 +102,45 @@ class FeatureCache(L.Callback):
         if trainer.fast_dev_run:
             return "trainer.fast_dev_run touches one batch, less than computing every feature"
         return dm.feature_cache_blocker()
+
+
+class ProbeStart(L.Callback):
+    """The fine-tune stage of a policy with a probe stage (LP-FT): the task holds the probe
+    run's best head (`training.train`); every layer now trains as the policy says, at
+    `lr_scale` x `optimizer.lr`. The probe competes for the best checkpoint: it is saved as
+    `best.ckpt` with its val accuracy `score`, so a fine-tune that only degrades it on val
+    keeps the probe (`best_epoch` -1). A resumed fit (`score` None) is past all this."""
+
+    def __init__(self, score: float | None) -> None:
+        self.score = score
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        policy, factory = pl_module.finetune, pl_module.optimizer_factory
+        base_lr = getattr(factory, "keywords", {}).get("lr")
+        if base_lr is None:
+            raise ConfigError(f"finetune={policy.name} needs optimizer.lr set")
+        policy.start_finetune(pl_module.model)
+        pl_module.optimizer_factory = functools.partial(factory, lr=base_lr * policy.lr_scale)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.score is None:
+            return
+        score = torch.tensor(self.score)
+        for callback in trainer.checkpoint_callbacks:
+            if (
+                isinstance(callback, ModelCheckpoint)
+                and callback.monitor == "val/acc"
+                and callback.mode == "max"
+                and callback.save_top_k == 1
+            ):
+                path = callback.format_checkpoint_name({})
+                callback.best_k_models = {path: score}
+                callback.kth_best_model_path = callback.best_model_path = path
+                callback.kth_value = callback.best_model_score = score
+                pl_module.val_acc_best(score)
+                trainer.save_checkpoint(path, weights_only=False)  # with the state above
 
 
 def teacher_of(pl_module: L.LightningModule) -> Any:

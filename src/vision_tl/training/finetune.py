@@ -76,13 +76,13 @@ class FinetunePolicy:
         """Why backbone features cannot be cached (the backbone trains), or None."""
         return f"finetune={self.name} trains the backbone"
 
-    def probe_first(self) -> bool:
-        """Whether the head is first fit as a converged probe on the frozen backbone's
-        cached features, before the fit trains the backbone (`finetune=lp_ft`)."""
-        return False
+    def probe_stage(self) -> dict[str, Any] | None:
+        """The `finetune=` config of a first stage whose best head this fit starts from
+        (`finetune=lp_ft`: the `linear_probe` run), or None when the fit starts directly."""
+        return None
 
     def start_finetune(self, model: Classifier) -> None:
-        """After a `probe_first` policy's probe phase (the feature cache calls it before the
+        """After a policy's probe stage (`training.callbacks.ProbeStart` calls it before the
         first epoch): set the trainable parts of the fine-tune."""
 
 
@@ -149,10 +149,10 @@ class LinearProbe(FinetunePolicy):
 @register_finetune("lp_ft")
 @dataclass(frozen=True)
 class LpFt(LinearProbe):
-    """LP-FT (Kumar et al., ICLR 2022): the head is first fit as a converged linear probe
-    on the frozen backbone's cached features (the same search and epochs as
-    `linear_probe`, chosen on the training split), then everything fine-tunes for
-    `trainer.max_epochs` at `lr_scale` x `optimizer.lr`, with the scheduler's warmup.
+    """LP-FT (Kumar et al., ICLR 2022): the run first trains as `finetune=linear_probe`
+    with this policy's probe fields (the converged probe on cached features, its settings
+    chosen on the training split), then everything fine-tunes from that run's best head
+    for `trainer.max_epochs` at `lr_scale` x `optimizer.lr`, with the scheduler's warmup.
 
     A fresh head's large early gradients are what distort pretrained features on small
     data; starting from the probe's head avoids them. `batchnorm=frozen` keeps the
@@ -168,11 +168,13 @@ class LpFt(LinearProbe):
         if self.batchnorm not in ("frozen", "train"):
             raise ConfigError(f"finetune.batchnorm={self.batchnorm}: one of frozen, train")
 
-    def probe_first(self) -> bool:
-        return True
+    def probe_stage(self) -> dict[str, Any]:
+        probe = {f.name: getattr(self, f.name) for f in fields(LinearProbe)}
+        probe = {k: list(v) if isinstance(v, tuple) else v for k, v in probe.items()}
+        return {"mode": LinearProbe.name, **probe}
 
     def start_finetune(self, model: Classifier) -> None:
-        """The probe phase is over: every parameter trains, BatchNorm as `batchnorm` says."""
+        """The probe stage is over: every parameter trains, BatchNorm as `batchnorm` says."""
         for backbone in model.backbones():
             unfreeze(backbone)
             if self.batchnorm == "frozen":
@@ -182,10 +184,10 @@ class LpFt(LinearProbe):
         model.train(model.training)
 
     def resume(self, model: Classifier, epoch: int) -> None:
-        self.start_finetune(model)  # a checkpoint is written after the probe phase
+        self.start_finetune(model)  # a checkpoint is written after the probe stage
 
     def cache_bypass_reason(self) -> str | None:
-        return "finetune=lp_ft trains the backbone after its probe phase"
+        return "finetune=lp_ft trains the backbone after its probe stage"
 
 
 @register_finetune("partial")

@@ -261,28 +261,3 @@ def search_probe(
         result.epochs,
     )
     return result
-
-
-def fit_head(
-    task: Any, features: CachedFeatures, result: ProbeResult, batch_size: int, sampler_kind: str
-) -> float | None:
-    """Train `task.model`'s head in place on the whole training split with the chosen
-    setting, as the probe fit would (LP-FT's first phase); return its val accuracy (a
-    report only: nothing is chosen on it), or None without a val split."""
-    if result.views == "augmented" and features.train_store is not None:
-        x, y = features.tensors("train", train=True)
-    else:
-        x, y = features.tensors("train", train=False)
-    setting = [(result.lr, result.weight_decay)]
-    with one_thread(), torch.random.fork_rng(devices=[]), torch.enable_grad():
-        torch.manual_seed(SEARCH_SEED)
-        (head,) = _train_heads(
-            task, x, y, setting, result.epochs, batch_size, sampler_kind, features.teacher_columns
-        )
-    task.model.load_state_dict(head.state_dict())
-    if not features.samples.get("val"):
-        return None
-    x_val, y_val = features.tensors("val", train=False)
-    accuracy = _score(task.model, split_columns(x_val[0], features.teacher_columns)[0], y_val)[0]
-    task.model.train()
-    return accuracy  # unrounded: the fine-tune must beat exactly this

@@ -293,10 +293,10 @@ def lr_find_skip_reason(task: Any, resuming: bool, fast_dev_run: bool) -> str | 
     """Why `lr_find=true` does not run for this fit, or None when it does."""
     if getattr(task.finetune, "search", False) and task.finetune.name == "linear_probe":
         return "finetune=linear_probe with search chooses its LR by cross-validation"
-    if task.finetune.probe_first():
+    if task.finetune.probe_stage() is not None:
         return (
-            f"finetune={task.finetune.name} fits its head as a probe first (the range test would "
-            "run before it, on an untrained head); set optimizer.lr and finetune.lr_scale"
+            f"finetune={task.finetune.name} fine-tunes from its probe stage at finetune.lr_scale "
+            "x optimizer.lr; set those"
         )
     if resuming:
         return "a resumed run keeps the LR it started with"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import threading
@@ -12,10 +13,11 @@ from typing import Any
 
 import lightning as L
 import psutil
+import torch
 from hydra.utils import instantiate
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vision_tl.core.errors import ConfigError
 from vision_tl.core.io import write_json
@@ -25,6 +27,7 @@ from vision_tl.training.callbacks import (
     EpochHistory,
     FailedFilesGuard,
     FeatureCache,
+    ProbeStart,
     TrainThroughput,
 )
 from vision_tl.training.distill import build_distillation, distill_report
@@ -43,8 +46,6 @@ PRECISIONS = ("32", "32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true",
 
 def check_precision(precision: Any, accelerator: Any) -> None:
     """Fail at start, in one line, on a precision the chosen device cannot run."""
-    import torch
-
     value = str(precision)
     if value not in PRECISIONS:
         raise ConfigError(f"trainer.precision={value}: one of {', '.join(PRECISIONS)}")
@@ -85,8 +86,6 @@ class PeakMemory:
                 return
 
     def __enter__(self) -> PeakMemory:
-        import torch
-
         if torch.cuda.is_initialized():
             torch.cuda.reset_peak_memory_stats()
         self._thread.start()
@@ -97,8 +96,6 @@ class PeakMemory:
         self._thread.join()
 
     def as_dict(self) -> dict[str, float | None]:
-        import torch
-
         gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_initialized() else None
         return {
             "peak_rss_mb": round(self.peak_rss / 2**20, 1),
@@ -138,9 +135,63 @@ def _instantiate_all(group: DictConfig | None) -> list[Any]:
     return [instantiate(c) for c in (group or {}).values() if c is not None and "_target_" in c]
 
 
+PROBE_STAGE_DIR = "probe"
+
+
+def probe_stage_config(cfg: DictConfig, finetune: dict[str, Any]) -> DictConfig:
+    """The first stage of a two-stage policy (LP-FT): this run with `finetune` (the
+    `linear_probe` config), into `<run dir>/probe`, without what only the final model
+    needs (EMA, a time budget, the LR finder, testing and predictions)."""
+    stage = copy.deepcopy(cfg)
+    with open_dict(stage):
+        stage.finetune = finetune
+        stage.paths.output_dir = str(Path(cfg.paths.output_dir) / PROBE_STAGE_DIR)
+        stage.ckpt_path = None
+        stage.test = False
+        stage.predict_input = None
+        stage.lr_find = False
+        stage.trainer.max_time = None
+        if stage.get("ema") is not None:
+            stage.ema.decay = None
+    return stage
+
+
+def start_from_probe(task: ClassificationTask, cfg: DictConfig) -> float | None:
+    """Run the policy's probe stage and load its best head into `task`; return the probe's
+    val accuracy (the score the fine-tune must beat). The stage is exactly a run of
+    `finetune=linear_probe` with this run's seed, data and model."""
+    start = time.perf_counter()
+    metrics, stage_task = _train(probe_stage_config(cfg, task.finetune.probe_stage()), None)
+    best = metrics["best_checkpoint"]
+    state = (
+        torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+        if best
+        else stage_task.state_dict()
+    )
+    task.load_state_dict(state)
+    task.probe = {
+        **(metrics["probe"] or {}),
+        "probe_val_acc": metrics["best_val_acc"],
+        "probe_phase_s": round(time.perf_counter() - start, 3),
+        "probe_run": str(Path(cfg.paths.output_dir) / PROBE_STAGE_DIR),
+    }
+    log.info(
+        "LP-FT probe stage done in %.1f s (val acc %s, run in %s); now everything fine-tunes",
+        task.probe["probe_phase_s"],
+        metrics["best_val_acc"],
+        task.probe["probe_run"],
+    )
+    return metrics["best_val_acc"]
+
+
 def run_training(cfg: DictConfig, predict: PredictFn | None = None) -> dict[str, Any]:
     """Train and (if a test split exists) test; with `cfg.predict_input`, `predict` labels
-    those images with the best checkpoint; write `metrics.json` into the run dir last."""
+    those images with the best checkpoint; write `metrics.json` into the run dir last.
+    A policy with a probe stage (LP-FT) first trains that stage into `<run dir>/probe`."""
+    return _train(cfg, predict)[0]
+
+
+def _train(cfg: DictConfig, predict: PredictFn | None) -> tuple[dict[str, Any], ClassificationTask]:
     if cfg.get("predict_input") and predict is None:
         raise ConfigError("predict_input is set but no predict step was given to run_training")
     run_dir = Path(cfg.paths.output_dir)
@@ -174,6 +225,10 @@ def run_training(cfg: DictConfig, predict: PredictFn | None = None) -> dict[str,
     datamodule.set_preprocess(task.preprocess)  # resolved once, by the task
     task.distill = build_distillation(cfg.get("distill"), task.class_names, task.preprocess)
     log.info("Preprocess: %s", task.preprocess)
+    stages: list[L.Callback] = []
+    if task.finetune.probe_stage() is not None:
+        resuming = bool(cfg.get("ckpt_path"))  # the checkpoint holds the fine-tuned weights
+        stages = [ProbeStart(None if resuming else start_from_probe(task, cfg))]
 
     callbacks = _instantiate_all(cfg.get("callbacks"))
     throughput = TrainThroughput()
@@ -183,10 +238,10 @@ def run_training(cfg: DictConfig, predict: PredictFn | None = None) -> dict[str,
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     budget = TimeBudget() if cfg.trainer.get("max_time") else None
     ema = build_ema(cfg.get("ema"))
-    # After FeatureCache: EMA copies the task once the fit's setup has shaped it (for LP-FT,
-    # after the probe phase).
+    # After FeatureCache and ProbeStart: EMA copies the task once the fit's setup has shaped
+    # it (for LP-FT, the probe's head with every layer trainable).
     recipes = [c for c in (budget, ema) if c is not None]
-    ours = [FeatureCache(), *recipes, FailedFilesGuard(), throughput, history]
+    ours = [FeatureCache(), *stages, *recipes, FailedFilesGuard(), throughput, history]
     # Lightning's Timer reads a dict `max_time` only as a plain dict.
     max_time = OmegaConf.to_container(cfg.trainer, resolve=True).get("max_time")
     trainer: L.Trainer = instantiate(
@@ -264,4 +319,4 @@ def run_training(cfg: DictConfig, predict: PredictFn | None = None) -> dict[str,
             metrics["best_epoch"],
             run_dir / "metrics.json",
         )
-    return metrics
+    return metrics, task
