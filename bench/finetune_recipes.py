@@ -82,6 +82,8 @@ def summary(metrics: dict, seconds: float, run_dir: Path) -> dict:
         "probe_val_acc": probe.get("probe_val_acc"),
         "val_ece": metrics.get("val_ece"),
         "val_ece_uncalibrated": metrics.get("val_ece_uncalibrated"),
+        "val_nll": metrics.get("val_nll"),
+        "val_nll_uncalibrated": metrics.get("val_nll_uncalibrated"),
         "seconds": round(seconds, 1),
         "distill": metrics.get("distill"),
     }
