@@ -156,12 +156,12 @@ def probe_stage_config(cfg: DictConfig, finetune: dict[str, Any]) -> DictConfig:
     return stage
 
 
-def start_from_probe(task: ClassificationTask, cfg: DictConfig) -> float | None:
-    """Run the policy's probe stage and load its best head into `task`; return the probe's
-    val accuracy (the score the fine-tune must beat). The stage is exactly a run of
-    `finetune=linear_probe` with this run's seed, data and model."""
+def start_from_probe(task: ClassificationTask, stage: DictConfig) -> float | None:
+    """Run the probe stage `stage` (`probe_stage_config`) and load its best head into
+    `task`; return the probe's val accuracy (the score the fine-tune must beat). The stage
+    is exactly a run of `finetune=linear_probe` with this run's seed, data and model."""
     start = time.perf_counter()
-    metrics, stage_task = _train(probe_stage_config(cfg, task.finetune.probe_stage()), None)
+    metrics, stage_task = _train(stage, None)
     best = metrics["best_checkpoint"]
     state = (
         torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
@@ -173,7 +173,7 @@ def start_from_probe(task: ClassificationTask, cfg: DictConfig) -> float | None:
         **(metrics["probe"] or {}),
         "probe_val_acc": metrics["best_val_acc"],
         "probe_phase_s": round(time.perf_counter() - start, 3),
-        "probe_run": str(Path(cfg.paths.output_dir) / PROBE_STAGE_DIR),
+        "probe_run": str(stage.paths.output_dir),
     }
     log.info(
         "LP-FT probe stage done in %.1f s (val acc %s, run in %s); now everything fine-tunes",
@@ -226,9 +226,11 @@ def _train(cfg: DictConfig, predict: PredictFn | None) -> tuple[dict[str, Any], 
     task.distill = build_distillation(cfg.get("distill"), task.class_names, task.preprocess)
     log.info("Preprocess: %s", task.preprocess)
     stages: list[L.Callback] = []
-    if task.finetune.probe_stage() is not None:
+    probe = task.finetune.probe_stage()
+    if probe is not None:
         resuming = bool(cfg.get("ckpt_path"))  # the checkpoint holds the fine-tuned weights
-        stages = [ProbeStart(None if resuming else start_from_probe(task, cfg))]
+        score = None if resuming else start_from_probe(task, probe_stage_config(cfg, probe))
+        stages = [ProbeStart(score)]
 
     callbacks = _instantiate_all(cfg.get("callbacks"))
     throughput = TrainThroughput()
