@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 from functools import partial
 from pathlib import Path
@@ -17,6 +18,8 @@ from torch import nn
 from vision_tl.core.errors import ConfigError
 from vision_tl.models import available_backbones
 from vision_tl.training.finetune import build_finetune
+from vision_tl.training.optim import cosine_with_warmup
+from vision_tl.training.probe import _train_heads
 from vision_tl.training.task import ClassificationTask
 from vision_tl.training.train import run_training
 
@@ -92,6 +95,36 @@ def test_ensemble_linear_probe_freezes_every_member() -> None:
     for member in task.model.members:
         assert not any(p.requires_grad for p in member.parameters())
     assert all(p.requires_grad for p in task.model.head_parameters())
+
+
+def test_every_searched_weight_decay_regularises_the_default_probe_head() -> None:
+    """The probe's default grid must be a real search: with the default AdamW (decoupled
+    decay, shrinking by LR x weight decay per step) and cosine schedule, at every searched
+    LR and the probe's own epochs and batch size, each larger weight decay gives a smaller
+    head, and the largest at most half the undecayed one. A grid of decays too small to act
+    at these LRs (such as {0, ..., 0.1}: heads within 1% of each other) fails."""
+    policy = build_finetune({"mode": "linear_probe"})
+    task = ClassificationTask(
+        SPEC,
+        ["a", "b", "c"],
+        finetune={"mode": "linear_probe"},
+        optimizer=partial(torch.optim.AdamW),
+        scheduler=partial(cosine_with_warmup, warmup_epochs=1),
+    )
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(1, 96, task.model.backbone.num_features, generator=generator)
+    labels = torch.randint(0, 3, (96,), generator=generator)
+    settings = [(lr, wd) for lr in policy.lrs for wd in policy.weight_decays]
+    with torch.enable_grad():
+        heads = _train_heads(
+            task, features, labels, settings, policy.epochs, policy.batch_size, "shuffle"
+        )
+    weights = [h.head[-1].weight.detach() for h in heads]
+    norms = {s: float(w.norm()) for s, w in zip(settings, weights, strict=True)}
+    for lr in policy.lrs:
+        by_decay = [norms[(lr, wd)] for wd in sorted(policy.weight_decays)]
+        assert all(a > b * 1.02 for a, b in itertools.pairwise(by_decay)), (lr, by_decay)
+        assert by_decay[-1] <= 0.5 * by_decay[0], (lr, by_decay)
 
 
 def test_bad_finetune_values() -> None:

@@ -122,7 +122,7 @@ class LinearProbe(FinetunePolicy):
     epochs: int = 100
     batch_size: int = 256
     lrs: tuple[float, ...] = (1e-3, 1e-2)
-    weight_decays: tuple[float, ...] = (0.0, 1e-4, 1e-3, 1e-2, 1e-1)
+    weight_decays: tuple[float, ...] = (0.0, 1.0, 3.0, 10.0, 30.0)
     folds: int = 3
 
     def __post_init__(self) -> None:
