@@ -13,11 +13,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import TINY
+from omegaconf import OmegaConf
 from torch import nn
 
+from vision_tl.core.config import config_dir
 from vision_tl.core.errors import ConfigError
 from vision_tl.models import available_backbones
-from vision_tl.training.finetune import build_finetune
+from vision_tl.training.finetune import LinearProbe, build_finetune
 from vision_tl.training.optim import cosine_with_warmup
 from vision_tl.training.probe import _train_heads
 from vision_tl.training.task import ClassificationTask
@@ -97,12 +99,19 @@ def test_ensemble_linear_probe_freezes_every_member() -> None:
     assert all(p.requires_grad for p in task.model.head_parameters())
 
 
+PROBE_GROUPS = ("linear_probe", "lp_ft")
+
+
 def test_every_searched_weight_decay_regularises_the_default_probe_head() -> None:
     """The probe's default grid must be a real search: with the default AdamW (decoupled
     decay, shrinking by LR x weight decay per step) and cosine schedule, at every searched
     LR and the probe's own epochs and batch size, each larger weight decay gives a smaller
     head, and the largest at most half the undecayed one. A grid of decays too small to act
-    at these LRs (such as {0, ..., 0.1}: heads within 1% of each other) fails."""
+    at these LRs (such as {0, ..., 0.1}: heads within 1% of each other) fails. Both the
+    shipped `conf/finetune` groups and the dataclass default are held to it."""
+    shipped = [OmegaConf.load(config_dir() / "finetune" / f"{n}.yaml") for n in PROBE_GROUPS]
+    assert all(list(c.weight_decays) == list(LinearProbe.weight_decays) for c in shipped)
+    assert all(list(c.lrs) == list(LinearProbe.lrs) for c in shipped)
     policy = build_finetune({"mode": "linear_probe"})
     task = ClassificationTask(
         SPEC,
