@@ -140,3 +140,42 @@ def test_recipe_keys_are_checked(key: str, value: object, ok: bool) -> None:
     assert (found == []) == ok, found
     if not ok:
         assert found[0].startswith(f"{key}=")
+
+
+@pytest.mark.parametrize(
+    ("settings", "error"),
+    [
+        ({"trainer.max_epochs": -1}, "nothing would end the fit"),
+        ({"trainer.max_epochs": -1, "trainer.max_time": "00:00:05:00"}, None),
+        ({"trainer.max_epochs": -1, "trainer.max_steps": 500}, None),
+        ({"trainer.max_epochs": -1, "trainer.max_steps": -1}, "nothing would end the fit"),
+        (
+            {
+                "trainer.max_epochs": -1,
+                "trainer.max_time": {"minutes": 5},
+                "scheduler._target_": "vision_tl.training.optim.one_cycle",
+            },
+            "scheduler=onecycle needs the run's length",
+        ),
+        (
+            {
+                "trainer.max_epochs": 10,
+                "scheduler._target_": "vision_tl.training.optim.one_cycle",
+            },
+            None,
+        ),
+    ],
+)
+def test_an_open_ended_fit_needs_something_to_end_it(
+    settings: dict[str, object], error: str | None
+) -> None:
+    cfg = OmegaConf.create({})
+    for key, value in settings.items():
+        OmegaConf.update(cfg, key, value, force_add=True)
+    found = violations(cfg)
+    if error is None:
+        assert found == []
+    else:
+        assert (
+            len(found) == 1 and found[0].startswith("trainer.max_epochs=-1: ") and error in found[0]
+        )

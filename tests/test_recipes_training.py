@@ -91,6 +91,28 @@ def test_ema_mixup_layer_decay_within_a_time_budget(
     assert scores["acc"] == pytest.approx(metrics["best_val_acc"])
 
 
+def test_an_open_ended_fit_ends_with_its_time_budget_and_a_finished_schedule(
+    compose_train, small_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # trainer.max_epochs=-1: the budget alone sets the length (3 epochs, as above), and the
+    # cosine laid out over a provisional horizon is re-planned to end on the last step.
+    ticks = itertools.count(0, 80)
+    monkeypatch.setattr(TimeBudget, "clock", staticmethod(lambda: float(next(ticks))))
+    run_dir = tmp_path / "run"
+    overrides = [
+        *QUIET,
+        f"data.root={small_folder}",
+        "trainer.max_epochs=-1",
+        "trainer.max_time=00:00:05:00",
+        "scheduler.warmup_epochs=0",
+    ]
+    metrics = run_training(compose_train(overrides, run_dir))
+    assert metrics["planned_epochs"] == 3 and metrics["epochs"] == 3
+    lrs = pd.read_csv(run_dir / "history.csv")["lr"].tolist()
+    assert len(lrs) == 3 and lrs[-1] == 0.0 and lrs[0] > lrs[1] > lrs[2]
+    assert lrs[0] > 0.99e-3  # the provisional horizon kept the first epoch near the peak
+
+
 def test_lr_finder_writes_its_plot_and_trains_with_its_suggestion(
     compose_train, small_folder: Path, tmp_path: Path
 ) -> None:

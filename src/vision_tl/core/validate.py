@@ -194,7 +194,8 @@ RULES: dict[str, Allowed] = {
     "scheduler.pct_start": FRACTION,
     # trainer/, callbacks/
     "trainer.max_epochs": Allowed(
-        lambda v: _is_int(v) and (v >= 1 or v == -1), "a positive integer, or -1 (no limit)"
+        lambda v: _is_int(v) and (v >= 1 or v == -1),
+        "a positive integer, or -1 (trainer.max_time ends the fit)",
     ),
     "trainer.accelerator": one_of("auto", "cpu", "gpu", "cuda", "mps", "tpu"),
     "trainer.log_every_n_steps": integer(1),
@@ -276,7 +277,30 @@ def violations(cfg: DictConfig, rules: dict[str, Allowed] | None = None) -> list
             f"data.resize_size={resize_size}: at least data.image_size ({image_size}), "
             "since the centre crop is taken from the resized image"
         )
+    found.extend(_open_ended(cfg))
     return found
+
+
+def _open_ended(cfg: DictConfig) -> list[str]:
+    """`trainer.max_epochs=-1` leaves the fit's end to a time budget or a step limit;
+    without one it would never end, and a time budget cannot re-plan OneCycle."""
+    if _select(cfg, "trainer.max_epochs") != -1:
+        return []
+    steps = _select(cfg, "trainer.max_steps")
+    if _is_int(steps) and steps > 0:
+        return []
+    if _select(cfg, "trainer.max_time") in (_MISSING, None):
+        return [
+            "trainer.max_epochs=-1: nothing would end the fit; set trainer.max_time "
+            "(a time budget, e.g. 00:00:30:00) or trainer.max_epochs"
+        ]
+    target = _select(cfg, "scheduler._target_")
+    if isinstance(target, str) and target.endswith(".one_cycle"):
+        return [
+            "trainer.max_epochs=-1: scheduler=onecycle needs the run's length; set "
+            "trainer.max_epochs, or use scheduler=cosine (re-planned to trainer.max_time)"
+        ]
+    return []
 
 
 def validate(cfg: DictConfig) -> None:

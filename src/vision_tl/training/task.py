@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import re
 import warnings
 import zipfile
@@ -31,6 +32,9 @@ from vision_tl.training.optim import add_param_group
 from vision_tl.training.recipes import backbone_param_groups, build_mixup
 
 log = logging.getLogger(__name__)
+
+# trainer.max_epochs=-1: the LR schedule's provisional length, until a time budget sets it
+OPEN_ENDED_EPOCHS = 1000
 
 # Frozen backbones are in eval mode on purpose (their BatchNorm statistics must not move).
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
@@ -292,14 +296,35 @@ class ClassificationTask(L.LightningModule):
             group["lr"] *= scale
         if self.scheduler_factory is None:
             return optimizer
-        total = int(self.trainer.estimated_stepping_batches)
-        epochs = max(1, self.trainer.max_epochs or 1)
-        if self.trainer.fast_dev_run or total <= 0 or total == float("inf"):
-            epochs = 1
+        total, epochs = self._schedule_length()
         scheduler = self.scheduler_factory(
             optimizer, total_steps=total, steps_per_epoch=max(1, total // epochs)
         )
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+    def _schedule_length(self) -> tuple[int, int]:
+        """(optimizer steps, epochs) the LR schedule spans.
+
+        With `trainer.max_epochs=-1` only `trainer.max_time` (or `max_steps`) ends the fit
+        (`validate` requires one): the schedule is laid out over `OPEN_ENDED_EPOCHS` epochs,
+        and `TimeBudget` moves a cosine's end to the epochs that fit after the first one.
+        """
+        trainer = self.trainer
+        total = trainer.estimated_stepping_batches
+        if trainer.fast_dev_run:
+            return max(1, int(total)), 1
+        if trainer.max_epochs != -1:
+            return max(1, int(total)), max(1, trainer.max_epochs or 1)
+        if trainer.train_dataloader is None:
+            trainer.fit_loop.setup_data()
+        batches = trainer.num_training_batches
+        per_epoch = (
+            1 if math.isinf(batches) else math.ceil(batches / trainer.accumulate_grad_batches)
+        )
+        per_epoch = max(1, per_epoch)
+        if math.isinf(total):
+            total = per_epoch * OPEN_ENDED_EPOCHS
+        return max(1, int(total)), max(1, int(total) // per_epoch)
 
     # ------------------------------------------------------------------ checkpoints
 
