@@ -15,6 +15,7 @@ from conftest import TINY, make_image_folder, run_cli
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from vision_tl.core.errors import ConfigError
 from vision_tl.data import ImageFolderDataModule
 from vision_tl.models import FUSIONS
 from vision_tl.models.backbones import torchvision_cache_path
@@ -240,6 +241,30 @@ def test_resume_from_last_checkpoint(compose_train, image_folder: Path, tmp_path
     assert metrics["epochs"] == 3
     assert torch.load(last, weights_only=True)["epoch"] == 2
     assert len(_scalars(run_dir)["val/acc"]) == 3  # epoch 0 was not trained again
+    # the cosine now spans the 3 epochs: the first run's had ended, at LR 0, with epoch 0
+    lrs = pd.read_csv(run_dir / "history.csv").set_index("epoch")["lr"]
+    assert lrs[0] == 0.0 and lrs[1] > 0.1 * lrs.max() and lrs[2] == 0.0
+
+
+@pytest.mark.integration
+def test_a_resume_its_schedule_cannot_follow_is_refused_before_training(
+    compose_train, image_folder: Path, tmp_path: Path
+) -> None:
+    base = [*TINY, f"data.root={image_folder}", "test=false", "logger=none"]
+    cosine, cycle = tmp_path / "cosine", tmp_path / "cycle"
+    run_training(compose_train([*base, "trainer.max_epochs=1"], cosine))
+    run_training(compose_train([*base, "trainer.max_epochs=1", "scheduler=onecycle"], cycle))
+    refused = [
+        (cosine, ["scheduler=step"], "another LR scheduler than this run's StepLR"),
+        (cycle, ["scheduler=onecycle"], "its OneCycle schedule ends after"),
+    ]
+    for run_dir, extra, message in refused:
+        last = run_dir / "checkpoints" / "last.ckpt"
+        before = last.read_bytes()
+        overrides = [*base, "trainer.max_epochs=2", *extra, f"ckpt_path={last}"]
+        with pytest.raises(ConfigError, match=message):
+            run_training(compose_train(overrides, run_dir))
+        assert last.read_bytes() == before  # the checkpoint it refused is untouched
 
 
 @pytest.mark.integration

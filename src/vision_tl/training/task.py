@@ -29,7 +29,7 @@ from vision_tl.models import build_model
 from vision_tl.training.compat import CHECKPOINT_FORMAT, upgrade_checkpoint
 from vision_tl.training.finetune import build_finetune
 from vision_tl.training.optim import add_param_group
-from vision_tl.training.recipes import backbone_param_groups, build_mixup
+from vision_tl.training.recipes import TimeBudget, backbone_param_groups, build_mixup
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,7 @@ class ClassificationTask(L.LightningModule):
         self.hold_trainable = False
         # The converged probe's chosen settings and search cost (`training.probe`), if any.
         self.probe: dict[str, Any] | None = None
+        self._schedule_plan: tuple[int, int] | None = None  # (steps, epochs) of the LR schedule
         # The backbone's precision when its features were cached: eval and predict match it.
         self.feature_precision = "fp32"
         self.label_smoothing = label_smoothing
@@ -264,6 +265,45 @@ class ClassificationTask(L.LightningModule):
     def on_train_start(self) -> None:
         if self.mixup is not None and self.feature_inputs:
             log.info("Mixup/CutMix not applied: the batches are cached features, not images")
+        if self.trainer.ckpt_path and self._schedule_plan is not None:
+            self._follow_configured_length(*self._schedule_plan)
+
+    def _follow_configured_length(self, total: int, epochs: int) -> None:
+        """A resumed fit ends its LR schedule where this run's config says, not where the
+        checkpoint's did: with a larger `trainer.max_epochs` the restored cosine would
+        otherwise have ended already and the added epochs train at its final LR. Under a
+        time budget the restored horizon stays: `TimeBudget` re-plans it after an epoch."""
+        budgeted = any(isinstance(c, TimeBudget) for c in self.trainer.callbacks)
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            if isinstance(scheduler, torch.optim.lr_scheduler.OneCycleLR):
+                if scheduler.total_steps < total:
+                    raise ConfigError(
+                        f"ckpt_path: its OneCycle schedule ends after {scheduler.total_steps} "
+                        f"steps and cannot stretch to this run's {total}; resume with the "
+                        "trainer.max_epochs it was started with (scheduler=cosine runs extend)"
+                    )
+                continue
+            horizons = [fn for fn in getattr(scheduler, "lr_lambdas", []) if hasattr(fn, "replan")]
+            if budgeted or not horizons or all(fn.total_steps == total for fn in horizons):
+                continue
+            was = horizons[0].total_steps
+            for fn in horizons:
+                fn.total_steps = total
+            lrs = [
+                base * fn(scheduler.last_epoch)
+                for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)
+            ]
+            for group, lr in zip(scheduler.optimizer.param_groups, lrs, strict=True):
+                group["lr"] = lr
+            scheduler._last_lr = lrs
+            log.info(
+                "Resumed: the LR schedule now ends with epoch %d (step %d; the checkpoint's "
+                "ended at step %d)",
+                epochs,
+                total,
+                was,
+            )
 
     def _backbone_groups(
         self, keep: Callable[[torch.nn.Parameter], bool]
@@ -297,6 +337,7 @@ class ClassificationTask(L.LightningModule):
         if self.scheduler_factory is None:
             return optimizer
         total, epochs = self._schedule_length()
+        self._schedule_plan = (total, epochs)
         scheduler = self.scheduler_factory(
             optimizer, total_steps=total, steps_per_epoch=max(1, total // epochs)
         )
@@ -366,6 +407,21 @@ class ClassificationTask(L.LightningModule):
         if meta.get("val_acc_best") is not None:
             self.val_acc_best(torch.tensor(meta["val_acc_best"]))
         self.finetune.resume(self.model, int(checkpoint.get("epoch", 0)))
+        if self._trainer is not None:
+            self._check_resumed_schedule(checkpoint.get("lr_schedulers") or [])
+
+    def _check_resumed_schedule(self, saved: list[dict[str, Any]]) -> None:
+        """Resuming with another `scheduler=` than the run started with would load one
+        scheduler's state into another and fail at its first step, mid-epoch."""
+        if not saved or self.scheduler_factory is None:
+            return
+        probe = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        now = self.scheduler_factory(probe, total_steps=2, steps_per_epoch=1)["scheduler"]
+        if set(now.state_dict()) != set(saved[0]):
+            raise ConfigError(
+                f"ckpt_path: the checkpoint's run used another LR scheduler than this run's "
+                f"{type(now).__name__}; resume with the scheduler= it was started with"
+            )
 
 
 def load_task(ckpt_path: str | Path | None, key: str = "ckpt_path") -> ClassificationTask:
