@@ -11,9 +11,11 @@ from omegaconf import OmegaConf
 
 from vision_tl.core.errors import ConfigError
 from vision_tl.core.validate import violations
+from vision_tl.training.finetune import build_finetune
 from vision_tl.training.optim import cosine_with_warmup
 from vision_tl.training.recipes import build_mixup
 from vision_tl.training.task import ClassificationTask
+from vision_tl.training.train import probe_stage_config
 
 pytestmark = pytest.mark.unit
 
@@ -179,3 +181,19 @@ def test_an_open_ended_fit_needs_something_to_end_it(
         assert (
             len(found) == 1 and found[0].startswith("trainer.max_epochs=-1: ") and error in found[0]
         )
+
+
+def test_an_open_ended_lp_ft_gives_its_probe_stage_the_probe_s_own_length(
+    compose_train, tmp_path
+) -> None:
+    # The time budget bounds the fine-tune stage only: the probe stage, without one, must
+    # not inherit max_epochs=-1 (on images, without the cached-feature search, it would
+    # never end).
+    timed = ["finetune=lp_ft", "trainer.max_epochs=-1", "trainer.max_time=00:00:10:00"]
+    cfg = compose_train(timed, tmp_path)
+    probe = build_finetune(OmegaConf.to_container(cfg.finetune, resolve=True)).probe_stage()
+    stage = probe_stage_config(cfg, {**probe, "epochs": 7})
+    assert stage.trainer.max_time is None and stage.trainer.max_epochs == 7
+    assert stage.finetune.mode == "linear_probe" and violations(stage) == []
+    bounded = compose_train(["finetune=lp_ft", "trainer.max_epochs=4"], tmp_path)
+    assert probe_stage_config(bounded, probe).trainer.max_epochs == 4  # as the run says

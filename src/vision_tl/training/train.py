@@ -151,6 +151,8 @@ def probe_stage_config(cfg: DictConfig, finetune: dict[str, Any]) -> DictConfig:
         stage.predict_input = None
         stage.lr_find = False
         stage.trainer.max_time = None
+        if stage.trainer.get("max_epochs") == -1:  # the budget bounds the fine-tune stage
+            stage.trainer.max_epochs = int(finetune.get("epochs", 10))
         if stage.get("ema") is not None:
             stage.ema.decay = None
     return stage
