@@ -382,6 +382,9 @@ class ClassificationTask(L.LightningModule):
         if self.probe is not None:
             checkpoint["vision_tl"]["probe"] = self.probe
         checkpoint["vision_tl"]["feature_precision"] = self.feature_precision
+        if self._trainer is not None:
+            configs = self.trainer.lr_scheduler_configs
+            checkpoint["vision_tl"]["schedulers"] = [type(c.scheduler).__name__ for c in configs]
 
     def _take_saved_preprocess(self, saved: AnyPreprocess) -> None:
         """Loading for inference: what the run used travels with its weights. Resuming a fit:
@@ -408,19 +411,20 @@ class ClassificationTask(L.LightningModule):
             self.val_acc_best(torch.tensor(meta["val_acc_best"]))
         self.finetune.resume(self.model, int(checkpoint.get("epoch", 0)))
         if self._trainer is not None:
-            self._check_resumed_schedule(checkpoint.get("lr_schedulers") or [])
+            self._check_resumed_schedule(meta.get("schedulers"))
 
-    def _check_resumed_schedule(self, saved: list[dict[str, Any]]) -> None:
+    def _check_resumed_schedule(self, saved: list[str] | None) -> None:
         """Resuming with another `scheduler=` than the run started with would load one
-        scheduler's state into another and fail at its first step, mid-epoch."""
+        scheduler's state into another and fail at its first step, mid-epoch. (Checkpoints
+        written before the names were saved are not checked.)"""
         if not saved or self.scheduler_factory is None:
             return
         probe = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-        now = self.scheduler_factory(probe, total_steps=2, steps_per_epoch=1)["scheduler"]
-        if set(now.state_dict()) != set(saved[0]):
+        now = type(self.scheduler_factory(probe, total_steps=2, steps_per_epoch=1)["scheduler"])
+        if saved[0] != now.__name__:
             raise ConfigError(
-                f"ckpt_path: the checkpoint's run used another LR scheduler than this run's "
-                f"{type(now).__name__}; resume with the scheduler= it was started with"
+                f"ckpt_path: the checkpoint's run used the {saved[0]} LR scheduler, this run "
+                f"{now.__name__}; resume with the scheduler= it was started with"
             )
 
 
