@@ -43,24 +43,29 @@ def _val_nll(task: ClassificationTask, root: Path, state: dict) -> float:
         return float(F.cross_entropy(task(dm.normalize(x)), y))
 
 
+def _train_in_five_minutes(
+    compose_train, monkeypatch: pytest.MonkeyPatch, root: Path, run_dir: Path, extra: list[str]
+) -> dict:
+    """Train with a 300 s `trainer.max_time` whose `TimeBudget` clock reads 80 s later each
+    time: epoch 1 "takes" 80 s, so 3 epochs fit (220 s left x 0.9 margin). Lightning's own
+    timer stays real."""
+    ticks = itertools.count(0, 80)
+    monkeypatch.setattr(TimeBudget, "clock", staticmethod(lambda: float(next(ticks))))
+    budget = [*QUIET, f"data.root={root}", "trainer.max_time=00:00:05:00"]
+    return run_training(compose_train([*budget, *extra], run_dir))
+
+
 def test_ema_mixup_layer_decay_within_a_time_budget(
     compose_train, small_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Every reading of the budget's clock is 80 s later: epoch 1 "takes" 80 s of the 300 s
-    # budget, so 3 epochs fit (220 s left x 0.9 margin). Lightning's own timer stays real.
-    ticks = itertools.count(0, 80)
-    monkeypatch.setattr(TimeBudget, "clock", staticmethod(lambda: float(next(ticks))))
     run_dir = tmp_path / "run"
-    overrides = [
-        *QUIET,
-        f"data.root={small_folder}",
+    recipes = [
         "trainer.max_epochs=20",
-        "trainer.max_time=00:00:05:00",
         "ema.decay=0.9",
         "mixup.prob=1.0",
         "finetune.layer_decay=0.5",
     ]
-    metrics = run_training(compose_train(overrides, run_dir))
+    metrics = _train_in_five_minutes(compose_train, monkeypatch, small_folder, run_dir, recipes)
     assert metrics["planned_epochs"] == 3 and metrics["epochs"] == 3
     history = pd.read_csv(run_dir / "history.csv")
     assert len(history) == 3 and history["lr"].iloc[-1] == 0.0  # cosine ran to its end
@@ -96,17 +101,9 @@ def test_an_open_ended_fit_ends_with_its_time_budget_and_a_finished_schedule(
 ) -> None:
     # trainer.max_epochs=-1: the budget alone sets the length (3 epochs, as above), and the
     # cosine laid out over a provisional horizon is re-planned to end on the last step.
-    ticks = itertools.count(0, 80)
-    monkeypatch.setattr(TimeBudget, "clock", staticmethod(lambda: float(next(ticks))))
     run_dir = tmp_path / "run"
-    overrides = [
-        *QUIET,
-        f"data.root={small_folder}",
-        "trainer.max_epochs=-1",
-        "trainer.max_time=00:00:05:00",
-        "scheduler.warmup_epochs=0",
-    ]
-    metrics = run_training(compose_train(overrides, run_dir))
+    open_ended = ["trainer.max_epochs=-1", "scheduler.warmup_epochs=0"]
+    metrics = _train_in_five_minutes(compose_train, monkeypatch, small_folder, run_dir, open_ended)
     assert metrics["planned_epochs"] == 3 and metrics["epochs"] == 3
     lrs = pd.read_csv(run_dir / "history.csv")["lr"].tolist()
     assert len(lrs) == 3 and lrs[-1] == 0.0 and lrs[0] > lrs[1] > lrs[2]
