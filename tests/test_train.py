@@ -247,24 +247,37 @@ def test_resume_from_last_checkpoint(compose_train, image_folder: Path, tmp_path
 
 
 @pytest.mark.integration
-def test_a_resume_its_schedule_cannot_follow_is_refused_before_training(
+def test_a_resume_that_cannot_continue_its_run_is_refused_before_training(
     compose_train, image_folder: Path, tmp_path: Path
 ) -> None:
     base = [*TINY, f"data.root={image_folder}", "test=false", "logger=none"]
     cosine, cycle = tmp_path / "cosine", tmp_path / "cycle"
     run_training(compose_train([*base, "trainer.max_epochs=1"], cosine))
     run_training(compose_train([*base, "trainer.max_epochs=1", "scheduler=onecycle"], cycle))
-    refused = [
-        (cosine, ["scheduler=step"], "used the LambdaLR LR scheduler, this run StepLR"),
-        (cycle, ["scheduler=onecycle"], "its OneCycle schedule ends after"),
+    four = make_image_folder(tmp_path / "four", classes=("cat", "dog", "fox", "owl"))
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"not a checkpoint" * 64)
+    last = cosine / "checkpoints" / "last.ckpt"
+    refused = [  # (checkpoint, overrides, message); each before the run writes a file
+        (last, ["scheduler=step"], "used the LambdaLR LR scheduler, this run StepLR"),
+        (last, ["model/head=mlp"], "its network is not this run's: model.head"),
+        (last, [f"data.root={four}"], r"trained on the classes \['cat', 'dog', 'fox'\]"),
+        (garbage, [], "not a PyTorch zip archive"),
     ]
-    for run_dir, extra, message in refused:
-        last = run_dir / "checkpoints" / "last.ckpt"
-        before = last.read_bytes()
-        overrides = [*base, "trainer.max_epochs=2", *extra, f"ckpt_path={last}"]
+    kept = [last, cosine / "config.yaml", cosine / "split.csv", cosine / "history.csv"]
+    before = [p.read_bytes() for p in kept]
+    for checkpoint, extra, message in refused:
+        overrides = [*base, "trainer.max_epochs=2", *extra, f"ckpt_path={checkpoint}"]
         with pytest.raises(ConfigError, match=message):
-            run_training(compose_train(overrides, run_dir))
-        assert last.read_bytes() == before  # the checkpoint it refused is untouched
+            run_training(compose_train(overrides, cosine))
+        assert [p.read_bytes() for p in kept] == before  # the run it refused is untouched
+    # A OneCycle schedule cannot stretch to more epochs: refused before the first step.
+    cycle_last = cycle / "checkpoints" / "last.ckpt"
+    saved = cycle_last.read_bytes()
+    stretched = [*base, "trainer.max_epochs=2", "scheduler=onecycle", f"ckpt_path={cycle_last}"]
+    with pytest.raises(ConfigError, match="its OneCycle schedule ends after"):
+        run_training(compose_train(stretched, cycle))
+    assert cycle_last.read_bytes() == saved
 
 
 @pytest.mark.integration

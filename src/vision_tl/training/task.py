@@ -410,22 +410,6 @@ class ClassificationTask(L.LightningModule):
         if meta.get("val_acc_best") is not None:
             self.val_acc_best(torch.tensor(meta["val_acc_best"]))
         self.finetune.resume(self.model, int(checkpoint.get("epoch", 0)))
-        if self._trainer is not None:
-            self._check_resumed_schedule(meta.get("schedulers"))
-
-    def _check_resumed_schedule(self, saved: list[str] | None) -> None:
-        """Resuming with another `scheduler=` than the run started with would load one
-        scheduler's state into another and fail at its first step, mid-epoch. (Checkpoints
-        written before the names were saved are not checked.)"""
-        if not saved or self.scheduler_factory is None:
-            return
-        probe = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-        now = type(self.scheduler_factory(probe, total_steps=2, steps_per_epoch=1)["scheduler"])
-        if saved[0] != now.__name__:
-            raise ConfigError(
-                f"ckpt_path: the checkpoint's run used the {saved[0]} LR scheduler, this run "
-                f"{now.__name__}; resume with the scheduler= it was started with"
-            )
 
 
 def load_task(ckpt_path: str | Path | None, key: str = "ckpt_path") -> ClassificationTask:
@@ -440,10 +424,64 @@ def load_task(ckpt_path: str | Path | None, key: str = "ckpt_path") -> Classific
     try:
         return ClassificationTask.load_from_checkpoint(path, map_location="cpu", weights_only=True)
     except Exception as err:
+        raise _unloadable(path, err) from err
+
+
+def check_resume(ckpt_path: str | Path, task: ClassificationTask) -> None:
+    """Fail in one line, before any training, when `ckpt_path` cannot continue the run
+    `task` starts: unreadable, trained on other classes, or another network. Lightning
+    would stop on a traceback (a size mismatch, an unpickling error) after the setup."""
+    path = Path(ckpt_path).expanduser().resolve()
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise _unloadable(path, err) from err
+    upgrade_checkpoint(checkpoint)
+    saved = checkpoint.get("vision_tl", {}).get("class_names")
+    if saved is not None and list(saved) != list(task.class_names):
         raise ConfigError(
-            f"cannot load checkpoint {path}: {_load_failure(path, err)}; "
-            "expected a .ckpt written by vision_tl.train"
-        ) from err
+            f"ckpt_path={path}: it was trained on the classes {list(saved)}, this data has "
+            f"{list(task.class_names)}; a resumed run needs the same classes"
+        )
+    _check_scheduler(checkpoint.get("vision_tl", {}).get("schedulers"), task.scheduler_factory)
+    theirs, ours = checkpoint.get("state_dict", {}), task.state_dict()
+    differ = [
+        f"{key}: {_shape(theirs.get(key))} in the checkpoint, {_shape(ours.get(key))} here"
+        for key in [*ours, *(k for k in theirs if k not in ours)]
+        if _shape(theirs.get(key)) != _shape(ours.get(key))
+    ]
+    if differ:
+        more = f", and {len(differ) - 1} more" if len(differ) > 1 else ""
+        raise ConfigError(
+            f"ckpt_path={path}: its network is not this run's: {differ[0]}{more}; resume "
+            "with the model= it was trained with"
+        )
+
+
+def _check_scheduler(saved: list[str] | None, factory: Callable[..., Any] | None) -> None:
+    """Resuming with another `scheduler=` than the run started with would load one
+    scheduler's state into another and fail at its first step, mid-epoch. (Checkpoints
+    written before the names were saved are not checked.)"""
+    if not saved or factory is None:
+        return
+    probe = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    now = type(factory(probe, total_steps=2, steps_per_epoch=1)["scheduler"]).__name__
+    if saved[0] != now:
+        raise ConfigError(
+            f"ckpt_path: the checkpoint's run used the {saved[0]} LR scheduler, this run "
+            f"{now}; resume with the scheduler= it was started with"
+        )
+
+
+def _shape(value: Any) -> str:
+    return "absent" if value is None else str(list(getattr(value, "shape", [])))
+
+
+def _unloadable(path: Path, err: Exception) -> ConfigError:
+    return ConfigError(
+        f"cannot load checkpoint {path}: {_load_failure(path, err)}; "
+        "expected a .ckpt written by vision_tl.train"
+    )
 
 
 def _load_failure(path: Path, err: Exception) -> str:

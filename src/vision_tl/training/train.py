@@ -33,7 +33,7 @@ from vision_tl.training.callbacks import (
 from vision_tl.training.distill import build_distillation, distill_report
 from vision_tl.training.distributed import use_hydra_rank_command
 from vision_tl.training.recipes import TimeBudget, build_ema, find_lr, lr_find_skip_reason
-from vision_tl.training.task import ClassificationTask
+from vision_tl.training.task import ClassificationTask, check_resume
 
 log = logging.getLogger(__name__)
 
@@ -203,15 +203,10 @@ def _train(cfg: DictConfig, predict: PredictFn | None) -> tuple[dict[str, Any], 
     main_process = rank_zero_only.rank == 0
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
-    if main_process:
-        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
 
     datamodule: ImageFolderDataModule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
-    if main_process:
-        datamodule.split_frame().to_csv(run_dir / "split.csv", index=False)
-    datamodule.write_bad_files(run_dir / "bad_files.csv", write=main_process)
 
     task = ClassificationTask(
         model=OmegaConf.to_container(cfg.model, resolve=True),
@@ -227,6 +222,13 @@ def _train(cfg: DictConfig, predict: PredictFn | None) -> tuple[dict[str, Any], 
     datamodule.set_preprocess(task.preprocess)  # resolved once, by the task
     task.distill = build_distillation(cfg.get("distill"), task.class_names, task.preprocess)
     log.info("Preprocess: %s", task.preprocess)
+    if cfg.get("ckpt_path"):
+        check_resume(cfg.ckpt_path, task)
+    # Only now, with everything checked: a refused resume leaves its run's files as they were.
+    if main_process:
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+        datamodule.split_frame().to_csv(run_dir / "split.csv", index=False)
+    datamodule.write_bad_files(run_dir / "bad_files.csv", write=main_process)
     stages: list[L.Callback] = []
     probe = task.finetune.probe_stage()
     if probe is not None:
