@@ -12,9 +12,9 @@ from omegaconf import OmegaConf
 from vision_tl.core.errors import ConfigError
 from vision_tl.core.validate import violations
 from vision_tl.training.finetune import build_finetune
-from vision_tl.training.optim import cosine_with_warmup
+from vision_tl.training.optim import cosine_with_warmup, step_lr
 from vision_tl.training.recipes import build_mixup
-from vision_tl.training.task import ClassificationTask
+from vision_tl.training.task import ClassificationTask, _check_scheduler
 from vision_tl.training.train import probe_stage_config
 
 pytestmark = pytest.mark.unit
@@ -197,3 +197,18 @@ def test_an_open_ended_lp_ft_gives_its_probe_stage_the_probe_s_own_length(
     assert stage.finetune.mode == "linear_probe" and violations(stage) == []
     bounded = compose_train(["finetune=lp_ft", "trainer.max_epochs=4"], tmp_path)
     assert probe_stage_config(bounded, probe).trainer.max_epochs == 4  # as the run says
+
+
+def test_a_resume_keeps_the_scheduler_its_checkpoint_records() -> None:
+    cosine = partial(cosine_with_warmup, warmup_epochs=1)
+    _check_scheduler(None, cosine)  # written before checkpoints recorded it: not checked
+    _check_scheduler(["LambdaLR"], cosine)
+    _check_scheduler([], None)
+    refused = [
+        ([], cosine, "used no LR scheduler, this run LambdaLR"),
+        (["LambdaLR"], None, "used the LambdaLR LR scheduler, this run none"),
+        (["LambdaLR"], partial(step_lr), "used the LambdaLR LR scheduler, this run StepLR"),
+    ]
+    for saved, factory, message in refused:
+        with pytest.raises(ConfigError, match=message):
+            _check_scheduler(saved, factory)

@@ -460,16 +460,19 @@ def check_resume(ckpt_path: str | Path, task: ClassificationTask) -> None:
 
 def _check_scheduler(saved: list[str] | None, factory: Callable[..., Any] | None) -> None:
     """Resuming with another `scheduler=` than the run started with would load one
-    scheduler's state into another and fail at its first step, mid-epoch. (Checkpoints
-    written before the names were saved are not checked.)"""
-    if not saved or factory is None:
+    scheduler's state into another and fail at its first step, mid-epoch, or silently drop
+    or restart the schedule. (Checkpoints written before the names were saved: unchecked.)"""
+    if saved is None:
         return
-    probe = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    now = type(factory(probe, total_steps=2, steps_per_epoch=1)["scheduler"]).__name__
-    if saved[0] != now:
+    now = None
+    if factory is not None:
+        probe = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        now = type(factory(probe, total_steps=2, steps_per_epoch=1)["scheduler"]).__name__
+    was = saved[0] if saved else None
+    if was != now:
         raise ConfigError(
-            f"ckpt_path: the checkpoint's run used the {saved[0]} LR scheduler, this run "
-            f"{now}; resume with the scheduler= it was started with"
+            f"ckpt_path: the checkpoint's run used {f'the {was}' if was else 'no'} LR scheduler, "
+            f"this run {now or 'none'}; resume with the scheduler= it was started with"
         )
 
 
