@@ -212,3 +212,11 @@ def test_a_resume_keeps_the_scheduler_its_checkpoint_records() -> None:
     for saved, factory, message in refused:
         with pytest.raises(ConfigError, match=message):
             _check_scheduler(saved, factory)
+
+
+def test_a_task_with_one_class_is_refused_in_one_line() -> None:
+    # A folder with one usable class folder (the others empty or unreadable) would fail
+    # inside torchmetrics with a traceback.
+    with pytest.raises(ConfigError, match=r"^one class to learn \(owl\); a classifier needs"):
+        ClassificationTask(SPEC, ["owl"])
+    assert ClassificationTask(SPEC, ["owl", "lark"]).class_names == ["owl", "lark"]

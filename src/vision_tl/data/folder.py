@@ -224,11 +224,6 @@ def scan_root(
             per_split["train"], val_fraction, seed
         )
     class_names = sorted(per_split["train"])
-    if len(class_names) < 2:
-        raise ConfigError(
-            f"only one class ({class_names[0]}) with usable images in {where}; a classifier "
-            "needs at least two class folders"
-        )
     index = {name: i for i, name in enumerate(class_names)}
     result = SplitSamples(class_names, bad=bad, ignored=ignored, scan=report)
     for split in SPLITS:

@@ -82,6 +82,11 @@ class ClassificationTask(L.LightningModule):
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.class_names = list(class_names)
         num_classes = len(self.class_names)
+        if num_classes < 2:
+            raise ConfigError(
+                f"one class to learn ({', '.join(self.class_names) or 'none'}); a classifier "
+                "needs images in at least two class folders"
+            )
         pretrained = load_pretrained and bool(model.get("pretrained", True))
         self.model = build_model(model, num_classes, pretrained=pretrained)
         self.finetune = build_finetune(finetune)
