@@ -434,8 +434,9 @@ def load_task(ckpt_path: str | Path | None, key: str = "ckpt_path") -> Classific
 
 def check_resume(ckpt_path: str | Path, task: ClassificationTask) -> None:
     """Fail in one line, before any training, when `ckpt_path` cannot continue the run
-    `task` starts: unreadable, trained on other classes, or another network. Lightning
-    would stop on a traceback (a size mismatch, an unpickling error) after the setup."""
+    `task` starts: unreadable, trained on other classes, another LR scheduler or another
+    network. Lightning would stop on a traceback (a size mismatch, an unpickling error)
+    after the setup, or silently change the schedule."""
     path = Path(ckpt_path).expanduser().resolve()
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
