@@ -107,7 +107,6 @@ class ClassificationTask(L.LightningModule):
         self.hold_trainable = False
         # The converged probe's chosen settings and search cost (`training.probe`), if any.
         self.probe: dict[str, Any] | None = None
-        self._schedule_plan: tuple[int, int] | None = None  # (steps, epochs) of the LR schedule
         # The backbone's precision when its features were cached: eval and predict match it.
         self.feature_precision = "fp32"
         self.label_smoothing = label_smoothing
@@ -270,8 +269,8 @@ class ClassificationTask(L.LightningModule):
     def on_train_start(self) -> None:
         if self.mixup is not None and self.feature_inputs:
             log.info("Mixup/CutMix not applied: the batches are cached features, not images")
-        if self.trainer.ckpt_path and self._schedule_plan is not None:
-            self._follow_configured_length(*self._schedule_plan)
+        if self.trainer.ckpt_path and self.scheduler_factory is not None:
+            self._follow_configured_length(*self._schedule_length())
 
     def _follow_configured_length(self, total: int, epochs: int) -> None:
         """A resumed fit ends its LR schedule where this run's config says, not where the
@@ -342,7 +341,6 @@ class ClassificationTask(L.LightningModule):
         if self.scheduler_factory is None:
             return optimizer
         total, epochs = self._schedule_length()
-        self._schedule_plan = (total, epochs)
         scheduler = self.scheduler_factory(
             optimizer, total_steps=total, steps_per_epoch=max(1, total // epochs)
         )
@@ -438,18 +436,19 @@ def check_resume(ckpt_path: str | Path, task: ClassificationTask) -> None:
     network. Lightning would stop on a traceback (a size mismatch, an unpickling error)
     after the setup, or silently change the schedule."""
     path = Path(ckpt_path).expanduser().resolve()
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    try:  # memory-mapped: only shapes are compared, the fit reads the weights
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:
         raise _unloadable(path, err) from err
     upgrade_checkpoint(checkpoint)
-    saved = checkpoint.get("vision_tl", {}).get("class_names")
+    meta = checkpoint.get("vision_tl", {})
+    saved = meta.get("class_names")
     if saved is not None and list(saved) != list(task.class_names):
         raise ConfigError(
             f"ckpt_path={path}: it was trained on the classes {list(saved)}, this data has "
             f"{list(task.class_names)}; a resumed run needs the same classes"
         )
-    _check_scheduler(checkpoint.get("vision_tl", {}).get("schedulers"), task.scheduler_factory)
+    _check_scheduler(meta.get("schedulers"), task.scheduler_factory)
     theirs, ours = checkpoint.get("state_dict", {}), task.state_dict()
     differ = [
         f"{key}: {_shape(theirs.get(key))} in the checkpoint, {_shape(ours.get(key))} here"

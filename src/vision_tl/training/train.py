@@ -152,7 +152,7 @@ def probe_stage_config(cfg: DictConfig, finetune: dict[str, Any]) -> DictConfig:
         stage.lr_find = False
         stage.trainer.max_time = None
         if stage.trainer.get("max_epochs") == -1:  # the budget bounds the fine-tune stage
-            stage.trainer.max_epochs = int(finetune.get("epochs", 10))
+            stage.trainer.max_epochs = int(finetune["epochs"])
         if stage.get("ema") is not None:
             stage.ema.decay = None
     return stage
