@@ -177,6 +177,12 @@ def plain_loop(split_csv: Path, epochs: int, batch_size: int, workers: int, seed
     return plain_fit(backbone, head, train, val, epochs)
 
 
+def accuracy_bar(previous_default: float, hand_grid: float) -> float:
+    """The issue's bar: the better of the previous default - 0.3 points and the hand grid
+    - 0.5 points."""
+    return max(previous_default - 0.003, hand_grid - 0.005)
+
+
 def bench_dataset(name: str, work: Path, args: argparse.Namespace, workers: int, seed: int) -> dict:
     data = data_overrides(name, work, args.per_class)
     common = ["finetune=linear_probe", f"data.num_workers={workers}", f"seed={seed}"]
@@ -194,7 +200,7 @@ def bench_dataset(name: str, work: Path, args: argparse.Namespace, workers: int,
             plain_loop, split_csv, args.plain_epochs, args.batch_size, workers, seed
         )
     probe = new["probe"]
-    bar = max(old["best_val_acc"] - 0.003, grid["best_setting_last_epoch"]["last"] - 0.005)
+    bar = accuracy_bar(old["best_val_acc"], grid["best_setting_last_epoch"]["last"])
     return {
         "images": {s: int((pd.read_csv(split_csv)["split"] == s).sum()) for s in ("train", "val")},
         "wall_s": {
@@ -234,7 +240,7 @@ def over_seeds(runs: dict[int, dict]) -> dict:
     mean = {
         side: round(sum(r["val_acc"][side] for r in runs.values()) / len(runs), 4) for side in sides
     }
-    bar = max(mean["previous_default"] - 0.003, mean["hand_grid_best_setting"] - 0.005)
+    bar = accuracy_bar(mean["previous_default"], mean["hand_grid_best_setting"])
     return {
         "per_seed": runs,
         "mean_val_acc": mean,
