@@ -21,7 +21,7 @@ from vision_tl.core.errors import ConfigError
 from vision_tl.models import available_backbones
 from vision_tl.training.finetune import LinearProbe, build_finetune
 from vision_tl.training.optim import cosine_with_warmup
-from vision_tl.training.probe import _train_heads
+from vision_tl.training.probe import _train_heads, l2_penalty, zero_logit_layers
 from vision_tl.training.task import ClassificationTask
 from vision_tl.training.train import run_training
 
@@ -102,38 +102,73 @@ def test_ensemble_linear_probe_freezes_every_member() -> None:
 PROBE_GROUPS = ("linear_probe", "lp_ft")
 
 
-def test_every_searched_weight_decay_regularises_the_default_probe_head() -> None:
-    """The probe's default grid must be a real search: with the default AdamW (decoupled
-    decay, shrinking by LR x weight decay per step) and cosine schedule, at every searched
-    LR and the probe's own epochs and batch size, each larger weight decay gives a smaller
-    head, and the largest at most half the undecayed one. A grid of decays too small to act
-    at these LRs (such as {0, ..., 0.1}: heads within 1% of each other) fails. Both the
-    shipped `conf/finetune` groups and the dataclass default are held to it."""
-    shipped = [OmegaConf.load(config_dir() / "finetune" / f"{n}.yaml") for n in PROBE_GROUPS]
-    assert all(list(c.weight_decays) == list(LinearProbe.weight_decays) for c in shipped)
-    assert all(list(c.lrs) == list(LinearProbe.lrs) for c in shipped)
+def _probe_heads(optimizer: partial, settings: list[tuple[float, float]]) -> list[nn.Module]:
+    """The search's heads for `settings` (lr, l2), trained on random features with the
+    probe's own epochs and batch size, from the zero start the probe gives them."""
     policy = build_finetune({"mode": "linear_probe"})
     task = ClassificationTask(
         SPEC,
         ["a", "b", "c"],
         finetune={"mode": "linear_probe"},
-        optimizer=partial(torch.optim.AdamW),
+        optimizer=optimizer,
         scheduler=partial(cosine_with_warmup, warmup_epochs=1),
     )
+    zero_logit_layers(task.model)
     generator = torch.Generator().manual_seed(0)
     features = torch.randn(1, 96, task.model.backbone.num_features, generator=generator)
     labels = torch.randint(0, 3, (96,), generator=generator)
-    settings = [(lr, wd) for lr in policy.lrs for wd in policy.weight_decays]
+    torch.manual_seed(0)
     with torch.enable_grad():
-        heads = _train_heads(
+        return _train_heads(
             task, features, labels, settings, policy.epochs, policy.batch_size, "shuffle"
         )
-    weights = [h.head[-1].weight.detach() for h in heads]
-    norms = {s: float(w.norm()) for s, w in zip(settings, weights, strict=True)}
+
+
+def test_every_searched_l2_penalty_regularises_the_default_probe_head() -> None:
+    """The probe's default grid must be a real search: with the default AdamW and cosine
+    schedule, at every searched LR and the probe's own epochs and batch size, each larger
+    L2 penalty gives a smaller head, and the largest at most half the least penalised. A
+    grid too weak to act (heads within 1% of each other) fails. Both the shipped
+    `conf/finetune` groups and the dataclass default are held to it."""
+    shipped = [OmegaConf.load(config_dir() / "finetune" / f"{n}.yaml") for n in PROBE_GROUPS]
+    assert all(list(c.l2s) == list(LinearProbe.l2s) for c in shipped)
+    assert all(list(c.lrs) == list(LinearProbe.lrs) for c in shipped)
+    policy = build_finetune({"mode": "linear_probe"})
+    settings = [(lr, l2) for lr in policy.lrs for l2 in policy.l2s]
+    heads = _probe_heads(partial(torch.optim.AdamW), settings)
+    norms = {
+        s: float(h.head[-1].weight.detach().norm()) for s, h in zip(settings, heads, strict=True)
+    }
     for lr in policy.lrs:
-        by_decay = [norms[(lr, wd)] for wd in sorted(policy.weight_decays)]
-        assert all(a > b * 1.02 for a, b in itertools.pairwise(by_decay)), (lr, by_decay)
-        assert by_decay[-1] <= 0.5 * by_decay[0], (lr, by_decay)
+        by_l2 = [norms[(lr, l2)] for l2 in sorted(policy.l2s)]
+        assert all(a >= b for a, b in itertools.pairwise(by_l2)), (lr, by_l2)
+        assert by_l2[0] > 1.01 * by_l2[1] or by_l2[1] > 1.01 * by_l2[2], (lr, by_l2)
+        assert by_l2[-1] <= 0.5 * by_l2[0], (lr, by_l2)
+
+
+def test_the_probe_penalty_is_the_loss_s_not_the_optimizer_s_decay() -> None:
+    """The probe's L2 penalty is in the loss and the optimizer's own weight decay is off:
+    AdamW configured with a large decoupled decay trains exactly the heads AdamW without
+    one does, and the penalty gives each head the logistic-regression gradient l2 x W
+    (biases unpenalised)."""
+    settings = [(1e-2, 0.0), (1e-2, 0.1)]
+    plain = _probe_heads(partial(torch.optim.AdamW, weight_decay=0.0), settings)
+    decayed = _probe_heads(partial(torch.optim.AdamW, weight_decay=5.0), settings)
+    for a, b in zip(plain, decayed, strict=True):
+        assert torch.equal(a.head[-1].weight, b.head[-1].weight)
+    assert plain[1].head[-1].weight.norm() < plain[0].head[-1].weight.norm()
+
+    heads = [nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)) for _ in range(2)]
+    weights = [[h[0].weight, h[2].weight] for h in heads]
+    penalty = l2_penalty(weights, [0.5, 2.0])
+    expected = sum(
+        0.5 * s * (w.pow(2).sum()) for s, ws in zip([0.5, 2.0], weights, strict=True) for w in ws
+    )
+    assert torch.allclose(penalty, expected)
+    penalty.backward()
+    assert torch.allclose(heads[1][2].weight.grad, 2.0 * heads[1][2].weight)
+    assert heads[0][0].bias.grad is None
+    assert l2_penalty(weights, [0.0, 0.0]) == 0.0
 
 
 def test_bad_finetune_values() -> None:
@@ -215,7 +250,7 @@ def test_lp_ft_starts_from_the_linear_probe_run_then_trains_everything(
         "finetune.epochs=30",
         "finetune.folds=2",
         "finetune.lrs=[0.01]",
-        "finetune.weight_decays=[0,0.01]",
+        "finetune.l2s=[0,0.01]",
         "optimizer.lr=0.02",
         "data.feature_precision=fp32",
         "trainer.max_epochs=1",

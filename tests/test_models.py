@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vision_tl.core.errors import ConfigError
@@ -22,6 +23,7 @@ from vision_tl.models import (
     build_head,
     build_model,
 )
+from vision_tl.training.probe import zero_logit_layers
 
 TIMM_MODELS = ["timm/tf_efficientnet_lite0", "timm/resnet18", "timm/test_convnext", "timm/test_vit"]
 REQUIRED = {
@@ -151,3 +153,27 @@ def test_ensemble_members_keep_their_own_preprocessing() -> None:
 def test_ensemble_rejects_unknown_fusion() -> None:
     with pytest.raises(ConfigError, match="unknown fusion 'vote'"):
         build_model({"members": ["resnet18", "resnet18"], "fusion": "vote"}, 2, False)
+
+
+ZERO_START = [
+    *({"backbone": {"name": "resnet18"}, "head": {"name": h}} for h in HEADS.names()),
+    *({"members": ["resnet18", "resnet18"], "fusion": f} for f in FUSIONS.names()),
+]
+
+
+@pytest.mark.parametrize("spec", ZERO_START, ids=lambda s: s.get("fusion") or s["head"]["name"])
+def test_the_probe_s_zero_start_gives_every_class_the_same_score_and_still_learns(
+    spec: dict,
+) -> None:
+    """`logit_layers` are exactly the layers the class scores come out of, for every head
+    and fusion: zeroed, no input reaches the scores (every class equally likely), and the
+    first step's gradient still reaches each of them (zeroing one layer too many would
+    leave the head stuck at zero)."""
+    model = build_model(spec, num_classes=3, pretrained=False).eval()
+    zero_logit_layers(model)
+    dim = sum(b.num_features for b in model.backbones())
+    logits = model.classify_features(torch.randn(5, dim))
+    torch.testing.assert_close(logits.softmax(1), torch.full((5, 3), 1 / 3))
+    F.cross_entropy(logits, torch.tensor([0, 1, 2, 0, 1])).backward()
+    for layer in model.logit_layers():
+        assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0

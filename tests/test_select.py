@@ -20,7 +20,7 @@ FAST = [
     "finetune.folds=2",
     "finetune.batch_size=8",
     "finetune.lrs=[0.01]",
-    "finetune.weight_decays=[0,0.01]",
+    "finetune.l2s=[0,0.01]",
 ]
 
 

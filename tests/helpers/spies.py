@@ -15,8 +15,9 @@ class RunSpy(L.Callback):
     """Write `spy.json` into the run dir: backbone forward calls during fit (after the
     feature cache was built), the autocast state inside the backbone, the trainer's precision,
     the loss function's class weights; and what the fit starts from: the val accuracy of the
-    model as handed to the training loop, the optimizer groups' LRs, which backbone
-    parameters train, and whether BatchNorm statistics and backbone weights moved."""
+    model as handed to the training loop, the optimizer groups' LRs and weight decays, the
+    largest value in the layers that give the class scores, which backbone parameters
+    train, and whether BatchNorm statistics and backbone weights moved."""
 
     def __init__(self) -> None:
         self.calls = 0
@@ -50,6 +51,10 @@ class RunSpy(L.Callback):
         self.start = {
             "val_acc": self._val_accuracy(trainer, pl_module),
             "group_lrs": [g.get("initial_lr", g["lr"]) for g in trainer.optimizers[0].param_groups],
+            "group_weight_decays": [g["weight_decay"] for g in trainer.optimizers[0].param_groups],
+            "logit_layers_abs_max": max(
+                float(p.abs().max()) for m in pl_module.model.logit_layers() for p in m.parameters()
+            ),
             "backbone_trainable": sum(p.requires_grad for p in backbone_params),
             "backbone_tensors": len(backbone_params),
         }

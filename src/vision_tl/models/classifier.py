@@ -60,6 +60,11 @@ class Classifier(nn.Module):
         """Logits from `features(x)`; `forward(x)` is exactly this composition."""
         raise NotImplementedError
 
+    def logit_layers(self) -> list[nn.Linear]:
+        """The Linear layers whose outputs are the class scores: what the converged probe
+        starts at zero (`training.probe.zero_logit_layers`)."""
+        raise NotImplementedError
+
     def member_logits(self, features: torch.Tensor) -> list[torch.Tensor]:
         """Each ensemble member's class scores within the fused model, from `features(x)`,
         where the fusion can split them out (`fusions`; none for a single backbone)."""
@@ -89,6 +94,9 @@ class ImageClassifier(Classifier):
 
     def classify_features(self, features: torch.Tensor) -> torch.Tensor:
         return self.head(features)
+
+    def logit_layers(self) -> list[nn.Linear]:
+        return last_linear(self.head)
 
 
 class EnsembleClassifier(Classifier):
@@ -122,6 +130,12 @@ class EnsembleClassifier(Classifier):
     def classify_features(self, features: torch.Tensor) -> torch.Tensor:
         return self.fusion(self._split(features))
 
+    def logit_layers(self) -> list[nn.Linear]:
+        """The fusion's own `logit_layers()` where it has several (`mean`), else its last
+        Linear."""
+        layers = getattr(self.fusion, "logit_layers", None)
+        return layers() if layers is not None else last_linear(self.fusion)
+
     def member_logits(self, features: torch.Tensor) -> list[torch.Tensor]:
         if not getattr(self.fusion, "per_member", False):
             return []
@@ -132,6 +146,12 @@ class EnsembleClassifier(Classifier):
             return []
         names = [m.name for m in self.members]
         return [n if names.count(n) == 1 else f"{n}#{i}" for i, n in enumerate(names)]
+
+
+def last_linear(module: nn.Module) -> list[nn.Linear]:
+    """The last `nn.Linear` of `module` in registration order (none: empty): the layer a
+    head's class scores come out of when its layers run in order."""
+    return [m for m in module.modules() if isinstance(m, nn.Linear)][-1:]
 
 
 def _member_spec(member: str | Mapping[str, Any], default_weights: str | None) -> dict:

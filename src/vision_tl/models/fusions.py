@@ -98,6 +98,10 @@ class MeanFusion(nn.Module):
         """Each member's own head: a classifier in its own right."""
         return [head(f) for f, head in zip(features, self.heads, strict=True)]
 
+    def logit_layers(self) -> list[nn.Linear]:
+        """Every member's head gives class scores (the default would be the last one only)."""
+        return list(self.heads)
+
 
 def build_fusion(
     name: str, dims: Sequence[int], num_classes: int, head: Mapping[str, Any] | None = None

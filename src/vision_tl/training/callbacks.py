@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from vision_tl.core.errors import ConfigError
 from vision_tl.data.datamodule import ImageFolderDataModule
 from vision_tl.data.features import CachedFeatures
-from vision_tl.training.probe import ProbeGrid, one_thread, search_probe
+from vision_tl.training.probe import ProbeGrid, one_thread, search_probe, zero_logit_layers
 
 log = logging.getLogger(__name__)
 
@@ -83,12 +83,14 @@ class FeatureCache(L.Callback):
         the head to convergence with them: the policy's epochs and batch size, one
         validation at the end (so the val split picks no epoch either)."""
         policy = pl_module.finetune
-        grid = ProbeGrid(policy.lrs, policy.weight_decays, policy.epochs, policy.folds)
+        grid = ProbeGrid(policy.lrs, policy.l2s, policy.epochs, policy.folds)
         dm.batch_size = policy.batch_size
+        zero_logit_layers(pl_module.model)
         result = search_probe(pl_module, features, grid, dm.batch_size, dm.sampler)
         pl_module.optimizer_factory = functools.partial(
-            pl_module.optimizer_factory, lr=result.lr, weight_decay=result.weight_decay
+            pl_module.optimizer_factory, lr=result.lr, weight_decay=0.0
         )
+        pl_module.penalise_head(result.l2)
         pl_module.probe = result.as_dict()
         trainer.fit_loop.max_epochs = result.epochs
         trainer.check_val_every_n_epoch = result.epochs

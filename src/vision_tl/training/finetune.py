@@ -112,9 +112,9 @@ class Full(FinetunePolicy):
 class LinearProbe(FinetunePolicy):
     """Frozen backbone (BatchNorm in eval mode); only the head trains.
 
-    With `search` on and the features cached, the head's LR, weight decay and views are
-    chosen by `folds`-fold cross-validation on the training split over `lrs` x
-    `weight_decays`, and the head then trains `epochs` epochs in batches of `batch_size`
+    With `search` on and the features cached, the head's LR, L2 penalty and views are
+    chosen by `folds`-fold cross-validation on the training split over `lrs` x `l2s`,
+    and the head then trains `epochs` epochs in batches of `batch_size`
     (`vision_tl.training.probe`).
     """
 
@@ -122,12 +122,12 @@ class LinearProbe(FinetunePolicy):
     epochs: int = 100
     batch_size: int = 256
     lrs: tuple[float, ...] = (1e-3, 1e-2)
-    weight_decays: tuple[float, ...] = (0.0, 1.0, 3.0, 10.0, 30.0)
+    l2s: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
     folds: int = 3
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("lrs", "weight_decays"):
+        for name in ("lrs", "l2s"):
             values = tuple(float(v) for v in getattr(self, name))
             if not values or min(values) < 0:
                 raise ConfigError(f"finetune.{name} must list values >= 0, got {list(values)}")

@@ -1,16 +1,25 @@
 """The converged linear probe: its settings chosen on the training split, never on val.
 
 On cached features one epoch of a linear head costs milliseconds, so rather than one
-fixed LR and a few epochs, a small grid (learning rate x weight decay, and with or without
+fixed LR and a few epochs, a small grid (learning rate x L2 penalty, and with or without
 the cached augmented views when the augmentation is random) is trained for the probe's
 full number of epochs on k-1 stratified folds of the training split and scored on the
-held-out fold. The setting chosen by the one-standard-error rule (`choose`) then trains
-the head on the whole training split, in the ordinary Lightning fit. The val split is never
-read here, so the val accuracy a run reports stays an honest estimate.
+held-out fold.
+
+The penalty is the standard linear evaluation's: L2-regularised multinomial logistic
+regression, cross-entropy + l2/2 x the squared norm of the head's weights (`l2_penalty`), in
+the loss. The objective is then the same whatever `optimizer=` runs it; the optimizer's
+own weight decay is off for the probe (AdamW's decoupled decay has no such objective, and
+means something else for Adam or SGD).
+
+The setting chosen by the one-standard-error rule (`choose`) then trains the head on the
+whole training split, in the ordinary Lightning fit. The val split is never read here, so
+the val accuracy a run reports stays an honest estimate.
 
 Each candidate trains exactly as the fit will: the run's optimizer and scheduler
 (`optimizer.*` other than LR and weight decay, `scheduler.*`), batch size, sampler, loss
-(label smoothing, class weights) and one random cached view per image per epoch.
+(label smoothing, class weights, the L2 penalty) and one random cached view per image per
+epoch.
 """
 
 from __future__ import annotations
@@ -46,7 +55,7 @@ class ProbeGrid:
     """What the search tries, for how many epochs, on how many folds."""
 
     lrs: Sequence[float]
-    weight_decays: Sequence[float]
+    l2s: Sequence[float]
     epochs: int
     folds: int
 
@@ -56,7 +65,7 @@ class ProbeResult:
     """The chosen setting, every candidate's held-out score, and what the search cost."""
 
     lr: float
-    weight_decay: float
+    l2: float  # the head's L2 penalty (`l2_penalty`); the optimizer's weight decay is 0
     views: str  # "augmented" (the cached random views) or "eval" (the eval transform only)
     epochs: int
     folds: int
@@ -88,6 +97,41 @@ def _head_copy(model: Classifier) -> Classifier:
     return copy.deepcopy(model, memo).train()
 
 
+@torch.no_grad()
+def zero_logit_layers(model: Classifier) -> None:
+    """Start the layers that give the class scores at zero, as logistic regression and BiT's
+    heads do. The probe's objective is convex, so its optimum does not depend on where it
+    starts; but on a small set 100 full-batch steps do not get there, and a random start
+    left its trace in what the search chose and what the fit reached, seed by seed."""
+    for layer in model.logit_layers():
+        layer.weight.zero_()
+        if layer.bias is not None:
+            layer.bias.zero_()
+
+
+def penalised(model: Classifier) -> list[torch.Tensor]:
+    """What the probe's L2 penalty acts on: the head's trainable weight matrices (biases are
+    not penalised, as in logistic regression). Gathered once per fit: walking the model's
+    parameters costs more than a head's step."""
+    return [p for p in model.head_parameters() if p.requires_grad and p.ndim > 1]
+
+
+def l2_penalty(
+    weights: Sequence[Sequence[torch.Tensor]], strengths: Sequence[float]
+) -> torch.Tensor | float:
+    """The sum over heads of strength/2 x the squared norm of their `penalised` weights,
+    added to the loss. The heads' matching layers are stacked, so the search's many heads
+    cost a few ops per step rather than a few per head (on CPU these small ops are what a
+    step costs)."""
+    if not any(strengths):
+        return 0.0
+    scale = 0.5 * torch.tensor(strengths, dtype=torch.float32)
+    total: torch.Tensor | float = 0.0
+    for layer in zip(*weights, strict=True):
+        total = total + (torch.stack(layer).float().pow(2).flatten(1).sum(1) * scale).sum()
+    return total
+
+
 def _batches(
     labels: torch.Tensor, views: int, batch_size: int, sampler_kind: str, num_classes: int
 ) -> BatchSampler:
@@ -107,15 +151,16 @@ def _train_heads(
     sampler_kind: str,
     teacher_columns: int = 0,
 ) -> list[Classifier]:
-    """Train one head per (lr, weight_decay) on rows `x` (views x n x dim), side by side:
-    every head sees the same batches. Rows ending in `teacher_columns` cached teacher
+    """Train one head per (lr, l2) on rows `x` (views x n x dim), side by side: every
+    head sees the same batches. Rows ending in `teacher_columns` cached teacher
     logits train with the run's distillation loss."""
     models = [_head_copy(task.model) for _ in settings]
     groups = [
-        {"params": [p for p in m.head_parameters() if p.requires_grad], "lr": lr, "weight_decay": d}
-        for m, (lr, d) in zip(models, settings, strict=True)
+        {"params": [p for p in m.head_parameters() if p.requires_grad], "lr": lr, "weight_decay": 0}
+        for m, (lr, _) in zip(models, settings, strict=True)
     ]
     optimizer = task.optimizer_factory(params=groups)
+    weights, strengths = [penalised(m) for m in models], [l2 for _, l2 in settings]
     num_classes = len(task.class_names)
     views, n = x.shape[0], x.shape[1]
     flat = x.reshape(views * n, -1)
@@ -140,6 +185,7 @@ def _train_heads(
                 if teacher is not None:
                     task_loss = task.distill.loss(task_loss, logits, teacher)
                 loss = loss + task_loss
+            loss = loss + l2_penalty(weights, strengths)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -158,12 +204,12 @@ def split_columns(x: torch.Tensor, columns: int) -> tuple[torch.Tensor, torch.Te
 def choose(candidates: list[dict[str, Any]], n: int) -> dict[str, Any]:
     """The one-standard-error rule: of the candidates whose held-out accuracy is within one
     standard error of the best, the most regularised (the cached augmented views, then the
-    larger weight decay, then the smaller LR). On a few hundred images, held-out accuracies
+    larger L2 penalty, then the smaller LR). On a few hundred images, held-out accuracies
     a couple of images apart are noise; this picks the setting least likely to overfit."""
     top = max(c["holdout_acc"] for c in candidates)
     se = math.sqrt(top * (1 - top) / max(n, 1))
     tied = [c for c in candidates if c["holdout_acc"] >= top - se - 1e-9]
-    return min(tied, key=lambda c: (c["views"] != "augmented", -c["weight_decay"], c["lr"]))
+    return min(tied, key=lambda c: (c["views"] != "augmented", -c["l2"], c["lr"]))
 
 
 @torch.no_grad()
@@ -181,7 +227,7 @@ def search_probe(
     batch_size: int,
     sampler_kind: str,
 ) -> ProbeResult:
-    """Choose the probe's LR, weight decay and views by k-fold cross-validation on the
+    """Choose the probe's LR, L2 penalty and views by k-fold cross-validation on the
     training split of `features` (its val split is never read)."""
     start = time.perf_counter()
     columns = features.teacher_columns
@@ -200,9 +246,9 @@ def search_probe(
             "finetune.search needs at least 2 training images in every class to hold one "
             "out; set finetune.search=false"
         )
-    settings = list(itertools.product(grid.lrs, grid.weight_decays))
+    settings = list(itertools.product(grid.lrs, grid.l2s))
     scores: dict[tuple[str, float, float], list[tuple[float, float]]] = {
-        (v, lr, wd): [] for v in options for lr, wd in settings
+        (v, lr, l2): [] for v in options for lr, l2 in settings
     }
     splitter = StratifiedKFold(folds, shuffle=True, random_state=SEARCH_SEED)
     with one_thread(), torch.random.fork_rng(devices=[]), torch.enable_grad():
@@ -221,24 +267,24 @@ def search_probe(
                     columns,
                 )
                 held_x = split_columns(x_eval[held_index], columns)[0]
-                for model, (lr, wd) in zip(models, settings, strict=True):
+                for model, (lr, l2) in zip(models, settings, strict=True):
                     held = _score(model, held_x, y[held_index])
-                    scores[(views, lr, wd)].append(held)
+                    scores[(views, lr, l2)].append(held)
     candidates = [
         {
             "views": views,
             "lr": lr,
-            "weight_decay": wd,
+            "l2": l2,
             "holdout_acc": round(float(np.mean([a for a, _ in s])), 6),
             "holdout_loss": round(float(np.mean([loss for _, loss in s])), 6),
         }
-        for (views, lr, wd), s in scores.items()
+        for (views, lr, l2), s in scores.items()
     ]
 
     best = choose(candidates, len(y))
     result = ProbeResult(
         lr=best["lr"],
-        weight_decay=best["weight_decay"],
+        l2=best["l2"],
         views=best["views"],
         epochs=grid.epochs,
         folds=folds,
@@ -250,12 +296,12 @@ def search_probe(
     )
     log.info(
         "Probe search: %d settings x %d folds on the training split in %.1f s; chose lr=%g, "
-        "weight_decay=%g, %s features (held-out acc %.4f); the head now trains %d epochs",
+        "l2=%g, %s features (held-out acc %.4f); the head now trains %d epochs",
         len(candidates),
         folds,
         result.search_s,
         result.lr,
-        result.weight_decay,
+        result.l2,
         result.views,
         result.holdout_acc,
         result.epochs,

@@ -29,6 +29,7 @@ from vision_tl.models import build_model
 from vision_tl.training.compat import CHECKPOINT_FORMAT, upgrade_checkpoint
 from vision_tl.training.finetune import build_finetune
 from vision_tl.training.optim import add_param_group
+from vision_tl.training.probe import l2_penalty, penalised
 from vision_tl.training.recipes import TimeBudget, backbone_param_groups, build_mixup
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,9 @@ class ClassificationTask(L.LightningModule):
         self.hold_trainable = False
         # The converged probe's chosen settings and search cost (`training.probe`), if any.
         self.probe: dict[str, Any] | None = None
+        # The probe's L2 penalty on the head (`penalise_head`).
+        self.head_l2 = 0.0
+        self._penalised: list[torch.Tensor] = []
         # The backbone's precision when its features were cached: eval and predict match it.
         self.feature_precision = "fp32"
         self.label_smoothing = label_smoothing
@@ -167,10 +171,16 @@ class ClassificationTask(L.LightningModule):
         if self.distill is not None:  # on a mixed batch the teacher sees the mixed images
             teacher = cached_teacher if cached_teacher is not None else self.distill.teacher(x)
             loss = self.distill.loss(loss, logits, teacher)
+        loss = loss + l2_penalty([self._penalised], [self.head_l2])
         self.train_acc(logits, y)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
         return loss
+
+    def penalise_head(self, strength: float) -> None:
+        """Train with the converged probe's L2 penalty: cross-entropy + strength/2 x the
+        squared norm of the head's weights (`training.probe`)."""
+        self.head_l2, self._penalised = strength, penalised(self.model)
 
     def _eval_step(
         self, batch: tuple[torch.Tensor, torch.Tensor], metrics: MetricCollection
