@@ -125,6 +125,10 @@ def test_ensemble_fusions(fusion: str) -> None:
         torch.testing.assert_close(out.exp().sum(dim=1), torch.ones(3))
     if fusion == "logits":
         assert model.fusion.fuse.in_features == 2 * 4
+        # A fresh logits fusion is the mean of its members' logits.
+        feats = [torch.randn(3, m.num_features) for m in model.members]
+        members = [h(f) for h, f in zip(model.fusion.heads, feats, strict=True)]
+        torch.testing.assert_close(model.fusion(feats), torch.stack(members).mean(0))
     if fusion == "features":
         assert isinstance(model.fusion.fuse[0], nn.LayerNorm)
         assert model.fusion.fuse[0].normalized_shape == (512 + 1280,)

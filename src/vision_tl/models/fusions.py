@@ -31,8 +31,18 @@ class LogitFusion(nn.Module):
         super().__init__()
         self.heads = nn.ModuleList(nn.Linear(d, num_classes) for d in dims)
         self.fuse = nn.Linear(len(dims) * num_classes, num_classes)
+        # Start as the mean of the members' logits (class c from each member's class c);
+        # training then learns how much of each member, and of which classes, to take.
+        with torch.no_grad():
+            self.fuse.weight.copy_(torch.eye(num_classes).repeat(1, len(dims)) / len(dims))
+            self.fuse.bias.zero_()
 
     per_member = True
+
+    def logit_layers(self) -> list[nn.Linear]:
+        """The members' heads: zeroed, the fused scores start equal for every class and the
+        mean-initialised fuse still passes each head its gradient."""
+        return list(self.heads)
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         logits = [head(f) for f, head in zip(features, self.heads, strict=True)]
