@@ -21,7 +21,7 @@ from vision_tl.core.errors import ConfigError
 from vision_tl.models import available_backbones
 from vision_tl.training.finetune import LinearProbe, build_finetune
 from vision_tl.training.optim import cosine_with_warmup
-from vision_tl.training.probe import _train_heads, l2_penalty, zero_logit_layers
+from vision_tl.training.probe import _linear_layer, _train_heads, l2_penalty, zero_logit_layers
 from vision_tl.training.task import ClassificationTask
 from vision_tl.training.train import run_training
 
@@ -102,9 +102,18 @@ def test_ensemble_linear_probe_freezes_every_member() -> None:
 PROBE_GROUPS = ("linear_probe", "lp_ft")
 
 
-def _probe_heads(optimizer: partial, settings: list[tuple[float, float]]) -> list[nn.Module]:
+def _probe_heads(
+    optimizer: partial,
+    settings: list[tuple[float, float]],
+    stack: bool = True,
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    views: int = 1,
+    **task_options,
+) -> list[nn.Module]:
     """The search's heads for `settings` (lr, l2), trained on random features with the
-    probe's own epochs and batch size, from the zero start the probe gives them."""
+    probe's own epochs and batch size (unless given), from the zero start the probe gives
+    them."""
     policy = build_finetune({"mode": "linear_probe"})
     task = ClassificationTask(
         SPEC,
@@ -112,16 +121,55 @@ def _probe_heads(optimizer: partial, settings: list[tuple[float, float]]) -> lis
         finetune={"mode": "linear_probe"},
         optimizer=optimizer,
         scheduler=partial(cosine_with_warmup, warmup_epochs=1),
+        **task_options,
     )
     zero_logit_layers(task.model)
     generator = torch.Generator().manual_seed(0)
-    features = torch.randn(1, 96, task.model.backbone.num_features, generator=generator)
+    features = torch.randn(views, 96, task.model.backbone.num_features, generator=generator)
     labels = torch.randint(0, 3, (96,), generator=generator)
     torch.manual_seed(0)
     with torch.enable_grad():
         return _train_heads(
-            task, features, labels, settings, policy.epochs, policy.batch_size, "shuffle"
+            task,
+            features,
+            labels,
+            settings,
+            epochs or policy.epochs,
+            batch_size or policy.batch_size,
+            "shuffle",
+            stack=stack,
         )
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "task_options"),
+    [
+        (partial(torch.optim.AdamW), {}),
+        (partial(torch.optim.SGD, momentum=0.9, nesterov=True), {"label_smoothing": 0.1}),
+        (partial(torch.optim.Adam), {"class_weights": [1.0, 3.0, 0.5]}),
+    ],
+    ids=["adamw", "sgd-smoothing", "adam-class-weights"],
+)
+def test_the_search_s_stacked_linear_heads_train_as_each_would_alone(
+    optimizer: partial, task_options: dict
+) -> None:
+    """The search trains its plain linear heads as one stacked layer (one matmul and one
+    loss per step): each head must end where it ends trained on its own, under the run's
+    optimizer, schedule and loss, with two LRs and several penalties side by side."""
+    settings = [(1e-2, 1e-3), (1e-3, 1.0), (1e-2, 0.3), (1e-3, 0.0)]
+    options = {"epochs": 8, "batch_size": 32, "views": 2, **task_options}
+    stacked = _probe_heads(optimizer, settings, stack=True, **options)
+    alone = _probe_heads(optimizer, settings, stack=False, **options)
+    for a, b in zip(stacked, alone, strict=True):
+        layer_a, layer_b = _linear_layer(a), _linear_layer(b)
+        assert layer_a is not None and layer_a.weight.abs().max() > 1e-3
+        assert torch.allclose(layer_a.weight, layer_b.weight, atol=1e-5, rtol=1e-4)
+        assert torch.allclose(layer_a.bias, layer_b.bias, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(_linear_layer(stacked[0]).weight, _linear_layer(stacked[2]).weight)
+    mlp = ClassificationTask({**SPEC, "head": {"name": "mlp"}}, ["a", "b"]).model
+    dropout = ClassificationTask({**SPEC, "head": {"name": "linear", "dropout": 0.2}}, ["a", "b"])
+    assert _linear_layer(dropout.model) is None
+    assert _linear_layer(mlp) is None
 
 
 def test_every_searched_l2_penalty_regularises_the_default_probe_head() -> None:

@@ -141,6 +141,68 @@ def _batches(
     return BatchSampler(sampler, batch_size, drop_last=len(labels) > batch_size)
 
 
+def _linear_layer(model: Classifier) -> torch.nn.Linear | None:
+    """The head's only module when it is one Linear layer on the features (the default
+    probe: `model/head=linear` on one backbone, no dropout), else None."""
+    head = getattr(model, "head", None)
+    layers = list(head.children()) if isinstance(head, torch.nn.Sequential) else [head]
+    if len(layers) == 1 and isinstance(layers[0], torch.nn.Linear):
+        return layers[0]
+    return None
+
+
+class StackedLinear(torch.nn.Module):
+    """Many linear heads as one: a (heads x classes x dim) weight, one matmul and one loss
+    per step for all of them, instead of a handful of small ops per head (on CPU those ops
+    are what a step costs). Heads that share an LR share a parameter, so the run's
+    optimizer gets one group per LR. Adam, AdamW (no decay) and SGD update each element on
+    its own, so a stacked head follows exactly the path it would follow alone."""
+
+    def __init__(self, layers: Sequence[torch.nn.Linear], lrs: Sequence[float]) -> None:
+        super().__init__()
+        self.order = sorted(range(len(layers)), key=lambda i: lrs[i])
+        self.group_lrs: list[float] = []
+        weights, biases, sizes = [], [], []
+        for lr, members in itertools.groupby(self.order, key=lambda i: lrs[i]):
+            chosen = [layers[i] for i in members]
+            self.group_lrs.append(lr)
+            sizes.append(len(chosen))
+            weights.append(torch.nn.Parameter(torch.stack([m.weight.detach() for m in chosen])))
+            bias = [
+                m.bias.detach() if m.bias is not None else m.weight.new_zeros(m.out_features)
+                for m in chosen
+            ]
+            biases.append(
+                torch.nn.Parameter(torch.stack(bias), requires_grad=chosen[0].bias is not None)
+            )
+        self.weights = torch.nn.ParameterList(weights)
+        self.biases = torch.nn.ParameterList(biases)
+        self.sizes = sizes
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits of every head, (heads x batch x classes), heads in `order`."""
+        weight = torch.cat(list(self.weights))
+        bias = torch.cat(list(self.biases))
+        heads, classes, dim = weight.shape
+        logits = features @ weight.reshape(heads * classes, dim).T
+        return logits.reshape(len(features), heads, classes).transpose(0, 1) + bias.unsqueeze(1)
+
+    def penalty(self, strengths: Sequence[float]) -> torch.Tensor:
+        """`l2_penalty` of the stacked weights; `strengths` per head in `order`."""
+        scale = 0.5 * torch.tensor(strengths, dtype=torch.float32)
+        squared = torch.cat([w.float().pow(2).flatten(1).sum(1) for w in self.weights])
+        return (squared * scale).sum()
+
+    @torch.no_grad()
+    def write_back(self, layers: Sequence[torch.nn.Linear]) -> None:
+        """Copy each stacked head into its own Linear layer."""
+        weight, bias = torch.cat(list(self.weights)), torch.cat(list(self.biases))
+        for row, i in enumerate(self.order):
+            layers[i].weight.copy_(weight[row])
+            if layers[i].bias is not None:
+                layers[i].bias.copy_(bias[row])
+
+
 def _train_heads(
     task: Any,
     x: torch.Tensor,
@@ -150,17 +212,33 @@ def _train_heads(
     batch_size: int,
     sampler_kind: str,
     teacher_columns: int = 0,
+    stack: bool = True,
 ) -> list[Classifier]:
     """Train one head per (lr, l2) on rows `x` (views x n x dim), side by side: every
     head sees the same batches. Rows ending in `teacher_columns` cached teacher
-    logits train with the run's distillation loss."""
+    logits train with the run's distillation loss. Plain linear heads train as one
+    `StackedLinear` unless `stack` is off."""
     models = [_head_copy(task.model) for _ in settings]
-    groups = [
-        {"params": [p for p in m.head_parameters() if p.requires_grad], "lr": lr, "weight_decay": 0}
-        for m, (lr, _) in zip(models, settings, strict=True)
-    ]
+    layers = [_linear_layer(m) for m in models]
+    stacked = None
+    if stack and teacher_columns == 0 and all(layer is not None for layer in layers):
+        stacked = StackedLinear(layers, [lr for lr, _ in settings])
+        groups = [
+            {"params": [w, b] if b.requires_grad else [w], "lr": lr, "weight_decay": 0}
+            for w, b, lr in zip(stacked.weights, stacked.biases, stacked.group_lrs, strict=True)
+        ]
+        strengths = [settings[i][1] for i in stacked.order]
+    else:
+        groups = [
+            {
+                "params": [p for p in m.head_parameters() if p.requires_grad],
+                "lr": lr,
+                "weight_decay": 0,
+            }
+            for m, (lr, _) in zip(models, settings, strict=True)
+        ]
+        weights, strengths = [penalised(m) for m in models], [l2 for _, l2 in settings]
     optimizer = task.optimizer_factory(params=groups)
-    weights, strengths = [penalised(m) for m in models], [l2 for _, l2 in settings]
     num_classes = len(task.class_names)
     views, n = x.shape[0], x.shape[1]
     flat = x.reshape(views * n, -1)
@@ -178,14 +256,22 @@ def _train_heads(
             index = torch.as_tensor(batch)
             features, teacher = split_columns(flat[index], teacher_columns)
             target = y[index % n]
-            loss = 0.0
-            for m in models:
-                logits = m.classify_features(features)
-                task_loss = task._loss(logits, target)  # the fit's loss, exactly
-                if teacher is not None:
-                    task_loss = task.distill.loss(task_loss, logits, teacher)
-                loss = loss + task_loss
-            loss = loss + l2_penalty(weights, strengths)
+            if stacked is not None:
+                # The fit's loss, exactly: each head's block of the mean holds the same
+                # targets, so the mean over all blocks x heads is the sum of per-head losses.
+                logits = stacked(features)
+                heads = logits.shape[0]
+                loss = task._loss(logits.reshape(-1, logits.shape[-1]), target.repeat(heads))
+                loss = loss * heads + stacked.penalty(strengths)
+            else:
+                loss = 0.0
+                for m in models:
+                    logits = m.classify_features(features)
+                    task_loss = task._loss(logits, target)  # the fit's loss, exactly
+                    if teacher is not None:
+                        task_loss = task.distill.loss(task_loss, logits, teacher)
+                    loss = loss + task_loss
+                loss = loss + l2_penalty(weights, strengths)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -193,6 +279,8 @@ def _train_heads(
                 scheduler.step()
         if scheduler is not None and not per_step:
             scheduler.step()
+    if stacked is not None:
+        stacked.write_back(layers)
     return models
 
 
