@@ -23,6 +23,7 @@ from vision_tl.models import (
     build_head,
     build_model,
 )
+from vision_tl.models.fold import fold_batchnorm
 from vision_tl.training.probe import zero_logit_layers
 
 TIMM_MODELS = ["timm/tf_efficientnet_lite0", "timm/resnet18", "timm/test_convnext", "timm/test_vit"]
@@ -64,6 +65,18 @@ def test_backbone_forward_backward(name: str) -> None:
     assert set(staged) == {id(p) for p in backbone.parameters()}
     pre = backbone.preprocess
     assert 0 < pre.input_size <= pre.resize_size and len(pre.mean) == len(pre.std) == 3
+    # Frozen inference folds every BatchNorm into the convolution before it: same features.
+    norms = [m for m in backbone.modules() if isinstance(m, nn.BatchNorm2d)]
+    with torch.no_grad():
+        for norm in norms:  # statistics far from the identity, so a wrong fold shows
+            norm.running_mean.uniform_(-0.5, 0.5)
+            norm.running_var.uniform_(0.5, 2.0)
+        expected = backbone.eval()(x)
+    fast = fold_batchnorm(backbone.body)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules()), "a BatchNorm left"
+    with torch.no_grad():
+        assert torch.allclose(fast(x), expected, rtol=1e-4, atol=1e-5 * expected.abs().max())
+        assert torch.equal(backbone(x), expected), "folding changed the original"
 
 
 @pytest.mark.parametrize("name", HEADS.names())
@@ -132,6 +145,28 @@ def test_ensemble_fusions(fusion: str) -> None:
     if fusion == "features":
         assert isinstance(model.fusion.fuse[0], nn.LayerNorm)
         assert model.fusion.fuse[0].normalized_shape == (512 + 1280,)
+
+
+def test_the_inference_copy_folds_each_member_and_leaves_the_model_as_it_was() -> None:
+    """Frozen inference (feature cache, eval, predict) runs `inference_copy()`: the same
+    logits as the model in eval mode, no BatchNorm left, and the model itself untouched
+    (still training, its own BatchNorms and parameters, not shared with the copy)."""
+    model = build_model({"members": ["resnet18", "mobilenet_v2"], "fusion": "logits"}, 3, False)
+    with torch.no_grad():
+        for norm in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+            norm.running_var.uniform_(0.5, 2.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(2, 3, 32, 32)
+    fast = model.inference_copy()
+    assert model.training and not fast.training
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules())
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 20 + 52
+    with torch.no_grad():
+        expected = model.eval()(x)
+        torch.testing.assert_close(fast(x), expected, rtol=1e-4, atol=1e-5)
+    ours = {id(p) for p in model.parameters()}
+    assert not ours & {id(p) for p in fast.parameters()}
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 def test_ensemble_mean_fusion_averages_member_probabilities() -> None:

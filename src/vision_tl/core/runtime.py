@@ -4,6 +4,7 @@ whether bfloat16 runs natively."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import os
 from collections.abc import Iterator
@@ -12,6 +13,14 @@ from pathlib import Path
 import torch
 
 from vision_tl.core.errors import ConfigError
+
+
+def inference_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """The copy frozen inference runs (the feature cache, `eval`, `predict`): the model's own
+    `inference_copy()` where it has one (`Classifier`: BatchNorms folded into their
+    convolutions), else an eval-mode deep copy. `model` is left as it is."""
+    make = getattr(model, "inference_copy", None)
+    return make() if callable(make) else copy.deepcopy(model).eval()
 
 
 def available_cpus() -> int:

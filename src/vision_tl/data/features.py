@@ -34,7 +34,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from vision_tl.core.errors import ConfigError
-from vision_tl.core.runtime import backbone_precision
+from vision_tl.core.runtime import backbone_precision, inference_copy
 from vision_tl.data.augment import Inputs, map_inputs, normalize_batch, to_channels_last
 from vision_tl.data.dataset import ImageListDataset
 from vision_tl.data.decode import error_line
@@ -182,6 +182,9 @@ class WithTeacher(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.model.features(x).float(), self.teacher(x).float()], dim=1)
 
+    def inference_copy(self) -> WithTeacher:
+        return WithTeacher(inference_copy(self.model), inference_copy(self.teacher))
+
 
 class _Indexed(Dataset):
     """(image tensor or None, index, failure reason) for extraction: a file that will not
@@ -304,17 +307,13 @@ def load_or_build(
                 views,
                 final,
             )
-            training = model.training
-            original = next(model.parameters()).device
-            # channels_last runs convolutions ~1.6x faster on CPU (oneDNN) and on tensor cores.
-            model.eval().to(device, memory_format=torch.channels_last)
-            try:
-                dim, failed = _extract(
-                    model, images, views, tmp, device, batch_size, num_workers, precision
-                )
-            finally:
-                model.to(original, memory_format=torch.contiguous_format)
-                model.train(training)
+            # An inference copy: BatchNorms folded into their convolutions, channels_last
+            # (convolutions run ~1.6x faster on CPU (oneDNN) and on tensor cores).
+            fast = inference_copy(model).to(device, memory_format=torch.channels_last)
+            dim, failed = _extract(
+                fast, images, views, tmp, device, batch_size, num_workers, precision
+            )
+            del fast
             meta = {
                 "key": spec,
                 "files": [path for path, _ in images.samples],

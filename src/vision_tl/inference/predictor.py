@@ -21,6 +21,7 @@ from vision_tl.core.errors import ConfigError
 from vision_tl.core.runtime import (
     available_cpus,
     backbone_precision,
+    inference_copy,
     resolve_device,
     resolve_precision,
 )
@@ -200,7 +201,7 @@ class Predictor:
             raise ConfigError(f"batch_size={batch_size}: a positive integer")
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
-        self.model = model.to(self.device, memory_format=torch.channels_last).eval()
+        self.model = inference_copy(model).to(self.device, memory_format=torch.channels_last)
         self.preprocess = preprocess
         self.transform = ViewTransform(preprocess, crops)
         self.batch_size = batch_size

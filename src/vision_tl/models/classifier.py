@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -12,6 +13,7 @@ from vision_tl.core.errors import ConfigError
 from vision_tl.data.augment import Inputs
 from vision_tl.data.preprocess import OVERRIDES, AnyPreprocess, combine
 from vision_tl.models.backbones import Backbone, build_backbone
+from vision_tl.models.fold import fold_batchnorm
 from vision_tl.models.fusions import build_fusion
 from vision_tl.models.heads import build_head
 
@@ -59,6 +61,21 @@ class Classifier(nn.Module):
     def classify_features(self, features: torch.Tensor) -> torch.Tensor:
         """Logits from `features(x)`; `forward(x)` is exactly this composition."""
         raise NotImplementedError
+
+    def inference_copy(self) -> Classifier:
+        """An eval-mode copy for frozen inference (the feature cache, `eval`, `predict`):
+        each backbone's BatchNorms folded into their convolutions (`models.fold`), the head
+        as it is. This model is left unchanged."""
+        bodies = [backbone.body for backbone in self.backbones()]
+        # The bodies (and what the backbones' stages list of them) are not copied here:
+        # `fold_batchnorm` copies each body once.
+        shared = [
+            t for body in bodies for t in (*body.modules(), *body.parameters(), *body.buffers())
+        ]
+        fast = copy.deepcopy(self, {id(t): t for t in shared}).eval()
+        for backbone, body in zip(fast.backbones(), bodies, strict=True):
+            backbone.body = fold_batchnorm(body)
+        return fast
 
     def logit_layers(self) -> list[nn.Linear]:
         """The Linear layers whose outputs are the class scores: what the converged probe
