@@ -166,17 +166,13 @@ def _digest(root: Path) -> str:
     return h.hexdigest()
 
 
-def test_builtin_shapes_dataset_is_deterministic(tmp_path: Path) -> None:
-    shapes(tmp_path / "a")
-    shapes(tmp_path / "b")
-    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
-    split = scan_root(tmp_path / "a")
+def test_builtin_shapes_dataset_is_deterministic_and_generated_once(tmp_path: Path) -> None:
+    first = DATASETS.get("shapes").materialize(tmp_path)
+    shapes(tmp_path / "again")
+    assert _digest(first) == _digest(tmp_path / "again")
+    split = scan_root(first)
     assert len(split.class_names) == 4 and set(split.samples) == {"train", "val", "test"}
     assert Image.open(split.samples["train"][0][0]).size == (64, 64)
-
-
-def test_builtin_dataset_is_generated_once(tmp_path: Path) -> None:
-    first = DATASETS.get("shapes").materialize(tmp_path)
     marker = first / ".complete"
     stamp = marker.stat().st_mtime_ns
     assert DATASETS.get("shapes").materialize(tmp_path) == first

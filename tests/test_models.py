@@ -11,7 +11,9 @@ from torch import nn
 
 from vision_tl.core.errors import ConfigError
 from vision_tl.core.registry import Registry
+from vision_tl.core.runtime import inference_copy
 from vision_tl.data.preprocess import EnsemblePreprocess
+from vision_tl.inference.predictor import Predictor
 from vision_tl.models import (
     FUSIONS,
     HEADS,
@@ -67,6 +69,8 @@ def test_backbone_forward_backward(name: str) -> None:
     assert 0 < pre.input_size <= pre.resize_size and len(pre.mean) == len(pre.std) == 3
     # Frozen inference folds every BatchNorm into the convolution before it: same features.
     norms = [m for m in backbone.modules() if isinstance(m, nn.BatchNorm2d)]
+    if not norms:  # nothing to fold (ViT, ConvNeXt, VGG)
+        return
     with torch.no_grad():
         for norm in norms:  # statistics far from the identity, so a wrong fold shows
             norm.running_mean.uniform_(-0.5, 0.5)
@@ -167,6 +171,22 @@ def test_the_inference_copy_folds_each_member_and_leaves_the_model_as_it_was() -
     ours = {id(p) for p in model.parameters()}
     assert not ours & {id(p) for p in fast.parameters()}
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_frozen_inference_folds_in_fp32_and_runs_bf16_as_trained() -> None:
+    """Folded weights lose precision when rounded to bf16, so the feature cache and the
+    predictor fold BatchNorms in fp32 only (`inference_copy`)."""
+    model = build_model({"backbone": {"name": "resnet18"}}, 3, pretrained=False)
+
+    def norms(module: nn.Module) -> int:
+        return sum(isinstance(m, nn.BatchNorm2d) for m in module.modules())
+
+    assert norms(inference_copy(model, "fp32")) == 0
+    assert norms(inference_copy(model, "bf16")) == norms(model) == 20
+    preprocess = model.preprocess.resolve(None)
+    assert norms(Predictor(model, preprocess, precision="fp32").model) == 0
+    assert norms(Predictor(model, preprocess, precision="bf16").model) == 20
+    assert model.training, "the model the predictor was given is left as it was"
 
 
 def test_ensemble_mean_fusion_averages_member_probabilities() -> None:

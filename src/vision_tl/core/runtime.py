@@ -15,12 +15,23 @@ import torch
 from vision_tl.core.errors import ConfigError
 
 
-def inference_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """The copy frozen inference runs (the feature cache, `eval`, `predict`): the model's own
-    `inference_copy()` where it has one (`Classifier`: BatchNorms folded into their
-    convolutions), else an eval-mode deep copy. `model` is left as it is."""
+def inference_copy(model: torch.nn.Module, precision: str) -> torch.nn.Module:
+    """The copy frozen inference runs in `precision` (the feature cache, `eval`, `predict`):
+    the model's own `inference_copy()` where it has one, else an eval-mode deep copy.
+    `model` is left as it is.
+
+    A `Classifier` folds its BatchNorms into their convolutions in fp32 only: there the
+    result is the same to ~1e-6 and convolutions run up to 1.6x faster on a CPU. In bf16
+    the folded weights and biases are rounded once more, and on EfficientNet-Lite0 the
+    features moved 1.4x further from fp32's (6.6% against 4.8% mean relative error), so
+    bf16 runs the network as trained."""
+    return folded_copy(model, fold=precision == "fp32")
+
+
+def folded_copy(model: torch.nn.Module, fold: bool) -> torch.nn.Module:
+    """`model.inference_copy(fold=fold)` where the model has one, else an eval-mode copy."""
     make = getattr(model, "inference_copy", None)
-    return make() if callable(make) else copy.deepcopy(model).eval()
+    return make(fold=fold) if callable(make) else copy.deepcopy(model).eval()
 
 
 def available_cpus() -> int:

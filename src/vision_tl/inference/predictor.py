@@ -201,7 +201,9 @@ class Predictor:
             raise ConfigError(f"batch_size={batch_size}: a positive integer")
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
-        self.model = inference_copy(model).to(self.device, memory_format=torch.channels_last)
+        self.model = inference_copy(model, self.precision).to(
+            self.device, memory_format=torch.channels_last
+        )
         self.preprocess = preprocess
         self.transform = ViewTransform(preprocess, crops)
         self.batch_size = batch_size

@@ -62,10 +62,12 @@ class Classifier(nn.Module):
         """Logits from `features(x)`; `forward(x)` is exactly this composition."""
         raise NotImplementedError
 
-    def inference_copy(self) -> Classifier:
+    def inference_copy(self, fold: bool = True) -> Classifier:
         """An eval-mode copy for frozen inference (the feature cache, `eval`, `predict`):
-        each backbone's BatchNorms folded into their convolutions (`models.fold`), the head
-        as it is. This model is left unchanged."""
+        with `fold`, each backbone's BatchNorms folded into their convolutions
+        (`models.fold`), the head as it is. This model is left unchanged."""
+        if not fold:
+            return copy.deepcopy(self).eval()
         bodies = [backbone.body for backbone in self.backbones()]
         # The bodies (and what the backbones' stages list of them) are not copied here:
         # `fold_batchnorm` copies each body once.
