@@ -5,7 +5,7 @@ A frozen network in eval mode applies each BatchNorm as a fixed per-channel scal
 shift; where it directly follows a convolution, that affine map folds into the
 convolution's weight and bias (`torch.nn.utils.fusion.fuse_conv_bn_weights`), and the
 network does the same arithmetic with one pass over each activation less: in fp32 the
-features agree to ~1e-6 and EfficientNet-Lite0 runs up to 1.6x faster on the 2-core CPU.
+features agree to ~1e-6 and EfficientNet-Lite0 runs 1.4x faster on the 2-core CPU.
 Only fp32 inference folds (`core.runtime.inference_copy`): rounded to bf16, the folded
 weights moved the features further from fp32's than the unfolded network does.
 
