@@ -125,11 +125,20 @@ def l2_penalty(
     step costs)."""
     if not any(strengths):
         return 0.0
-    scale = 0.5 * torch.tensor(strengths, dtype=torch.float32)
+    scale = _half(strengths)
     total: torch.Tensor | float = 0.0
     for layer in zip(*weights, strict=True):
-        total = total + (torch.stack(layer).float().pow(2).flatten(1).sum(1) * scale).sum()
+        total = total + _scaled_squares(torch.stack(layer), scale)
     return total
+
+
+def _half(strengths: Sequence[float]) -> torch.Tensor:
+    return 0.5 * torch.tensor(strengths, dtype=torch.float32)
+
+
+def _scaled_squares(stacked: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The sum over rows (one per head) of scale x the row's squared norm."""
+    return (stacked.float().pow(2).flatten(1).sum(1) * scale).sum()
 
 
 def _batches(
@@ -158,15 +167,17 @@ class StackedLinear(torch.nn.Module):
     optimizer gets one group per LR. Adam, AdamW (no decay) and SGD update each element on
     its own, so a stacked head follows exactly the path it would follow alone."""
 
-    def __init__(self, layers: Sequence[torch.nn.Linear], lrs: Sequence[float]) -> None:
+    def __init__(
+        self, layers: Sequence[torch.nn.Linear], lrs: Sequence[float], l2s: Sequence[float]
+    ) -> None:
         super().__init__()
         self.order = sorted(range(len(layers)), key=lambda i: lrs[i])
+        self.scale = _half([l2s[i] for i in self.order])  # `l2_penalty`'s, per stacked row
         self.group_lrs: list[float] = []
-        weights, biases, sizes = [], [], []
+        weights, biases = [], []
         for lr, members in itertools.groupby(self.order, key=lambda i: lrs[i]):
             chosen = [layers[i] for i in members]
             self.group_lrs.append(lr)
-            sizes.append(len(chosen))
             weights.append(torch.nn.Parameter(torch.stack([m.weight.detach() for m in chosen])))
             bias = [
                 m.bias.detach() if m.bias is not None else m.weight.new_zeros(m.out_features)
@@ -177,7 +188,6 @@ class StackedLinear(torch.nn.Module):
             )
         self.weights = torch.nn.ParameterList(weights)
         self.biases = torch.nn.ParameterList(biases)
-        self.sizes = sizes
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """Logits of every head, (heads x batch x classes), heads in `order`."""
@@ -187,11 +197,9 @@ class StackedLinear(torch.nn.Module):
         logits = features @ weight.reshape(heads * classes, dim).T
         return logits.reshape(len(features), heads, classes).transpose(0, 1) + bias.unsqueeze(1)
 
-    def penalty(self, strengths: Sequence[float]) -> torch.Tensor:
-        """`l2_penalty` of the stacked weights; `strengths` per head in `order`."""
-        scale = 0.5 * torch.tensor(strengths, dtype=torch.float32)
-        squared = torch.cat([w.float().pow(2).flatten(1).sum(1) for w in self.weights])
-        return (squared * scale).sum()
+    def penalty(self) -> torch.Tensor:
+        """`l2_penalty` of the stacked weights, each head at its own strength."""
+        return _scaled_squares(torch.cat(list(self.weights)), self.scale)
 
     @torch.no_grad()
     def write_back(self, layers: Sequence[torch.nn.Linear]) -> None:
@@ -222,12 +230,11 @@ def _train_heads(
     layers = [_linear_layer(m) for m in models]
     stacked = None
     if stack and teacher_columns == 0 and all(layer is not None for layer in layers):
-        stacked = StackedLinear(layers, [lr for lr, _ in settings])
+        stacked = StackedLinear(layers, [lr for lr, _ in settings], [l2 for _, l2 in settings])
         groups = [
             {"params": [w, b] if b.requires_grad else [w], "lr": lr, "weight_decay": 0}
             for w, b, lr in zip(stacked.weights, stacked.biases, stacked.group_lrs, strict=True)
         ]
-        strengths = [settings[i][1] for i in stacked.order]
     else:
         groups = [
             {
@@ -262,7 +269,7 @@ def _train_heads(
                 logits = stacked(features)
                 heads = logits.shape[0]
                 loss = task._loss(logits.reshape(-1, logits.shape[-1]), target.repeat(heads))
-                loss = loss * heads + stacked.penalty(strengths)
+                loss = loss * heads + stacked.penalty()
             else:
                 loss = 0.0
                 for m in models:
