@@ -19,10 +19,10 @@ Per dataset, EfficientNet-Lite0 with the shared ImageNet weights, side by side i
   epoch (`--plain-epochs`, AdamW + cosine, augmented training images), on the same split.
 
 vehicles6 has no split: every side uses the split vision_tl writes (`data.val_fraction`
-0.2, seed 42; its `split.csv`). Wall times are whole in-process runs (model building, data
-checks, feature extraction, search, training, validation), after torch, torchvision and
-timm, which both sides use, are imported; vision_tl's side still imports its own stack
-(Lightning, Hydra, torchmetrics) inside its time.
+0.2, drawn with the run's seed; its `split.csv`). Wall times are whole in-process runs
+(model building, data checks, feature extraction, search, training, validation), after
+torch, torchvision and timm, which both sides use, are imported; vision_tl's side still
+imports its own stack (Lightning, Hydra, torchmetrics) inside its time.
 
 With several `--seeds`, every side runs once per seed (`seed=S`: the cached views, the
 heads' initialisation and batches; hymenoptera's split is fixed by its folders) and
@@ -89,15 +89,18 @@ def vision_tl_run(data: list[str], run_dir: Path, cache: Path, overrides: list[s
     return run_training(cfg)
 
 
-def cached_features(data: list[str], run_dir: Path, cache: Path) -> dict[str, torch.Tensor]:
-    """The features a finished run cached (train views, train eval view, val eval view)."""
+def cached_features(
+    data: list[str], run_dir: Path, cache: Path, seed: int
+) -> dict[str, torch.Tensor]:
+    """The features a finished run seeded `seed` cached (train views, train eval view, val
+    eval view)."""
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
     from vision_tl.models import build_model
 
     os.environ["VISION_TL_CACHE"] = str(cache)
-    cfg = vision_tl_config([*data, "finetune=linear_probe"], run_dir)
+    cfg = vision_tl_config([*data, "finetune=linear_probe", f"seed={seed}"], run_dir)
     dm = instantiate(cfg.data)
     dm.setup("fit")
     model = build_model(OmegaConf.to_container(cfg.model), len(dm.class_names)).eval()
@@ -193,7 +196,7 @@ def bench_dataset(name: str, work: Path, args: argparse.Namespace, workers: int,
     # Same cache entries as the new default (same backbone, transform and views): only its
     # accuracy is compared, and that does not depend on who computed the features.
     old, old_s = timed(vision_tl_run, data, work / "old", cache, [*common, "finetune.search=false"])
-    feats, load_s = timed(cached_features, data, work / "old", cache)
+    feats, load_s = timed(cached_features, data, work / "old", cache, seed)
     grid, grid_s = timed(hand_grid, feats, len(old["class_names"]))
     split_csv = work / "old" / "split.csv"
     plain, plain_s = (None, None)

@@ -8,6 +8,7 @@ from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -16,7 +17,9 @@ from conftest import TINY, _draw
 from vision_tl.core.errors import ConfigError
 from vision_tl.core.runtime import feature_batch_size
 from vision_tl.data import ImageFolderDataModule
-from vision_tl.data.features import CachedFeatures
+from vision_tl.data.augment import normalize_batch, train_transform
+from vision_tl.data.dataset import ImageListDataset
+from vision_tl.data.features import CachedFeatures, load_or_build, view_seed
 from vision_tl.data.samplers import ViewSampler
 from vision_tl.models import FUSIONS, build_model
 from vision_tl.models.backbones import Backbone
@@ -122,6 +125,12 @@ def test_augmented_views_and_clear_bypasses(
     assert sorted(i % 24 for i in drawn) == list(range(24)) and max(drawn) < 72
     first, second = train[5][0], train[24 + 5][0]
     assert not torch.equal(first, second), "each view is a different augmentation"
+    reseeded = prepare_features(
+        _datamodule(image_folder, task, augment="flip_crop", feature_views=3, seed=43), task
+    )
+    assert reseeded.hits == {"eval": True, "train": False}, "another seed draws other views"
+    assert not torch.equal(reseeded.dataset("train", train=True)[0][5][0], first)
+    assert prepare_features(dm, task).hits == {"eval": True, "train": True}
 
     with caplog.at_level(logging.INFO, logger="vision_tl.training.callbacks"):
         no_views = _datamodule(image_folder, task, feature_views=0)
@@ -134,6 +143,46 @@ def test_augmented_views_and_clear_bypasses(
     strict = _datamodule(image_folder, task, feature_cache="on")
     with pytest.raises(ConfigError, match="feature_cache=on cannot be used: finetune=full"):
         prepare_features(strict, _task("full"))
+
+
+class _Pixels(torch.nn.Module):
+    """A backbone whose features are its normalised input: a row shows which crop it saw."""
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1)
+
+
+class _CountingReads(ImageListDataset):
+    reads = 0
+
+    def read(self, index: int) -> torch.Tensor:
+        self.reads += 1
+        return super().read(index)
+
+
+def test_each_augmented_view_depends_on_its_image_and_view_only(
+    image_folder: Path, tmp_path: Path
+) -> None:
+    pre = _task().model.preprocess.resolve({"image_size": 16})
+    transform = train_transform(pre, "flip_crop")
+    files = sorted(str(p) for p in (image_folder / "train").rglob("*.png"))
+    n, cpu = len(files), torch.device("cpu")
+    rows = {}
+    for batch, workers in ((1, 0), (5, 2)):
+        images = _CountingReads([(f, 0) for f in files], pre, transform)
+        store, _ = load_or_build(
+            tmp_path / f"b{batch}", {"seed": 7}, _Pixels(), images, 3, cpu, batch, workers, seed=7
+        )
+        rows[batch] = np.fromfile(store.data_file, dtype=np.float32).reshape(3, n, -1)
+        if workers == 0:
+            assert images.reads == n, "one decode per image serves all its views"
+    np.testing.assert_array_equal(rows[1], rows[5], "not the batch size or the worker count")
+    assert not np.array_equal(rows[1][0], rows[1][1]), "the views differ"
+    for view, i in ((0, 0), (2, 7), (1, n - 1)):
+        torch.manual_seed(view_seed(7, view, i))
+        crop = transform(pre.read(files[i]))
+        expected = normalize_batch(crop.unsqueeze(0), pre).flatten()
+        np.testing.assert_allclose(rows[1][view, i], expected.numpy(), rtol=1e-6)
 
 
 @pytest.mark.integration

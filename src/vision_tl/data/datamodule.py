@@ -321,13 +321,13 @@ class ImageFolderDataModule(L.LightningDataModule):
         samples = self.split.samples
 
         def build(
-            files: list[str], transform: Any, views: int, spec: dict
+            files: list[str], transform: Any, views: int, spec: dict, seed: int = 0
         ) -> tuple[FeatureStore, bool]:
             images = ImageListDataset([(p, 0) for p in files], pre, transform, self.sources())
             spec = {**base, **spec, "files": file_signature(files)}
             workers = self.num_workers
             return load_or_build(
-                root, spec, extractor, images, views, device, batch_size, workers, precision
+                root, spec, extractor, images, views, device, batch_size, workers, precision, seed
             )
 
         every_file = sorted({p for split in samples.values() for p, _ in split})
@@ -337,9 +337,12 @@ class ImageFolderDataModule(L.LightningDataModule):
         if self.augment_preset.random:
             transform = train_transform(pre, self.augment, self.crop_scale)
             spec = {"transform": {"augment": self.augment, "crop_scale": list(self.crop_scale)}}
-            spec["transform"]["views"] = self.feature_views
+            # The views follow the run's seed: `seed=S` redraws them (their own entries).
+            spec["transform"].update(views=self.feature_views, seed=self.seed)
             train_files = sorted(p for p, _ in samples["train"])
-            train_store, hits["train"] = build(train_files, transform, self.feature_views, spec)
+            train_store, hits["train"] = build(
+                train_files, transform, self.feature_views, spec, self.seed
+            )
         for store in (eval_store, train_store):
             for path, why in (store.failed if store else {}).items():
                 self.bad_file_log(path, why)

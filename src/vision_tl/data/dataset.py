@@ -38,10 +38,14 @@ class ImageListDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def read(self, index: int) -> torch.Tensor:
+        """The decoded image `index`, before `transform`; raises if the file cannot be read."""
+        path = self.samples[index][0]
+        return self.preprocess.read(self.sources.get(path, path))
+
     def load(self, index: int) -> torch.Tensor:
         """The decoded, transformed image `index`; raises if the file cannot be read."""
-        path = self.samples[index][0]
-        image = self.preprocess.read(self.sources.get(path, path))
+        image = self.read(index)
         return self.transform(image) if self.transform else image
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | None:

@@ -41,9 +41,8 @@ from vision_tl.data.decode import error_line
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: each view seeded per image (view_seed)
 MODES = ("auto", "on", "off")  # data.feature_cache
-VIEW_SEED = 0  # augmented views are drawn once, the same for every run that shares them
 
 
 def weights_digest(module: nn.Module) -> str:
@@ -186,29 +185,51 @@ class WithTeacher(nn.Module):
         return WithTeacher(folded_copy(self.model, fold), folded_copy(self.teacher, fold))
 
 
-class _Indexed(Dataset):
-    """(image tensor or None, index, failure reason) for extraction: a file that will not
-    decode is recorded, not fatal."""
+def view_seed(seed: int, view: int, index: int) -> int:
+    """The seed that draws view `view` of the `index`-th listed image in a run seeded
+    `seed`: a view depends on nothing else (not the batch size, the worker count or the
+    other views). 32 bits, as many as torch's CPU generator takes."""
+    return int(np.random.SeedSequence([seed, view, index]).generate_state(1)[0])
 
-    def __init__(self, images: ImageListDataset) -> None:
+
+class _Views(Dataset):
+    """(every view of an image from one decode, index, failure reason) for extraction; a
+    file that will not decode is recorded, not fatal."""
+
+    def __init__(self, images: ImageListDataset, views: int, seed: int) -> None:
         self.images = images
+        self.views = views
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int, str]:
+    def __getitem__(self, index: int) -> tuple[list[Inputs] | None, int, str]:
         try:
-            return self.images.load(index), index, ""
+            image = self.images.read(index)
+            drawn = []
+            for view in range(self.views):
+                # Reseeds this process's generator: workers own theirs, and the main
+                # process extracts inside `fork_rng`.
+                torch.manual_seed(view_seed(self.seed, view, index))
+                transform = self.images.transform
+                drawn.append(transform(image) if transform else image)
+            return drawn, index, ""
         except Exception as err:
             return None, index, f"failed during feature extraction ({error_line(err)})"
 
 
-def _collate(batch: list) -> tuple[Inputs | None, list[int], list[tuple[int, str]]]:
+def _collate(batch: list) -> tuple[list[Inputs], list[int], list[tuple[int, str]]]:
+    """Per view, one stacked batch (or one per member: an ensemble with per-member
+    preprocessing) of the images that decoded."""
     ok = [(x, i) for x, i, _ in batch if x is not None]
     failed = [(i, reason) for x, i, reason in batch if x is None]
-    # One stacked batch, or one per member (an ensemble with per-member preprocessing).
-    images = default_collate([x for x, _ in ok]) if ok else None
-    return images, [i for _, i in ok], failed
+    views = (
+        [default_collate(list(drawn)) for drawn in zip(*(x for x, _ in ok), strict=True)]
+        if ok
+        else []
+    )
+    return views, [i for _, i in ok], failed
 
 
 @contextlib.contextmanager
@@ -236,42 +257,39 @@ def _extract(
     batch_size: int,
     num_workers: int,
     precision: str = "fp32",
+    seed: int = 0,
 ) -> tuple[int, dict[str, str]]:
     """Write `model.features` of every image (per view) to `out/features.f32`.
 
-    `images` yields uint8 crops (a tuple of per-member crops for an ensemble whose members
-    need different preprocessing); they are normalised here, a batch at a time. The
-    backbone runs in `precision` (`bf16`: autocast); rows are stored as float32.
+    Each image is decoded once for all its views; view `v` of image `i` is drawn from
+    `view_seed(seed, v, i)`. `images` yields uint8 crops (a tuple of per-member crops for
+    an ensemble whose members need different preprocessing); they are normalised here, a
+    batch at a time. The backbone runs in `precision` (`bf16`: autocast); rows are stored
+    as float32.
     """
     n = len(images)
     failed: dict[str, str] = {}
     dim = 0
-    with open(out / "features.f32", "wb") as handle:
+    loader = DataLoader(
+        _Views(images, views, seed),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=_collate,
+        pin_memory=device.type == "cuda",
+    )
+    with open(out / "features.f32", "wb") as handle, torch.random.fork_rng(devices=[]):
         fd = handle.fileno()
-        for view in range(views):
-            loader = DataLoader(
-                _Indexed(images),
-                batch_size=batch_size,
-                num_workers=num_workers,
-                collate_fn=_collate,
-                generator=torch.Generator().manual_seed(VIEW_SEED + view),
-                pin_memory=device.type == "cuda",
-            )
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(VIEW_SEED + view)
-                for x, indices, errors in loader:
-                    for i, reason in errors:
-                        failed.setdefault(images.samples[i][0], reason)
-                    if x is None:
-                        continue
-                    with torch.inference_mode(), backbone_precision(precision, device):
-                        x = map_inputs(lambda t: t.to(device, non_blocking=True), x)
-                        x = map_inputs(to_channels_last, normalize_batch(x, images.preprocess))
-                        feats = model.features(x).float().cpu()
-                    dim = feats.shape[1]
-                    data = feats.numpy()
-                    for row, i in zip(data, indices, strict=True):
-                        os.pwrite(fd, row.tobytes(), (view * n + i) * dim * 4)
+        for batches, indices, errors in loader:
+            for i, reason in errors:
+                failed.setdefault(images.samples[i][0], reason)
+            for view, x in enumerate(batches):
+                with torch.inference_mode(), backbone_precision(precision, device):
+                    x = map_inputs(lambda t: t.to(device, non_blocking=True), x)
+                    x = map_inputs(to_channels_last, normalize_batch(x, images.preprocess))
+                    feats = model.features(x).float().cpu()
+                dim = feats.shape[1]
+                for row, i in zip(feats.numpy(), indices, strict=True):
+                    os.pwrite(fd, row.tobytes(), (view * n + i) * dim * 4)
     if dim == 0:
         raise ConfigError("no image could be decoded for the feature cache")
     return dim, failed
@@ -287,9 +305,10 @@ def load_or_build(
     batch_size: int,
     num_workers: int,
     precision: str = "fp32",
+    seed: int = 0,
 ) -> tuple[FeatureStore, bool]:
-    """The entry for `spec`, computed now (the backbone in `precision`) if absent; returns
-    (store, was it a hit)."""
+    """The entry for `spec`, computed now (the backbone in `precision`, random views drawn
+    from `seed`, which `spec` must name) if absent; returns (store, was it a hit)."""
     key = cache_key(spec)
     final = root / key
     root.mkdir(parents=True, exist_ok=True)
@@ -311,7 +330,7 @@ def load_or_build(
             # channels_last: convolutions run ~1.6x faster on CPU (oneDNN) and tensor cores.
             fast = inference_copy(model, precision).to(device, memory_format=torch.channels_last)
             dim, failed = _extract(
-                fast, images, views, tmp, device, batch_size, num_workers, precision
+                fast, images, views, tmp, device, batch_size, num_workers, precision, seed
             )
             del fast
             meta = {
