@@ -166,8 +166,10 @@ def _digest(root: Path) -> str:
     return h.hexdigest()
 
 
-def test_builtin_shapes_dataset_is_deterministic_and_generated_once(tmp_path: Path) -> None:
-    first = DATASETS.get("shapes").materialize(tmp_path)
+def test_builtin_shapes_dataset_is_deterministic_and_generated_once(
+    tmp_path: Path, session_cache: Path
+) -> None:
+    first = DATASETS.get("shapes").materialize(session_cache)  # generated once per session
     shapes(tmp_path / "again")
     assert _digest(first) == _digest(tmp_path / "again")
     split = scan_root(first)
@@ -175,7 +177,7 @@ def test_builtin_shapes_dataset_is_deterministic_and_generated_once(tmp_path: Pa
     assert Image.open(split.samples["train"][0][0]).size == (64, 64)
     marker = first / ".complete"
     stamp = marker.stat().st_mtime_ns
-    assert DATASETS.get("shapes").materialize(tmp_path) == first
+    assert DATASETS.get("shapes").materialize(session_cache) == first
     assert marker.stat().st_mtime_ns == stamp
 
 

@@ -105,8 +105,8 @@ def test_every_finetune_policy_sets_a_trainable_head(mode: str) -> None:
 
 
 @pytest.mark.parametrize("name", DATASETS.names())
-def test_every_builtin_dataset_generates_a_trainable_folder(name: str, tmp_path: Path) -> None:
-    dm = ImageFolderDataModule(builtin=name, cache=str(tmp_path), num_workers=0)
+def test_every_builtin_dataset_generates_a_trainable_folder(name: str, session_cache: Path) -> None:
+    dm = ImageFolderDataModule(builtin=name, cache=str(session_cache), num_workers=0)
     dm.setup()
     assert len(dm.class_names) >= 2 and dm.split.samples["train"] and dm.split.samples["val"]
     assert dm.preprocess_overrides["image_size"] == DATASETS.get(name).image_size
