@@ -171,7 +171,7 @@ def test_each_augmented_view_depends_on_its_image_and_view_only(
     for batch, workers in ((1, 0), (5, 2)):
         images = _CountingReads([(f, 0) for f in files], pre, transform)
         store, _ = load_or_build(
-            tmp_path / f"b{batch}", {"seed": 7}, _Pixels(), images, 3, cpu, batch, workers, seed=7
+            tmp_path / f"b{batch}", {"views": 3}, _Pixels(), images, 3, cpu, batch, workers, seed=7
         )
         rows[batch] = np.fromfile(store.data_file, dtype=np.float32).reshape(3, n, -1)
         if workers == 0:

@@ -337,9 +337,9 @@ class ImageFolderDataModule(L.LightningDataModule):
         if self.augment_preset.random:
             transform = train_transform(pre, self.augment, self.crop_scale)
             spec = {"transform": {"augment": self.augment, "crop_scale": list(self.crop_scale)}}
-            # The views follow the run's seed: `seed=S` redraws them (their own entries).
-            spec["transform"].update(views=self.feature_views, seed=self.seed)
+            spec["transform"]["views"] = self.feature_views
             train_files = sorted(p for p, _ in samples["train"])
+            # The views follow the run's seed: `seed=S` draws others (their own entries).
             train_store, hits["train"] = build(
                 train_files, transform, self.feature_views, spec, self.seed
             )

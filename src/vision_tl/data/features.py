@@ -206,13 +206,12 @@ class _Views(Dataset):
 
     def __getitem__(self, index: int) -> tuple[list[Inputs] | None, int, str]:
         try:
-            image = self.images.read(index)
+            image, transform = self.images.read(index), self.images.transform
             drawn = []
             for view in range(self.views):
                 # Reseeds this process's generator: workers own theirs, and the main
                 # process extracts inside `fork_rng`.
                 torch.manual_seed(view_seed(self.seed, view, index))
-                transform = self.images.transform
                 drawn.append(transform(image) if transform else image)
             return drawn, index, ""
         except Exception as err:
@@ -224,11 +223,7 @@ def _collate(batch: list) -> tuple[list[Inputs], list[int], list[tuple[int, str]
     preprocessing) of the images that decoded."""
     ok = [(x, i) for x, i, _ in batch if x is not None]
     failed = [(i, reason) for x, i, reason in batch if x is None]
-    views = (
-        [default_collate(list(drawn)) for drawn in zip(*(x for x, _ in ok), strict=True)]
-        if ok
-        else []
-    )
+    views = [default_collate(list(drawn)) for drawn in zip(*(x for x, _ in ok), strict=True)]
     return views, [i for _, i in ok], failed
 
 
@@ -307,8 +302,9 @@ def load_or_build(
     precision: str = "fp32",
     seed: int = 0,
 ) -> tuple[FeatureStore, bool]:
-    """The entry for `spec`, computed now (the backbone in `precision`, random views drawn
-    from `seed`, which `spec` must name) if absent; returns (store, was it a hit)."""
+    """The entry for `spec` and `seed`, computed now (the backbone in `precision`, random
+    views drawn from `seed`) if absent; returns (store, was it a hit)."""
+    spec = {**spec, "view_seed": seed}
     key = cache_key(spec)
     final = root / key
     root.mkdir(parents=True, exist_ok=True)
