@@ -179,7 +179,6 @@ def test_failing_job_is_recorded_and_ddp_lp_ft_job_finishes_under_joblib(
             *SWEEP_TINY,
             f"data.root={sweep_data}",
             "trainer=ddp",
-            "trainer.devices=2",
             "trainer.accelerator=cpu",
             "finetune=lp_ft",
             "model.backbone.name=resnet18,resnet_nope",
