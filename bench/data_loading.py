@@ -51,17 +51,21 @@ def images_per_second(loader, epochs: int, after_transfer=None) -> float:
 
 
 def vision_tl_loader(split: str, train: bool, batch_size: int, workers: int, cache: Path, **kw):
-    from vision_tl.data import ImageFolderDataModule
+    from vision_tl.training.build import build_data, preprocess_overrides
 
-    dm = ImageFolderDataModule(
-        root=str(HYMENOPTERA), cache=str(cache), batch_size=batch_size, num_workers=workers, **kw
-    )
-    dm.setup()
-    dm.set_preprocess(preprocess().resolve(dm.preprocess_overrides))
+    keys = {
+        "root": str(HYMENOPTERA),
+        "cache": str(cache),
+        "batch_size": batch_size,
+        "num_workers": workers,
+        **kw,
+    }
+    data = build_data(keys)  # the composition root's data step
+    dm = data.datamodule(preprocess().resolve(preprocess_overrides(keys, data.source)))
     # As under `Trainer.fit`: uint8 batches, normalised by the datamodule after transfer.
     dm.trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
     start = time.perf_counter()
-    dm.sources()  # the one-time resized copies, when enabled
+    dm.reader()  # the one-time resized copies, when enabled
     setup_s = time.perf_counter() - start
     loader = dm.train_dataloader() if train else dm.val_dataloader()
     return loader, setup_s, lambda batch: dm.on_after_batch_transfer(batch, 0)

@@ -94,18 +94,14 @@ def cached_features(
 ) -> dict[str, torch.Tensor]:
     """The features a finished run seeded `seed` cached (train views, train eval view, val
     eval view)."""
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
-
-    from vision_tl.models import build_model
+    from vision_tl.data.features import build_features
+    from vision_tl.training.build import build_run
 
     os.environ["VISION_TL_CACHE"] = str(cache)
     cfg = vision_tl_config([*data, "finetune=linear_probe", f"seed={seed}"], run_dir)
-    dm = instantiate(cfg.data)
-    dm.setup("fit")
-    model = build_model(OmegaConf.to_container(cfg.model), len(dm.class_names)).eval()
-    dm.set_preprocess(model.preprocess.resolve(dm.preprocess_overrides))
-    features = dm.build_features(model, torch.device("cpu"))
+    run = build_run(cfg)  # the composition root, as `train` builds it
+    model = run.task.model.eval()
+    features = build_features(run.data.feature_spec, run.datamodule, model, torch.device("cpu"))
     if not all(features.hits.values()):
         raise SystemExit("the hand grid expected the previous default's cached features")
     aug, y = features.tensors("train", train=True)

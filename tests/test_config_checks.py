@@ -61,9 +61,14 @@ def test_valid_command_lines_pass_the_check(tmp_path: Path) -> None:
 
 @pytest.mark.unit
 def test_every_rule_rejects_a_wrong_type_and_accepts_the_shipped_defaults() -> None:
-    from vision_tl.core.validate import RULES
+    from vision_tl.core.validate import SCHEMA
 
-    for key in RULES:
+    keys = [key for rules in SCHEMA for key in rules.keys]
+    assert {"data.sampler", "data.on_bad_image", "data.feature_cache", "trainer.precision"} <= set(
+        keys
+    ), "the keys the datamodule and the trainer used to check themselves"
+    assert len(keys) == len(set(keys)), "each key is checked in one table"
+    for key in keys:
         cfg = OmegaConf.create({})
         OmegaConf.update(cfg, key, "not-a-value", force_add=True)
         assert violations(cfg) and violations(cfg)[0].startswith(f"{key}=not-a-value: "), key
@@ -74,6 +79,37 @@ def test_every_rule_rejects_a_wrong_type_and_accepts_the_shipped_defaults() -> N
     for name in ("train", "eval", "predict", "explain", "export", "audit", "select"):
         with initialize_config_dir(version_base="1.3", config_dir=str(config_dir())):
             assert violations(compose(name)) == [], name
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("sweep", "expected"),
+    [
+        ("data.sampler=weigthed,balanced", "data.sampler=weigthed: one of shuffle, weighted"),
+        ("data.on_bad_image=skip,ignore", "data.on_bad_image=ignore: one of skip, fail"),
+        ("data.feature_cache=auto,maybe", "data.feature_cache=maybe: one of auto, on, off"),
+        ("trainer.precision=32,17", "trainer.precision=17: one of 32, 32-true, 16-mixed"),
+        ("data.source=auto,folderz", "data.source=folderz: one of auto, builtin, folder"),
+        ("data.augment=none,flipcrop", "data.augment=flipcrop: one of flip_crop, none"),
+    ],
+)
+def test_every_sweep_value_is_checked_before_any_job(sweep: str, expected: str) -> None:
+    """The keys the datamodule and the trainer once checked at run time, job by job."""
+    with pytest.raises(ConfigError) as caught:
+        check_command_line("train", ["-m", sweep])
+    assert str(caught.value).startswith(expected)
+
+
+@pytest.mark.integration
+def test_a_misspelt_sweep_value_stops_the_command_in_one_line(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    done = run_cli(
+        ["vision_tl.train", "-m", "data.sampler=weigthed,balanced", f"hydra.sweep.dir={sweep}"],
+        cwd=tmp_path,
+    )
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr == "error: data.sampler=weigthed: one of shuffle, weighted\n"
+    assert not sweep.exists(), "no job started"
 
 
 @pytest.mark.unit
@@ -186,16 +222,16 @@ def test_a_few_failing_files_are_skipped_and_the_run_finishes(
         [*TINY, f"data.root={data}", "trainer.max_epochs=1", "data.max_failed_fraction=0.1"],
         tmp_path / "run",
     )
-    from vision_tl.data.datamodule import ImageFolderDataModule
+    from vision_tl.data.datamodule import ImageDataModule
 
-    original = ImageFolderDataModule.setup
+    original = ImageDataModule.setup
 
     def setup_then_break_one_file(self, stage=None):  # the file breaks after the check
         original(self, stage)
         victim.write_bytes(b"truncated")
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ImageFolderDataModule, "setup", setup_then_break_one_file)
+        mp.setattr(ImageDataModule, "setup", setup_then_break_one_file)
         metrics = run_training(cfg)
     assert metrics["epochs"] == 1 and (tmp_path / "run" / "metrics.json").is_file()
     listed = (tmp_path / "run" / "bad_files.csv").read_text()

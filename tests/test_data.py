@@ -15,7 +15,6 @@ from vision_tl.core.errors import ConfigError
 from vision_tl.data import (
     AUGMENTATIONS,
     DATASETS,
-    ImageFolderDataModule,
     Preprocess,
     eval_transform,
     load_rgb,
@@ -27,6 +26,7 @@ from vision_tl.data import (
 from vision_tl.data.builtin import shapes
 from vision_tl.data.decode import decode
 from vision_tl.models import build_backbone
+from vision_tl.training.build import build_data, preprocess_overrides
 
 
 def test_split_is_deterministic_and_stratified(tmp_path: Path) -> None:
@@ -147,11 +147,12 @@ def test_every_augmentation_preset_makes_uint8_crops(preset: str) -> None:
 
 
 def test_datamodule_batches_follow_the_model_preprocess(image_folder: Path) -> None:
-    dm = ImageFolderDataModule(root=str(image_folder), batch_size=4, num_workers=0, image_size=20)
-    dm.setup("fit")
+    keys = {"root": str(image_folder), "batch_size": 4, "num_workers": 0, "image_size": 20}
+    data = build_data(keys)
     lite = build_backbone("timm/tf_efficientnet_lite0", weights=None).preprocess
-    pre = dm.set_preprocess(lite.resolve(dm.preprocess_overrides))
+    pre = lite.resolve(preprocess_overrides(keys, data.source))
     assert pre.input_size == 20 and pre.interpolation == "bicubic" and pre.mean == (0.5,) * 3
+    dm = data.datamodule(pre)
     assert dm.preprocess is pre, "the datamodule keeps the resolved object as it is"
     x, y = next(iter(dm.train_dataloader()))
     assert x.shape == (4, 3, 20, 20) and x.dtype == torch.uint8 and y.dtype == torch.int64

@@ -16,13 +16,14 @@ from conftest import TINY, _draw
 
 from vision_tl.core.errors import ConfigError
 from vision_tl.core.runtime import feature_batch_size
-from vision_tl.data import ImageFolderDataModule
+from vision_tl.data import ImageDataModule
 from vision_tl.data.augment import normalize_batch, train_transform
 from vision_tl.data.dataset import ImageListDataset
-from vision_tl.data.features import CachedFeatures, load_or_build, view_seed
+from vision_tl.data.features import CachedFeatures, FeatureSpec, load_or_build, view_seed
 from vision_tl.data.samplers import ViewSampler
 from vision_tl.models import FUSIONS, build_model
 from vision_tl.models.backbones import Backbone
+from vision_tl.training.build import build_data, preprocess_overrides
 from vision_tl.training.callbacks import FeatureCache
 from vision_tl.training.task import ClassificationTask
 from vision_tl.training.train import run_training
@@ -42,30 +43,34 @@ def _task(finetune: str = "linear_probe", backbone: str = "resnet18") -> Classif
 
 
 def prepare_features(
-    dm: ImageFolderDataModule, task: ClassificationTask, fast_dev_run: bool = False
+    built: tuple[ImageDataModule, FeatureSpec], task: ClassificationTask, fast_dev_run: bool = False
 ) -> CachedFeatures | None:
     """Run the `FeatureCache` callback's fit setup with what it reads from a Trainer."""
+    dm, spec = built
     device = SimpleNamespace(root_device=torch.device("cpu"))
     trainer = SimpleNamespace(datamodule=dm, fast_dev_run=fast_dev_run, strategy=device)
     dm.use_features(None)
     task.feature_inputs = False
-    FeatureCache().setup(trainer, task, "fit")
+    FeatureCache(spec).setup(trainer, task, "fit")
     assert task.feature_inputs == (dm.features is not None), "the task is told explicitly"
     return dm.features
 
 
-def _datamodule(root: Path, task: ClassificationTask, **kwargs) -> ImageFolderDataModule:
+def _datamodule(
+    root: Path, task: ClassificationTask, **kwargs
+) -> tuple[ImageDataModule, FeatureSpec]:
+    """The DataModule and feature spec of `data.*` keys, built as `build_run` builds them."""
     kwargs.setdefault("feature_precision", "fp32")  # exact comparisons with the backbone
-    dm = ImageFolderDataModule(root=str(root), num_workers=0, batch_size=8, image_size=32, **kwargs)
-    dm.setup()
-    dm.set_preprocess(task.model.preprocess.resolve(dm.preprocess_overrides))
-    return dm
+    keys = {"root": str(root), "num_workers": 0, "batch_size": 8, "image_size": 32, **kwargs}
+    data = build_data(keys)
+    pre = task.model.preprocess.resolve(preprocess_overrides(keys, data.source))
+    return data.datamodule(pre), data.feature_spec
 
 
 def test_cached_features_equal_the_backbone_on_images(image_folder: Path) -> None:
     task = _task()
-    dm = _datamodule(image_folder, task, augment="none")
-    cached = prepare_features(dm, task)
+    dm, spec = _datamodule(image_folder, task, augment="none")
+    cached = prepare_features((dm, spec), task)
     assert cached is not None and cached.hits == {"eval": False}
     for split in ("train", "val", "test"):
         dataset, views = cached.dataset(split, train=split == "train")
@@ -78,7 +83,7 @@ def test_cached_features_equal_the_backbone_on_images(image_folder: Path) -> Non
         assert views == 1 and features.shape == (24, 512)
         torch.testing.assert_close(features, expected, atol=1e-5, rtol=1e-5)
         assert [dataset[i][1] for i in range(24)] == [label for _, label in images.samples]
-    assert prepare_features(dm, task).hits == {"eval": True}
+    assert prepare_features((dm, spec), task).hits == {"eval": True}
 
 
 @pytest.mark.parametrize(("requested", "expected"), [(None, 8), (5, 5)])
@@ -88,12 +93,13 @@ def test_feature_cache_batches_are_small_on_a_cpu_unless_asked(
     """On a CPU the cache runs the backbone 8 images at a time (about twice the images/s
     of 32 on small CPUs), not at the training batch; `data.feature_batch_size` overrides."""
     task = _task()
-    dm = _datamodule(image_folder, task, augment="none", feature_batch_size=requested)
-    dm.batch_size = 16
+    dm, spec = _datamodule(
+        image_folder, task, augment="none", feature_batch_size=requested, batch_size=16
+    )
     sizes: list[int] = []
     features = task.model.features
     monkeypatch.setattr(task.model, "features", lambda x: sizes.append(len(x)) or features(x))
-    assert prepare_features(dm, task) is not None
+    assert prepare_features((dm, spec), task) is not None
     assert sum(sizes) == 72 and max(sizes) == expected and sizes.count(expected) == 72 // expected
     assert feature_batch_size(None, torch.device("cuda"), 16) == 32
     assert feature_batch_size(None, torch.device("cuda"), 64) == 64
@@ -116,8 +122,8 @@ def test_augmented_views_and_clear_bypasses(
     image_folder: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     task = _task()
-    dm = _datamodule(image_folder, task, augment="flip_crop", feature_views=3)
-    cached = prepare_features(dm, task)
+    dm, spec = _datamodule(image_folder, task, augment="flip_crop", feature_views=3)
+    cached = prepare_features((dm, spec), task)
     train, views = cached.dataset("train", train=True)
     assert views == 3 and cached.train_store.views == 3 and len(train) == 24
     assert cached.dataset("val", train=False)[1] == 1
@@ -130,13 +136,13 @@ def test_augmented_views_and_clear_bypasses(
     )
     assert reseeded.hits == {"eval": True, "train": False}, "another seed draws other views"
     assert not torch.equal(reseeded.dataset("train", train=True)[0][5][0], first)
-    assert prepare_features(dm, task).hits == {"eval": True, "train": True}
+    assert prepare_features((dm, spec), task).hits == {"eval": True, "train": True}
 
     with caplog.at_level(logging.INFO, logger="vision_tl.training.callbacks"):
         no_views = _datamodule(image_folder, task, feature_views=0)
         assert prepare_features(no_views, task) is None
-        assert prepare_features(dm, _task("partial")) is None
-        assert prepare_features(dm, task, fast_dev_run=True) is None
+        assert prepare_features((dm, spec), _task("partial")) is None
+        assert prepare_features((dm, spec), task, fast_dev_run=True) is None
     assert "bypassed: data.augment=flip_crop with data.feature_views=0" in caplog.text
     assert "bypassed: finetune=partial trains the last backbone stages" in caplog.text
     assert "bypassed: trainer.fast_dev_run" in caplog.text
@@ -169,9 +175,18 @@ def test_each_augmented_view_depends_on_its_image_and_view_only(
     n, cpu = len(files), torch.device("cpu")
     rows = {}
     for batch, workers in ((1, 0), (5, 2)):
-        images = _CountingReads([(f, 0) for f in files], pre, transform)
+        images = _CountingReads([(f, 0) for f in files], pre.read, transform)
         store, _ = load_or_build(
-            tmp_path / f"b{batch}", {"views": 3}, _Pixels(), images, 3, cpu, batch, workers, seed=7
+            tmp_path / f"b{batch}",
+            {"views": 3},
+            _Pixels(),
+            images,
+            pre,
+            3,
+            cpu,
+            batch,
+            workers,
+            seed=7,
         )
         rows[batch] = np.fromfile(store.data_file, dtype=np.float32).reshape(3, n, -1)
         if workers == 0:
@@ -209,7 +224,7 @@ def test_linear_probe_reuses_the_cache_and_a_change_invalidates_it(
     def run(name: str, *extra: str) -> tuple[dict, str]:
         caplog.clear()
         calls.clear()
-        with caplog.at_level(logging.INFO, logger="vision_tl.data.datamodule"):
+        with caplog.at_level(logging.INFO, logger="vision_tl.data.features"):
             metrics = run_training(compose_train([*base, *extra], tmp_path / name))
         verdict = [r.message for r in caplog.records if "the backbone does not run" in r.message]
         return metrics, (verdict[0].split()[2] if verdict else "bypassed")
@@ -235,7 +250,7 @@ def test_linear_probe_reuses_the_cache_and_a_change_invalidates_it(
         tmp_path / "second" / "checkpoints" / "last.ckpt"
     )
     assert any(k.startswith("model.backbone.") for k in task.state_dict())
-    dm = _datamodule(image_folder, task, augment="none")
+    dm = _datamodule(image_folder, task, augment="none")[0]
     images = dm.image_dataset("val", train=False)
     x = dm.normalize(torch.stack([images[i][0] for i in range(len(images))]))
     y = torch.tensor([label for _, label in images.samples])

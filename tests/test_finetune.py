@@ -222,8 +222,13 @@ def test_the_probe_penalty_is_the_loss_s_not_the_optimizer_s_decay() -> None:
 def test_bad_finetune_values() -> None:
     with pytest.raises(ConfigError, match="unknown finetune mode 'lora'; available: full"):
         build_finetune({"mode": "lora"})
-    with pytest.raises(ConfigError, match=r"finetune\.trainable_stages=-1: must be >= 0"):
+    # a policy built in code obeys the config's own finetune.* rules (training/rules.py)
+    with pytest.raises(ConfigError, match=r"^finetune\.trainable_stages=-1: an integer >= 0$"):
         build_finetune({"mode": "partial", "trainable_stages": -1})
+    with pytest.raises(ConfigError, match=r"^finetune\.lrs=\[\]: a non-empty list of numbers"):
+        build_finetune({"mode": "linear_probe", "lrs": []})
+    with pytest.raises(ConfigError, match=r"^finetune\.batchnorm=live: one of frozen, train$"):
+        build_finetune({"mode": "lp_ft", "batchnorm": "live"})
     with pytest.raises(ConfigError, match="finetune=full has no option unfreeze_epoch"):
         build_finetune({"mode": "full", "unfreeze_epoch": 2})
 

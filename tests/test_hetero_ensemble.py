@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import TINY, make_image_folder
+from helpers.data import datamodule
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from PIL import Image
@@ -20,7 +21,6 @@ from PIL import Image
 from vision_tl.core.config import config_dir
 from vision_tl.core.errors import ConfigError
 from vision_tl.data.augment import eval_transform, normalize_batch, train_transform
-from vision_tl.data.datamodule import ImageFolderDataModule
 from vision_tl.data.preprocess import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -106,9 +106,7 @@ def test_each_member_receives_its_own_size_and_normalisation(tmp_path: Path) -> 
         _check_normalised(seen[i], colour, mean, std)
 
     # training batches and the feature cache: the datamodule's loader and normalisation
-    dm = ImageFolderDataModule(root=str(tmp_path), num_workers=0, batch_size=2)
-    dm.setup()
-    dm.set_preprocess(pre)
+    dm = datamodule(preprocess=pre, root=str(tmp_path), num_workers=0, batch_size=2)
     x, _ = next(iter(dm.train_dataloader()))
     with torch.no_grad():
         model(dm.normalize(x))

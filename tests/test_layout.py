@@ -16,8 +16,11 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from vision_tl.core.config import config_dir
-from vision_tl.data import DATASETS, ImageFolderDataModule, Preprocess
+from vision_tl.data import DATASETS, SOURCES, Preprocess, Source
+from vision_tl.data.datamodule import DataSettings
+from vision_tl.data.sources import build_source
 from vision_tl.models import HEADS, build_model
+from vision_tl.training.build import build_data, preprocess_overrides
 from vision_tl.training.finetune import FINETUNE, build_finetune
 from vision_tl.training.task import ClassificationTask
 
@@ -45,10 +48,11 @@ GROUP_OPTIONS = [(group, name) for group in GROUPS for name in _options(group)]
 @pytest.mark.parametrize(("group", "name"), GROUP_OPTIONS, ids=lambda v: str(v))
 def test_every_config_option_composes_and_builds(group: str, name: str, tmp_path: Path) -> None:
     """`<group>=<name>` composes with the rest of `train`, and what it configures builds."""
-    cfg = _compose([f"{group}={name}", "data.root=/data", f"paths.output_dir={tmp_path}"])
+    cfg = _compose([f"{group}={name}", f"data.root={tmp_path}", f"paths.output_dir={tmp_path}"])
     if group in ("data", "experiment"):
-        dm = instantiate(cfg.data)
-        assert isinstance(dm, ImageFolderDataModule)
+        data = OmegaConf.to_container(cfg.data, resolve=True)
+        settings = DataSettings.from_config(data)  # every data.* value passes data/rules.py
+        assert isinstance(build_source(data, settings.cache_root), Source)
     if group in ("model", "model/head", "finetune", "experiment"):
         spec = OmegaConf.to_container(cfg.model, resolve=True)
         finetune = OmegaConf.to_container(cfg.finetune, resolve=True)
@@ -106,10 +110,25 @@ def test_every_finetune_policy_sets_a_trainable_head(mode: str) -> None:
 
 @pytest.mark.parametrize("name", DATASETS.names())
 def test_every_builtin_dataset_generates_a_trainable_folder(name: str, session_cache: Path) -> None:
-    dm = ImageFolderDataModule(builtin=name, cache=str(session_cache), num_workers=0)
-    dm.setup()
-    assert len(dm.class_names) >= 2 and dm.split.samples["train"] and dm.split.samples["val"]
-    assert dm.preprocess_overrides["image_size"] == DATASETS.get(name).image_size
+    keys = {"builtin": name, "cache": str(session_cache)}
+    data = build_data(keys)
+    catalog = data.catalog
+    assert len(catalog.class_names) >= 2 and catalog.samples["train"] and catalog.samples["val"]
+    image_size = preprocess_overrides(keys, data.source)["image_size"]
+    assert image_size == DATASETS.get(name).image_size
+
+
+@pytest.mark.parametrize("name", SOURCES.names())
+def test_every_source_keeps_the_protocol_and_has_its_config(name: str) -> None:
+    """A registered source is a `Source` with every method of the seam, selected by
+    `conf/data/<name>.yaml` (`data=<name>`), which composes with the rest of `train`."""
+    cls = SOURCES.get(name)
+    assert issubclass(cls, Source) and cls.name == name
+    for method in ("from_config", "catalog", "open", "signature", "file", "describe", "name_of"):
+        assert callable(getattr(cls, method)), f"{name}.{method}"
+    assert not getattr(cls, "__abstractmethods__", None), f"{name} leaves methods abstract"
+    cfg = _compose([f"data={name}"])
+    assert cfg.data.source == name and "batch_size" in cfg.data
 
 
 def test_top_level_holds_only_thin_entry_points() -> None:
@@ -168,10 +187,11 @@ def test_data_package_exports_objects_not_submodules() -> None:
         assert not inspect.ismodule(getattr(data, name)), name
 
 
-def test_background_is_a_data_option_that_reaches_the_preprocessing() -> None:
-    cfg = _compose(["data.root=/data", "data.background=[0,0,0]"])
-    dm = instantiate(cfg.data)
-    assert Preprocess().resolve(dm.preprocess_overrides).background == (0, 0, 0)
+def test_background_is_a_data_option_that_reaches_the_preprocessing(tmp_path: Path) -> None:
+    cfg = _compose([f"data.root={tmp_path}", "data.background=[0,0,0]"])
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    source = build_source(data, tmp_path)
+    assert Preprocess().resolve(preprocess_overrides(data, source)).background == (0, 0, 0)
 
 
 @pytest.mark.parametrize(

@@ -14,15 +14,17 @@ import pandas as pd
 import pytest
 import torch
 from conftest import TINY, _draw, make_image_folder
+from helpers.data import datamodule
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from vision_tl.core.errors import ConfigError
-from vision_tl.data import ImageFolderDataModule, Preprocess, load_rgb, scan_root
+from vision_tl.data import Preprocess, load_rgb, scan_root
 from vision_tl.data.augment import resize_op
 from vision_tl.data.decode import decode
 from vision_tl.data.resized import resized_copies
 from vision_tl.data.scan import ImageScanner, read_bad_files
+from vision_tl.training.build import build_data
 from vision_tl.training.train import run_training
 
 
@@ -148,7 +150,7 @@ def test_training_on_a_messy_folder_uses_every_good_image_and_lists_every_bad_on
     good, bad = make_messy_folder(root)
     # A file that passes the check, then breaks before training with the same size and
     # mtime (the scan cache still vouches for it): it must be skipped mid-epoch.
-    ImageFolderDataModule(root=str(root), num_workers=0).setup()
+    build_data({"root": str(root), "num_workers": 0})
     victim = root / "train" / "dog" / "dog_1.png"
     stat = victim.stat()
     victim.write_bytes(os.urandom(stat.st_size))
@@ -179,18 +181,17 @@ def test_bad_files_and_bad_inputs_give_one_line_errors(tmp_path: Path) -> None:
     root = tmp_path / "data"
     make_image_folder(root, classes=("a", "b"), per_class=2, size=16)
     (root / "train" / "a" / "broken.jpg").write_text("not a photo")
-    dm = ImageFolderDataModule(root=str(root), on_bad_image="fail", num_workers=0)
     with pytest.raises(ConfigError, match=r"^1 unusable files under .*broken\.jpg \(not an image"):
-        dm.setup()
-    with pytest.raises(ConfigError, match="on_bad_image=maybe: one of skip, fail"):
-        ImageFolderDataModule(root=str(root), on_bad_image="maybe")
+        build_data({"root": str(root), "on_bad_image": "fail", "num_workers": 0})
+    with pytest.raises(ConfigError, match=r"^data\.on_bad_image=maybe: one of skip, fail$"):
+        build_data({"root": str(root), "on_bad_image": "maybe"})
 
     manifest = tmp_path / "labels.csv"
     manifest.write_text("file,class\na.png,cat\n")
     with pytest.raises(ConfigError, match=r"needs columns path,label .*found: file, class"):
-        ImageFolderDataModule(root=str(root), manifest=str(manifest)).setup()
-    with pytest.raises(ConfigError, match=r"data.manifest=.*missing\.csv: does not exist"):
-        ImageFolderDataModule(manifest=str(tmp_path / "missing.csv")).setup()
+        build_data({"root": str(root), "manifest": str(manifest)})
+    with pytest.raises(ConfigError, match=r"data.manifest=.*missing\.csv: an existing file"):
+        build_data({"manifest": str(tmp_path / "missing.csv")})
     (tmp_path / "junk" / "x").mkdir(parents=True)
     (tmp_path / "junk" / "x" / "a.jpg").write_bytes(b"")
     with pytest.raises(ConfigError, match=r"no usable images in class subfolders .*empty file"):
@@ -202,21 +203,19 @@ def test_manifest_labels_and_splits(tmp_path: Path) -> None:
     rows = [f"x/x_{i}.png,{'cat' if i % 2 else 'dog'}" for i in range(6)]
     manifest = tmp_path / "pool" / "train.csv"
     manifest.write_text("path,label\n" + "\n".join([*rows, "x/gone.png,cat"]) + "\n")
-    dm = ImageFolderDataModule(manifest=str(manifest), val_fraction=0.34, num_workers=0)
-    dm.setup()
-    frame = dm.split_frame()
-    assert dm.class_names == ["cat", "dog"] and len(frame) == 6
+    catalog = build_data({"manifest": str(manifest), "val_fraction": 0.34}).catalog
+    frame = catalog.to_frame()
+    assert catalog.class_names == ["cat", "dog"] and len(frame) == 6
     assert frame.split.value_counts().to_dict() == {"train": 4, "val": 2}
-    assert [b.reason for b in dm.split.bad] == ["listed in the manifest but not found"]
+    assert [b.reason for b in catalog.bad] == ["listed in the manifest but not found"]
 
     with_split = tmp_path / "split.csv"
     with_split.write_text(
         "path,label,split\n"
         + "\n".join(f"{r},{'val' if i < 2 else 'train'}" for i, r in enumerate(rows))
     )
-    dm = ImageFolderDataModule(root=str(images), manifest=str(with_split), num_workers=0)
-    dm.setup()
-    assert dm.split_frame().split.value_counts().to_dict() == {"train": 4, "val": 2}
+    catalog = build_data({"root": str(images), "manifest": str(with_split)}).catalog
+    assert catalog.to_frame().split.value_counts().to_dict() == {"train": 4, "val": 2}
 
 
 def test_weighted_sampler_balances_classes(tmp_path: Path) -> None:
@@ -226,11 +225,13 @@ def test_weighted_sampler_balances_classes(tmp_path: Path) -> None:
     make_image_folder(root, classes=("common",), per_class=2, splits=("val",), size=16)
     counts = {}
     for sampler in ("shuffle", "weighted"):
-        dm = ImageFolderDataModule(
-            root=str(root), sampler=sampler, batch_size=20, num_workers=0, image_size=16
+        dm = datamodule(
+            preprocess=Preprocess(16, 16),
+            root=str(root),
+            sampler=sampler,
+            batch_size=20,
+            num_workers=0,
         )
-        dm.setup()
-        dm.set_preprocess(Preprocess(16, 16))
         torch.manual_seed(0)
         labels = torch.cat([y for _ in range(30) for _, y in dm.train_dataloader()])
         counts[sampler] = torch.bincount(labels, minlength=2).tolist()
@@ -250,18 +251,15 @@ def test_large_jpegs_decode_at_reduced_size(tmp_path: Path) -> None:
 
 def test_resize_cache_makes_copies_once(tmp_path: Path) -> None:
     root = make_image_folder(tmp_path / "data", classes=("a", "b"), per_class=3, size=120)
-    dm = ImageFolderDataModule(root=str(root), resize_cache=True, num_workers=0, batch_size=4)
-    dm.setup()
-    dm.set_preprocess(Preprocess(32, 40))
-    copies = dm.sources()
+    keys = {"root": str(root), "resize_cache": True, "num_workers": 0, "batch_size": 4}
+    dm = datamodule(preprocess=Preprocess(32, 40), **keys)
+    copies = dm.reader().files
     assert len(copies) == 12 and all(Image.open(c).size == (40, 40) for c in copies.values())
     x, _ = next(iter(dm.val_dataloader()))
     assert x.shape == (4, 3, 32, 32)
     stamps = {c: os.stat(c).st_mtime_ns for c in copies.values()}
-    again = ImageFolderDataModule(root=str(root), resize_cache=True, num_workers=0)
-    again.setup()
-    again.set_preprocess(Preprocess(32, 40))
-    assert again.sources() == copies
+    again = datamodule(preprocess=Preprocess(32, 40), **keys)
+    assert again.reader().files == copies
     assert {c: os.stat(c).st_mtime_ns for c in copies.values()} == stamps
 
 
@@ -291,9 +289,7 @@ def test_batches_are_normalised_after_transfer_like_the_float_pipeline(tmp_path:
         Image.open(path).save(path.with_suffix(".jpg"), quality=90)
         path.unlink()
     pre = Preprocess(32, 40, "bicubic", (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
-    dm = ImageFolderDataModule(root=str(root), batch_size=6, num_workers=0, augment="none")
-    dm.setup()
-    dm.set_preprocess(pre)
+    dm = datamodule(preprocess=pre, root=str(root), batch_size=6, num_workers=0, augment="none")
     x_uint8, y = next(iter(dm.val_dataloader()))
     assert x_uint8.dtype == torch.uint8
     dm.trainer = L.Trainer(accelerator="cpu", logger=False, precision="64-true")

@@ -11,9 +11,10 @@ from conftest import make_image_folder
 
 from vision_tl.core.errors import ConfigError
 from vision_tl.core.runtime import native_bf16, resolve_precision
-from vision_tl.data import ImageFolderDataModule
+from vision_tl.data.features import build_features
 from vision_tl.inference.predictor import Predictor
 from vision_tl.models import build_model
+from vision_tl.training.build import build_data, preprocess_overrides
 
 pytestmark = pytest.mark.unit
 
@@ -25,7 +26,7 @@ def test_auto_is_bf16_only_where_it_runs_natively() -> None:
     with pytest.raises(ConfigError, match="precision=fp16"):
         resolve_precision("fp16", cpu)
     with pytest.raises(ConfigError):
-        ImageFolderDataModule(root="x", feature_precision="half")
+        build_data({"root": "x", "feature_precision": "half"})
 
 
 def test_bf16_features_are_a_separate_entry_close_to_fp32(tmp_path: Path) -> None:
@@ -33,17 +34,17 @@ def test_bf16_features_are_a_separate_entry_close_to_fp32(tmp_path: Path) -> Non
     model = build_model({"backbone": {"name": "resnet18"}}, 3, pretrained=False).eval()
     stores = {}
     for precision in ("fp32", "bf16"):
-        dm = ImageFolderDataModule(
-            root=str(root),
-            num_workers=0,
-            image_size=32,
-            augment="none",
-            feature_precision=precision,
-            cache=str(tmp_path / "cache"),
-        )
-        dm.setup()
-        dm.set_preprocess(model.preprocess.resolve(dm.preprocess_overrides))
-        cached = dm.build_features(model, torch.device("cpu"))
+        keys = {
+            "root": str(root),
+            "num_workers": 0,
+            "image_size": 32,
+            "augment": "none",
+            "feature_precision": precision,
+            "cache": str(tmp_path / "cache"),
+        }
+        data = build_data(keys)
+        dm = data.datamodule(model.preprocess.resolve(preprocess_overrides(keys, data.source)))
+        cached = build_features(data.feature_spec, dm, model, torch.device("cpu"))
         assert cached.precision == precision and cached.hits == {"eval": False}
         stores[precision] = cached.tensors("train", train=False)[0]
     assert not torch.equal(stores["fp32"], stores["bf16"])  # bf16 really ran

@@ -13,10 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import TINY, make_image_folder
+from helpers.data import datamodule
 from hydra import compose, initialize_config_dir
 
 from vision_tl.core.config import config_dir
-from vision_tl.data.datamodule import ImageFolderDataModule
 from vision_tl.inference.eval import run_eval
 from vision_tl.training.recipes import TimeBudget
 from vision_tl.training.task import ClassificationTask
@@ -35,9 +35,7 @@ def small_folder(tmp_path: Path) -> Path:
 def _val_nll(task: ClassificationTask, root: Path, state: dict) -> float:
     task.load_state_dict(state)
     task.eval()
-    dm = ImageFolderDataModule(root=str(root), num_workers=0, batch_size=64, image_size=32)
-    dm.setup()
-    dm.set_preprocess(task.preprocess)
+    dm = datamodule(preprocess=task.preprocess, root=str(root), num_workers=0, batch_size=64)
     x, y = next(iter(dm.val_dataloader()))
     with torch.no_grad():
         return float(F.cross_entropy(task(dm.normalize(x)), y))

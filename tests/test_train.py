@@ -12,11 +12,11 @@ import pytest
 import torch
 import torchvision
 from conftest import TINY, make_image_folder, run_cli
+from helpers.data import datamodule
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from vision_tl.core.errors import ConfigError
-from vision_tl.data import ImageFolderDataModule
 from vision_tl.models import FUSIONS
 from vision_tl.models.backbones import torchvision_cache_path
 from vision_tl.training.task import ClassificationTask
@@ -215,9 +215,8 @@ def test_checkpoint_reloads_offline_without_the_weights_file(
         socket.create_connection(("example.com", 80))
     task = ClassificationTask.load_from_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     task.eval()
-    dm = ImageFolderDataModule(root=str(image_folder), num_workers=0, batch_size=4)
-    dm.setup()
-    dm.set_preprocess(task.preprocess)  # the checkpoint's own, 32 px
+    # the checkpoint's own preprocessing, 32 px
+    dm = datamodule(preprocess=task.preprocess, root=str(image_folder), num_workers=0, batch_size=4)
     x = dm.normalize(next(iter(dm.val_dataloader()))[0])
     state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     twin = ClassificationTask(**{**task.hparams, "load_pretrained": False})
@@ -353,9 +352,9 @@ def test_gradual_unfreezes_the_backbone(image_folder: Path) -> None:
         scheduler=partial(cosine_with_warmup, warmup_epochs=0),
     )
     start = task.model.backbone.body.conv1.weight.detach().clone()
-    dm = ImageFolderDataModule(root=str(image_folder), num_workers=0, batch_size=8, image_size=32)
-    dm.setup()
-    dm.set_preprocess(task.preprocess.resolve(dm.preprocess_overrides))
+    dm = datamodule(
+        base=task.preprocess, root=str(image_folder), num_workers=0, batch_size=8, image_size=32
+    )
     trainer = L.Trainer(
         max_epochs=3,
         accelerator="cpu",

@@ -1,5 +1,6 @@
-"""Data: image folders and manifests, file checks, splits, the one decode path, preprocessing,
-augmentation presets, the feature store and the datamodule.
+"""Data: sources (the `Source` seam: class folders, manifests, built-in sets), file checks,
+splits, the one decode path, preprocessing, augmentation presets, the feature store and the
+datamodule.
 
 The names below are loaded on first use, so `vision_tl.data.preprocess` (which every model
 imports) does not pull in Lightning and pandas with the datamodule.
@@ -7,8 +8,7 @@ imports) does not pull in Lightning and pandas with the datamodule.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from vision_tl.core.lazy import lazy_exports
 
 _EXPORTS = {
     "AUGMENTATIONS": "augment",
@@ -19,15 +19,20 @@ _EXPORTS = {
     "DATASETS": "builtin",
     "BuiltinDataset": "builtin",
     "builtin_dataset": "builtin",
-    "ImageFolderDataModule": "datamodule",
+    "DataSettings": "datamodule",
+    "ImageDataModule": "datamodule",
     "ImageListDataset": "dataset",
     "collate_skipping_none": "dataset",
     "load_rgb": "decode",
     "to_rgb": "decode",
-    "SplitSamples": "folder",
+    "file_catalog": "folder",
     "read_manifest": "folder",
     "scan_root": "folder",
-    "stratified_split": "folder",
+    "Catalog": "source",
+    "SOURCES": "source",
+    "Source": "source",
+    "register_source": "source",
+    "stratified_split": "source",
     "Preprocess": "preprocess",
     "BadFile": "scan",
     "ImageScanner": "scan",
@@ -37,8 +42,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'vision_tl.data' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"vision_tl.data.{module}"), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

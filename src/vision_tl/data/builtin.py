@@ -33,13 +33,17 @@ class BuiltinDataset:
     generate: Callable[[Path], None]
     version: int = 1
 
+    def folder(self, cache: str | Path) -> Path:
+        """Where `materialize` writes this dataset under `cache`."""
+        return Path(cache).expanduser() / "datasets" / f"{self.name}-v{self.version}"
+
     def materialize(self, cache: str | Path) -> Path:
-        """Generate into `cache/datasets/<name>-v<version>` once; later calls reuse it.
+        """Generate into `folder(cache)` once; later calls reuse it.
 
         Generation writes to a temporary folder and renames it, so concurrent jobs
         never see a half-written dataset.
         """
-        target = Path(cache).expanduser() / "datasets" / f"{self.name}-v{self.version}"
+        target = self.folder(cache)
         if (target / ".complete").exists():
             return target
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -1,26 +1,30 @@
-"""LightningDataModule for image folders: check, split, decode and augment with the run's
-`Preprocess`, and serve cached backbone features instead of images when told to."""
+"""The LightningDataModule: a source's catalog served as uint8 image batches (decoded and
+augmented with the run's resolved `Preprocess`, normalised on the device), or as cached
+backbone features once the feature cache hands them over.
+
+The settings come grouped (`DataSettings.from_config` reads the flat `data.*` keys once);
+what the images are and how they are opened is the `Source`'s business.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import pandas as pd
 import torch
-from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from vision_tl.core.config import cache_dir
 from vision_tl.core.errors import ConfigError
-from vision_tl.core.runtime import available_cpus, feature_batch_size, resolve_precision
+from vision_tl.core.runtime import available_cpus
+from vision_tl.core.validate import check_values
 from vision_tl.data.augment import (
-    AugmentPreset,
     Inputs,
     eval_transform,
     get_augment,
@@ -28,218 +32,206 @@ from vision_tl.data.augment import (
     normalize_batch,
     train_transform,
 )
-from vision_tl.data.builtin import DATASETS
 from vision_tl.data.dataset import ImageListDataset, collate_skipping_none
-from vision_tl.data.features import (
-    CACHE_VERSION,
-    CachedFeatures,
-    FeatureStore,
-    WithTeacher,
-    file_signature,
-    load_or_build,
-    weights_digest,
-)
-from vision_tl.data.features import MODES as FEATURE_CACHE_MODES
-from vision_tl.data.folder import SplitSamples, scan_root
+from vision_tl.data.features import CachedFeatures, FeatureSettings
 from vision_tl.data.preprocess import AnyPreprocess, EnsemblePreprocess
 from vision_tl.data.resized import resized_copies
-from vision_tl.data.samplers import SAMPLERS, ViewSampler, train_sampler
-from vision_tl.data.scan import DEFAULT_MAX_PIXELS, BadFileLog, ImageScanner, write_bad_files
+from vision_tl.data.rules import RULES
+from vision_tl.data.samplers import ViewSampler, train_sampler
+from vision_tl.data.scan import BadFileLog, write_bad_files
+from vision_tl.data.source import Catalog, Reader, Source
 from vision_tl.data.stats import class_count_table, imbalance, log_class_counts
 
 log = logging.getLogger(__name__)
 
-ON_BAD_IMAGE = ("skip", "fail")
+
+@dataclass(frozen=True)
+class Loading:
+    """How batches are drawn: size, decoding processes (None: one per core, up to 8) and
+    the training sampler (`shuffle`, or `weighted` for imbalanced classes)."""
+
+    batch_size: int = 32
+    num_workers: int | None = None
+    sampler: str = "shuffle"
+
+    @property
+    def workers(self) -> int:
+        return min(8, available_cpus()) if self.num_workers is None else int(self.num_workers)
 
 
-def _choice(name: str, value: str, choices: Sequence[str]) -> str:
-    if value not in choices:
-        raise ConfigError(f"data.{name}={value}: one of {', '.join(choices)}")
-    return value
+@dataclass(frozen=True)
+class Augmentation:
+    """The training augmentation preset (`data/augment.py`) and its random-crop scale."""
+
+    preset: str = "flip_crop"
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+
+    @property
+    def random(self) -> bool:
+        return get_augment(self.preset).random
+
+    def train_transform(self, preprocess: AnyPreprocess) -> Any:
+        return train_transform(preprocess, self.preset, self.crop_scale)
 
 
-class ImageFolderDataModule(L.LightningDataModule):
-    """Images in class subfolders under `root`, listed by a CSV `manifest`, or a built-in
-    dataset when both are None.
+@dataclass(frozen=True)
+class FileChecks:
+    """What an unusable file does: `skip` it (listed in bad_files.csv) or `fail` the run;
+    more than `max_failed_fraction` of later failures stops the run."""
 
-    Every file is checked before training (see `vision_tl.data.scan`); unusable ones are
-    skipped (`on_bad_image=skip`) or stop the run (`fail`). `image_size`, `resize_size`,
-    `interpolation`, `mean`, `std`, `background` and `draft` are the user's preprocessing
-    overrides (`preprocess_overrides`): whoever builds the model resolves them once against
-    the backbone's own preprocessing and hands the result to `set_preprocess`. Loaders
-    yield uint8 images; `on_after_batch_transfer` normalises them on the device. After
-    `use_features`, loaders yield cached backbone features instead (see
-    `vision_tl.training.callbacks.FeatureCache`, which decides when).
+    on_bad_image: str = "skip"
+    max_failed_fraction: float = 0.1
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """The `data.*` settings, grouped, read from the config in one place."""
+
+    loading: Loading = field(default_factory=Loading)
+    augment: Augmentation = field(default_factory=Augmentation)
+    checks: FileChecks = field(default_factory=FileChecks)
+    features: FeatureSettings = field(default_factory=FeatureSettings)
+    val_fraction: float = 0.2
+    seed: int = 42
+    resize_cache: bool = False
+    cache_root: Path = field(default_factory=cache_dir)
+
+    @classmethod
+    def from_config(cls, data: Mapping[str, Any]) -> DataSettings:
+        """Read the flat `data.*` keys (checked against `data/rules.py` first, so settings
+        built in code obey the same table as the command line)."""
+        check_values("data", data, RULES)
+
+        def given(*keys: str) -> dict[str, Any]:
+            return {k: data[k] for k in keys if data.get(k) is not None}
+
+        features = given("feature_views", "feature_precision", "feature_batch_size")
+        features = {k.removeprefix("feature_"): v for k, v in features.items()}
+        if data.get("feature_cache") is not None:
+            features["mode"] = data["feature_cache"]
+        augment = {"preset": data["augment"]} if data.get("augment") else {}
+        if data.get("crop_scale") is not None:
+            augment["crop_scale"] = tuple(float(v) for v in data["crop_scale"])
+        return cls(
+            loading=Loading(**given("batch_size", "num_workers", "sampler")),
+            augment=Augmentation(**augment),
+            checks=FileChecks(**given("on_bad_image", "max_failed_fraction")),
+            features=FeatureSettings(**features),
+            **given("val_fraction", "seed", "resize_cache"),
+            cache_root=Path(data["cache"]).expanduser() if data.get("cache") else cache_dir(),
+        )
+
+
+def load_catalog(source: Source, settings: DataSettings) -> Catalog:
+    """The source's catalog, checked (`on_bad_image=fail`), split (a stratified val split
+    when the data has none) and described in the log: what every command reads."""
+    catalog = source.catalog()
+    where = source.describe()
+    if catalog.bad and settings.checks.on_bad_image == "fail":
+        shown = "; ".join(f"{b.path} ({b.reason})" for b in catalog.bad[:3])
+        raise ConfigError(
+            f"{len(catalog.bad)} unusable files under {where}: {shown}"
+            f"{' ...' if len(catalog.bad) > 3 else ''}; fix or remove them, or set "
+            "data.on_bad_image=skip"
+        )
+    catalog = catalog.with_val(settings.val_fraction, settings.seed)
+    sizes = "/".join(str(len(catalog.samples.get(s, []))) for s in ("train", "val", "test"))
+    log.info(
+        "Data: %d classes, %s images (train/val/test) from %s",
+        len(catalog.class_names),
+        sizes,
+        where,
+    )
+    log.info("Image check: %s", catalog.scan.summary() if catalog.scan else "skipped")
+    if catalog.bad:
+        kinds = Counter(b.reason.split(" (")[0].split(":")[0] for b in catalog.bad)
+        log.warning(
+            "%d unusable files skipped (listed with reasons in the run's bad_files.csv): %s",
+            len(catalog.bad),
+            ", ".join(f"{n} {kind}" for kind, n in kinds.most_common()),
+        )
+    if catalog.ignored:
+        log.info("Ignored %d hidden, system or non-image files", len(catalog.ignored))
+    log.info("Images per class:\n%s", class_count_table(catalog))
+    ratio = imbalance(catalog.class_counts("train"))
+    if ratio >= 3 and settings.loading.sampler == "shuffle":
+        log.info(
+            "Classes are imbalanced (%.1f:1 in train): consider data.sampler=weighted "
+            "or loss.class_weights=auto",
+            ratio,
+        )
+    return catalog
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Batches of a `Catalog`'s splits, opened by its `Source` with the resolved `preprocess`.
+
+    Loaders yield uint8 images (a tuple of per-member crops for an `EnsemblePreprocess`);
+    `on_after_batch_transfer` normalises them on the device. After `use_features`, loaders
+    yield cached backbone features instead (the `FeatureCache` callback decides when). An
+    iterable source is read in its own order: no sampler and no resized copies.
     """
 
     def __init__(
         self,
-        root: str | None = None,
-        builtin: str = "shapes",
-        cache: str | None = None,
-        val_fraction: float = 0.2,
-        seed: int = 42,
-        batch_size: int = 32,
-        num_workers: int | None = None,
-        image_size: int | None = None,
-        resize_size: int | None = None,
-        interpolation: str | None = None,
-        mean: Sequence[float] | None = None,
-        std: Sequence[float] | None = None,
-        augment: str = "flip_crop",
-        crop_scale: Sequence[float] = (0.08, 1.0),
-        background: Sequence[int] = (255, 255, 255),
-        manifest: str | None = None,
-        on_bad_image: str = "skip",
-        max_image_pixels: int | None = None,
-        sampler: str = "shuffle",
-        draft: bool = True,
+        source: Source,
+        catalog: Catalog,
+        preprocess: AnyPreprocess,
+        loading: Loading | None = None,
+        augment: Augmentation | None = None,
+        checks: FileChecks | None = None,
         resize_cache: bool = False,
-        feature_cache: str = "auto",
-        feature_views: int = 4,
-        max_failed_fraction: float = 0.1,
-        feature_precision: str = "auto",
-        feature_batch_size: int | None = None,
+        cache_root: Path | None = None,
     ) -> None:
         super().__init__()
-        if batch_size < 1:
-            raise ConfigError(f"data.batch_size={batch_size}: a positive integer")
-        if feature_views < 0:
-            raise ConfigError(f"data.feature_views={feature_views}: an integer >= 0")
-        self.root = root
-        self.builtin = builtin
-        self.cache = cache
-        self.val_fraction = val_fraction
-        self.seed = seed
-        self.batch_size = batch_size
-        self.num_workers = min(8, available_cpus()) if num_workers is None else num_workers
-        if root is None and manifest is None and image_size is None:
-            image_size = DATASETS.get(builtin).image_size
-        self.preprocess_overrides: dict[str, Any] = {
-            "image_size": image_size,
-            "resize_size": resize_size,
-            "interpolation": interpolation,
-            "mean": None if mean is None else tuple(mean),
-            "std": None if std is None else tuple(std),
-            "background": tuple(int(v) for v in background),
-            "draft": bool(draft),
-        }
-        self.augment = augment
-        self.augment_preset: AugmentPreset = get_augment(augment)
-        self.crop_scale = tuple(float(v) for v in crop_scale)
-        self.manifest = manifest
-        self.on_bad_image = _choice("on_bad_image", on_bad_image, ON_BAD_IMAGE)
-        self.max_image_pixels = int(max_image_pixels or DEFAULT_MAX_PIXELS)
-        self.sampler = _choice("sampler", sampler, SAMPLERS)
-        self.resize_cache = resize_cache
-        self.feature_cache = _choice("feature_cache", feature_cache, FEATURE_CACHE_MODES)
-        self.feature_views = int(feature_views)
-        self.max_failed_fraction = float(max_failed_fraction)
-        self._failures_size = -1
-        resolve_precision(feature_precision, torch.device("cpu"))  # a bad name fails now
-        self.feature_precision = feature_precision
-        if feature_batch_size is not None and int(feature_batch_size) < 1:
-            raise ConfigError(f"data.feature_batch_size={feature_batch_size}: a positive integer")
-        self.feature_batch_size = feature_batch_size
-        self.preprocess: AnyPreprocess | None = None
-        self.split: SplitSamples | None = None
+        self.source = source
+        self.catalog = catalog
+        self.preprocess = preprocess
+        self.loading = loading or Loading()
+        self.augment = augment or Augmentation()
+        self.checks = checks or FileChecks()
+        self.resize_cache = resize_cache and not source.iterable
+        self.cache_root = cache_root or cache_dir()
         self.bad_file_log = BadFileLog()
         self.features: CachedFeatures | None = None
-        self._sources: dict[str, str] | None = None
+        self._feature_batch_size: int | None = None
+        self._reader: Reader | None = None
+        self._failures_size = -1
         self._counts_logged = False
 
     @property
-    def cache_root(self) -> Path:
-        return Path(self.cache).expanduser() if self.cache else cache_dir()
-
-    @property
-    def data_root(self) -> Path | None:
-        """The folder actually read: `root`, or the built-in dataset's cache folder (None
-        for a manifest without a root: its paths are relative to the CSV)."""
-        if self.root is not None:
-            return Path(self.root).expanduser()
-        if self.manifest is not None:
-            return None
-        return DATASETS.get(self.builtin).materialize(self.cache_root)
-
-    def prepare_data(self) -> None:
-        self.data_root  # noqa: B018 - generates the built-in dataset once, on one process
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.split is None:
-            self.split = self._scan()
-        if stage == "fit" and self.trainer is not None and not self._counts_logged:
-            self._counts_logged = True
-            if self.trainer.is_global_zero:
-                log_class_counts(self.trainer.loggers, self.split)
-
-    def _scan(self) -> SplitSamples:
-        root = self.data_root
-        anchor = Path(self.manifest).expanduser() if self.manifest else root
-        scanner = ImageScanner(
-            ImageScanner.cache_file_for(self.cache_root, anchor), self.max_image_pixels
-        )
-        split = scan_root(
-            root, self.val_fraction, self.seed, manifest=self.manifest, scanner=scanner
-        )
-        where = self.manifest or root
-        if split.bad and self.on_bad_image == "fail":
-            shown = "; ".join(f"{b.path} ({b.reason})" for b in split.bad[:3])
-            raise ConfigError(
-                f"{len(split.bad)} unusable files under {where}: {shown}"
-                f"{' ...' if len(split.bad) > 3 else ''}; fix or remove them, or set "
-                "data.on_bad_image=skip"
-            )
-        sizes = "/".join(str(len(split.samples.get(s, []))) for s in ("train", "val", "test"))
-        log.info(
-            "Data: %d classes, %s images (train/val/test) from %s",
-            len(split.class_names),
-            sizes,
-            where,
-        )
-        log.info("Image check: %s", split.scan.summary() if split.scan else "skipped")
-        if split.bad:
-            kinds = Counter(b.reason.split(" (")[0].split(":")[0] for b in split.bad)
-            log.warning(
-                "%d unusable files skipped (listed with reasons in the run's bad_files.csv): %s",
-                len(split.bad),
-                ", ".join(f"{n} {kind}" for kind, n in kinds.most_common()),
-            )
-        if split.ignored:
-            log.info("Ignored %d hidden, system or non-image files", len(split.ignored))
-        log.info("Images per class:\n%s", class_count_table(split))
-        ratio = imbalance(split.class_counts("train"))
-        if ratio >= 3 and self.sampler == "shuffle":
-            log.info(
-                "Classes are imbalanced (%.1f:1 in train): consider data.sampler=weighted "
-                "or loss.class_weights=auto",
-                ratio,
-            )
-        return split
-
-    @property
     def class_names(self) -> list[str]:
-        if self.split is None:
-            self.setup()
-        return self.split.class_names
+        return self.catalog.class_names
 
     @property
     def has_test(self) -> bool:
-        return bool(self.split and self.split.samples.get("test"))
+        return bool(self.catalog.samples.get("test"))
 
-    def class_counts(self) -> list[int]:
-        return self.split.class_counts("train")
+    def setup(self, stage: str | None = None) -> None:
+        if stage == "fit" and self.trainer is not None and not self._counts_logged:
+            self._counts_logged = True
+            if self.trainer.is_global_zero:
+                log_class_counts(self.trainer.loggers, self.catalog)
 
-    def split_frame(self) -> pd.DataFrame:
-        """Every image with its label and split: what this run trains and validates on."""
-        return self.split.to_frame()
+    def reader(self) -> Reader:
+        """key -> uint8 image; with `resize_cache`, large files are read from resized copies."""
+        if self._reader is None:
+            copies: dict[str, str] = {}
+            if self.resize_cache:
+                files = {k: self.source.file(k) for k in self.catalog.all_keys()}
+                pre = self.preprocess
+                pre = pre.decode_as if isinstance(pre, EnsemblePreprocess) else pre
+                made = resized_copies([f for f in files.values() if f], pre, self.cache_root)
+                copies = {k: made[f] for k, f in files.items() if f in made}
+            self._reader = Reader(self.source, self.preprocess, copies)
+        return self._reader
 
     def write_bad_files(self, path: str | Path, write: bool = True) -> None:
         """Write the unusable files found so far to `path` (a CSV of path, reason); files
         that fail later, during training or feature extraction, are appended to it."""
-        self.bad_file_log = BadFileLog(path, preflight_rows=len(self.split.bad))
+        self.bad_file_log = BadFileLog(path, preflight_rows=len(self.catalog.bad))
         if write:
-            write_bad_files(path, self.split.bad)
+            write_bad_files(path, self.catalog.bad)
 
     def check_failures(self) -> None:
         """Stop the run when more than `max_failed_fraction` of the files that passed the
@@ -251,12 +243,13 @@ class ImageFolderDataModule(L.LightningDataModule):
                 return
             self._failures_size = size
         failed = self.bad_file_log.later_failures()
-        total = sum(len(files) for files in self.split.samples.values())
-        if not failed or len(failed) <= self.max_failed_fraction * total:
+        total = sum(len(samples) for samples in self.catalog.samples.values())
+        limit = self.checks.max_failed_fraction
+        if not failed or len(failed) <= limit * total:
             return
         first = failed[0]
         raise ConfigError(
-            f"data.max_failed_fraction={self.max_failed_fraction}: {len(failed)} of {total} "
+            f"data.max_failed_fraction={limit}: {len(failed)} of {total} "
             "images that passed the image check failed when read for training, which points "
             f"at the setup (image size, augmentation, disk), not the files; first: {first.path}: "
             f"{first.reason}"
@@ -266,126 +259,27 @@ class ImageFolderDataModule(L.LightningDataModule):
         if self.trainer is None or self.trainer.is_global_zero:
             self.bad_file_log.deduplicate()
 
-    def set_preprocess(self, preprocess: AnyPreprocess) -> AnyPreprocess:
-        """Use `preprocess` (already resolved: see `Preprocess.resolve`) for every image; an
-        `EnsemblePreprocess` makes every image a tuple of per-member crops."""
-        self.preprocess = preprocess
-        self._sources = None
-        return preprocess
-
-    def sources(self) -> dict[str, str]:
-        """Path -> file actually read (resized copies when `resize_cache` is on)."""
-        if self._sources is None:
-            self._sources = {}
-            if self.resize_cache:
-                files = [p for samples in self.split.samples.values() for p, _ in samples]
-                pre = self.preprocess
-                pre = pre.decode_as if isinstance(pre, EnsemblePreprocess) else pre
-                self._sources = resized_copies(files, pre, self.cache_root)
-        return self._sources
-
-    def feature_cache_blocker(self) -> str | None:
-        """Why this data cannot be served from cached features, or None when it can."""
-        if self.augment_preset.random and self.feature_views < 1:
-            return f"data.augment={self.augment} with data.feature_views=0 augments every epoch"
-        return None
-
-    def build_features(
-        self, model: nn.Module, device: torch.device, teacher: nn.Module | None = None
-    ) -> CachedFeatures:
-        """Load or compute the cached features this fit needs from `model.features`.
-
-        Needs the split and the preprocessing set. Whether features may be cached at all
-        is decided elsewhere, once (`vision_tl.training.callbacks.FeatureCache`). With a
-        distillation `teacher` (a module taking the same normalised views), each row also
-        holds the teacher's logits of that view (`CachedFeatures.teacher_columns`).
-        """
-        pre = self.preprocess
-        precision = resolve_precision(self.feature_precision, device)
-        base = {
-            "version": CACHE_VERSION,
-            "backbones": [
-                {"name": b.name, "weights": weights_digest(b)} for b in model.backbones()
-            ],
-            "preprocess": pre.to_dict(),
-            "decode": {"resize_cache": bool(self.resize_cache)},
-        }
-        if precision != "fp32":  # fp32 entries keep the keys they always had
-            base["precision"] = precision
-        extractor = model
-        if teacher is not None:
-            base["teacher"] = weights_digest(teacher)
-            extractor = WithTeacher(model, teacher)
-        root = self.cache_root / "features"
-        batch_size = feature_batch_size(self.feature_batch_size, device, self.batch_size)
-        samples = self.split.samples
-
-        def build(
-            files: list[str], transform: Any, views: int, spec: dict, seed: int = 0
-        ) -> tuple[FeatureStore, bool]:
-            images = ImageListDataset([(p, 0) for p in files], pre, transform, self.sources())
-            spec = {**base, **spec, "files": file_signature(files)}
-            workers = self.num_workers
-            return load_or_build(
-                root, spec, extractor, images, views, device, batch_size, workers, precision, seed
-            )
-
-        every_file = sorted({p for split in samples.values() for p, _ in split})
-        eval_store, eval_hit = build(every_file, eval_transform(pre), 1, {"transform": "eval"})
-        hits = {"eval": eval_hit}
-        train_store = None
-        if self.augment_preset.random:
-            transform = train_transform(pre, self.augment, self.crop_scale)
-            spec = {"transform": {"augment": self.augment, "crop_scale": list(self.crop_scale)}}
-            spec["transform"]["views"] = self.feature_views
-            train_files = sorted(p for p, _ in samples["train"])
-            # The views follow the run's seed: `seed=S` draws others (their own entries).
-            train_store, hits["train"] = build(
-                train_files, transform, self.feature_views, spec, self.seed
-            )
-        for store in (eval_store, train_store):
-            for path, why in (store.failed if store else {}).items():
-                self.bad_file_log(path, why)
-        views = (
-            f"{self.feature_views} augmented views ({self.augment}) per training image"
-            if train_store
-            else "the eval transform (data.augment=none)"
-        )
-        log.info(
-            "Feature cache: %s %d images, %d features each (backbone in %s), %s; the backbone "
-            "does not run during training (%s)",
-            "reusing" if all(hits.values()) else "built",
-            len(every_file),
-            eval_store.dim,
-            precision,
-            views,
-            eval_store.directory.parent,
-        )
-        columns = int(teacher.num_classes) if teacher is not None else 0
-        return CachedFeatures(eval_store, train_store, samples, hits, precision, columns)
-
-    def use_features(self, features: CachedFeatures | None) -> None:
-        """Serve `features` instead of images from now on (None: images again)."""
+    def use_features(self, features: CachedFeatures | None, batch_size: int | None = None) -> None:
+        """Serve `features` instead of images from now on (None: images again), in training
+        batches of `batch_size` (None: `loading.batch_size`)."""
         self.features = features
+        self._feature_batch_size = batch_size if features is not None else None
 
     def image_dataset(self, split: str, train: bool, report: bool = True) -> ImageListDataset:
         """The images of `split` as uint8 crops, with the train or eval transform."""
-        if self.preprocess is None:
-            raise RuntimeError("call set_preprocess(preprocess) before creating loaders")
         transform = (
-            train_transform(self.preprocess, self.augment, self.crop_scale)
+            self.augment.train_transform(self.preprocess)
             if train
             else eval_transform(self.preprocess)
         )
         return ImageListDataset(
-            self.split.samples[split],
-            self.preprocess,
+            self.catalog.samples[split],
+            self.reader(),
             transform,
-            sources=self.sources(),
             on_error=self.bad_file_log if report else None,
         )
 
-    def _loader(self, split: str, train: bool) -> DataLoader:
+    def _loader(self, split: str, train: bool, batch_size: int | None = None) -> DataLoader:
         dataset: Dataset
         if self.features is not None:
             dataset, views = self.features.dataset(split, train)
@@ -395,11 +289,12 @@ class ImageFolderDataModule(L.LightningDataModule):
         else:
             dataset, views = self.image_dataset(split, train), 1
             labels = [label for _, label in dataset.samples]
-            workers = self.num_workers
+            workers = self.loading.workers
             collate = collate_skipping_none
+        batch_size = batch_size or self.loading.batch_size
         sampler: Sampler[int] | None = None
-        if train:
-            sampler = train_sampler(self.sampler, labels, len(self.class_names))
+        if train and not self.source.iterable:
+            sampler = train_sampler(self.loading.sampler, labels, len(self.class_names))
             if views > 1:
                 sampler = ViewSampler(sampler, len(labels), views)
         kwargs: dict[str, Any] = {}
@@ -407,9 +302,9 @@ class ImageFolderDataModule(L.LightningDataModule):
             kwargs.update(persistent_workers=True, prefetch_factor=4)
         return DataLoader(
             dataset,
-            batch_size=self.batch_size,
+            batch_size=batch_size,
             sampler=sampler,
-            drop_last=train and len(dataset) > self.batch_size,
+            drop_last=train and len(dataset) > batch_size,
             num_workers=workers,
             pin_memory=torch.cuda.is_available(),
             collate_fn=collate,
@@ -430,7 +325,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         return type(batch)((x, y)) if isinstance(batch, tuple | list) else (x, y)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True)
+        return self._loader("train", train=True, batch_size=self._feature_batch_size)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", train=False)

@@ -1,38 +1,34 @@
-"""A dataset over (path, label) pairs, decoded by `Preprocess.read`, that survives broken files."""
+"""A dataset over (key, label) pairs, opened by a source's reader, that survives broken files."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch.utils.data import Dataset, default_collate
 
 from vision_tl.data.decode import error_line
-from vision_tl.data.preprocess import AnyPreprocess
 
 
 class ImageListDataset(Dataset):
-    """Images listed by path with integer labels, as uint8 tensors after `transform`.
+    """Samples listed by key with integer labels, as uint8 tensors after `transform`.
 
-    Decoding follows `preprocess` (background, draft mode); `sources` maps a listed path
-    to the file actually read (a resized copy). With `on_error`, a file that fails to
-    decode is reported through it and the item is `None` (dropped by
-    `collate_skipping_none`) instead of stopping the run.
+    `reader` opens a key (`Source.reader`: the source's decode, with the run's
+    preprocessing). With `on_error`, a sample that fails to open is reported through it
+    and the item is `None` (dropped by `collate_skipping_none`) instead of stopping the run.
     """
 
     def __init__(
         self,
         samples: Sequence[tuple[str, int]],
-        preprocess: AnyPreprocess,
+        reader: Callable[[str], torch.Tensor],
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        sources: Mapping[str, str] | None = None,
         on_error: Callable[[str, str], None] | None = None,
     ) -> None:
         self.samples = list(samples)
-        self.preprocess = preprocess
+        self.reader = reader
         self.transform = transform
-        self.sources = sources or {}
         self.on_error = on_error
 
     def __len__(self) -> int:
@@ -40,8 +36,7 @@ class ImageListDataset(Dataset):
 
     def read(self, index: int) -> torch.Tensor:
         """The decoded image `index`, before `transform`; raises if the file cannot be read."""
-        path = self.samples[index][0]
-        return self.preprocess.read(self.sources.get(path, path))
+        return self.reader(self.samples[index][0])
 
     def load(self, index: int) -> torch.Tensor:
         """The decoded, transformed image `index`; raises if the file cannot be read."""

@@ -34,15 +34,57 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from vision_tl.core.errors import ConfigError
-from vision_tl.core.runtime import backbone_precision, folded_copy, inference_copy
-from vision_tl.data.augment import Inputs, map_inputs, normalize_batch, to_channels_last
+from vision_tl.core.runtime import (
+    backbone_precision,
+    feature_batch_size,
+    folded_copy,
+    inference_copy,
+    resolve_precision,
+)
+from vision_tl.data.augment import (
+    Inputs,
+    eval_transform,
+    map_inputs,
+    normalize_batch,
+    to_channels_last,
+)
 from vision_tl.data.dataset import ImageListDataset
 from vision_tl.data.decode import error_line
+from vision_tl.data.preprocess import AnyPreprocess
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 2  # 2: each view seeded per image (view_seed)
-MODES = ("auto", "on", "off")  # data.feature_cache
+CACHE_VERSION = 3  # 2: each view seeded per image (view_seed); 3: keyed by source signature
+
+
+@dataclass(frozen=True)
+class FeatureSettings:
+    """`data.feature_cache` (`mode`: auto caches when it can, on makes a bypass an error,
+    off never caches), `data.feature_views` (augmented views per training image; 0 with a
+    random preset bypasses the cache), `data.feature_precision` (the backbone's while
+    extracting) and `data.feature_batch_size` (None: 8 on a CPU, else max(32, the
+    training batch))."""
+
+    mode: str = "auto"
+    views: int = 4
+    precision: str = "auto"
+    batch_size: int | None = None
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """What decides a fit's cached features, fixed before the Trainer exists: the
+    settings, the seed the augmented views are drawn from and where entries live."""
+
+    settings: FeatureSettings
+    seed: int
+    cache_root: Path
+
+    def blocker(self, augment_random: bool, augment: str) -> str | None:
+        """Why this data cannot be served from cached features, or None when it can."""
+        if augment_random and self.settings.views < 1:
+            return f"data.augment={augment} with data.feature_views=0 augments every epoch"
+        return None
 
 
 def weights_digest(module: nn.Module) -> str:
@@ -54,18 +96,6 @@ def weights_digest(module: nn.Module) -> str:
         digest.update(f"{key}:{tensor.dtype}:{tuple(value.shape)}".encode())
         digest.update(tensor.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
-
-
-def file_signature(paths: Sequence[str]) -> list[list[Any]]:
-    """(path, size, mtime_ns) per file: a changed, added or removed file changes the key."""
-    rows: list[list[Any]] = []
-    for path in paths:
-        try:
-            stat = os.stat(path)
-            rows.append([path, stat.st_size, stat.st_mtime_ns])
-        except OSError:
-            rows.append([path, -1, -1])
-    return rows
 
 
 def cache_key(spec: dict[str, Any]) -> str:
@@ -246,6 +276,7 @@ def _locked(path: Path) -> Iterator[None]:
 def _extract(
     model: nn.Module,
     images: ImageListDataset,
+    preprocess: AnyPreprocess,
     views: int,
     out: Path,
     device: torch.device,
@@ -280,7 +311,7 @@ def _extract(
             for view, x in enumerate(batches):
                 with torch.inference_mode(), backbone_precision(precision, device):
                     x = map_inputs(lambda t: t.to(device, non_blocking=True), x)
-                    x = map_inputs(to_channels_last, normalize_batch(x, images.preprocess))
+                    x = map_inputs(to_channels_last, normalize_batch(x, preprocess))
                     feats = model.features(x).float().cpu()
                 dim = feats.shape[1]
                 for row, i in zip(feats.numpy(), indices, strict=True):
@@ -295,6 +326,7 @@ def load_or_build(
     spec: dict[str, Any],
     model: nn.Module,
     images: ImageListDataset,
+    preprocess: AnyPreprocess,
     views: int,
     device: torch.device,
     batch_size: int,
@@ -326,12 +358,21 @@ def load_or_build(
             # channels_last: convolutions run ~1.6x faster on CPU (oneDNN) and tensor cores.
             fast = inference_copy(model, precision).to(device, memory_format=torch.channels_last)
             dim, failed = _extract(
-                fast, images, views, tmp, device, batch_size, num_workers, precision, seed
+                fast,
+                images,
+                preprocess,
+                views,
+                tmp,
+                device,
+                batch_size,
+                num_workers,
+                precision,
+                seed,
             )
             del fast
             meta = {
                 "key": spec,
-                "files": [path for path, _ in images.samples],
+                "files": [key for key, _ in images.samples],
                 "views": views,
                 "dim": dim,
                 "failed": failed,
@@ -393,3 +434,84 @@ class CachedFeatures:
         """Seconds this fit spent computing features (0 when every entry was reused)."""
         stores = {"eval": self.eval_store, "train": self.train_store}
         return sum(s.seconds for k, s in stores.items() if s is not None and not self.hits.get(k))
+
+
+def build_features(
+    spec: FeatureSpec,
+    dm: Any,
+    model: nn.Module,
+    device: torch.device,
+    teacher: nn.Module | None = None,
+) -> CachedFeatures:
+    """Load or compute the cached features of `dm`'s catalog (an `ImageDataModule`: its
+    source, reader, preprocessing, augmentation and loading settings) from `model.features`.
+
+    Whether features may be cached at all is decided elsewhere, once (the `FeatureCache`
+    callback). With a distillation `teacher` (a module taking the same normalised views),
+    each row also holds the teacher's logits of that view (`CachedFeatures.teacher_columns`).
+    Files that fail extraction are reported to `dm.bad_file_log`.
+    """
+    pre, settings = dm.preprocess, spec.settings
+    precision = resolve_precision(settings.precision, device)
+    base: dict[str, Any] = {
+        "version": CACHE_VERSION,
+        "backbones": [{"name": b.name, "weights": weights_digest(b)} for b in model.backbones()],
+        "preprocess": pre.to_dict(),
+        "decode": {"resize_cache": bool(dm.resize_cache)},
+        "source": dm.source.name,
+        "precision": precision,
+    }
+    extractor = model
+    if teacher is not None:
+        base["teacher"] = weights_digest(teacher)
+        extractor = WithTeacher(model, teacher)
+    root = spec.cache_root / "features"
+    batch_size = feature_batch_size(settings.batch_size, device, dm.loading.batch_size)
+    samples = dm.catalog.samples
+    reader = dm.reader()
+
+    def build(keys: list[str], transform: Any, views: int, extra: dict, seed: int = 0) -> Any:
+        images = ImageListDataset([(k, 0) for k in keys], reader, transform)
+        entry = {**base, **extra, "samples": dm.source.signature(keys)}
+        workers = dm.loading.workers
+        return load_or_build(
+            root, entry, extractor, images, pre, views, device, batch_size, workers, precision, seed
+        )
+
+    every_key = dm.catalog.all_keys()
+    eval_store, eval_hit = build(every_key, eval_transform(pre), 1, {"transform": "eval"})
+    hits = {"eval": eval_hit}
+    train_store = None
+    augment = dm.augment
+    if augment.random:
+        transform = augment.train_transform(pre)
+        extra = {
+            "transform": {
+                "augment": augment.preset,
+                "crop_scale": list(augment.crop_scale),
+                "views": settings.views,
+            }
+        }
+        train_keys = sorted(k for k, _ in samples["train"])
+        # The views follow the run's seed: `seed=S` draws others (their own entries).
+        train_store, hits["train"] = build(train_keys, transform, settings.views, extra, spec.seed)
+    for store in (eval_store, train_store):
+        for key, why in (store.failed if store else {}).items():
+            dm.bad_file_log(key, why)
+    views = (
+        f"{settings.views} augmented views ({augment.preset}) per training image"
+        if train_store
+        else "the eval transform (data.augment=none)"
+    )
+    log.info(
+        "Feature cache: %s %d images, %d features each (backbone in %s), %s; the backbone "
+        "does not run during training (%s)",
+        "reusing" if all(hits.values()) else "built",
+        len(every_key),
+        eval_store.dim,
+        precision,
+        views,
+        eval_store.directory.parent,
+    )
+    columns = int(teacher.num_classes) if teacher is not None else 0
+    return CachedFeatures(eval_store, train_store, samples, hits, precision, columns)

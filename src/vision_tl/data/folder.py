@@ -1,53 +1,37 @@
-"""Find labelled images (class folders or a CSV manifest), check them, split them."""
+"""Find labelled image files (class folders or a CSV manifest) and check them: the catalog
+of the file-backed sources (`data.sources.folder`, `data.sources.manifest`)."""
 
 from __future__ import annotations
 
 import os
-import random
 from collections import defaultdict
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
 from vision_tl.core.errors import ConfigError
 from vision_tl.data.decode import IMAGE_EXTENSIONS, UNSUPPORTED_EXTENSIONS, is_hidden
-from vision_tl.data.scan import BadFile, ImageScanner, ScanReport
+from vision_tl.data.scan import BadFile, ImageScanner
+from vision_tl.data.source import SPLITS, Catalog
 
-SPLITS = ("train", "val", "test")
 _CANDIDATES = IMAGE_EXTENSIONS + UNSUPPORTED_EXTENSIONS
 
 # split -> class -> files
 Candidates = dict[str, dict[str, list[str]]]
 
 
-@dataclass
-class SplitSamples:
-    """Images of each split as (path, class index), with the class names in index order.
-
-    `bad` lists what was found but will not be used, with the reason; `ignored` holds
-    hidden/system files and files that are not images (`.txt`, `.csv`), never reported.
-    """
-
-    class_names: list[str]
-    samples: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
-    bad: list[BadFile] = field(default_factory=list)
-    ignored: list[str] = field(default_factory=list)
-    scan: ScanReport | None = None
-
-    def class_counts(self, split: str = "train") -> list[int]:
-        counts = [0] * len(self.class_names)
-        for _, label in self.samples.get(split, []):
-            counts[label] += 1
-        return counts
-
-    def to_frame(self) -> pd.DataFrame:
-        rows = [
-            (path, self.class_names[label], split)
-            for split in SPLITS
-            for path, label in self.samples.get(split, [])
-        ]
-        return pd.DataFrame(rows, columns=["path", "label", "split"])
+def file_signature(paths: Sequence[str]) -> list[list[Any]]:
+    """(path, size, mtime_ns) per file: a changed, added or removed file changes the key."""
+    rows: list[list[Any]] = []
+    for path in paths:
+        try:
+            stat = os.stat(path)
+            rows.append([path, stat.st_size, stat.st_mtime_ns])
+        except OSError:
+            rows.append([path, -1, -1])
+    return rows
 
 
 def _walk(folder: Path, ignored: list[str]) -> list[str]:
@@ -147,43 +131,21 @@ def read_manifest(manifest: str | Path, root: str | Path | None, bad: list[BadFi
     return {s: {c: sorted(f) for c, f in classes.items()} for s, classes in candidates.items()}
 
 
-def stratified_split(
-    per_class: dict[str, list[str]], val_fraction: float, seed: int
-) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
-    """Split each class separately, so val has the same class mix as train.
-
-    Each class keeps at least one training image; classes with 2+ images give val at
-    least one. The result depends only on the file names, `val_fraction` and `seed`.
-    """
-    if not 0.0 < val_fraction < 1.0:
-        raise ConfigError(f"data.val_fraction={val_fraction}: a number > 0 and < 1")
-    train, val = {}, {}
-    for name, files in per_class.items():
-        files = sorted(files)
-        random.Random(f"{seed}:{name}").shuffle(files)
-        n_val = min(len(files) - 1, max(1, round(len(files) * val_fraction)))
-        val[name], train[name] = sorted(files[:n_val]), sorted(files[n_val:])
-    return train, val
-
-
 def _first(bad: list[BadFile], n: int = 3) -> str:
     shown = "; ".join(f"{Path(b.path).name}: {b.reason}" for b in bad[:n])
     return shown + (f"; ... ({len(bad)} in all)" if len(bad) > n else "")
 
 
-def scan_root(
+def file_catalog(
     root: str | Path | None,
-    val_fraction: float = 0.2,
-    seed: int = 42,
     *,
     manifest: str | Path | None = None,
     scanner: ImageScanner | None = None,
-) -> SplitSamples:
+) -> Catalog:
     """Read `root/{train,val,test}/<class>/...`, `root/<class>/...` or a CSV manifest.
 
-    Without a `val/` folder (or manifest split column), train is split by
-    `val_fraction`. A `test/` without class folders is unlabelled and is not returned
-    here. Every file is checked by `scanner` first; unusable ones land in `bad`.
+    A `test/` without class folders is unlabelled and is not returned here. Every file is
+    checked by `scanner` first; unusable ones land in `bad`. Keys are the file paths.
     """
     ignored: list[str] = []
     bad: list[BadFile] = []
@@ -219,13 +181,9 @@ def scan_root(
                 bad.append(BadFile(label, f"{what} ({split}); class skipped"))
     if not per_split.get("train"):
         raise ConfigError(f"no usable images in {where}: {_first(bad)}")
-    if not per_split.get("val"):
-        per_split["train"], per_split["val"] = stratified_split(
-            per_split["train"], val_fraction, seed
-        )
     class_names = sorted(per_split["train"])
     index = {name: i for i, name in enumerate(class_names)}
-    result = SplitSamples(class_names, bad=bad, ignored=ignored, scan=report)
+    result = Catalog(class_names, bad=bad, ignored=ignored, scan=report)
     for split in SPLITS:
         classes = per_split.get(split)
         if classes is None:
@@ -239,3 +197,16 @@ def scan_root(
             )
         result.samples[split] = [(f, index[c]) for c in sorted(classes) for f in classes[c]]
     return result
+
+
+def scan_root(
+    root: str | Path | None,
+    val_fraction: float = 0.2,
+    seed: int = 42,
+    *,
+    manifest: str | Path | None = None,
+    scanner: ImageScanner | None = None,
+) -> Catalog:
+    """`file_catalog`, with train split by `val_fraction` when there is no `val/` folder
+    (or manifest split column): what a run over these files trains and validates on."""
+    return file_catalog(root, manifest=manifest, scanner=scanner).with_val(val_fraction, seed)

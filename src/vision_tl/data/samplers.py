@@ -7,8 +7,6 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch.utils.data import RandomSampler, Sampler, WeightedRandomSampler
 
-from vision_tl.core.errors import ConfigError
-
 SAMPLERS = ("shuffle", "weighted")
 
 
@@ -21,7 +19,9 @@ def train_sampler(kind: str, labels: Sequence[int], num_classes: int) -> Sampler
         return WeightedRandomSampler(weights, num_samples=len(labels), replacement=True)
     if kind == "shuffle":
         return RandomSampler(range(len(labels)))
-    raise ConfigError(f"data.sampler={kind} is not one of {', '.join(SAMPLERS)}")
+    raise ValueError(
+        f"sampler {kind!r} is not one of {SAMPLERS} (data/rules.py checks data.sampler)"
+    )
 
 
 class ViewSampler(Sampler[int]):

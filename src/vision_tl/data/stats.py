@@ -7,17 +7,17 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from vision_tl.data.folder import SPLITS, SplitSamples
+from vision_tl.data.source import SPLITS, Catalog
 
 
-def class_count_rows(split: SplitSamples) -> tuple[list[str], list[list[int]]]:
+def class_count_rows(split: Catalog) -> tuple[list[str], list[list[int]]]:
     """(split names present, one row of counts per class in class-index order)."""
     splits = [s for s in SPLITS if split.samples.get(s)]
     counts = [split.class_counts(s) for s in splits]
     return splits, [list(row) for row in zip(*counts, strict=True)]
 
 
-def class_count_table(split: SplitSamples, markdown: bool = False) -> str:
+def class_count_table(split: Catalog, markdown: bool = False) -> str:
     """Counts per class, with the train share, as aligned text or a Markdown table."""
     splits, rows = class_count_rows(split)
     total = sum(r[0] for r in rows) or 1
@@ -34,7 +34,7 @@ def class_count_table(split: SplitSamples, markdown: bool = False) -> str:
     return "\n".join(fmt.format(*r) for r in [header, *body])
 
 
-def class_counts_figure(split: SplitSamples) -> Figure:
+def class_counts_figure(split: Catalog) -> Figure:
     """Grouped bars per class (one bar per split): imbalance is visible at a glance."""
     import matplotlib
 
@@ -59,7 +59,7 @@ def class_counts_figure(split: SplitSamples) -> Figure:
     return fig
 
 
-def log_class_counts(loggers: Iterable[Any], split: SplitSamples) -> None:
+def log_class_counts(loggers: Iterable[Any], split: Catalog) -> None:
     """Write the table (TEXT tab) and the bar chart (IMAGES tab) to every TensorBoard logger."""
     for logger in loggers:
         experiment = getattr(logger, "experiment", None)

@@ -36,8 +36,7 @@ import imagehash
 import numpy as np
 import pandas as pd
 import torch
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from PIL import Image
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
@@ -47,16 +46,18 @@ from sklearn.neighbors import NearestNeighbors
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from vision_tl.core.errors import ConfigError
 from vision_tl.core.io import read_json, write_json
 from vision_tl.core.runtime import available_cpus, resolve_device
-from vision_tl.data.datamodule import ImageFolderDataModule
 from vision_tl.data.decode import load_rgb
-from vision_tl.data.features import file_signature
-from vision_tl.data.folder import SPLITS
+from vision_tl.data.features import build_features
+from vision_tl.data.folder import file_signature
 from vision_tl.data.preprocess import per_member
+from vision_tl.data.source import SPLITS, Catalog
+from vision_tl.data.sources import FolderSource
 from vision_tl.data.stats import class_count_rows, imbalance
 from vision_tl.inference.audit_page import write_page
-from vision_tl.training.task import ClassificationTask
+from vision_tl.training.build import Run, build_run
 
 log = logging.getLogger(__name__)
 
@@ -306,11 +307,9 @@ def _robust_z(values: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------ statistics
 
 
-def dataset_statistics(
-    dm: ImageFolderDataModule, images: pd.DataFrame, input_size: int
-) -> dict[str, Any]:
+def dataset_statistics(catalog: Catalog, images: pd.DataFrame, input_size: int) -> dict[str, Any]:
     """Imbalance, sizes, aspect ratios and modes: what a person checks before training."""
-    split = dm.split
+    split = catalog
     splits, rows = class_count_rows(split)
     counts = {
         name: dict(zip(splits, row, strict=True))
@@ -348,19 +347,18 @@ def dataset_statistics(
 # ------------------------------------------------------------------ the command
 
 
-def image_features(
-    dm: ImageFolderDataModule, task: ClassificationTask, device: Any
-) -> tuple[pd.DataFrame, np.ndarray, list[Finding], bool]:
+def image_features(run: Run, device: Any) -> tuple[pd.DataFrame, np.ndarray, list[Finding], bool]:
     """Every image with features (path, label index, split), its L2-normalised features,
     the files that failed extraction, and whether the store was reused. The store is the
     one a linear probe builds: computed once, reused by any later audit or probe."""
-    cached = dm.build_features(task.model, device)
+    dm = run.datamodule
+    cached = build_features(run.data.feature_spec, dm, run.task.model, device)
     store = cached.eval_store
     index = store.index()
     rows = [
         (path, label, split)
         for split in SPLITS
-        for path, label in dm.split.samples.get(split, [])
+        for path, label in dm.catalog.samples.get(split, [])
         if path in index
     ]
     images = pd.DataFrame(rows, columns=["path", "label", "split"])
@@ -370,11 +368,11 @@ def image_features(
     return images, features, failed, all(cached.hits.values())
 
 
-def clean_manifest(dm: ImageFolderDataModule, findings: Sequence[Finding]) -> pd.DataFrame:
+def clean_manifest(catalog: Catalog, findings: Sequence[Finding]) -> pd.DataFrame:
     """Every image of the split except the flagged ones, with absolute paths, so the CSV
     works as `data.manifest=` with or without `data.root`, and keeps the split."""
     flagged = {f.path for f in findings}
-    frame = dm.split_frame()
+    frame = catalog.to_frame()
     frame = frame[~frame["path"].isin(flagged)].copy()
     frame["path"] = [os.path.abspath(p) for p in frame["path"]]
     return frame
@@ -394,27 +392,23 @@ def run_audit(cfg: DictConfig) -> dict[str, Any]:
         seconds[name] = round(now - last, 3)
         last = now
 
-    dm: ImageFolderDataModule = instantiate(cfg.data)
-    dm.prepare_data()
-    dm.setup()
     torch.manual_seed(cfg.seed)  # random weights (model.pretrained=false) are the same each run
-    task = ClassificationTask(
-        model=OmegaConf.to_container(cfg.model, resolve=True),
-        class_names=dm.class_names,
-        preprocess_overrides=dm.preprocess_overrides,
-    )
-    dm.set_preprocess(task.preprocess)
+    run = build_run(cfg)
+    catalog, task = run.data.catalog, run.task
     lap("scan_and_model")
     device = resolve_device(cfg.get("device", "auto"))
-    images, features, failed, reused = image_features(dm, task, device)
+    images, features, failed, reused = image_features(run, device)
     lap("features")
-    anchor = Path(dm.manifest).expanduser() if dm.manifest else dm.data_root
-    digest = hashlib.sha1(str(anchor.resolve()).encode()).hexdigest()[:20]
-    cache_file = dm.cache_root / "fingerprints" / f"{digest}.json"
+    source = run.data.source
+    if not isinstance(source, FolderSource):
+        raise ConfigError(f"audit reads image files; data.source={source.name} has none")
+    anchor = str(source.anchor)
+    digest = hashlib.sha1(str(source.anchor.resolve()).encode()).hexdigest()[:20]
+    cache_file = run.data.settings.cache_root / "fingerprints" / f"{digest}.json"
     images = images.join(fingerprints(images["path"].tolist(), cache_file), on="path")
     lap("fingerprints")
 
-    class_names = dm.class_names
+    class_names = catalog.class_names
     findings = find_copies(
         images, features, options.hash_distance, options.min_similarity, options.sure_distance
     )
@@ -431,18 +425,18 @@ def run_audit(cfg: DictConfig) -> dict[str, Any]:
         images, features, probs, options.neighbours, options.outlier_z, options.unclaimed
     )
     lap("outliers")
-    findings += [Finding(b.path, "bad_file", 1.0, b.reason) for b in dm.split.bad] + failed
+    findings += [Finding(b.path, "bad_file", 1.0, b.reason) for b in catalog.bad] + failed
 
     rank = {name: i for i, name in enumerate(ISSUES)}
     findings.sort(key=lambda f: (rank[f.issue], -f.score, f.path))
     pd.DataFrame([asdict(f) for f in findings], columns=[*ISSUE_COLUMNS, "note"])[
         ISSUE_COLUMNS
     ].to_csv(out / "issues.csv", index=False)
-    clean = clean_manifest(dm, findings)
+    clean = clean_manifest(catalog, findings)
     clean.to_csv(out / "clean_manifest.csv", index=False)
     counts = {name: sum(f.issue == name for f in findings) for name in ISSUES}
     members = per_member(task.preprocess, len(task.model.backbones()))
-    stats = dataset_statistics(dm, images, max(p.input_size for p in members))
+    stats = dataset_statistics(catalog, images, max(p.input_size for p in members))
     lap("csv")
     given = dict(zip(images["path"], (class_names[i] for i in labels), strict=True))
     write_page(
@@ -451,7 +445,7 @@ def run_audit(cfg: DictConfig) -> dict[str, Any]:
         counts,
         stats,
         given=given,
-        where=str(anchor),
+        where=anchor,
         thumbnails=int(options.thumbnails),
         background=task.preprocess.background,
     )

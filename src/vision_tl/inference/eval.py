@@ -18,7 +18,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pandas as pd
 import torch
-from hydra.utils import instantiate
 from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 from torchmetrics.functional.classification import (
@@ -35,9 +34,10 @@ from vision_tl.core.io import write_json
 from vision_tl.core.plots import confusion_matrix_figure
 from vision_tl.core.validate import did_you_mean
 from vision_tl.data.decode import load_rgb
-from vision_tl.data.folder import SPLITS
+from vision_tl.data.source import SPLITS
 from vision_tl.inference.checkpoint import check_class_names, load_checkpoint
 from vision_tl.inference.predictor import predictions_frame, predictor_from_config, write_unreadable
+from vision_tl.training.build import build_data
 
 log = logging.getLogger(__name__)
 
@@ -117,14 +117,6 @@ def highest_loss_figure(
     return fig
 
 
-def _relative(path: str, root: Path | None) -> str:
-    """How an image is named in the outputs: relative to the data root when under it."""
-    try:
-        return Path(path).relative_to(root).as_posix() if root is not None else path
-    except ValueError:
-        return path
-
-
 def _save(fig: Figure, path: Path) -> None:
     fig.savefig(path)
     plt.close(fig)
@@ -135,23 +127,19 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     loaded = load_checkpoint(cfg.get("ckpt_path"))
-    datamodule = instantiate(cfg.data)
-    datamodule.prepare_data()
-    datamodule.setup()
-    root = datamodule.data_root  # None for a manifest without a root
-    manifest = cfg.data.get("manifest")
-    where = f"data.root {root}" if root is not None else f"data.manifest {manifest}"
-    check_class_names(loaded.class_names, datamodule.class_names, where)
-    split, samples = select_split(datamodule.split.samples, str(cfg.get("split", "auto")))
-    files = [path for path, _ in samples]
-    names = [_relative(path, root) for path in files]
-    log.info("Evaluating %s on %d %s image(s) from %s", loaded.path, len(files), split, where)
+    data = build_data(cfg.data)
+    source, where = data.source, data.source.describe()
+    check_class_names(loaded.class_names, data.catalog.class_names, where)
+    split, samples = select_split(data.catalog.samples, str(cfg.get("split", "auto")))
+    keys = [key for key, _ in samples]
+    names = [source.name_of(key) for key in keys]
+    log.info("Evaluating %s on %d %s image(s) from %s", loaded.path, len(keys), split, where)
 
     predictor = predictor_from_config(loaded, cfg)
-    result = predictor.predict(files)
+    result = predictor.predict(keys, source.reader(loaded.preprocess))
     write_unreadable(out / "unreadable.csv", names, result.unreadable)
     if not result.indices:
-        raise ConfigError(f"none of the {len(files)} {split} image(s) of {where} could be read")
+        raise ConfigError(f"none of the {len(keys)} {split} image(s) of {where} could be read")
     target = torch.tensor([samples[i][1] for i in result.indices])
     probs = result.probs
     scalars, per_class, confmat = classification_metrics(probs, target, loaded.class_names)
@@ -169,9 +157,12 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
         f"true: {r.true_label}\npred: {r.top1_label} ({r.confidence:.2f})"
         for r in worst.itertuples()
     ]
-    worst_files = [files[result.indices[row]] for row in worst.index]
+    worst_files = [source.file(keys[result.indices[row]]) for row in worst.index]
+    shown = [(f, t) for f, t in zip(worst_files, titles, strict=True) if f is not None]
     _save(
-        highest_loss_figure(worst_files, titles, loaded.preprocess.background),
+        highest_loss_figure(
+            [f for f, _ in shown], [t for _, t in shown], loaded.preprocess.background
+        ),
         out / "highest_loss.png",
     )
 
@@ -183,8 +174,9 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
         "class_names": loaded.class_names,
         "per_class": per_class.set_index("class").to_dict(orient="index"),
         "ckpt_path": str(loaded.path),
-        "data_root": None if root is None else str(root),
-        "manifest": manifest,
+        "data": where,
+        "data_root": cfg.data.get("root"),
+        "manifest": cfg.data.get("manifest"),
         "tta": OmegaConf.to_container(cfg.tta),
         "temperature": predictor.temperature,
         "images_per_s": round(result.images_per_second, 2),

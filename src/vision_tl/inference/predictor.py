@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -125,13 +125,18 @@ class ViewTransform:
 
 
 class ImageFiles(Dataset):
-    """Decode files (as training does) to TTA views; an unreadable file yields its error."""
+    """Decode files (as training does) or a source's samples (`reader`: key -> uint8 image)
+    to TTA views; an unreadable one yields its error."""
 
     def __init__(
-        self, files: Sequence[str | Path], preprocess: AnyPreprocess, transform: ViewTransform
+        self,
+        files: Sequence[str | Path],
+        preprocess: AnyPreprocess,
+        transform: ViewTransform,
+        reader: Callable[[Any], torch.Tensor] | None = None,
     ) -> None:
         self.files = list(files)
-        self.preprocess = preprocess
+        self.read = reader or preprocess.read
         self.transform = transform
 
     def __len__(self) -> int:
@@ -139,7 +144,7 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int, str | None]:
         try:
-            image = self.preprocess.read(self.files[index])
+            image = self.read(self.files[index])
             views = self.transform(image)
         except Exception as err:  # any decode failure is reported per file, never fatal
             return None, index, error_line(err)
@@ -214,8 +219,10 @@ class Predictor:
             raise ConfigError(f"temperature={temperature}: a number > 0")
         self.temperature = float(temperature)
 
-    def loader(self, files: Sequence[str | Path]) -> DataLoader:
-        dataset = ImageFiles(files, self.preprocess, self.transform)
+    def loader(
+        self, files: Sequence[str | Path], reader: Callable[[Any], torch.Tensor] | None = None
+    ) -> DataLoader:
+        dataset = ImageFiles(files, self.preprocess, self.transform, reader)
         batches = -(-len(files) // self.batch_size)
         # Workers only pay off when one decodes a batch while the model runs another.
         workers = min(self.num_workers, batches) if batches > 1 else 0
@@ -250,10 +257,13 @@ class Predictor:
         probs = (logits / self.temperature).softmax(1)
         return probs.view(-1, batch, num_views, probs.shape[1]).mean(dim=(0, 2))
 
-    def predict(self, files: Sequence[str | Path]) -> Predictions:
+    def predict(
+        self, files: Sequence[str | Path], reader: Callable[[Any], torch.Tensor] | None = None
+    ) -> Predictions:
+        """Probabilities of `files` (or of a source's keys, opened by `reader`)."""
         from rich.progress import Progress
 
-        loader = self.loader(files)
+        loader = self.loader(files, reader)
         chunks: list[torch.Tensor] = []
         indices: list[int] = []
         unreadable: list[tuple[int, str]] = []

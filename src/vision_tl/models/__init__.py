@@ -1,38 +1,34 @@
 """Models: plain `nn.Module`s and their registries (backbones, heads, fusions), testable
-without a Trainer."""
+without a Trainer.
 
-from vision_tl.models.backbones import (
-    BACKBONES,
-    Backbone,
-    Stage,
-    available_backbones,
-    build_backbone,
-    register_backbone,
-)
-from vision_tl.models.classifier import (
-    Classifier,
-    EnsembleClassifier,
-    ImageClassifier,
-    build_model,
-)
-from vision_tl.models.fusions import FUSIONS, build_fusion, register_fusion
-from vision_tl.models.heads import HEADS, build_head, register_head
+The names below are loaded on first use, so importing a light submodule (the config rules)
+does not pull in timm and torchvision's model zoo.
+"""
 
-__all__ = [
-    "BACKBONES",
-    "FUSIONS",
-    "HEADS",
-    "Backbone",
-    "Classifier",
-    "EnsembleClassifier",
-    "ImageClassifier",
-    "Stage",
-    "available_backbones",
-    "build_backbone",
-    "build_fusion",
-    "build_head",
-    "build_model",
-    "register_backbone",
-    "register_fusion",
-    "register_head",
-]
+from __future__ import annotations
+
+from vision_tl.core.lazy import lazy_exports
+
+_EXPORTS = {
+    "BACKBONES": "backbones",
+    "Backbone": "backbones",
+    "Stage": "backbones",
+    "available_backbones": "backbones",
+    "build_backbone": "backbones",
+    "register_backbone": "backbones",
+    "Classifier": "classifier",
+    "EnsembleClassifier": "classifier",
+    "ImageClassifier": "classifier",
+    "build_model": "classifier",
+    "FUSIONS": "fusions",
+    "build_fusion": "fusions",
+    "register_fusion": "fusions",
+    "HEADS": "heads",
+    "build_head": "heads",
+    "register_head": "heads",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+__getattr__ = lazy_exports(__name__, _EXPORTS)

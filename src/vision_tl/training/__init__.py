@@ -1,13 +1,25 @@
 """Training: the LightningModule, fine-tune policies (a registry), optimisers and schedulers,
-callbacks (the feature cache among them) and `run_training` (`training.train`)."""
+callbacks (the feature cache among them), the composition root (`training.build`) and
+`run_training` (`training.train`).
 
-from vision_tl.training.finetune import FINETUNE, FinetunePolicy, build_finetune, register_finetune
-from vision_tl.training.task import ClassificationTask
+The names below are loaded on first use, so importing a light submodule (the config rules)
+does not pull in Lightning.
+"""
 
-__all__ = [
-    "FINETUNE",
-    "ClassificationTask",
-    "FinetunePolicy",
-    "build_finetune",
-    "register_finetune",
-]
+from __future__ import annotations
+
+from vision_tl.core.lazy import lazy_exports
+
+_EXPORTS = {
+    "FINETUNE": "finetune",
+    "FinetunePolicy": "finetune",
+    "build_finetune": "finetune",
+    "register_finetune": "finetune",
+    "ClassificationTask": "task",
+    "build_run": "build",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -19,8 +19,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from vision_tl.core.errors import ConfigError
-from vision_tl.data.datamodule import ImageFolderDataModule
-from vision_tl.data.features import CachedFeatures
+from vision_tl.data.datamodule import ImageDataModule
+from vision_tl.data.features import CachedFeatures, FeatureSpec, build_features
 from vision_tl.training.probe import ProbeGrid, one_thread, search_probe, zero_logit_layers
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,8 @@ class FeatureCache(L.Callback):
     makes a bypass an error, `off` never caches.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, spec: FeatureSpec) -> None:
+        self.spec = spec
         self._one_thread: contextlib.ExitStack | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -48,20 +49,23 @@ class FeatureCache(L.Callback):
         policy = pl_module.finetune
         if policy.probe_stage() is not None:  # the probe stage cached; the fine-tune reads images
             return
-        if dm is None or dm.feature_cache == "off":
+        mode = self.spec.settings.mode
+        if dm is None or mode == "off":
             return
         reason = policy.cache_bypass_reason() or self.bypass_reason(trainer, dm)
         if reason:
-            if dm.feature_cache == "on":
+            if mode == "on":
                 raise ConfigError(f"data.feature_cache=on cannot be used: {reason}")
             if policy.announce_cache_bypass:
                 log.info("Feature cache bypassed: %s", reason)
             return
         device = trainer.strategy.root_device
-        features = dm.build_features(pl_module.model, device, teacher_of(pl_module))
+        features = build_features(self.spec, dm, pl_module.model, device, teacher_of(pl_module))
+        batch_size = None
         if getattr(policy, "search", False):
             features = self.converge_probe(trainer, pl_module, dm, features)
-        dm.use_features(features)
+            batch_size = policy.batch_size
+        dm.use_features(features, batch_size)
         pl_module.feature_inputs = True
         pl_module.feature_precision = features.precision
         self._one_thread = contextlib.ExitStack()
@@ -76,7 +80,7 @@ class FeatureCache(L.Callback):
     def converge_probe(
         trainer: L.Trainer,
         pl_module: L.LightningModule,
-        dm: ImageFolderDataModule,
+        dm: ImageDataModule,
         features: CachedFeatures,
     ) -> CachedFeatures:
         """Choose the probe's settings on the training split and set the fit up to train
@@ -84,9 +88,8 @@ class FeatureCache(L.Callback):
         validation at the end (so the val split picks no epoch either)."""
         policy = pl_module.finetune
         grid = ProbeGrid(policy.lrs, policy.l2s, policy.epochs, policy.folds)
-        dm.batch_size = policy.batch_size
         zero_logit_layers(pl_module.model)
-        result = search_probe(pl_module, features, grid, dm.batch_size, dm.sampler)
+        result = search_probe(pl_module, features, grid, policy.batch_size, dm.loading.sampler)
         pl_module.optimizer_factory = functools.partial(
             pl_module.optimizer_factory, lr=result.lr, weight_decay=0.0
         )
@@ -98,12 +101,11 @@ class FeatureCache(L.Callback):
             features = dataclasses.replace(features, train_store=None)
         return features
 
-    @staticmethod
-    def bypass_reason(trainer: L.Trainer, dm: ImageFolderDataModule) -> str | None:
+    def bypass_reason(self, trainer: L.Trainer, dm: ImageDataModule) -> str | None:
         """Why the run or the data rules the cache out for this fit (None when neither does)."""
         if trainer.fast_dev_run:
             return "trainer.fast_dev_run touches one batch, less than computing every feature"
-        return dm.feature_cache_blocker()
+        return self.spec.blocker(dm.augment.random, dm.augment.preset)
 
 
 class ProbeStart(L.Callback):

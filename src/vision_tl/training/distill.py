@@ -9,7 +9,7 @@ The teacher takes the student's input batches: it un-normalises them with the st
 mean/std, resizes them to its own input size and normalises them with its own statistics,
 so any checkpoint can teach any student of the same classes. When the student trains on
 cached features (its views are fixed), the teacher's logits are cached with them, one row
-per view, in the same extraction pass (`ImageFolderDataModule.build_features`): the
+per view, in the same extraction pass (`data.features.build_features`): the
 teacher does not run during training. Otherwise it runs on every training batch.
 """
 

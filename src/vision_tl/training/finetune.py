@@ -17,7 +17,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from vision_tl.core.errors import ConfigError
 from vision_tl.core.registry import Registry
+from vision_tl.core.validate import check_values
 from vision_tl.models.classifier import Classifier
+from vision_tl.training.rules import FINETUNE_RULES
 
 
 def freeze(module: nn.Module) -> None:
@@ -50,14 +52,10 @@ class FinetunePolicy:
     layer_decay: float | None = None
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, int | float) and value < 0:
-                raise ConfigError(f"finetune.{f.name}={value}: must be >= 0")
-        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
-            raise ConfigError(
-                f"finetune.layer_decay={self.layer_decay}: a number in (0, 1], or null"
-            )
+        """A policy built in code obeys the `finetune.*` rules of the config (one table)."""
+        check_values(
+            "finetune", {f.name: getattr(self, f.name) for f in fields(self)}, FINETUNE_RULES
+        )
 
     def setup(self, model: Classifier) -> None:
         """Set the trainable parts for the start of training."""
@@ -128,14 +126,7 @@ class LinearProbe(FinetunePolicy):
     def __post_init__(self) -> None:
         super().__post_init__()
         for name in ("lrs", "l2s"):
-            values = tuple(float(v) for v in getattr(self, name))
-            if not values or min(values) < 0:
-                raise ConfigError(f"finetune.{name} must list values >= 0, got {list(values)}")
-            object.__setattr__(self, name, values)
-        if self.epochs < 1 or self.batch_size < 1 or self.folds < 2:
-            raise ConfigError(
-                "finetune.epochs and finetune.batch_size must be >= 1, finetune.folds >= 2"
-            )
+            object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
 
     def setup(self, model: Classifier) -> None:
         for backbone in model.backbones():
@@ -162,11 +153,6 @@ class LpFt(LinearProbe):
 
     lr_scale: float = 0.1
     batchnorm: str = "frozen"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.batchnorm not in ("frozen", "train"):
-            raise ConfigError(f"finetune.batchnorm={self.batchnorm}: one of frozen, train")
 
     def probe_stage(self) -> dict[str, Any]:
         probe = {f.name: getattr(self, f.name) for f in fields(LinearProbe)}

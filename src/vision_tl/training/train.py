@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vision_tl.core.errors import ConfigError
 from vision_tl.core.io import write_json
-from vision_tl.data.datamodule import ImageFolderDataModule
+from vision_tl.training.build import build_run
 from vision_tl.training.calibration import calibrate_run
 from vision_tl.training.callbacks import (
     EpochHistory,
@@ -41,14 +41,11 @@ log = logging.getLogger(__name__)
 # the entry point (`inference.predict.predict_for_run`) so training never imports inference.
 PredictFn = Callable[[DictConfig, str, Path], Path]
 
-PRECISIONS = ("32", "32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64", "64-true")
-
 
 def check_precision(precision: Any, accelerator: Any) -> None:
-    """Fail at start, in one line, on a precision the chosen device cannot run."""
+    """Fail at start, in one line, on a precision the chosen device cannot run (the value
+    itself is checked with the config: `training.rules`)."""
     value = str(precision)
-    if value not in PRECISIONS:
-        raise ConfigError(f"trainer.precision={value}: one of {', '.join(PRECISIONS)}")
     device = str(accelerator)
     if device == "auto":
         device = "gpu" if torch.cuda.is_available() else "cpu"
@@ -101,22 +98,6 @@ class PeakMemory:
             "peak_rss_mb": round(self.peak_rss / 2**20, 1),
             "peak_gpu_mem_mb": round(gpu, 1) if gpu else None,
         }
-
-
-def class_weights(spec: Any, counts: list[int]) -> list[float] | None:
-    """`None`, `auto` (inverse frequency, mean 1) or an explicit list, one weight per class."""
-    if spec is None:
-        return None
-    if spec == "auto":
-        if min(counts) == 0:
-            raise ConfigError("loss.class_weights=auto needs every class in the training split")
-        inverse = [1.0 / c for c in counts]
-        scale = len(counts) / sum(inverse)
-        return [w * scale for w in inverse]
-    weights = [float(w) for w in spec]
-    if len(weights) != len(counts):
-        raise ConfigError(f"loss.class_weights has {len(weights)} values for {len(counts)} classes")
-    return weights
 
 
 def final_accuracies(last_epoch: dict[str, float], last_val: dict[str, float]) -> dict[str, Any]:
@@ -204,22 +185,8 @@ def _train(cfg: DictConfig, predict: PredictFn | None) -> tuple[dict[str, Any], 
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
 
-    datamodule: ImageFolderDataModule = instantiate(cfg.data)
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-
-    task = ClassificationTask(
-        model=OmegaConf.to_container(cfg.model, resolve=True),
-        class_names=datamodule.class_names,
-        finetune=OmegaConf.to_container(cfg.finetune, resolve=True),
-        label_smoothing=cfg.loss.label_smoothing,
-        class_weights=class_weights(cfg.loss.get("class_weights"), datamodule.class_counts()),
-        preprocess_overrides=datamodule.preprocess_overrides,
-        optimizer=instantiate(cfg.optimizer),
-        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
-        mixup=OmegaConf.to_container(cfg.mixup, resolve=True) if cfg.get("mixup") else None,
-    )
-    datamodule.set_preprocess(task.preprocess)  # resolved once, by the task
+    run = build_run(cfg)
+    task, datamodule = run.task, run.datamodule
     task.distill = build_distillation(cfg.get("distill"), task.class_names, task.preprocess)
     log.info("Preprocess: %s", task.preprocess)
     if cfg.get("ckpt_path"):
@@ -227,7 +194,7 @@ def _train(cfg: DictConfig, predict: PredictFn | None) -> tuple[dict[str, Any], 
     # Only now, with everything checked: a refused resume leaves its run's files as they were.
     if main_process:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-        datamodule.split_frame().to_csv(run_dir / "split.csv", index=False)
+        datamodule.catalog.to_frame().to_csv(run_dir / "split.csv", index=False)
     datamodule.write_bad_files(run_dir / "bad_files.csv", write=main_process)
     stages: list[L.Callback] = []
     probe = task.finetune.probe_stage()
@@ -247,7 +214,14 @@ def _train(cfg: DictConfig, predict: PredictFn | None) -> tuple[dict[str, Any], 
     # After FeatureCache and ProbeStart: EMA copies the task once the fit's setup has shaped
     # it (for LP-FT, the probe's head with every layer trainable).
     recipes = [c for c in (budget, ema) if c is not None]
-    ours = [FeatureCache(), *stages, *recipes, FailedFilesGuard(), throughput, history]
+    ours = [
+        FeatureCache(run.data.feature_spec),
+        *stages,
+        *recipes,
+        FailedFilesGuard(),
+        throughput,
+        history,
+    ]
     # Lightning's Timer reads a dict `max_time` only as a plain dict.
     max_time = OmegaConf.to_container(cfg.trainer, resolve=True).get("max_time")
     trainer: L.Trainer = instantiate(

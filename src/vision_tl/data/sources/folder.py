@@ -1,0 +1,63 @@
+"""Images in class subfolders: `root/{train,val,test}/<class>/...` or `root/<class>/...`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vision_tl.data.folder import file_catalog, file_signature
+from vision_tl.data.preprocess import AnyPreprocess
+from vision_tl.data.scan import DEFAULT_MAX_PIXELS, ImageScanner
+from vision_tl.data.source import Catalog, Source, digest, register_source
+
+
+@register_source("folder")
+class FolderSource(Source):
+    """Class folders under `root`; every file is checked once before use (verdicts cached
+    under `cache_root/scans/`, keyed by path, size and mtime). Keys are file paths."""
+
+    def __init__(
+        self, root: str | Path, cache_root: Path | None = None, max_image_pixels: int | None = None
+    ) -> None:
+        self.root = Path(root).expanduser()
+        self.cache_root = cache_root
+        self.max_image_pixels = int(max_image_pixels or DEFAULT_MAX_PIXELS)
+
+    @classmethod
+    def from_config(cls, data: Mapping[str, Any], cache_root: Path) -> FolderSource:
+        return cls(data["root"], cache_root, data.get("max_image_pixels"))
+
+    def scanner(self, anchor: Path) -> ImageScanner:
+        """The pre-flight check, its verdicts cached per `anchor` under `cache_root/scans/`."""
+        cache = ImageScanner.cache_file_for(self.cache_root, anchor) if self.cache_root else None
+        return ImageScanner(cache, self.max_image_pixels)
+
+    def catalog(self) -> Catalog:
+        return file_catalog(self.root, scanner=self.scanner(self.anchor))
+
+    def open(self, key: str, preprocess: AnyPreprocess) -> torch.Tensor:
+        return preprocess.read(key)
+
+    def file(self, key: str) -> str:
+        return key
+
+    def signature(self, keys: Sequence[str]) -> str:
+        return digest(file_signature(keys))
+
+    @property
+    def anchor(self) -> Path:
+        """The path the user named: the scan cache and the audit's fingerprints key on it."""
+        return self.root
+
+    def describe(self) -> str:
+        return f"data.root {self.root}"
+
+    def name_of(self, key: str) -> str:
+        """Relative to the data root when under it."""
+        try:
+            return Path(key).relative_to(self.root).as_posix()
+        except ValueError:
+            return key

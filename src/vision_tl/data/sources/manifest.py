@@ -1,0 +1,47 @@
+"""Images listed by a CSV manifest (`path,label`, optional `split`)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from vision_tl.data.folder import file_catalog
+from vision_tl.data.source import Catalog, register_source
+from vision_tl.data.sources.folder import FolderSource
+
+
+@register_source("manifest")
+class ManifestSource(FolderSource):
+    """The files a CSV names, relative to `root` when given, else to the CSV's folder; read
+    and checked as class-folder files are (keys are file paths)."""
+
+    def __init__(
+        self,
+        manifest: str | Path,
+        root: str | Path | None = None,
+        cache_root: Path | None = None,
+        max_image_pixels: int | None = None,
+    ) -> None:
+        super().__init__(root or ".", cache_root, max_image_pixels)
+        self.manifest = Path(manifest).expanduser()
+        self.base = Path(root).expanduser() if root else None
+
+    @classmethod
+    def from_config(cls, data: Mapping[str, Any], cache_root: Path) -> ManifestSource:
+        return cls(data["manifest"], data.get("root"), cache_root, data.get("max_image_pixels"))
+
+    @property
+    def anchor(self) -> Path:
+        return self.manifest
+
+    def catalog(self) -> Catalog:
+        scanner = self.scanner(self.anchor)
+        return file_catalog(self.base, manifest=self.manifest, scanner=scanner)
+
+    def describe(self) -> str:
+        return f"data.manifest {self.manifest}"
+
+    def name_of(self, key: str) -> str:
+        """Relative to `data.root` when one is given and holds it; else as listed."""
+        return super().name_of(key) if self.base is not None else key

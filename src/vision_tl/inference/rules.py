@@ -1,0 +1,47 @@
+"""The keys of `eval`, `predict`, `explain`, `export` and `audit`, checked before any work
+(see `core.validate`)."""
+
+from __future__ import annotations
+
+from vision_tl.core.runtime import PRECISIONS
+from vision_tl.core.validate import (
+    FLAG,
+    PROBABILITY,
+    WORKERS,
+    Rules,
+    integer,
+    number,
+    one_of,
+    or_null,
+    register_rules,
+)
+
+RULES = register_rules(
+    Rules(
+        {
+            "batch_size": integer(1),
+            "num_workers": WORKERS,
+            "precision": one_of(*PRECISIONS),
+            "top_k": integer(1),
+            "reject_threshold": or_null(PROBABILITY, "never reject"),
+            "calibrate": FLAG,
+            "tta.hflip": FLAG,
+            "tta.crops": one_of(1, 5),
+            "num_highest_loss": integer(0),
+            "submission": FLAG,
+            "progress": FLAG,
+            "opset": or_null(integer(7), "the exporter's default"),
+            "tolerance": number(gt=0),
+            "verify": FLAG,
+            # audit
+            "audit.hash_distance": integer(0),
+            "audit.sure_distance": integer(0),
+            "audit.min_similarity": number(ge=-1, le=1),
+            "audit.folds": integer(2),
+            "audit.neighbours": integer(1),
+            "audit.outlier_z": number(gt=0),
+            "audit.unclaimed": PROBABILITY,
+            "audit.thumbnails": integer(0),
+        }
+    )
+)

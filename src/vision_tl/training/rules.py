@@ -1,0 +1,161 @@
+"""The keys `train` reads beyond `data.*`: fine-tune policies, recipes, optimiser, scheduler,
+trainer, loss and distillation, checked before any work (see `core.validate`).
+
+The fine-tune policies check their own fields against the `finetune.*` rules here too
+(`training.finetune`), so a policy built in code obeys the same table.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig
+
+from vision_tl.core.validate import (
+    FLAG,
+    FRACTION,
+    MISSING,
+    PROBABILITY,
+    Allowed,
+    Rules,
+    integer,
+    is_int,
+    is_number,
+    number,
+    one_of,
+    or_null,
+    path,
+    register_rules,
+    select,
+)
+
+# Lightning's `Trainer(precision=...)` values (`16` runs need a GPU: `check_precision`).
+TRAINER_PRECISIONS = (
+    "32",
+    "32-true",
+    "16-mixed",
+    "bf16-mixed",
+    "16-true",
+    "bf16-true",
+    "64",
+    "64-true",
+)
+
+
+def _class_weights(value: Any) -> bool:
+    if value is None or value == "auto":
+        return True
+    return isinstance(value, list | ListConfig) and all(is_number(v) and v >= 0 for v in value)
+
+
+def _max_time(value: Any) -> bool:
+    """What Lightning's `Trainer(max_time=...)` parses: null, `DD:HH:MM:SS`, or a dict."""
+    if value is None:
+        return True
+    if isinstance(value, dict | DictConfig):
+        keys = {"days", "hours", "minutes", "seconds"}
+        values = list(value.values())
+        return bool(values) and set(value) <= keys and all(is_number(v) and v >= 0 for v in values)
+    parts = str(value).strip().split(":")
+    return len(parts) == 4 and all(p.isdigit() for p in parts) and any(int(p) for p in parts)
+
+
+def _values(value: Any) -> bool:
+    return (
+        isinstance(value, list | tuple | ListConfig)
+        and bool(value)
+        and all(is_number(v) and v >= 0 for v in value)
+    )
+
+
+def _open_ended(cfg: DictConfig) -> list[str]:
+    """`trainer.max_epochs=-1` leaves the fit's end to a time budget or a step limit;
+    without one it would never end, and a time budget cannot re-plan OneCycle."""
+    if select(cfg, "trainer.max_epochs") != -1:
+        return []
+    steps = select(cfg, "trainer.max_steps")
+    if is_int(steps) and steps > 0:
+        return []
+    if select(cfg, "trainer.max_time") in (MISSING, None):
+        return [
+            "trainer.max_epochs=-1: nothing would end the fit; set trainer.max_time "
+            "(a time budget, e.g. 00:00:30:00) or trainer.max_epochs"
+        ]
+    target = select(cfg, "scheduler._target_")
+    if isinstance(target, str) and target.endswith(".one_cycle"):
+        return [
+            "trainer.max_epochs=-1: scheduler=onecycle needs the run's length; set "
+            "trainer.max_epochs, or use scheduler=cosine (re-planned to trainer.max_time)"
+        ]
+    return []
+
+
+FINETUNE_RULES = Rules(
+    {
+        "finetune.backbone_lr_mult": number(ge=0),
+        "finetune.layer_decay": or_null(number(gt=0, le=1), "off"),
+        "finetune.unfreeze_epoch": integer(0),
+        "finetune.trainable_stages": integer(0),
+        # the converged probe (finetune=linear_probe), select
+        "finetune.search": FLAG,
+        "finetune.epochs": integer(1),
+        "finetune.batch_size": integer(1),
+        "finetune.folds": integer(2),
+        "finetune.lrs": Allowed(_values, "a non-empty list of numbers >= 0"),
+        "finetune.l2s": Allowed(_values, "a non-empty list of numbers >= 0"),
+        # LP-FT (finetune=lp_ft)
+        "finetune.lr_scale": number(gt=0),
+        "finetune.batchnorm": one_of("frozen", "train"),
+    }
+)
+register_rules(FINETUNE_RULES)
+
+RULES = register_rules(
+    Rules(
+        {
+            "seed": or_null(integer(0), "not seeded"),
+            "ckpt_path": or_null(path("file"), "none"),
+            # fine-tuning recipes
+            "ema.decay": or_null(number(gt=0, lt=1), "no EMA"),
+            "ema.warmup": FLAG,
+            "ema.every_n_steps": integer(1),
+            "mixup.alpha": number(ge=0),
+            "mixup.cutmix_alpha": number(ge=0),
+            "mixup.prob": PROBABILITY,
+            "lr_find": FLAG,
+            "lr_find_steps": integer(20),
+            "loss.label_smoothing": number(ge=0, lt=1),
+            "loss.class_weights": Allowed(
+                _class_weights, "null, auto, or one number >= 0 per class"
+            ),
+            # optimizer/, scheduler/
+            "optimizer.lr": number(gt=0),
+            "optimizer.weight_decay": number(ge=0),
+            "optimizer.momentum": number(ge=0, lt=1),
+            "scheduler.warmup_epochs": number(ge=0),
+            "scheduler.step_size": integer(1),
+            "scheduler.gamma": number(gt=0, le=1),
+            "scheduler.factor": number(gt=0, lt=1),
+            "scheduler.patience": integer(0),
+            "scheduler.pct_start": FRACTION,
+            # trainer/, callbacks/
+            "trainer.precision": one_of(*TRAINER_PRECISIONS),
+            "trainer.max_epochs": Allowed(
+                lambda v: is_int(v) and (v >= 1 or v == -1),
+                "a positive integer, or -1 (trainer.max_time ends the fit)",
+            ),
+            "trainer.max_time": Allowed(
+                _max_time, "DD:HH:MM:SS or a dict of days/hours/minutes/seconds"
+            ),
+            "trainer.accelerator": one_of("auto", "cpu", "gpu", "cuda", "mps", "tpu"),
+            "trainer.log_every_n_steps": integer(1),
+            "callbacks.early_stopping.patience": integer(0),
+            "callbacks.early_stopping.mode": one_of("min", "max"),
+            # distillation
+            "distill.teacher": or_null(path("file"), "no distillation"),
+            "distill.temperature": number(gt=0),
+            "distill.alpha": PROBABILITY,
+        },
+        checks=(_open_ended,),
+    )
+)
