@@ -166,7 +166,10 @@ BAD_INPUTS = {
         ["trainer.precision=16-mixed"],
         "error: trainer.precision=16-mixed needs a GPU",
     ),
-    "unknown_augment": (["data.augment=mixup"], "error: unknown augment 'mixup'"),
+    "unknown_augment": (
+        ["data.augment=mixup"],
+        "error: data.augment=mixup: one of flip_crop, none",
+    ),
 }
 
 

@@ -51,7 +51,10 @@ def prepare_features(
     trainer = SimpleNamespace(datamodule=dm, fast_dev_run=fast_dev_run, strategy=device)
     dm.use_features(None)
     task.feature_inputs = False
-    FeatureCache(spec).setup(trainer, task, "fit")
+    stage = task.finetune.plan()[-1]
+    callback = FeatureCache.plan(spec, task.finetune, stage, dm.augment, fast_dev_run)
+    if callback is not None:  # decided before any Trainer exists
+        callback.setup(trainer, task, "fit")
     assert task.feature_inputs == (dm.features is not None), "the task is told explicitly"
     return dm.features
 

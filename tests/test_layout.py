@@ -97,9 +97,12 @@ def test_every_finetune_policy_sets_a_trainable_head(mode: str) -> None:
     model = build_model({"backbone": {"name": "resnet18"}}, 2, pretrained=False)
     policy.setup(model)
     assert all(p.requires_grad for p in model.head_parameters())
-    if policy.probe_stage() is not None:  # a linear_probe run fits the head first (LP-FT)
-        assert build_finetune(policy.probe_stage()).cache_bypass_reason() is None
+    *earlier, final = policy.plan()
+    assert final.finetune is None and final.subdir is None, "the last stage is the run itself"
+    for stage in earlier:  # a linear_probe run fits the head first (LP-FT)
+        assert build_finetune(stage.finetune).cache_bypass_reason() is None
         assert not any(p.requires_grad for p in model.backbone_parameters())
+    if final.from_previous:
         policy.start_finetune(model)
     backbone_trains = False
     for epoch in range(6):  # the feature cache may be used only if it never trains

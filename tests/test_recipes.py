@@ -11,11 +11,11 @@ from omegaconf import OmegaConf
 
 from vision_tl.core.errors import ConfigError
 from vision_tl.core.validate import violations
-from vision_tl.training.finetune import build_finetune
+from vision_tl.training.finetune import Stage, build_finetune
 from vision_tl.training.optim import cosine_with_warmup, step_lr
 from vision_tl.training.recipes import build_mixup
 from vision_tl.training.task import ClassificationTask, _check_scheduler
-from vision_tl.training.train import probe_stage_config
+from vision_tl.training.train import stage_config
 
 pytestmark = pytest.mark.unit
 
@@ -191,12 +191,14 @@ def test_an_open_ended_lp_ft_gives_its_probe_stage_the_probe_s_own_length(
     # never end).
     timed = ["finetune=lp_ft", "trainer.max_epochs=-1", "trainer.max_time=00:00:10:00"]
     cfg = compose_train(timed, tmp_path)
-    probe = build_finetune(OmegaConf.to_container(cfg.finetune, resolve=True)).probe_stage()
-    stage = probe_stage_config(cfg, {**probe, "epochs": 7})
+    probe, _ = build_finetune(OmegaConf.to_container(cfg.finetune, resolve=True)).plan()
+    seven = Stage(probe.name, {**probe.finetune, "epochs": 7}, subdir=probe.subdir)
+    stage = stage_config(cfg, seven)
     assert stage.trainer.max_time is None and stage.trainer.max_epochs == 7
     assert stage.finetune.mode == "linear_probe" and violations(stage) == []
+    assert stage.paths.output_dir == str(tmp_path / "probe")
     bounded = compose_train(["finetune=lp_ft", "trainer.max_epochs=4"], tmp_path)
-    assert probe_stage_config(bounded, probe).trainer.max_epochs == 4  # as the run says
+    assert stage_config(bounded, probe).trainer.max_epochs == 4  # as the run says
 
 
 def test_a_resume_keeps_the_scheduler_its_checkpoint_records() -> None:

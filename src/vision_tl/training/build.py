@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from hydra.utils import instantiate
@@ -101,10 +102,22 @@ def class_weights(spec: Any, counts: list[int]) -> list[float] | None:
     return weights
 
 
-def build_task(cfg: DictConfig, data: Data) -> ClassificationTask:
+def optimizer_factory(node: DictConfig | None, lr_scale: float = 1.0) -> Any:
+    """The `optimizer` config as a factory of `params`, its LR times `lr_scale` (a stage
+    of a policy's plan: LP-FT fine-tunes at `finetune.lr_scale` x `optimizer.lr`)."""
+    if node is None:
+        return None
+    factory = instantiate(node)
+    if lr_scale == 1.0:
+        return factory
+    if node.get("lr") is None:
+        raise ConfigError(f"a stage at lr_scale={lr_scale} needs optimizer.lr set")
+    return partial(factory, lr=float(node.lr) * lr_scale)
+
+
+def build_task(cfg: DictConfig, data: Data, lr_scale: float = 1.0) -> ClassificationTask:
     """The task for `cfg.model` on `data`'s classes; it resolves the preprocessing once."""
     loss = cfg.get("loss") or {}
-    optimizer = cfg.get("optimizer")
     return ClassificationTask(
         model=plain(cfg.model),
         class_names=data.catalog.class_names,
@@ -112,14 +125,15 @@ def build_task(cfg: DictConfig, data: Data) -> ClassificationTask:
         label_smoothing=float(loss.get("label_smoothing", 0.0)),
         class_weights=class_weights(loss.get("class_weights"), data.catalog.class_counts()),
         preprocess_overrides=preprocess_overrides(plain(cfg.data), data.source),
-        optimizer=instantiate(optimizer) if optimizer is not None else None,
+        optimizer=optimizer_factory(cfg.get("optimizer"), lr_scale),
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
         mixup=plain(cfg.mixup) if cfg.get("mixup") else None,
     )
 
 
-def build_run(cfg: DictConfig, source: Source | None = None) -> Run:
-    """Data, task and DataModule for `cfg` (`source`: use this one instead of `cfg.data`'s)."""
+def build_run(cfg: DictConfig, source: Source | None = None, lr_scale: float = 1.0) -> Run:
+    """Data, task and DataModule for `cfg` (`source`: use this one instead of `cfg.data`'s;
+    `lr_scale`: the stage's, see `optimizer_factory`)."""
     data = build_data(cfg.data, source)
-    task = build_task(cfg, data)
+    task = build_task(cfg, data, lr_scale)
     return Run(data, task, data.datamodule(task.preprocess))

@@ -100,14 +100,10 @@ def val_logits(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The val split's logits and labels of `ckpt_path` (the task's current weights when
     None), from one `trainer.validate` pass with the task collecting instead of logging."""
-    task.collected = []
-    try:
+    with task.collecting_val_logits() as chunks:
         trainer.validate(
             task, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True, verbose=False
         )
-        chunks = task.collected
-    finally:
-        task.collected = None
     if not chunks:
         return torch.empty(0, len(task.class_names)), torch.empty(0, dtype=torch.long)
     return torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])

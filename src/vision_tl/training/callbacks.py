@@ -1,11 +1,9 @@
 """Callbacks every training run uses: the feature cache, the failed-files guard, throughput
-and per-epoch history; and LP-FT's hand-over from its probe stage (`ProbeStart`)."""
+and per-epoch history; and a stage that starts from the one before (`PreviousStageCompetes`)."""
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import functools
 import logging
 import math
 import os
@@ -19,55 +17,72 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from vision_tl.core.errors import ConfigError
-from vision_tl.data.datamodule import ImageDataModule
-from vision_tl.data.features import CachedFeatures, FeatureSpec, build_features
-from vision_tl.training.probe import ProbeGrid, one_thread, search_probe, zero_logit_layers
+from vision_tl.data.datamodule import Augmentation
+from vision_tl.data.features import FeatureSpec, build_features
+from vision_tl.training.finetune import Convergence, FinetunePolicy, Stage
+from vision_tl.training.probe import one_thread
 
 log = logging.getLogger(__name__)
 
 
 class FeatureCache(L.Callback):
-    """Decide, once per fit, whether the backbone's features can be cached, and wire it up.
+    """Serve a fit from cached backbone features: computed once (`vision_tl.data.features`),
+    then the datamodule serves rows and the task runs only its head.
 
-    It can when the fine-tune policy keeps every backbone frozen throughout, the data's
-    augmentation is served from cached views (or there is none), the model splits into
-    backbone and head, and the run is no `fast_dev_run`. Then the features are loaded or
-    computed (`vision_tl.data.features`), the datamodule serves them, and the task is told
-    that its batches are features. `data.feature_cache`: `auto` caches when it can, `on`
-    makes a bypass an error, `off` never caches.
+    Whether a fit may be served so is decided before the Trainer exists (`plan`): the
+    policy keeps every backbone frozen throughout, the augmentation is served from cached
+    views (or there is none), and the run is no `fast_dev_run`. `data.feature_cache`:
+    `auto` caches when it can, `on` makes a bypass an error, `off` never caches. A policy
+    whose head converges (`FinetunePolicy.converges`) has its settings searched here, on
+    the training split, once the features exist.
     """
 
-    def __init__(self, spec: FeatureSpec) -> None:
+    def __init__(self, spec: FeatureSpec, convergence: Convergence | None = None) -> None:
         self.spec = spec
+        self.convergence = convergence
         self._one_thread: contextlib.ExitStack | None = None
 
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        dm = trainer.datamodule
-        if stage != "fit":  # test/validate after fit: the eval entry covers every split
-            pl_module.feature_inputs = dm is not None and dm.features is not None
-            return
-        policy = pl_module.finetune
-        if policy.probe_stage() is not None:  # the probe stage cached; the fine-tune reads images
-            return
-        mode = self.spec.settings.mode
-        if dm is None or mode == "off":
-            return
-        reason = policy.cache_bypass_reason() or self.bypass_reason(trainer, dm)
+    @classmethod
+    def plan(
+        cls,
+        spec: FeatureSpec,
+        policy: FinetunePolicy,
+        stage: Stage,
+        augment: Augmentation,
+        fast_dev_run: bool,
+    ) -> FeatureCache | None:
+        """This callback when the fit can be served from cached features, else None (the
+        reason logged where the user may have expected a cache; an error with
+        `data.feature_cache=on`). A stage that starts from the previous one reads images."""
+        mode = spec.settings.mode
+        if stage.from_previous or mode == "off":
+            return None
+        reason = policy.cache_bypass_reason()
+        if reason is None and fast_dev_run:
+            reason = "trainer.fast_dev_run touches one batch, less than computing every feature"
+        reason = reason or spec.blocker(augment.random, augment.preset)
         if reason:
             if mode == "on":
                 raise ConfigError(f"data.feature_cache=on cannot be used: {reason}")
             if policy.announce_cache_bypass:
                 log.info("Feature cache bypassed: %s", reason)
+            return None
+        return cls(spec, policy.converges())
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        dm = trainer.datamodule
+        if stage != "fit":  # test/validate after fit: the eval entry covers every split
+            pl_module.serve_features(dm.features.precision if dm.features is not None else None)
             return
         device = trainer.strategy.root_device
         features = build_features(self.spec, dm, pl_module.model, device, teacher_of(pl_module))
         batch_size = None
-        if getattr(policy, "search", False):
-            features = self.converge_probe(trainer, pl_module, dm, features)
-            batch_size = policy.batch_size
+        if self.convergence is not None:
+            sampler = dm.loading.sampler
+            _, features = pl_module.converge_head(features, self.convergence, sampler)
+            batch_size = self.convergence.batch_size
         dm.use_features(features, batch_size)
-        pl_module.feature_inputs = True
-        pl_module.feature_precision = features.precision
+        pl_module.serve_features(features.precision)
         self._one_thread = contextlib.ExitStack()
         self._one_thread.enter_context(one_thread())
 
@@ -76,61 +91,18 @@ class FeatureCache(L.Callback):
             self._one_thread.close()
             self._one_thread = None
 
-    @staticmethod
-    def converge_probe(
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        dm: ImageDataModule,
-        features: CachedFeatures,
-    ) -> CachedFeatures:
-        """Choose the probe's settings on the training split and set the fit up to train
-        the head to convergence with them: the policy's epochs and batch size, one
-        validation at the end (so the val split picks no epoch either)."""
-        policy = pl_module.finetune
-        grid = ProbeGrid(policy.lrs, policy.l2s, policy.epochs, policy.folds)
-        zero_logit_layers(pl_module.model)
-        result = search_probe(pl_module, features, grid, policy.batch_size, dm.loading.sampler)
-        pl_module.optimizer_factory = functools.partial(
-            pl_module.optimizer_factory, lr=result.lr, weight_decay=0.0
-        )
-        pl_module.penalise_head(result.l2)
-        pl_module.probe = result.as_dict()
-        trainer.fit_loop.max_epochs = result.epochs
-        trainer.check_val_every_n_epoch = result.epochs
-        if result.views == "eval":
-            features = dataclasses.replace(features, train_store=None)
-        return features
 
-    def bypass_reason(self, trainer: L.Trainer, dm: ImageDataModule) -> str | None:
-        """Why the run or the data rules the cache out for this fit (None when neither does)."""
-        if trainer.fast_dev_run:
-            return "trainer.fast_dev_run touches one batch, less than computing every feature"
-        return self.spec.blocker(dm.augment.random, dm.augment.preset)
+class PreviousStageCompetes(L.Callback):
+    """A stage that starts from the previous one (LP-FT's fine-tune, from the probe run's
+    best head, already in the task): that start competes for the best checkpoint. Before
+    the first epoch it is saved as `best.ckpt` with the previous stage's val accuracy
+    `score`, registered through `ModelCheckpoint`'s own state (the `load_state_dict` a
+    resume uses), so a fine-tune that only degrades it on val keeps it (`best_epoch` -1)."""
 
-
-class ProbeStart(L.Callback):
-    """The fine-tune stage of a policy with a probe stage (LP-FT): the task holds the probe
-    run's best head (`training.train`); every layer now trains as the policy says, at
-    `lr_scale` x `optimizer.lr`. The probe competes for the best checkpoint: it is saved as
-    `best.ckpt` with its val accuracy `score`, so a fine-tune that only degrades it on val
-    keeps the probe (`best_epoch` -1). A resumed fit (`score` None) is past all this."""
-
-    def __init__(self, score: float | None) -> None:
+    def __init__(self, score: float) -> None:
         self.score = score
 
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
-        policy, factory = pl_module.finetune, pl_module.optimizer_factory
-        base_lr = getattr(factory, "keywords", {}).get("lr")
-        if base_lr is None:
-            raise ConfigError(f"finetune={policy.name} needs optimizer.lr set")
-        policy.start_finetune(pl_module.model)
-        pl_module.optimizer_factory = functools.partial(factory, lr=base_lr * policy.lr_scale)
-
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.score is None:
-            return
         score = torch.tensor(self.score)
         for callback in trainer.checkpoint_callbacks:
             if (
@@ -140,10 +112,12 @@ class ProbeStart(L.Callback):
                 and callback.save_top_k == 1
             ):
                 path = callback.format_checkpoint_name({})
-                callback.best_k_models = {path: score}
-                callback.kth_best_model_path = callback.best_model_path = path
-                callback.kth_value = callback.best_model_score = score
-                pl_module.val_acc_best(score)
+                best = {"best_model_score": score, "best_model_path": path}
+                ranked = {"best_k_models": {path: score}, "kth_best_model_path": path}
+                callback.load_state_dict(
+                    {**callback.state_dict(), **best, **ranked, "kth_value": score}
+                )
+                pl_module.count_as_best(self.score)
                 trainer.save_checkpoint(path, weights_only=False)  # with the state above
 
 

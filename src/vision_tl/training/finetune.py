@@ -1,9 +1,13 @@
 """Fine-tune policies (a registry): which parts of a classifier train, and when.
 
 Adding a policy is one decorated class below plus `conf/finetune/<name>.yaml`
-(`mode: <name>` and its options). The task asks its policy to set the trainable parts at
-the start, at each epoch start (`on_train_epoch_start`: newly trainable parameters) and
-after a resume; the feature cache asks it whether the backbone stays frozen throughout.
+(`mode: <name>` and its options). Before any Trainer exists a policy says what it will
+do: `plan()` lists its stages (one fit, or LP-FT's probe run then the fine-tune, with the
+LR scale of each), `converges()` whether its head trains to convergence after a search on
+the training split, `cache_bypass_reason()` whether the backbone ever trains. The task
+asks it to set the trainable parts at the start, at each epoch start
+(`on_train_epoch_start`: newly trainable parameters), when a stage starts from the one
+before (`start_finetune`) and after a resume.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from vision_tl.core.errors import ConfigError
 from vision_tl.core.registry import Registry
 from vision_tl.core.validate import check_values
 from vision_tl.models.classifier import Classifier
+from vision_tl.training.probe import ProbeGrid
 from vision_tl.training.rules import FINETUNE_RULES
 
 
@@ -36,6 +41,37 @@ def unfreeze(module: nn.Module) -> None:
         m.frozen = False
     for p in module.parameters():
         p.requires_grad_(True)
+
+
+PROBE_STAGE_DIR = "probe"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One fit of a policy's plan, decided before any Trainer exists.
+
+    A stage with `finetune` is a run of that policy of its own, in `<run dir>/<subdir>`
+    (LP-FT's probe: a `finetune=linear_probe` run); the last stage is the run itself.
+    `lr_scale` multiplies `optimizer.lr`. With `from_previous` the stage starts from the
+    previous stage's best weights, and that stage's val score competes for `best.ckpt`.
+    """
+
+    name: str
+    finetune: Mapping[str, Any] | None = None
+    subdir: str | None = None
+    lr_scale: float = 1.0
+    from_previous: bool = False
+
+
+@dataclass(frozen=True)
+class Convergence:
+    """A head trained to convergence on cached features: settings searched on `grid`
+    (folds of the training split), then `epochs` epochs in batches of `batch_size`,
+    validated once, at the end (`training.probe`)."""
+
+    grid: ProbeGrid
+    epochs: int
+    batch_size: int
 
 
 @dataclass(frozen=True)
@@ -74,14 +110,18 @@ class FinetunePolicy:
         """Why backbone features cannot be cached (the backbone trains), or None."""
         return f"finetune={self.name} trains the backbone"
 
-    def probe_stage(self) -> dict[str, Any] | None:
-        """The `finetune=` config of a first stage whose best head this fit starts from
-        (`finetune=lp_ft`: the `linear_probe` run), or None when the fit starts directly."""
+    def plan(self) -> tuple[Stage, ...]:
+        """The fits this policy runs, in order (the last is the run itself)."""
+        return (Stage(self.name),)
+
+    def converges(self) -> Convergence | None:
+        """How the head trains to convergence when the features are cached, or None when
+        the fit trains as configured (`trainer.max_epochs`, `data.batch_size`, `optimizer`)."""
         return None
 
     def start_finetune(self, model: Classifier) -> None:
-        """After a policy's probe stage (`training.callbacks.ProbeStart` calls it before the
-        first epoch): set the trainable parts of the fine-tune."""
+        """A stage that starts from the previous one (`Stage.from_previous`) begins: set
+        its trainable parts."""
 
 
 FinetuneClass = Callable[..., FinetunePolicy]
@@ -136,6 +176,12 @@ class LinearProbe(FinetunePolicy):
     def cache_bypass_reason(self) -> str | None:
         return None
 
+    def converges(self) -> Convergence | None:
+        if not self.search:
+            return None
+        grid = ProbeGrid(self.lrs, self.l2s, self.epochs, self.folds)
+        return Convergence(grid, self.epochs, self.batch_size)
+
 
 @register_finetune("lp_ft")
 @dataclass(frozen=True)
@@ -151,13 +197,21 @@ class LpFt(LinearProbe):
     train); `train` lets them follow the new data.
     """
 
+    # The fine-tune stage reads images by design: nothing to announce.
+    announce_cache_bypass: ClassVar[bool] = False
     lr_scale: float = 0.1
     batchnorm: str = "frozen"
 
-    def probe_stage(self) -> dict[str, Any]:
+    def plan(self) -> tuple[Stage, ...]:
         probe = {f.name: getattr(self, f.name) for f in fields(LinearProbe)}
         probe = {k: list(v) if isinstance(v, tuple) else v for k, v in probe.items()}
-        return {"mode": LinearProbe.name, **probe}
+        return (
+            Stage("probe", {"mode": LinearProbe.name, **probe}, subdir=PROBE_STAGE_DIR),
+            Stage("finetune", lr_scale=self.lr_scale, from_previous=True),
+        )
+
+    def converges(self) -> Convergence | None:
+        return None  # its probe stage converges; the fine-tune trains as configured
 
     def start_finetune(self, model: Classifier) -> None:
         """The probe stage is over: every parameter trains, BatchNorm as `batchnorm` says."""

@@ -4,7 +4,6 @@ recipes")."""
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import time
@@ -258,14 +257,13 @@ def find_lr(
     # with no validation and the trainable parts held as they are.
     trainer.fit_loop.max_epochs = max(max_epochs or 1, steps)
     trainer.check_val_every_n_epoch = trainer.fit_loop.max_epochs + 1
-    task.hold_trainable = True
     try:
-        finder = Tuner(trainer).lr_find(
-            task, datamodule=datamodule, num_training=steps, update_attr=False
-        )
+        with task.holding_trainable():
+            finder = Tuner(trainer).lr_find(
+                task, datamodule=datamodule, num_training=steps, update_attr=False
+            )
     finally:
         trainer.fit_loop.max_epochs, trainer.check_val_every_n_epoch = max_epochs, val_every
-        task.hold_trainable = False
     if finder is None:
         return None
     suggestion = finder.suggestion()
@@ -280,7 +278,7 @@ def find_lr(
     if suggestion is None:
         log.warning("LR finder: no suggestion (too few points); optimizer.lr is kept")
         return None
-    task.optimizer_factory = functools.partial(task.optimizer_factory, lr=suggestion)
+    task.use_lr(suggestion)
     log.info("LR finder suggests %.3g; training with it (plot in lr_find.png)", suggestion)
     return float(suggestion)
 
@@ -291,9 +289,9 @@ def _floats(values: Iterable[Any]) -> list[float]:
 
 def lr_find_skip_reason(task: Any, resuming: bool, fast_dev_run: bool) -> str | None:
     """Why `lr_find=true` does not run for this fit, or None when it does."""
-    if getattr(task.finetune, "search", False) and task.finetune.name == "linear_probe":
+    if task.finetune.converges() is not None:
         return "finetune=linear_probe with search chooses its LR by cross-validation"
-    if task.finetune.probe_stage() is not None:
+    if len(task.finetune.plan()) > 1:
         return (
             f"finetune={task.finetune.name} fine-tunes from its probe stage at finetune.lr_scale "
             "x optimizer.lr; set those"

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import math
 import re
 import warnings
 import zipfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +25,19 @@ from torchmetrics.classification import (
 )
 
 from vision_tl.core.errors import ConfigError
-from vision_tl.data.features import split_teacher
+from vision_tl.data.features import CachedFeatures, split_teacher
 from vision_tl.data.preprocess import AnyPreprocess, load_preprocess, per_member
 from vision_tl.models import build_model
 from vision_tl.training.compat import CHECKPOINT_FORMAT, upgrade_checkpoint
 from vision_tl.training.finetune import build_finetune
 from vision_tl.training.optim import add_param_group
-from vision_tl.training.probe import l2_penalty, penalised
+from vision_tl.training.probe import (
+    ProbeResult,
+    l2_penalty,
+    penalised,
+    search_probe,
+    zero_logit_layers,
+)
 from vision_tl.training.recipes import TimeBudget, backbone_param_groups, build_mixup
 
 log = logging.getLogger(__name__)
@@ -62,8 +70,8 @@ class ClassificationTask(L.LightningModule):
 
     `preprocess_overrides` (the `data.*` image settings) are resolved once, here, against
     the model's own preprocessing: `self.preprocess` is the one object the datamodule, the
-    checkpoint and every inference command use. With `feature_inputs` set (by the
-    `FeatureCache` callback), batches hold cached backbone features and only the head runs.
+    checkpoint and every inference command use. After `serve_features` (the `FeatureCache`
+    callback's call), batches hold cached backbone features and only the head runs.
     """
 
     def __init__(
@@ -102,7 +110,7 @@ class ClassificationTask(L.LightningModule):
                     f"data.image_size={pre.input_size}: {backbone.name} takes "
                     f"only {fixed} px inputs"
                 )
-        self.feature_inputs = False
+        self.feature_inputs = False  # see `serve_features`
         # Set during the LR range test: the trainable parts stay as they are (its steps
         # may span a gradual policy's unfreeze epoch, and its optimizer is restored after).
         self.hold_trainable = False
@@ -111,6 +119,8 @@ class ClassificationTask(L.LightningModule):
         # The probe's L2 penalty on the head (`penalise_head`).
         self.head_l2 = 0.0
         self._penalised: list[torch.Tensor] = []
+        # What a converged probe's search chose for the optimizer (`converge_head`).
+        self._optimizer_overrides: dict[str, float] = {}
         # The backbone's precision when its features were cached: eval and predict match it.
         self.feature_precision = "fp32"
         self.label_smoothing = label_smoothing
@@ -176,6 +186,69 @@ class ClassificationTask(L.LightningModule):
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
         return loss
+
+    def serve_features(self, precision: str | None) -> None:
+        """Batches are cached backbone features (computed in `precision`), or images again
+        (None); eval and predict later run the backbone in the precision the head saw."""
+        self.feature_inputs = precision is not None
+        if precision is not None:
+            self.feature_precision = precision
+
+    def converge_head(
+        self, features: CachedFeatures, plan: Any, sampler: str
+    ) -> tuple[ProbeResult, CachedFeatures]:
+        """Choose the head's LR, L2 penalty and views on the training split of `features`
+        (`plan`: the policy's `Convergence`) and train with them from a zero start: returns
+        the search's result and the features to serve (without the augmented views when the
+        eval view won)."""
+        zero_logit_layers(self.model)
+        result = search_probe(self, features, plan.grid, plan.batch_size, sampler)
+        self._optimizer_overrides = {"lr": result.lr, "weight_decay": 0.0}
+        self.penalise_head(result.l2)
+        self.probe = result.as_dict()
+        if result.views == "eval":
+            features = dataclasses.replace(features, train_store=None)
+        return result, features
+
+    def start_from(self, state: Mapping[str, Any], probe: dict[str, Any]) -> None:
+        """Begin a stage that starts from the previous stage's best weights (`state`; LP-FT's
+        probe run, described by `probe`): the policy sets the stage's trainable parts."""
+        self.load_state_dict(state)
+        self.probe = probe
+        self.finetune.start_finetune(self.model)
+
+    def learn_from(self, distillation: Any) -> None:
+        """Train against a teacher (`training.distill.Distillation`; None: no teacher)."""
+        self.distill = distillation
+
+    @contextlib.contextmanager
+    def collecting_val_logits(self) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Inside, validation collects (logits, labels) into the yielded list instead of
+        logging metrics (calibration's one pass over val)."""
+        self.collected = []
+        try:
+            yield self.collected
+        finally:
+            self.collected = None
+
+    @contextlib.contextmanager
+    def holding_trainable(self) -> Iterator[None]:
+        """Inside, the trainable parts stay as they are whatever the epoch (the LR range
+        test's steps may span a gradual policy's unfreeze epoch)."""
+        self.hold_trainable = True
+        try:
+            yield
+        finally:
+            self.hold_trainable = False
+
+    def use_lr(self, lr: float) -> None:
+        """Train at `lr` instead of `optimizer.lr` (the LR finder's suggestion)."""
+        self._optimizer_overrides = {**self._optimizer_overrides, "lr": float(lr)}
+
+    def count_as_best(self, score: float) -> None:
+        """A val accuracy reached before this fit's first epoch (the previous stage's) is the
+        best so far: an epoch must beat it to become `best_epoch`."""
+        self.val_acc_best(torch.tensor(score))
 
     def penalise_head(self, strength: float) -> None:
         """Train with the converged probe's L2 penalty: cross-entropy + strength/2 x the
@@ -345,7 +418,7 @@ class ClassificationTask(L.LightningModule):
         head = [p for p in self.model.head_parameters() if p.requires_grad]
         backbone = self._backbone_groups(lambda p: p.requires_grad)
         groups = [{"params": head}, *({"params": params} for params, _ in backbone)]
-        optimizer = self.optimizer_factory(params=groups)
+        optimizer = self.optimizer_factory(params=groups, **self._optimizer_overrides)
         for group, (_, scale) in zip(optimizer.param_groups[1:], backbone, strict=True):
             group["lr"] *= scale
         if self.scheduler_factory is None:

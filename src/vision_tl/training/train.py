@@ -21,17 +21,18 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vision_tl.core.errors import ConfigError
 from vision_tl.core.io import write_json
-from vision_tl.training.build import build_run
+from vision_tl.training.build import Run, build_run, plain
 from vision_tl.training.calibration import calibrate_run
 from vision_tl.training.callbacks import (
     EpochHistory,
     FailedFilesGuard,
     FeatureCache,
-    ProbeStart,
+    PreviousStageCompetes,
     TrainThroughput,
 )
 from vision_tl.training.distill import build_distillation, distill_report
 from vision_tl.training.distributed import use_hydra_rank_command
+from vision_tl.training.finetune import Stage, build_finetune
 from vision_tl.training.recipes import TimeBudget, build_ema, find_lr, lr_find_skip_reason
 from vision_tl.training.task import ClassificationTask, check_resume
 
@@ -116,92 +117,113 @@ def _instantiate_all(group: DictConfig | None) -> list[Any]:
     return [instantiate(c) for c in (group or {}).values() if c is not None and "_target_" in c]
 
 
-PROBE_STAGE_DIR = "probe"
+def stage_config(cfg: DictConfig, stage: Stage) -> DictConfig:
+    """The config of a stage that runs as its own run (`Stage.finetune`; LP-FT's probe):
+    this run with the stage's policy, in `<run dir>/<stage.subdir>`, without what only the
+    final model needs (EMA, a time budget, the LR finder, testing and predictions)."""
+    finetune = dict(stage.finetune or {})
+    run = copy.deepcopy(cfg)
+    with open_dict(run):
+        run.finetune = finetune
+        run.paths.output_dir = str(Path(cfg.paths.output_dir) / (stage.subdir or stage.name))
+        run.ckpt_path = None
+        run.test = False
+        run.predict_input = None
+        run.lr_find = False
+        run.trainer.max_time = None
+        if run.trainer.get("max_epochs") == -1:  # the budget bounds the final stage
+            run.trainer.max_epochs = int(finetune["epochs"])
+        if run.get("ema") is not None:
+            run.ema.decay = None
+    return run
 
 
-def probe_stage_config(cfg: DictConfig, finetune: dict[str, Any]) -> DictConfig:
-    """The first stage of a two-stage policy (LP-FT): this run with `finetune` (the
-    `linear_probe` config), into `<run dir>/probe`, without what only the final model
-    needs (EMA, a time budget, the LR finder, testing and predictions)."""
-    stage = copy.deepcopy(cfg)
-    with open_dict(stage):
-        stage.finetune = finetune
-        stage.paths.output_dir = str(Path(cfg.paths.output_dir) / PROBE_STAGE_DIR)
-        stage.ckpt_path = None
-        stage.test = False
-        stage.predict_input = None
-        stage.lr_find = False
-        stage.trainer.max_time = None
-        if stage.trainer.get("max_epochs") == -1:  # the budget bounds the fine-tune stage
-            stage.trainer.max_epochs = int(finetune["epochs"])
-        if stage.get("ema") is not None:
-            stage.ema.decay = None
-    return stage
+def run_training(cfg: DictConfig, predict: PredictFn | None = None) -> dict[str, Any]:
+    """Run the fine-tune policy's plan (`FinetunePolicy.plan`), one fit per stage: a stage
+    with a policy of its own (LP-FT's probe) runs into its own folder first and the next
+    stage starts from its best weights. The last stage is this run: it trains, tests (if a
+    test split exists), with `cfg.predict_input` has `predict` label those images with the
+    best checkpoint, and writes `metrics.json` into the run dir last."""
+    if cfg.get("predict_input") and predict is None:
+        raise ConfigError("predict_input is set but no predict step was given to run_training")
+    check_precision(cfg.trainer.get("precision", "32"), cfg.trainer.get("accelerator", "auto"))
+    use_hydra_rank_command()
+    *earlier, final = build_finetune(plain(cfg.finetune)).plan()
+    run = _prepare(cfg, final)
+    resuming = bool(cfg.get("ckpt_path"))  # the checkpoint holds the last stage's weights
+    previous: tuple[float | None, dict[str, Any]] | None = None
+    for stage in [] if resuming else earlier:
+        start = time.perf_counter()
+        stage_cfg = stage_config(cfg, stage)
+        metrics, task = _fit(stage_cfg, _prepare(stage_cfg, stage), stage, None)
+        previous = _handover(metrics, task, stage_cfg, time.perf_counter() - start)
+    return _fit(cfg, run, final, predict, previous)[0]
 
 
-def start_from_probe(task: ClassificationTask, stage: DictConfig) -> float | None:
-    """Run the probe stage `stage` (`probe_stage_config`) and load its best head into
-    `task`; return the probe's val accuracy (the score the fine-tune must beat). The stage
-    is exactly a run of `finetune=linear_probe` with this run's seed, data and model."""
-    start = time.perf_counter()
-    metrics, stage_task = _train(stage, None)
+def _handover(
+    metrics: dict[str, Any], task: ClassificationTask, cfg: DictConfig, seconds: float
+) -> tuple[float | None, dict[str, Any]]:
+    """(score, probe record) a stage hands the next one; its best weights go with the
+    record (`state`), read from its best checkpoint."""
     best = metrics["best_checkpoint"]
     state = (
         torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
         if best
-        else stage_task.state_dict()
+        else task.state_dict()
     )
-    task.load_state_dict(state)
-    task.probe = {
+    record = {
         **(metrics["probe"] or {}),
         "probe_val_acc": metrics["best_val_acc"],
-        "probe_phase_s": round(time.perf_counter() - start, 3),
-        "probe_run": str(stage.paths.output_dir),
+        "probe_phase_s": round(seconds, 3),
+        "probe_run": str(cfg.paths.output_dir),
     }
     log.info(
         "LP-FT probe stage done in %.1f s (val acc %s, run in %s); now everything fine-tunes",
-        task.probe["probe_phase_s"],
+        record["probe_phase_s"],
         metrics["best_val_acc"],
-        task.probe["probe_run"],
+        record["probe_run"],
     )
-    return metrics["best_val_acc"]
+    return metrics["best_val_acc"], {"record": record, "state": state}
 
 
-def run_training(cfg: DictConfig, predict: PredictFn | None = None) -> dict[str, Any]:
-    """Train and (if a test split exists) test; with `cfg.predict_input`, `predict` labels
-    those images with the best checkpoint; write `metrics.json` into the run dir last.
-    A policy with a probe stage (LP-FT) first trains that stage into `<run dir>/probe`."""
-    return _train(cfg, predict)[0]
-
-
-def _train(cfg: DictConfig, predict: PredictFn | None) -> tuple[dict[str, Any], ClassificationTask]:
-    if cfg.get("predict_input") and predict is None:
-        raise ConfigError("predict_input is set but no predict step was given to run_training")
+def _prepare(cfg: DictConfig, stage: Stage) -> Run:
+    """Seed, build the stage's run (`build_run`), check a resume, then write the run's
+    config, split and bad-file list (only now: a refused resume leaves its files as they
+    were)."""
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    check_precision(cfg.trainer.get("precision", "32"), cfg.trainer.get("accelerator", "auto"))
-    use_hydra_rank_command()
-    main_process = rank_zero_only.rank == 0
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
-
-    run = build_run(cfg)
+    run = build_run(cfg, lr_scale=stage.lr_scale)
     task, datamodule = run.task, run.datamodule
-    task.distill = build_distillation(cfg.get("distill"), task.class_names, task.preprocess)
+    task.learn_from(build_distillation(cfg.get("distill"), task.class_names, task.preprocess))
     log.info("Preprocess: %s", task.preprocess)
     if cfg.get("ckpt_path"):
         check_resume(cfg.ckpt_path, task)
-    # Only now, with everything checked: a refused resume leaves its run's files as they were.
+    main_process = rank_zero_only.rank == 0
     if main_process:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
         datamodule.catalog.to_frame().to_csv(run_dir / "split.csv", index=False)
     datamodule.write_bad_files(run_dir / "bad_files.csv", write=main_process)
-    stages: list[L.Callback] = []
-    probe = task.finetune.probe_stage()
-    if probe is not None:
-        resuming = bool(cfg.get("ckpt_path"))  # the checkpoint holds the fine-tuned weights
-        score = None if resuming else start_from_probe(task, probe_stage_config(cfg, probe))
-        stages = [ProbeStart(score)]
+    return run
+
+
+def _fit(
+    cfg: DictConfig,
+    run: Run,
+    stage: Stage,
+    predict: PredictFn | None,
+    previous: tuple[float | None, dict[str, Any]] | None = None,
+) -> tuple[dict[str, Any], ClassificationTask]:
+    """Fit one stage (from the previous stage's best, when it hands one over), calibrate,
+    test, report."""
+    run_dir = Path(cfg.paths.output_dir)
+    task, datamodule = run.task, run.datamodule
+    starts: list[L.Callback] = []
+    if previous is not None and stage.from_previous:
+        score, handed = previous
+        task.start_from(handed["state"], handed["record"])
+        starts = [PreviousStageCompetes(score)] if score is not None else []
 
     callbacks = _instantiate_all(cfg.get("callbacks"))
     throughput = TrainThroughput()
@@ -211,21 +233,24 @@ def _train(cfg: DictConfig, predict: PredictFn | None) -> tuple[dict[str, Any], 
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     budget = TimeBudget() if cfg.trainer.get("max_time") else None
     ema = build_ema(cfg.get("ema"))
-    # After FeatureCache and ProbeStart: EMA copies the task once the fit's setup has shaped
-    # it (for LP-FT, the probe's head with every layer trainable).
+    cache = FeatureCache.plan(
+        run.data.feature_spec,
+        task.finetune,
+        stage,
+        datamodule.augment,
+        bool(cfg.trainer.get("fast_dev_run")),
+    )
+    # After FeatureCache: EMA copies the task once the fit's setup has shaped it.
     recipes = [c for c in (budget, ema) if c is not None]
-    ours = [
-        FeatureCache(run.data.feature_spec),
-        *stages,
-        *recipes,
-        FailedFilesGuard(),
-        throughput,
-        history,
-    ]
+    ours = [*([cache] if cache else []), *starts, *recipes, FailedFilesGuard(), throughput, history]
     # Lightning's Timer reads a dict `max_time` only as a plain dict.
-    max_time = OmegaConf.to_container(cfg.trainer, resolve=True).get("max_time")
+    trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
+    length: dict[str, Any] = {"max_time": trainer_args.get("max_time")}
+    if cache is not None and cache.convergence is not None:  # one validation, at the end
+        epochs = cache.convergence.epochs
+        length.update(max_epochs=epochs, check_val_every_n_epoch=epochs)
     trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=[*callbacks, *ours], logger=loggers, max_time=max_time
+        cfg.trainer, callbacks=[*callbacks, *ours], logger=loggers, **length
     )
 
     with PeakMemory() as memory:
