@@ -122,9 +122,9 @@ def test_class_weights_change_the_loss_by_the_expected_factor() -> None:
     y = torch.tensor([0, 1])
     per_image = torch.nn.functional.cross_entropy(logits, y, reduction="none")
     expected = (1.0 * per_image[0] + 4.0 * per_image[1]) / 5.0  # weighted mean, as torch
-    torch.testing.assert_close(task._loss(logits, y), expected)
-    torch.testing.assert_close(plain._loss(logits, y), per_image.mean())
-    assert task._loss(logits, y) / plain._loss(logits, y) > 1.4, "the rare class weighs more"
+    torch.testing.assert_close(task.loss(logits, y), expected)
+    torch.testing.assert_close(plain.loss(logits, y), per_image.mean())
+    assert task.loss(logits, y) / plain.loss(logits, y) > 1.4, "the rare class weighs more"
 
 
 def _spied_run(compose_train, data: Path, out: Path, overrides: list[str]) -> tuple[dict, dict]:

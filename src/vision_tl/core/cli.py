@@ -200,17 +200,18 @@ def _composition_problem(config_name: str, err: Exception, overrides: list[str])
     return message.splitlines()[0]
 
 
-def _dotted_keys(cfg: Any, prefix: str = "") -> list[str]:
-    """Every key path of `cfg`, groups and leaves, without Hydra's own node."""
+def _dotted_keys(cfg: DictConfig | dict, prefix: str = "") -> list[str]:
+    """Every key path of `cfg`, groups and leaves, without Hydra's own node (nothing is
+    resolved: `${now:...}` and the like need Hydra's runtime)."""
+    tree = OmegaConf.to_container(cfg, resolve=False) if isinstance(cfg, DictConfig) else cfg
     keys = []
-    for key in cfg:
+    for key, value in tree.items():
         if not prefix and key == "hydra":
             continue
         path = f"{prefix}{key}"
         keys.append(path)
-        node = cfg._get_node(key)
-        if isinstance(node, DictConfig):
-            keys.extend(_dotted_keys(node, f"{path}."))
+        if isinstance(value, dict):
+            keys.extend(_dotted_keys(value, f"{path}."))
     return keys
 
 

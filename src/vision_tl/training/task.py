@@ -148,7 +148,7 @@ class ClassificationTask(L.LightningModule):
         x = split_teacher(x)[0]  # cached teacher logits are for the loss only
         return self.model.classify_features(x) if self.feature_inputs else self(x)
 
-    def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Cross-entropy against class indices or, after Mixup/CutMix, soft targets (in
         fp32 like the logits, whatever the precision the images came in)."""
         target = y.float() if y.is_floating_point() else y
@@ -167,7 +167,7 @@ class ClassificationTask(L.LightningModule):
         if self.mixup is not None and not self.feature_inputs:
             x, target = self.mixup(x, y)
         logits = self._logits(x)
-        loss = self._loss(logits, target)
+        loss = self.loss(logits, target)
         if self.distill is not None:  # on a mixed batch the teacher sees the mixed images
             teacher = cached_teacher if cached_teacher is not None else self.distill.teacher(x)
             loss = self.distill.loss(loss, logits, teacher)
@@ -395,14 +395,23 @@ class ClassificationTask(L.LightningModule):
         if self.probe is not None:
             checkpoint["vision_tl"]["probe"] = self.probe
         checkpoint["vision_tl"]["feature_precision"] = self.feature_precision
-        if self._trainer is not None:
-            configs = self.trainer.lr_scheduler_configs
+        trainer = self._attached_trainer()
+        if trainer is not None:
+            configs = trainer.lr_scheduler_configs
             checkpoint["vision_tl"]["schedulers"] = [type(c.scheduler).__name__ for c in configs]
+
+    def _attached_trainer(self) -> L.Trainer | None:
+        """The trainer running this task; None when there is none (loading for inference),
+        where Lightning's `trainer` property raises."""
+        try:
+            return self.trainer
+        except RuntimeError:
+            return None
 
     def _take_saved_preprocess(self, saved: AnyPreprocess) -> None:
         """Loading for inference: what the run used travels with its weights. Resuming a fit:
         the datamodule and the feature cache already hold the resolved object, so it stays."""
-        if self._trainer is None:
+        if self._attached_trainer() is None:
             self.preprocess = saved
         elif saved != self.preprocess:
             log.warning(
