@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vision_tl.core.config import config_dir, register_resolvers
 from vision_tl.core.errors import ConfigError, find_user_error
+from vision_tl.core.shims import hydra_args_parser
 from vision_tl.core.validate import did_you_mean, validate, violations
 
 log = logging.getLogger(__name__)
@@ -93,9 +94,7 @@ def command(config_name: str) -> Callable[[Callable[[DictConfig], T]], Callable[
 def check_command_line(config_name: str, argv: list[str]) -> None:
     """Compose the config as Hydra will and raise a one-line `ConfigError` for an unknown
     key or option, a bad value (every value of a sweep) or a run dir that cannot be written."""
-    from hydra._internal.utils import get_args_parser
-
-    args, _ = get_args_parser().parse_known_args(argv)
+    args, _ = hydra_args_parser().parse_known_args(argv)
     if (
         args.help
         or args.hydra_help

@@ -23,6 +23,7 @@ from torchmetrics.classification import (
 )
 
 from vision_tl.core.errors import ConfigError
+from vision_tl.core.shims import set_last_lr
 from vision_tl.data.features import split_teacher
 from vision_tl.data.preprocess import AnyPreprocess, load_preprocess, per_member
 from vision_tl.models import build_model
@@ -310,7 +311,7 @@ class ClassificationTask(L.LightningModule):
             ]
             for group, lr in zip(scheduler.optimizer.param_groups, lrs, strict=True):
                 group["lr"] = lr
-            scheduler._last_lr = lrs
+            set_last_lr(scheduler, lrs)
             log.info(
                 "Resumed: the LR schedule now ends with epoch %d (step %d; the checkpoint's "
                 "ended at step %d)",
