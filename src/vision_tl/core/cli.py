@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vision_tl.core.config import config_dir, register_resolvers
 from vision_tl.core.errors import ConfigError, find_user_error
+from vision_tl.core.logs import quiet_third_party
 from vision_tl.core.shims import hydra_args_parser
 from vision_tl.core.validate import did_you_mean, validate, violations
 
@@ -54,8 +55,10 @@ def os_error_line(err: BaseException | None) -> str | None:
 
 
 def run_command(work: Callable[..., T], cfg: DictConfig, *args: Any) -> T:
-    """Validate `cfg`, then run `work(cfg, *args)`; an error the user can fix (a config
-    value, a file, a full disk, a permission) exits with one line, not a traceback."""
+    """Validate `cfg`, then run `work(cfg, *args)` with third-party noise filtered
+    (`core.logs`); an error the user can fix (a config value, a file, a full disk, a
+    permission) exits with one line, not a traceback."""
+    quiet_third_party()
     try:
         validate(cfg)
         return work(cfg, *args)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import math
 import re
-import warnings
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -37,9 +36,6 @@ log = logging.getLogger(__name__)
 
 # trainer.max_epochs=-1: the LR schedule's provisional length, until a time budget sets it
 OPEN_ENDED_EPOCHS = 1000
-
-# Frozen backbones are in eval mode on purpose (their BatchNorm statistics must not move).
-warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
 
 
 def _split_metrics(num_classes: int, prefix: str) -> MetricCollection:
