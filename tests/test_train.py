@@ -235,9 +235,10 @@ def test_resume_from_last_checkpoint(compose_train, image_folder: Path, tmp_path
     run_training(compose_train([*base, "trainer.max_epochs=1"], run_dir))
     last = run_dir / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=True)["epoch"] == 0
-    metrics = run_training(
-        compose_train([*base, "trainer.max_epochs=3", f"ckpt_path={last}"], run_dir)
-    )
+    with pytest.warns(UserWarning, match="exists and is not empty"):  # resumed in place
+        metrics = run_training(
+            compose_train([*base, "trainer.max_epochs=3", f"ckpt_path={last}"], run_dir)
+        )
     assert metrics["epochs"] == 3
     assert torch.load(last, weights_only=True)["epoch"] == 2
     assert len(_scalars(run_dir)["val/acc"]) == 3  # epoch 0 was not trained again
