@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from vision_tl.core.config import config_dir
+from vision_tl.core.logs import ini_filterwarnings
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -44,6 +45,12 @@ network_guard.install()
 
 
 TIERS = ("unit", "integration", "slow")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Third-party warnings are filtered as the commands filter them (core/logs.py)."""
+    for line in ini_filterwarnings():
+        config.addinivalue_line("filterwarnings", line)
 
 
 @pytest.hookimpl(tryfirst=True)

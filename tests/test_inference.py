@@ -20,6 +20,7 @@ from torch import nn
 from vision_tl.core.cli import run_command
 from vision_tl.core.config import config_dir
 from vision_tl.core.errors import ConfigError
+from vision_tl.core.logs import torchscript_deprecation_ignored
 from vision_tl.data.augment import eval_transform, normalize_batch, resize_op
 from vision_tl.data.decode import decode
 from vision_tl.data.preprocess import Preprocess
@@ -283,14 +284,14 @@ def test_onnx_parity_for_an_ensemble_and_a_timm_model(
 
 
 @pytest.mark.integration
-@pytest.mark.filterwarnings(r"ignore:`torch\.jit\.load` is deprecated")
 def test_torchscript_export_matches_pytorch(single_ckpt: Path, tmp_path: Path) -> None:
     card = run_export(
         compose_entry("export", [f"ckpt_path={single_ckpt}", "format=torchscript"], tmp_path)
     )
     assert card["file"] == "model.pt" and card["max_abs_diff"] < 1e-5
     assert json.loads((tmp_path / "model.json").read_text())["class_names"] == CLASSES
-    module = torch.jit.load(str(tmp_path / "model.pt"))
+    with torchscript_deprecation_ignored():
+        module = torch.jit.load(str(tmp_path / "model.pt"))
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(module(x), load_checkpoint(single_ckpt).model(x))

@@ -44,7 +44,7 @@ def test_mixed_targets_sum_to_one_and_the_loss_is_soft_target_cross_entropy() ->
     logits = torch.randn(8, 3)
     smoothed = target * 0.9 + 0.1 / 3
     by_hand = -(smoothed * torch.tensor(weights) * logits.log_softmax(1)).sum(1).mean()
-    torch.testing.assert_close(task._loss(logits, target), by_hand)
+    torch.testing.assert_close(task.loss(logits, target), by_hand)
     # prob=0 (the default) or no alpha: no mixing at all
     assert build_mixup({"alpha": 0.8, "cutmix_alpha": 1.0, "prob": 0.0}, 3) is None
     assert build_mixup({"alpha": 0.0, "cutmix_alpha": 0.0, "prob": 1.0}, 3) is None

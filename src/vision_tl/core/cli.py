@@ -21,6 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from vision_tl.core.config import config_dir, register_resolvers
 from vision_tl.core.errors import ConfigError, find_user_error
+from vision_tl.core.logs import quiet_third_party
+from vision_tl.core.shims import hydra_args_parser
 from vision_tl.core.validate import did_you_mean, validate, violations
 
 log = logging.getLogger(__name__)
@@ -53,8 +55,10 @@ def os_error_line(err: BaseException | None) -> str | None:
 
 
 def run_command(work: Callable[..., T], cfg: DictConfig, *args: Any) -> T:
-    """Validate `cfg`, then run `work(cfg, *args)`; an error the user can fix (a config
-    value, a file, a full disk, a permission) exits with one line, not a traceback."""
+    """Validate `cfg`, then run `work(cfg, *args)` with third-party noise filtered
+    (`core.logs`); an error the user can fix (a config value, a file, a full disk, a
+    permission) exits with one line, not a traceback."""
+    quiet_third_party()
     try:
         validate(cfg)
         return work(cfg, *args)
@@ -93,9 +97,7 @@ def command(config_name: str) -> Callable[[Callable[[DictConfig], T]], Callable[
 def check_command_line(config_name: str, argv: list[str]) -> None:
     """Compose the config as Hydra will and raise a one-line `ConfigError` for an unknown
     key or option, a bad value (every value of a sweep) or a run dir that cannot be written."""
-    from hydra._internal.utils import get_args_parser
-
-    args, _ = get_args_parser().parse_known_args(argv)
+    args, _ = hydra_args_parser().parse_known_args(argv)
     if (
         args.help
         or args.hydra_help
@@ -200,17 +202,18 @@ def _composition_problem(config_name: str, err: Exception, overrides: list[str])
     return message.splitlines()[0]
 
 
-def _dotted_keys(cfg: Any, prefix: str = "") -> list[str]:
-    """Every key path of `cfg`, groups and leaves, without Hydra's own node."""
+def _dotted_keys(cfg: DictConfig | dict, prefix: str = "") -> list[str]:
+    """Every key path of `cfg`, groups and leaves, without Hydra's own node (nothing is
+    resolved: `${now:...}` and the like need Hydra's runtime)."""
+    tree = OmegaConf.to_container(cfg, resolve=False) if isinstance(cfg, DictConfig) else cfg
     keys = []
-    for key in cfg:
+    for key, value in tree.items():
         if not prefix and key == "hydra":
             continue
         path = f"{prefix}{key}"
         keys.append(path)
-        node = cfg._get_node(key)
-        if isinstance(node, DictConfig):
-            keys.extend(_dotted_keys(node, f"{path}."))
+        if isinstance(value, dict):
+            keys.extend(_dotted_keys(value, f"{path}."))
     return keys
 
 

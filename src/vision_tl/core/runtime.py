@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from vision_tl.core.errors import ConfigError
+from vision_tl.core.shims import onednn_bf16_supported
 
 
 def inference_copy(model: torch.nn.Module, precision: str) -> torch.nn.Module:
@@ -60,7 +61,7 @@ PRECISIONS = ("auto", "bf16", "fp32")  # data.feature_precision, eval/predict pr
 def _cpu_has_bf16() -> bool:
     """AVX512-BF16 or AMX in the CPU flags (Linux), and oneDNN built with bf16 kernels:
     elsewhere bf16 is emulated and slower than float32."""
-    if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+    if not (torch.backends.mkldnn.is_available() and onednn_bf16_supported()):
         return False
     try:
         flags = Path("/proc/cpuinfo").read_text()

@@ -11,7 +11,6 @@ ensemble whose members need different preprocessing takes one such batch per mem
 from __future__ import annotations
 
 import logging
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from torch import nn
 
 from vision_tl.core.errors import ConfigError
 from vision_tl.core.io import write_json
+from vision_tl.core.logs import onnx_export_quiet, torchscript_deprecation_ignored
 from vision_tl.core.validate import did_you_mean
 from vision_tl.data.preprocess import AnyPreprocess, EnsemblePreprocess, Preprocess, per_member
 from vision_tl.inference.checkpoint import LoadedModel, load_checkpoint
@@ -80,16 +80,12 @@ def export_onnx(
     """
     import onnx
 
-    chatty = [logging.getLogger(name) for name in ("onnx_ir", "onnxscript")]
-    levels = [logger.level for logger in chatty]
-    for logger in chatty:  # their INFO lines (one per optimisation pass) drown the run log
-        logger.setLevel(logging.WARNING)
     inputs = x if isinstance(x, tuple) else (x,)
     batch = torch.export.Dim("batch")
     dynamic = tuple({0: batch} for _ in inputs)
     if isinstance(model, PerMemberInputs):  # one `*inputs` argument holds every input
         dynamic = (dynamic,)
-    try:
+    with onnx_export_quiet():
         torch.onnx.export(
             model,
             inputs,
@@ -101,9 +97,6 @@ def export_onnx(
             external_data=False,
             verbose=False,
         )
-    finally:
-        for logger, level in zip(chatty, levels, strict=True):
-            logger.setLevel(level)
     graph = onnx.load(str(path), load_external_data=False)
     return next(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx"))
 
@@ -112,8 +105,7 @@ def export_torchscript(
     model: nn.Module, x: torch.Tensor | tuple[torch.Tensor, ...], path: Path
 ) -> None:
     """Trace to TorchScript (deprecated upstream, but loadable from C++ and plain torch)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*torch\.jit\..* is deprecated")
+    with torchscript_deprecation_ignored():
         traced = torch.jit.trace(model, x)
         torch.jit.save(traced, str(path))
 
@@ -129,8 +121,7 @@ def run_file(
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         feed = {n: t.numpy() for n, t in zip(names or [INPUT_NAME], inputs, strict=True)}
         return session.run([OUTPUT_NAME], feed)[0]
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*torch\.jit\..* is deprecated")
+    with torchscript_deprecation_ignored():
         module = torch.jit.load(str(path), map_location="cpu")
     with torch.no_grad():
         return module(*inputs).numpy()

@@ -210,8 +210,8 @@ def _strip_classifier(model: nn.Module, attr: str) -> tuple[int, list[str]]:
         raise TypeError(f"unexpected classifier {type(head).__name__} at {attr}")
     last = max(i for i, m in enumerate(head) if isinstance(m, nn.Linear))
     num_features = head[last].in_features
-    names = list(head._modules)
-    dropped = [f"{attr}.{names[last]}"]
+    name = next(name for name, module in head.named_children() if module is head[last])
+    dropped = [f"{attr}.{name}"]
     head[last] = nn.Identity()
     if last > 0 and isinstance(head[last - 1], nn.Dropout):
         head[last - 1] = nn.Identity()
@@ -253,7 +253,7 @@ def _has_params(model: nn.Module, prefixes: Sequence[str]) -> bool:
 
 def _children(attr: str) -> Callable[[nn.Module], list[str]]:
     """One stage per child of `model.<attr>` (torchvision's `features` Sequentials)."""
-    return lambda model: [f"{attr}.{name}" for name in getattr(model, attr)._modules]
+    return lambda model: [f"{attr}.{name}" for name, _ in getattr(model, attr).named_children()]
 
 
 def _resnet_stages(model: nn.Module) -> list[StageSpec]:
@@ -271,7 +271,7 @@ def _regnet_stages(model: nn.Module) -> list[StageSpec]:
 
 
 def _vit_stages(model: nn.Module) -> list[StageSpec]:
-    layers = [f"encoder.layers.{name}" for name in model.encoder.layers._modules]
+    layers = [f"encoder.layers.{name}" for name, _ in model.encoder.layers.named_children()]
     return [("conv_proj", "class_token", "encoder.pos_embedding"), *layers, "encoder.ln"]
 
 

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_original_cwd
 
+from vision_tl.core.shims import replace_hydra_subprocess_cmd
+
 
 def rank_command(local_rank: int, module: str = "vision_tl.train") -> tuple[Sequence[str], str]:
     """The command line and working dir for DDP rank `local_rank` of the current Hydra job."""
@@ -35,14 +37,6 @@ def rank_command(local_rank: int, module: str = "vision_tl.train") -> tuple[Sequ
 
 
 def use_hydra_rank_command() -> None:
-    """Make Lightning's subprocess launchers (Trainer and Fabric) start ranks with `rank_command`.
-
-    Lightning looks the function up by name at launch time in both launcher modules.
-    """
-    from lightning.fabric.strategies.launchers import subprocess_script as fabric_launcher
-    from lightning.pytorch.strategies.launchers import subprocess_script as trainer_launcher
-
-    for module in (fabric_launcher, trainer_launcher):
-        if not hasattr(module, "_hydra_subprocess_cmd"):
-            raise RuntimeError(f"{module.__name__} has no _hydra_subprocess_cmd to replace")
-        module._hydra_subprocess_cmd = rank_command
+    """Make Lightning's subprocess launchers (Trainer and Fabric) start DDP ranks with
+    `rank_command`."""
+    replace_hydra_subprocess_cmd(rank_command)

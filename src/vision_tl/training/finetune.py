@@ -17,7 +17,6 @@ from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from vision_tl.core.errors import ConfigError
 from vision_tl.core.registry import Registry
@@ -44,6 +43,8 @@ def unfreeze(module: nn.Module) -> None:
 
 
 PROBE_STAGE_DIR = "probe"
+# torch's BatchNorm layers (their common base class is private).
+BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 @dataclass(frozen=True)
@@ -219,7 +220,7 @@ class LpFt(LinearProbe):
             unfreeze(backbone)
             if self.batchnorm == "frozen":
                 for module in backbone.modules():
-                    if isinstance(module, _BatchNorm):
+                    if isinstance(module, BATCHNORMS):
                         module.frozen = True
         model.train(model.training)
 

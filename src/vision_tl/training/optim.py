@@ -12,6 +12,8 @@ from typing import Any
 
 from torch.optim import Optimizer, lr_scheduler
 
+from vision_tl.core.shims import set_last_lr
+
 
 def step_lr(
     optimizer: Optimizer, *, step_size: int = 7, gamma: float = 0.1, **_: Any
@@ -104,5 +106,5 @@ def add_param_group(optimizer: Optimizer, schedulers: list, params: list, lr_sca
             scheduler.lr_lambdas.append(scheduler.lr_lambdas[0])
         if hasattr(scheduler, "min_lrs"):
             scheduler.min_lrs.append(scheduler.min_lrs[0])
-        if hasattr(scheduler, "_last_lr"):
-            scheduler._last_lr.append(group["lr"])
+        if isinstance(scheduler, lr_scheduler.LRScheduler):
+            set_last_lr(scheduler, [*scheduler.get_last_lr(), group["lr"]])

@@ -268,13 +268,13 @@ def _train_heads(
                 # targets, so the mean over all blocks x heads is the sum of per-head losses.
                 logits = stacked(features)
                 heads = logits.shape[0]
-                loss = task._loss(logits.reshape(-1, logits.shape[-1]), target.repeat(heads))
+                loss = task.loss(logits.reshape(-1, logits.shape[-1]), target.repeat(heads))
                 loss = loss * heads + stacked.penalty()
             else:
                 loss = 0.0
                 for m in models:
                     logits = m.classify_features(features)
-                    task_loss = task._loss(logits, target)  # the fit's loss, exactly
+                    task_loss = task.loss(logits, target)  # the fit's loss, exactly
                     if teacher is not None:
                         task_loss = task.distill.loss(task_loss, logits, teacher)
                     loss = loss + task_loss

@@ -194,20 +194,23 @@ class TimeBudget(L.Callback):
         self.planned_epochs: int | None = None
         self._start = 0.0
         self._first_epoch = 0
+        self._budget: float | None = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start = self.clock()
         self._first_epoch = trainer.current_epoch
+        # What the budget leaves this session: a resumed fit's timer has its state back
+        # by now, and counts the time the earlier sessions used. None: no budget.
+        timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+        self._budget = timer.time_remaining() if timer is not None else None
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
-        if timer is None or timer._duration is None:
+        if self._budget is None:
             return
         done = trainer.current_epoch + 1
         elapsed = self.clock() - self._start
         per_epoch = elapsed / max(1, done - self._first_epoch)
-        # A resumed fit: the timer's offset is the time the earlier sessions used.
-        left = max(0.0, timer._duration - timer._offset - elapsed)
+        left = max(0.0, self._budget - elapsed)
         fits = done + math.floor(left * self.margin / per_epoch) if per_epoch > 0 else done
         limit = trainer.fit_loop.max_epochs
         planned = min(fits, limit if limit and limit > 0 else fits, self.planned_epochs or fits)

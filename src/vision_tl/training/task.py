@@ -7,7 +7,6 @@ import dataclasses
 import logging
 import math
 import re
-import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -25,6 +24,7 @@ from torchmetrics.classification import (
 )
 
 from vision_tl.core.errors import ConfigError
+from vision_tl.core.shims import set_last_lr
 from vision_tl.data.features import CachedFeatures, split_teacher
 from vision_tl.data.preprocess import AnyPreprocess, load_preprocess, per_member
 from vision_tl.models import build_model
@@ -44,9 +44,6 @@ log = logging.getLogger(__name__)
 
 # trainer.max_epochs=-1: the LR schedule's provisional length, until a time budget sets it
 OPEN_ENDED_EPOCHS = 1000
-
-# Frozen backbones are in eval mode on purpose (their BatchNorm statistics must not move).
-warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
 
 
 def _split_metrics(num_classes: int, prefix: str) -> MetricCollection:
@@ -158,7 +155,7 @@ class ClassificationTask(L.LightningModule):
         x = split_teacher(x)[0]  # cached teacher logits are for the loss only
         return self.model.classify_features(x) if self.feature_inputs else self(x)
 
-    def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Cross-entropy against class indices or, after Mixup/CutMix, soft targets (in
         fp32 like the logits, whatever the precision the images came in)."""
         target = y.float() if y.is_floating_point() else y
@@ -177,7 +174,7 @@ class ClassificationTask(L.LightningModule):
         if self.mixup is not None and not self.feature_inputs:
             x, target = self.mixup(x, y)
         logits = self._logits(x)
-        loss = self._loss(logits, target)
+        loss = self.loss(logits, target)
         if self.distill is not None:  # on a mixed batch the teacher sees the mixed images
             teacher = cached_teacher if cached_teacher is not None else self.distill.teacher(x)
             loss = self.distill.loss(loss, logits, teacher)
@@ -383,7 +380,7 @@ class ClassificationTask(L.LightningModule):
             ]
             for group, lr in zip(scheduler.optimizer.param_groups, lrs, strict=True):
                 group["lr"] = lr
-            scheduler._last_lr = lrs
+            set_last_lr(scheduler, lrs)
             log.info(
                 "Resumed: the LR schedule now ends with epoch %d (step %d; the checkpoint's "
                 "ended at step %d)",
@@ -468,14 +465,23 @@ class ClassificationTask(L.LightningModule):
         if self.probe is not None:
             checkpoint["vision_tl"]["probe"] = self.probe
         checkpoint["vision_tl"]["feature_precision"] = self.feature_precision
-        if self._trainer is not None:
-            configs = self.trainer.lr_scheduler_configs
+        trainer = self._attached_trainer()
+        if trainer is not None:
+            configs = trainer.lr_scheduler_configs
             checkpoint["vision_tl"]["schedulers"] = [type(c.scheduler).__name__ for c in configs]
+
+    def _attached_trainer(self) -> L.Trainer | None:
+        """The trainer running this task; None when there is none (loading for inference),
+        where Lightning's `trainer` property raises."""
+        try:
+            return self.trainer
+        except RuntimeError:
+            return None
 
     def _take_saved_preprocess(self, saved: AnyPreprocess) -> None:
         """Loading for inference: what the run used travels with its weights. Resuming a fit:
         the datamodule and the feature cache already hold the resolved object, so it stays."""
-        if self._trainer is None:
+        if self._attached_trainer() is None:
             self.preprocess = saved
         elif saved != self.preprocess:
             log.warning(

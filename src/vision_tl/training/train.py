@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vision_tl.core.errors import ConfigError
 from vision_tl.core.io import write_json
+from vision_tl.core.logs import quiet_third_party
 from vision_tl.training.build import Run, build_run, plain
 from vision_tl.training.calibration import calibrate_run
 from vision_tl.training.callbacks import (
@@ -146,6 +147,7 @@ def run_training(cfg: DictConfig, predict: PredictFn | None = None) -> dict[str,
     best checkpoint, and writes `metrics.json` into the run dir last."""
     if cfg.get("predict_input") and predict is None:
         raise ConfigError("predict_input is set but no predict step was given to run_training")
+    quiet_third_party()  # as under the command line, for callers of the Python API
     check_precision(cfg.trainer.get("precision", "32"), cfg.trainer.get("accelerator", "auto"))
     use_hydra_rank_command()
     *earlier, final = build_finetune(plain(cfg.finetune)).plan()

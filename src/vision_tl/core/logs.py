@@ -1,0 +1,104 @@
+"""Third-party noise, filtered in one place: a command prints vision_tl's lines,
+Lightning's useful ones, once each, and the warnings a user can act on.
+
+`quiet_third_party()` runs at the start of every command (`core.cli.run_command`).
+`WARNING_FILTERS` also reach pytest (`tests/conftest.py`), so the suite shows the
+warnings a user would see, and no others. Each filter says why it is there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterator
+
+# Warnings ignored: (regex matched at the start of the message, category).
+WARNING_FILTERS: tuple[tuple[str, type[Warning]], ...] = (
+    # Lightning, at the start of a fit: frozen backbones are in eval mode on purpose (their
+    # BatchNorm statistics must not move).
+    (r"Found \d+ module\(s\) in eval mode at the start of training", UserWarning),
+    # Lightning's rule of thumb on loader workers: vision_tl sizes them itself
+    # (data.num_workers, default min(8, CPU cores)) and reads cached features with none.
+    (r"The '\w+' does not have many workers", UserWarning),
+    # Lightning, on a dataset of fewer batches than trainer.log_every_n_steps: nothing is
+    # lost, each epoch's train loss and accuracy are logged (TensorBoard, history.csv).
+    (r"The number of training batches \(\d+\) is smaller than the logging interval", UserWarning),
+    # Lightning 2.6's own utilities/_pytree.py builds torch's deprecated LeafSpec at every
+    # fit and validation; nothing vision_tl or a user calls.
+    (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning),
+)
+
+# Lines Lightning logs that are dropped (a fragment of the message each).
+LIGHTNING_LINES_DROPPED = (
+    # An advertisement for Lightning's cloud logger, at every Trainer's start.
+    "litlogger",
+    # vision_tl puts its own summary (training/summary.py) in Lightning's place on purpose.
+    "Skipping setting a default `ModelSummary` callback",
+)
+
+
+class _DropLines(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(fragment in message for fragment in LIGHTNING_LINES_DROPPED)
+
+
+def quiet_third_party() -> None:
+    """Apply the filters above, and print each Lightning line once (safe to call again)."""
+    for message, category in WARNING_FILTERS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+    import lightning.pytorch  # noqa: F401  (its import adds the handlers undone below)
+
+    # Lightning's `lightning` logger prints each line itself ("INFO: ...") and passes it on
+    # to the root logger, where Hydra's handler prints it again and writes the job's log
+    # file. Lightning's handlers go: each line is printed once, and logged to the file.
+    # This is done here, not in conf/hydra: Hydra sets logging up before a command imports
+    # Lightning, and that import adds the handler. Without a root handler (logging turned
+    # off with hydra/job_logging), Lightning's stay.
+    if logging.getLogger().handlers:
+        for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+            logger = logging.getLogger(name)
+            for handler in list(logger.handlers):
+                logger.removeHandler(handler)
+            logger.propagate = True
+    # Lightning's rank-zero messages (rank_zero_info) come from this logger.
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _DropLines) for f in rank_zero.filters):
+        rank_zero.addFilter(_DropLines())
+
+
+def ini_filterwarnings() -> list[str]:
+    """`WARNING_FILTERS` as pytest `filterwarnings` lines, after the rule Python follows
+    outside pytest (which shows every DeprecationWarning): one shows where vision_tl's code
+    or a test's raised it or called the deprecated API, not from inside a library."""
+    return [
+        "ignore::DeprecationWarning",
+        "default::DeprecationWarning:(vision_tl|test_|conftest|helpers)",
+        *(f"ignore:{message}:{category.__name__}" for message, category in WARNING_FILTERS),
+    ]
+
+
+@contextlib.contextmanager
+def torchscript_deprecation_ignored() -> Iterator[None]:
+    """Inside: torch's deprecation of the torch.jit API is ignored. format=torchscript is
+    a format users ask for (loadable from C++ and plain torch), and torch.jit is the only
+    way to write and read it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\..* is deprecated")
+        yield
+
+
+@contextlib.contextmanager
+def onnx_export_quiet() -> Iterator[None]:
+    """Inside: onnx_ir and onnxscript log warnings only; their INFO lines (one per
+    optimisation pass of an ONNX export) drown the run log."""
+    chatty = [logging.getLogger(name) for name in ("onnx_ir", "onnxscript")]
+    levels = [logger.level for logger in chatty]
+    for logger in chatty:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(chatty, levels, strict=True):
+            logger.setLevel(level)
