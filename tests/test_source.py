@@ -14,10 +14,11 @@ import pytest
 import torch
 from conftest import TINY, _draw
 from hydra import compose, initialize_config_dir
+from torch.utils.data import RandomSampler
 
 from vision_tl.core.config import config_dir
 from vision_tl.data import SOURCES, Catalog, Source, register_source
-from vision_tl.data.preprocess import AnyPreprocess
+from vision_tl.data.preprocess import AnyPreprocess, Preprocess
 from vision_tl.data.source import digest
 from vision_tl.inference.checkpoint import load_checkpoint
 from vision_tl.inference.eval import run_eval
@@ -78,6 +79,19 @@ def test_a_source_without_val_is_split_by_the_datamodule_settings() -> None:
     assert data.catalog.class_counts("val") == [2, 2, 2]
     keys = {s: {k for k, _ in data.catalog.samples[s]} for s in ("train", "val")}
     assert not keys["train"] & keys["val"]
+
+
+def test_an_iterable_source_is_read_in_its_own_order_without_resized_copies() -> None:
+    class Stream(ToySource):
+        iterable = True
+
+    data = build_data({"batch_size": 4, "num_workers": 0, "resize_cache": True}, source=Stream())
+    dm = data.datamodule(Preprocess(24, 24))
+    assert not dm.resize_cache and dm.reader().files == {}, "no random access to copy from"
+    loader = dm.train_dataloader()
+    assert loader.sampler is not None and not isinstance(loader.sampler, RandomSampler)
+    _, labels = next(iter(loader))
+    assert labels.tolist() == [0, 0, 0, 0], "the catalog's order, not a shuffle"
 
 
 @pytest.mark.integration

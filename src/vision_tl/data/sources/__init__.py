@@ -1,11 +1,15 @@
 """The registered data sources, one class per file, and the factory that picks one.
 
-`data.source=auto` (the default) picks what the keys imply: `manifest` when
-`data.manifest` is set, `folder` when `data.root` is, else `builtin`.
+Every module in this folder is imported here, so a new source is one file (its class
+with `@register_source`) plus `conf/data/<name>.yaml`. `data.source=auto` (the default)
+picks what the keys imply: `manifest` when `data.manifest` is set, `folder` when
+`data.root` is, else `builtin`.
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -16,6 +20,9 @@ from vision_tl.data.sources.folder import FolderSource
 from vision_tl.data.sources.manifest import ManifestSource
 
 __all__ = ["BuiltinSource", "FolderSource", "ManifestSource", "build_source", "source_name"]
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 
 def source_name(data: Mapping[str, Any]) -> str:
