@@ -200,10 +200,16 @@ def test_each_bad_input_exits_1_with_one_error_line_and_no_metrics(tmp_path: Pat
 def test_a_run_whose_files_keep_failing_stops_and_says_it_is_not_the_files(
     compose_train, image_folder: Path, tmp_path: Path
 ) -> None:
-    """image_size=0 slips past the command-line check here (run_training is called
-    directly), as any setup mistake the check cannot foresee would: every read fails."""
-    cfg = compose_train([*TINY, f"data.root={image_folder}", "data.image_size=0"], tmp_path)
-    with pytest.raises(VisionTLError) as err:
+    """A setup mistake no check can foresee (here: every read of the source fails after the
+    pre-flight check passed, as on a disk that went away) stops the run in one line."""
+    from vision_tl.data.sources.folder import FolderSource
+
+    def gone(self, key, preprocess):
+        raise OSError(f"[Errno 5] Input/output error: '{key}'")
+
+    cfg = compose_train([*TINY, f"data.root={image_folder}"], tmp_path)
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(VisionTLError) as err:
+        mp.setattr(FolderSource, "open", gone)
         run_training(cfg)
     message = str(err.value)
     assert message.startswith("data.max_failed_fraction=0.1: ") and "\n" not in message

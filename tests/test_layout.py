@@ -49,7 +49,10 @@ GROUP_OPTIONS = [(group, name) for group in GROUPS for name in _options(group)]
 @pytest.mark.parametrize(("group", "name"), GROUP_OPTIONS, ids=lambda v: str(v))
 def test_every_config_option_composes_and_builds(group: str, name: str, tmp_path: Path) -> None:
     """`<group>=<name>` composes with the rest of `train`, and what it configures builds."""
-    cfg = _compose([f"{group}={name}", f"data.root={tmp_path}", f"paths.output_dir={tmp_path}"])
+    manifest = tmp_path / "labels.csv"  # for data=manifest; the other sources ignore it
+    manifest.write_text("path,label\n")
+    data_keys = [f"data.root={tmp_path}", f"data.manifest={manifest}"]
+    cfg = _compose([f"{group}={name}", *data_keys, f"paths.output_dir={tmp_path}"])
     if group in ("data", "experiment"):
         data = OmegaConf.to_container(cfg.data, resolve=True)
         settings = DataSettings.from_config(data)  # every data.* value passes data/rules.py

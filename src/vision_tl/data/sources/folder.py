@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from vision_tl.core.errors import ConfigError
 from vision_tl.data.folder import file_catalog, file_signature
 from vision_tl.data.preprocess import AnyPreprocess
 from vision_tl.data.scan import DEFAULT_MAX_PIXELS, ImageScanner
@@ -28,6 +29,8 @@ class FolderSource(Source):
 
     @classmethod
     def from_config(cls, data: Mapping[str, Any], cache_root: Path) -> FolderSource:
+        if not data.get("root"):
+            raise ConfigError("data.source=folder needs data.root=DIR (a folder of class folders)")
         return cls(data["root"], cache_root, data.get("max_image_pixels"))
 
     def scanner(self, anchor: Path) -> ImageScanner:

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from vision_tl.core.errors import ConfigError
 from vision_tl.data.folder import file_catalog
 from vision_tl.data.source import Catalog, register_source
 from vision_tl.data.sources.folder import FolderSource
@@ -29,6 +30,8 @@ class ManifestSource(FolderSource):
 
     @classmethod
     def from_config(cls, data: Mapping[str, Any], cache_root: Path) -> ManifestSource:
+        if not data.get("manifest"):
+            raise ConfigError("data.source=manifest needs data.manifest=CSV (path,label[,split])")
         return cls(data["manifest"], data.get("root"), cache_root, data.get("max_image_pixels"))
 
     @property
