@@ -19,7 +19,13 @@ from vision_tl.core.runtime import feature_batch_size
 from vision_tl.data import ImageDataModule
 from vision_tl.data.augment import normalize_batch, train_transform
 from vision_tl.data.dataset import ImageListDataset
-from vision_tl.data.features import CachedFeatures, FeatureSpec, load_or_build, view_seed
+from vision_tl.data.features import (
+    CachedFeatures,
+    FeatureSpec,
+    build_features,
+    load_or_build,
+    view_seed,
+)
 from vision_tl.data.samplers import ViewSampler
 from vision_tl.models import FUSIONS, build_model
 from vision_tl.models.backbones import Backbone
@@ -296,3 +302,30 @@ def test_ensemble_probe_with_augmented_views_trains_from_the_cache(
     run_training(compose_train(bypassed, tmp_path / "off"))
     spy = json.loads((tmp_path / "off" / "spy.json").read_text())
     assert spy["backbone_calls"] > 0, "the spy sees the members when they do run"
+
+
+def test_a_views_subset_gives_the_rows_the_whole_split_would_and_lends_them(
+    image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Views drawn for a subset first are the whole split's rows for those images, and the
+    whole split's entry copies them instead of running the backbone on them again."""
+    task = _task()
+    keys = {"augment": "flip_crop", "feature_views": 2, "cache": str(tmp_path / "a")}
+    dm, spec = _datamodule(image_folder, task, **keys)
+    train = sorted(k for k, _ in dm.catalog.samples["train"])
+    subset = train[3:9]
+    cpu = torch.device("cpu")
+    first = build_features(spec, dm, task.model, cpu, views=subset)
+    assert first.train_store.files == subset
+    counted: list[int] = []
+    features = task.model.features
+    monkeypatch.setattr(task.model, "features", lambda x: counted.append(len(x)) or features(x))
+    whole = build_features(spec, dm, task.model, cpu, views="all", reuse=first.train_store)
+    assert sum(counted) == 2 * (len(train) - len(subset)), "the subset's rows are copied"
+    fresh_dm, fresh_spec = _datamodule(image_folder, task, **{**keys, "cache": str(tmp_path / "b")})
+    fresh = build_features(fresh_spec, fresh_dm, task.model, cpu)
+    rows = np.fromfile(whole.train_store.data_file, np.float32)
+    # The same crops; the backbone's float sums differ in the last bits with the batch mates.
+    expected = np.fromfile(fresh.train_store.data_file, np.float32)
+    np.testing.assert_allclose(rows, expected, rtol=1e-5, atol=1e-5)
+    assert whole.train_store.directory.name == fresh.train_store.directory.name, "one entry"

@@ -15,7 +15,14 @@ from vision_tl.training.train import run_training
 
 pytestmark = pytest.mark.integration
 
-PROBE = ["finetune=linear_probe", "finetune.epochs=3", "finetune.folds=2", "finetune.batch_size=8"]
+# The converged recipe alone (the early-stopped one has tests of its own).
+PROBE = [
+    "finetune=linear_probe",
+    "finetune.epochs=3",
+    "finetune.folds=2",
+    "finetune.batch_size=8",
+    "finetune.short_epochs=0",
+]
 SPY = ["+callbacks.spy._target_=helpers.spies.RunSpy"]
 
 
@@ -94,3 +101,61 @@ def test_search_off_keeps_the_configured_optimizer_and_epochs(
     assert "probe" not in ckpt["vision_tl"]
     start = json.loads((tmp_path / "spy.json").read_text())["start"]
     assert start["logit_layers_abs_max"] > 0  # the head's own initialisation, as before
+
+
+def test_the_search_weighs_the_early_stopped_recipe_and_the_fit_follows_the_winner(
+    compose_train, tmp_path: Path
+) -> None:
+    """Beside the converged grid, the early-stopped recipe's epoch is chosen inside the
+    training split's folds; a converged grid that cannot learn (LR 1e-7) must lose to it,
+    and the fit then trains exactly that recipe: its epochs, batch, LR and the optimizer's
+    own weight decay, at a constant LR."""
+    root = make_image_folder(tmp_path / "data", per_class=6)
+    hopeless = ["finetune.lrs=[1e-7]", "finetune.l2s=[0.0]", "finetune.short_epochs=6"]
+    quick = ["finetune.short_batch_size=4", "finetune.short_lr=0.01", "data.augment=none"]
+    cfg = compose_train([*TINY, f"data.root={root}", *PROBE, *hopeless, *quick, *SPY], tmp_path)
+    metrics = run_training(cfg)
+    probe = metrics["probe"]
+    assert probe["recipe"] == "short" and set(probe["recipes"]) == {"converged", "short"}
+    assert probe["recipe_margin"] == pytest.approx(
+        probe["recipes"]["short"] - probe["recipes"]["converged"]
+    )
+    assert probe["recipe_margin"] > 0
+    short = [c for c in probe["candidates"] if c["recipe"] == "short"]
+    assert len(short) == 1 and len(short[0]["curve"]) == 6  # one held-out score per epoch
+    assert (
+        probe["epochs"] == short[0]["epochs"] == 1 + short[0]["curve"].index(max(short[0]["curve"]))
+    )
+    assert metrics["epochs"] == probe["epochs"] and probe["batch_size"] == 4
+    ckpt = torch.load(metrics["best_checkpoint"], map_location="cpu", weights_only=False)
+    assert ckpt["lr_schedulers"] == [], "a constant LR, as its folds trained it"
+    group = ckpt["optimizer_states"][0]["param_groups"][0]
+    assert group["lr"] == 0.01 and group["weight_decay"] == 0.01  # AdamW's own decay
+    start = json.loads((tmp_path / "spy.json").read_text())["start"]
+    assert start["group_weight_decays"] == [0.01] and start["logit_layers_abs_max"] == 0.0
+
+
+def test_views_are_extracted_for_the_rest_only_when_a_subset_says_they_pay(
+    compose_train, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The views decision runs on a stratified subset; the backbone then sees every image
+    once (the eval view) plus the views of the subset, and of the rest only if they won."""
+    from vision_tl.models.backbones import Backbone
+
+    root = make_image_folder(tmp_path / "data", per_class=10)  # 30 train, 30 val
+    seen: list[int] = []
+    forward = Backbone.forward
+    monkeypatch.setattr(
+        Backbone, "forward", lambda self, x: seen.append(len(x)) or forward(self, x)
+    )
+    subset = ["finetune.views_subset=9", "data.feature_views=2", "data.feature_precision=fp32"]
+    cfg = compose_train([*TINY, f"data.root={root}", *PROBE, *subset], tmp_path / "run")
+    probe = run_training(cfg)["probe"]
+    decision = probe["views_decision"]
+    assert decision["subset_images"] == 9 and decision["search_s"] > 0
+    assert decision["views"] == (decision["augmented_acc"] > decision["eval_acc"])
+    views_of = 30 if decision["views"] else 9
+    assert sum(seen) == 60 + 2 * views_of, "the eval view of all, the views of the subset"
+    assert {c["views"] for c in probe["candidates"]} == {
+        "augmented" if decision["views"] else "eval"
+    }, "the full search weighs only the option the subset chose"

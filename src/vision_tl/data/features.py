@@ -226,10 +226,13 @@ class _Views(Dataset):
     """(every view of an image from one decode, index, failure reason) for extraction; a
     file that will not decode is recorded, not fatal."""
 
-    def __init__(self, images: ImageListDataset, views: int, seed: int) -> None:
+    def __init__(
+        self, images: ImageListDataset, views: int, seed: int, seed_at: Sequence[int]
+    ) -> None:
         self.images = images
         self.views = views
         self.seed = seed
+        self.seed_at = seed_at  # each image's index in its entry's whole list
 
     def __len__(self) -> int:
         return len(self.images)
@@ -241,7 +244,7 @@ class _Views(Dataset):
             for view in range(self.views):
                 # Reseeds this process's generator: workers own theirs, and the main
                 # process extracts inside `fork_rng`.
-                torch.manual_seed(view_seed(self.seed, view, index))
+                torch.manual_seed(view_seed(self.seed, view, self.seed_at[index]))
                 drawn.append(transform(image) if transform else image)
             return drawn, index, ""
         except Exception as err:
@@ -273,6 +276,21 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+@dataclass(frozen=True)
+class Rows:
+    """Where each image of an extraction lands: row `write_at[i]` of `stride` rows per
+    view, its views drawn as the `seed_at[i]`-th image of its whole list (so a subset
+    computed first gives exactly the rows the whole list would)."""
+
+    write_at: Sequence[int]
+    seed_at: Sequence[int]
+    stride: int
+
+    @classmethod
+    def all(cls, n: int) -> Rows:
+        return cls(range(n), range(n), n)
+
+
 def _extract(
     model: nn.Module,
     images: ImageListDataset,
@@ -284,20 +302,22 @@ def _extract(
     num_workers: int,
     precision: str = "fp32",
     seed: int = 0,
+    rows: Rows | None = None,
 ) -> tuple[int, dict[str, str]]:
     """Write `model.features` of every image (per view) to `out/features.f32`.
 
     Each image is decoded once for all its views; view `v` of image `i` is drawn from
-    `view_seed(seed, v, i)`. `images` yields uint8 crops (a tuple of per-member crops for
-    an ensemble whose members need different preprocessing); they are normalised here, a
-    batch at a time. The backbone runs in `precision` (`bf16`: autocast); rows are stored
-    as float32.
+    `view_seed(seed, v, i)` (`i`: its place in its entry's whole list, `rows`). `images`
+    yields uint8 crops (a tuple of per-member crops for an ensemble whose members need
+    different preprocessing); they are normalised here, a batch at a time. The backbone
+    runs in `precision` (`bf16`: autocast); rows are stored as float32.
     """
-    n = len(images)
+    rows = rows or Rows.all(len(images))
+    n = rows.stride
     failed: dict[str, str] = {}
     dim = 0
     loader = DataLoader(
-        _Views(images, views, seed),
+        _Views(images, views, seed, rows.seed_at),
         batch_size=batch_size,
         num_workers=num_workers,
         collate_fn=_collate,
@@ -315,7 +335,7 @@ def _extract(
                     feats = model.features(x).float().cpu()
                 dim = feats.shape[1]
                 for row, i in zip(feats.numpy(), indices, strict=True):
-                    os.pwrite(fd, row.tobytes(), (view * n + i) * dim * 4)
+                    os.pwrite(fd, row.tobytes(), (view * n + rows.write_at[i]) * dim * 4)
     if dim == 0:
         raise ConfigError("no image could be decoded for the feature cache")
     return dim, failed
@@ -333,9 +353,15 @@ def load_or_build(
     num_workers: int,
     precision: str = "fp32",
     seed: int = 0,
+    seed_at: Sequence[int] | None = None,
+    reuse: FeatureStore | None = None,
 ) -> tuple[FeatureStore, bool]:
     """The entry for `spec` and `seed`, computed now (the backbone in `precision`, random
-    views drawn from `seed`) if absent; returns (store, was it a hit)."""
+    views drawn from `seed`) if absent; returns (store, was it a hit).
+
+    `seed_at`: each image's index in the whole list its views are drawn from (a subset's
+    entry). `reuse`: an entry of some of the same images, drawn the same way, whose rows
+    are copied instead of computed again (the subset a views decision extracted)."""
     spec = {**spec, "view_seed": seed}
     key = cache_key(spec)
     final = root / key
@@ -356,23 +382,39 @@ def load_or_build(
             )
             # An inference copy (in fp32, BatchNorms folded into their convolutions),
             # channels_last: convolutions run ~1.6x faster on CPU (oneDNN) and tensor cores.
-            fast = inference_copy(model, precision).to(device, memory_format=torch.channels_last)
-            dim, failed = _extract(
-                fast,
-                images,
-                preprocess,
-                views,
-                tmp,
-                device,
-                batch_size,
-                num_workers,
-                precision,
-                seed,
-            )
-            del fast
+            keys = [key for key, _ in images.samples]
+            reused = reuse.index() if reuse is not None else {}
+            todo = [i for i, key in enumerate(keys) if key not in reused]
+            seeds = seed_at if seed_at is not None else range(len(keys))
+            dim, failed = (reuse.dim if reuse is not None else 0), {}
+            if todo:
+                fast = inference_copy(model, precision)
+                fast = fast.to(device, memory_format=torch.channels_last)
+                subset = ImageListDataset(
+                    [images.samples[i] for i in todo], images.reader, images.transform
+                )
+                rows = Rows(todo, [seeds[i] for i in todo], len(keys))
+                dim, failed = _extract(
+                    fast,
+                    subset,
+                    preprocess,
+                    views,
+                    tmp,
+                    device,
+                    batch_size,
+                    num_workers,
+                    precision,
+                    seed,
+                    rows,
+                )
+                del fast
+            if reused:
+                _copy_rows(reuse, reused, keys, views, tmp / "features.f32")
+                wanted = set(keys)
+                failed = {**{k: v for k, v in reuse.failed.items() if k in wanted}, **failed}
             meta = {
                 "key": spec,
-                "files": [key for key, _ in images.samples],
+                "files": keys,
                 "views": views,
                 "dim": dim,
                 "failed": failed,
@@ -388,6 +430,23 @@ def load_or_build(
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return FeatureStore.open(final), False
+
+
+def _copy_rows(
+    source: FeatureStore, index: dict[str, int], keys: Sequence[str], views: int, out: Path
+) -> None:
+    """Copy `source`'s rows of the `keys` it holds into their places in `out`."""
+    if source.views != views:
+        raise ValueError(f"reused entry has {source.views} views, this one {views}")
+    row_bytes, n = source.row_bytes, len(keys)
+    with open(source.data_file, "rb") as src, open(out, "r+b" if out.exists() else "wb") as dst:
+        for i, key in enumerate(keys):
+            if key not in index:
+                continue
+            for view in range(views):
+                src.seek((view * len(source.files) + index[key]) * row_bytes)
+                dst.seek((view * n + i) * row_bytes)
+                dst.write(src.read(row_bytes))
 
 
 @dataclass
@@ -442,14 +501,20 @@ def build_features(
     model: nn.Module,
     device: torch.device,
     teacher: nn.Module | None = None,
+    views: str | Sequence[str] = "all",
+    reuse: FeatureStore | None = None,
 ) -> CachedFeatures:
     """Load or compute the cached features of `dm`'s catalog (an `ImageDataModule`: its
     source, reader, preprocessing, augmentation and loading settings) from `model.features`.
 
     Whether features may be cached at all is decided elsewhere, once (the `FeatureCache`
-    callback). With a distillation `teacher` (a module taking the same normalised views),
-    each row also holds the teacher's logits of that view (`CachedFeatures.teacher_columns`).
-    Files that fail extraction are reported to `dm.bad_file_log`.
+    callback). With a random augmentation, `views` says which training images get their
+    augmented views: `all`, `none`, or the keys of a subset (a views decision's), drawn
+    exactly as the whole split's would be; `reuse` (such a subset's store) lends its rows
+    to the whole split's entry. With a distillation `teacher` (a module taking the same
+    normalised views), each row also holds the teacher's logits of that view
+    (`CachedFeatures.teacher_columns`). Files that fail extraction are reported to
+    `dm.bad_file_log`.
     """
     pre, settings = dm.preprocess, spec.settings
     precision = resolve_precision(settings.precision, device)
@@ -470,12 +535,25 @@ def build_features(
     samples = dm.catalog.samples
     reader = dm.reader()
 
-    def build(keys: list[str], transform: Any, views: int, extra: dict, seed: int = 0) -> Any:
+    def build(
+        keys: list[str], transform: Any, count: int, extra: dict, seed: int = 0, **kw: Any
+    ) -> Any:
         images = ImageListDataset([(k, 0) for k in keys], reader, transform)
         entry = {**base, **extra, "samples": dm.source.signature(keys)}
         workers = dm.loading.workers
         return load_or_build(
-            root, entry, extractor, images, pre, views, device, batch_size, workers, precision, seed
+            root,
+            entry,
+            extractor,
+            images,
+            pre,
+            count,
+            device,
+            batch_size,
+            workers,
+            precision,
+            seed,
+            **kw,
         )
 
     every_key = dm.catalog.all_keys()
@@ -483,7 +561,7 @@ def build_features(
     hits = {"eval": eval_hit}
     train_store = None
     augment = dm.augment
-    if augment.random:
+    if augment.random and views != "none":
         transform = augment.train_transform(pre)
         extra = {
             "transform": {
@@ -494,14 +572,26 @@ def build_features(
         }
         train_keys = sorted(k for k, _ in samples["train"])
         # The views follow the run's seed: `seed=S` draws others (their own entries).
-        train_store, hits["train"] = build(train_keys, transform, settings.views, extra, spec.seed)
+        if views == "all":
+            train_store, hits["train"] = build(
+                train_keys, transform, settings.views, extra, spec.seed, reuse=reuse
+            )
+        else:
+            place = {key: i for i, key in enumerate(train_keys)}
+            subset = sorted(views, key=place.__getitem__)
+            extra = {**extra, "subset_of": dm.source.signature(train_keys)}
+            seed_at = [place[k] for k in subset]
+            train_store, hits["train"] = build(
+                subset, transform, settings.views, extra, spec.seed, seed_at=seed_at
+            )
     for store in (eval_store, train_store):
         for key, why in (store.failed if store else {}).items():
             dm.bad_file_log(key, why)
-    views = (
-        f"{settings.views} augmented views ({augment.preset}) per training image"
-        if train_store
-        else "the eval transform (data.augment=none)"
+    described = (
+        "no augmented views"
+        if train_store is None
+        else f"{settings.views} augmented views ({augment.preset}) of "
+        f"{len(train_store.files)} training images"
     )
     log.info(
         "Feature cache: %s %d images, %d features each (backbone in %s), %s; the backbone "
@@ -510,7 +600,7 @@ def build_features(
         len(every_key),
         eval_store.dim,
         precision,
-        views,
+        described,
         eval_store.directory.parent,
     )
     columns = int(teacher.num_classes) if teacher is not None else 0

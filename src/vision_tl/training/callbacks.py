@@ -4,6 +4,7 @@ and per-epoch history; and a stage that starts from the one before (`PreviousSta
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -17,10 +18,10 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from vision_tl.core.errors import ConfigError
-from vision_tl.data.datamodule import Augmentation
-from vision_tl.data.features import FeatureSpec, build_features
+from vision_tl.data.datamodule import Augmentation, ImageDataModule
+from vision_tl.data.features import CachedFeatures, FeatureSpec, build_features
 from vision_tl.training.finetune import Convergence, FinetunePolicy, Stage
-from vision_tl.training.probe import one_thread
+from vision_tl.training.probe import decide_views, one_thread, stratified_subset
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,8 @@ class FeatureCache(L.Callback):
     def __init__(self, spec: FeatureSpec, convergence: Convergence | None = None) -> None:
         self.spec = spec
         self.convergence = convergence
+        self.features: CachedFeatures | None = None
+        self.batch_size: int | None = None
         self._one_thread: contextlib.ExitStack | None = None
 
     @classmethod
@@ -69,20 +72,71 @@ class FeatureCache(L.Callback):
             return None
         return cls(spec, policy.converges())
 
+    def prepare(
+        self, task: L.LightningModule, dm: ImageDataModule, device: torch.device
+    ) -> dict[str, int]:
+        """Load or compute the features and, for a head that converges, choose its recipe
+        on the training split: before the Trainer, so the fit's length is decided when it
+        is built. With a random augmentation the views are first judged on a stratified
+        subset of the training split and extracted for the rest only when they win there
+        (their rows reused). Returns the Trainer's length arguments."""
+        model, teacher, plan = task.model, teacher_of(task), self.convergence
+        grid = plan.grid if plan is not None else None
+        train = dm.catalog.samples["train"]
+        decide = (
+            grid is not None
+            and dm.augment.random
+            and self.spec.settings.views > 0
+            and 0 < grid.views_subset < len(train)
+        )
+        views, decision = None, None
+        if decide:
+            subset = stratified_subset(train, grid.views_subset, grid.folds)
+            first = build_features(self.spec, dm, model, device, teacher, views=subset)
+            on_subset = dataclasses.replace(
+                first, samples={"train": [s for s in train if s[0] in set(subset)]}
+            )
+            decision = decide_views(task, on_subset, grid, plan.batch_size, dm.loading.sampler)
+            views = "augmented" if decision["views"] else "eval"
+            log.info(
+                "Views decision on %d training images in %.1f s: %s (held-out acc %.4f with "
+                "the augmented views, %.4f with the eval view)",
+                decision["subset_images"],
+                decision["search_s"],
+                "the views pay, extracting them for the rest"
+                if decision["views"]
+                else "the eval view wins, no more views extracted",
+                decision["augmented_acc"],
+                decision["eval_acc"],
+            )
+            features = (
+                build_features(
+                    self.spec, dm, model, device, teacher, views="all", reuse=first.train_store
+                )
+                if decision["views"]
+                else dataclasses.replace(first, train_store=None)
+            )
+            decision["subset_s"] = round(first.seconds_built, 3)
+        else:
+            features = build_features(self.spec, dm, model, device, teacher)
+        length: dict[str, int] = {}
+        if plan is not None:
+            sampler = dm.loading.sampler
+            result, features = task.converge_head(features, plan, sampler, views, decision)
+            self.batch_size = result.batch_size
+            length = {"max_epochs": result.epochs, "check_val_every_n_epoch": result.epochs}
+        self.features = features
+        return length
+
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         dm = trainer.datamodule
         if stage != "fit":  # test/validate after fit: the eval entry covers every split
             pl_module.serve_features(dm.features.precision if dm.features is not None else None)
             return
-        device = trainer.strategy.root_device
-        features = build_features(self.spec, dm, pl_module.model, device, teacher_of(pl_module))
-        batch_size = None
-        if self.convergence is not None:
-            sampler = dm.loading.sampler
-            _, features = pl_module.converge_head(features, self.convergence, sampler)
-            batch_size = self.convergence.batch_size
-        dm.use_features(features, batch_size)
-        pl_module.serve_features(features.precision)
+        if self.features is None:  # not prepared before the Trainer (a Trainer built by hand)
+            self.prepare(pl_module, dm, trainer.strategy.root_device)
+        dm.use_features(self.features, self.batch_size)
+        pl_module.serve_features(self.features.precision)
         self._one_thread = contextlib.ExitStack()
         self._one_thread.enter_context(one_thread())
 

@@ -22,7 +22,7 @@ from vision_tl.core.errors import ConfigError
 from vision_tl.core.registry import Registry
 from vision_tl.core.validate import check_values
 from vision_tl.models.classifier import Classifier
-from vision_tl.training.probe import ProbeGrid
+from vision_tl.training.probe import ProbeGrid, ShortRecipe
 from vision_tl.training.rules import FINETUNE_RULES
 
 
@@ -151,10 +151,14 @@ class Full(FinetunePolicy):
 class LinearProbe(FinetunePolicy):
     """Frozen backbone (BatchNorm in eval mode); only the head trains.
 
-    With `search` on and the features cached, the head's LR, L2 penalty and views are
-    chosen by `folds`-fold cross-validation on the training split over `lrs` x `l2s`,
-    and the head then trains `epochs` epochs in batches of `batch_size`
-    (`vision_tl.training.probe`).
+    With `search` on and the features cached, `folds`-fold cross-validation on the
+    training split chooses between two recipes (`vision_tl.training.probe`): the converged
+    probe (LR x L2 penalty over `lrs` x `l2s`, then `epochs` epochs in batches of
+    `batch_size`) and, with `short_epochs` > 0, the early-stopped one (the optimizer at
+    `short_lr`, batches of `short_batch_size`, a constant LR, the epoch up to
+    `short_epochs` the folds score best). With a random augmentation, whether the cached
+    views pay is decided first on `views_subset` training images (0: the whole split), and
+    the views of the rest are extracted only when they do.
     """
 
     search: bool = True
@@ -163,6 +167,10 @@ class LinearProbe(FinetunePolicy):
     lrs: tuple[float, ...] = (1e-3, 1e-2)
     l2s: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
     folds: int = 3
+    short_epochs: int = 30
+    short_lr: float = 1e-3
+    short_batch_size: int = 32
+    views_subset: int = 300
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -180,7 +188,10 @@ class LinearProbe(FinetunePolicy):
     def converges(self) -> Convergence | None:
         if not self.search:
             return None
-        grid = ProbeGrid(self.lrs, self.l2s, self.epochs, self.folds)
+        short = None
+        if self.short_epochs > 0:
+            short = ShortRecipe(self.short_lr, self.short_batch_size, self.short_epochs)
+        grid = ProbeGrid(self.lrs, self.l2s, self.epochs, self.folds, short, self.views_subset)
         return Convergence(grid, self.epochs, self.batch_size)
 
 

@@ -30,8 +30,9 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -51,13 +52,29 @@ SEARCH_SEED = 0  # the search draws its folds, batches and views from its own ge
 
 
 @dataclass(frozen=True)
+class ShortRecipe:
+    """The careful user's probe, searched beside the converged one: the run's optimizer at
+    `lr` (its own weight decay, no L2 penalty), batches of `batch_size`, a constant LR, and
+    the epoch (at most `max_epochs`) where the training split's held-out folds score best."""
+
+    lr: float = 1e-3
+    batch_size: int = 32
+    max_epochs: int = 30
+
+
+@dataclass(frozen=True)
 class ProbeGrid:
-    """What the search tries, for how many epochs, on how many folds."""
+    """What the search tries, for how many epochs, on how many folds: the converged
+    probe's LR x L2 grid and, with `short`, the early-stopped recipe beside it. With a
+    random augmentation, whether the cached views pay is decided first on a stratified
+    subset of `views_subset` training images (0: on the whole split)."""
 
     lrs: Sequence[float]
     l2s: Sequence[float]
     epochs: int
     folds: int
+    short: ShortRecipe | None = None
+    views_subset: int = 0
 
 
 @dataclass
@@ -71,6 +88,12 @@ class ProbeResult:
     folds: int
     holdout_acc: float | None  # None when nothing was searched
     candidates: list[dict[str, Any]] = field(default_factory=list)
+    recipe: str = "converged"  # or "short" (`ShortRecipe`)
+    batch_size: int | None = None  # the fit's batch (None: the policy's)
+    scheduled: bool = True  # whether the fit follows the run's LR schedule
+    recipes: dict[str, float] = field(default_factory=dict)  # each recipe's best held-out acc
+    recipe_margin: float | None = None  # the winner's held-out lead over the other recipe
+    views_decision: dict[str, Any] | None = None  # the subset decision, when one was made
     search_s: float = 0.0
     features_s: float = 0.0  # this run's feature extraction (0 when the cache was warm)
     features_images_per_s: float | None = None  # when the features were computed
@@ -221,30 +244,33 @@ def _train_heads(
     sampler_kind: str,
     teacher_columns: int = 0,
     stack: bool = True,
+    short: bool = False,
+    on_epoch: Callable[[list[Classifier]], None] | None = None,
 ) -> list[Classifier]:
     """Train one head per (lr, l2) on rows `x` (views x n x dim), side by side: every
     head sees the same batches. Rows ending in `teacher_columns` cached teacher
     logits train with the run's distillation loss. Plain linear heads train as one
-    `StackedLinear` unless `stack` is off."""
+    `StackedLinear` unless `stack` is off. `short`: the early-stopped recipe (the
+    optimizer's own weight decay, a constant LR). `on_epoch` sees the heads after each
+    epoch (held-out scores per epoch)."""
     models = [_head_copy(task.model) for _ in settings]
     layers = [_linear_layer(m) for m in models]
     stacked = None
     if stack and teacher_columns == 0 and all(layer is not None for layer in layers):
         stacked = StackedLinear(layers, [lr for lr, _ in settings], [l2 for _, l2 in settings])
         groups = [
-            {"params": [w, b] if b.requires_grad else [w], "lr": lr, "weight_decay": 0}
+            {"params": [w, b] if b.requires_grad else [w], "lr": lr}
             for w, b, lr in zip(stacked.weights, stacked.biases, stacked.group_lrs, strict=True)
         ]
     else:
         groups = [
-            {
-                "params": [p for p in m.head_parameters() if p.requires_grad],
-                "lr": lr,
-                "weight_decay": 0,
-            }
+            {"params": [p for p in m.head_parameters() if p.requires_grad], "lr": lr}
             for m, (lr, _) in zip(models, settings, strict=True)
         ]
         weights, strengths = [penalised(m) for m in models], [l2 for _, l2 in settings]
+    if not short:  # the converged probe's penalty is in the loss, not the optimizer
+        for group in groups:
+            group["weight_decay"] = 0
     optimizer = task.optimizer_factory(params=groups)
     num_classes = len(task.class_names)
     views, n = x.shape[0], x.shape[1]
@@ -252,7 +278,7 @@ def _train_heads(
     batches = _batches(y, views, batch_size, sampler_kind, num_classes)
     steps = len(batches)
     scheduler, per_step = None, True
-    if task.scheduler_factory is not None:
+    if task.scheduler_factory is not None and not short:
         spec = task.scheduler_factory(
             optimizer, total_steps=steps * epochs, steps_per_epoch=max(1, steps)
         )
@@ -286,6 +312,10 @@ def _train_heads(
                 scheduler.step()
         if scheduler is not None and not per_step:
             scheduler.step()
+        if on_epoch is not None:
+            if stacked is not None:
+                stacked.write_back(layers)
+            on_epoch(models)
     if stacked is not None:
         stacked.write_back(layers)
     return models
@@ -315,90 +345,192 @@ def _score(model: Classifier, x: torch.Tensor, y: torch.Tensor) -> tuple[float, 
     return correct, float(F.cross_entropy(logits, y))
 
 
+def _folds(y: torch.Tensor, wanted: int, num_classes: int) -> int:
+    counts = np.bincount(y.numpy(), minlength=num_classes)
+    folds = min(wanted, int(counts[counts > 0].min()))
+    if folds < 2:
+        raise ConfigError(
+            "finetune.search needs at least 2 training images in every class to hold one "
+            "out; set finetune.search=false"
+        )
+    return folds
+
+
+def _options(features: CachedFeatures, views: str | None) -> tuple[dict[str, torch.Tensor], Any]:
+    """The training rows each views option trains on ({name: views x n x dim}), the eval
+    rows (held-out folds are always scored on those) and the labels."""
+    x_eval, y = features.tensors("train", train=False)
+    x_eval = x_eval[0]
+    options: dict[str, torch.Tensor] = {"eval": x_eval.unsqueeze(0)}
+    if features.train_store is not None and views != "eval":
+        x_aug, y_aug = features.tensors("train", train=True)
+        if not torch.equal(y_aug, y):
+            raise RuntimeError("augmented and eval features list the training files differently")
+        options = {"augmented": x_aug} if views == "augmented" else {"augmented": x_aug, **options}
+    return options, (x_eval, y)
+
+
 def search_probe(
     task: Any,
     features: CachedFeatures,
     grid: ProbeGrid,
     batch_size: int,
     sampler_kind: str,
+    views: str | None = None,
 ) -> ProbeResult:
-    """Choose the probe's LR, L2 penalty and views by k-fold cross-validation on the
-    training split of `features` (its val split is never read)."""
+    """Choose the probe by k-fold cross-validation on the training split of `features`
+    (its val split is never read): the converged probe's LR and L2 penalty, the
+    early-stopped recipe's epoch (`grid.short`), the views (`views`: only that option),
+    and which recipe trains the head."""
     start = time.perf_counter()
     columns = features.teacher_columns
-    x_eval, y = features.tensors("train", train=False)
-    x_eval = x_eval[0]
-    options: dict[str, torch.Tensor] = {"eval": x_eval.unsqueeze(0)}
-    if features.train_store is not None:
-        x_aug, y_aug = features.tensors("train", train=True)
-        if not torch.equal(y_aug, y):
-            raise RuntimeError("augmented and eval features list the training files differently")
-        options = {"augmented": x_aug, **options}
-    counts = np.bincount(y.numpy(), minlength=len(task.class_names))
-    folds = min(grid.folds, int(counts[counts > 0].min()))
-    if folds < 2:
-        raise ConfigError(
-            "finetune.search needs at least 2 training images in every class to hold one "
-            "out; set finetune.search=false"
-        )
+    options, (x_eval, y) = _options(features, views)
+    folds = _folds(y, grid.folds, len(task.class_names))
     settings = list(itertools.product(grid.lrs, grid.l2s))
     scores: dict[tuple[str, float, float], list[tuple[float, float]]] = {
         (v, lr, l2): [] for v in options for lr, l2 in settings
     }
+    short = grid.short
+    curves: dict[str, list[list[float]]] = {v: [] for v in options} if short else {}
     splitter = StratifiedKFold(folds, shuffle=True, random_state=SEARCH_SEED)
     with one_thread(), torch.random.fork_rng(devices=[]), torch.enable_grad():
         torch.manual_seed(SEARCH_SEED)
         for fit_rows, held_rows in splitter.split(np.zeros(len(y)), y.numpy()):
             fit_index, held_index = torch.as_tensor(fit_rows), torch.as_tensor(held_rows)
-            for views, x in options.items():
+            held_x = split_columns(x_eval[held_index], columns)[0]
+            held_y = y[held_index]
+            for name, x in options.items():
+                fit_x, fit_y = x[:, fit_index], y[fit_index]
                 models = _train_heads(
-                    task,
-                    x[:, fit_index],
-                    y[fit_index],
-                    settings,
-                    grid.epochs,
-                    batch_size,
-                    sampler_kind,
-                    columns,
+                    task, fit_x, fit_y, settings, grid.epochs, batch_size, sampler_kind, columns
                 )
-                held_x = split_columns(x_eval[held_index], columns)[0]
                 for model, (lr, l2) in zip(models, settings, strict=True):
-                    held = _score(model, held_x, y[held_index])
-                    scores[(views, lr, l2)].append(held)
+                    scores[(name, lr, l2)].append(_score(model, held_x, held_y))
+                if short is not None:
+                    curve: list[float] = []
+                    _train_heads(
+                        task,
+                        fit_x,
+                        fit_y,
+                        [(short.lr, 0.0)],
+                        short.max_epochs,
+                        short.batch_size,
+                        sampler_kind,
+                        columns,
+                        short=True,
+                        on_epoch=partial(_record, curve, held_x, held_y),
+                    )
+                    curves[name].append(curve)
     candidates = [
         {
-            "views": views,
+            "recipe": "converged",
+            "views": name,
             "lr": lr,
             "l2": l2,
+            "epochs": grid.epochs,
             "holdout_acc": round(float(np.mean([a for a, _ in s])), 6),
             "holdout_loss": round(float(np.mean([loss for _, loss in s])), 6),
         }
-        for (views, lr, l2), s in scores.items()
+        for (name, lr, l2), s in scores.items()
     ]
-
     best = choose(candidates, len(y))
+    recipes = {"converged": best["holdout_acc"]}
+    winner: dict[str, Any] = best
+    if short is not None:
+        shorts = []
+        for name, per_fold in curves.items():
+            mean = np.mean(np.asarray(per_fold), axis=0)  # held-out acc after each epoch
+            epoch = int(np.argmax(mean))  # the first epoch at the best mean
+            shorts.append(
+                {
+                    "recipe": "short",
+                    "views": name,
+                    "lr": short.lr,
+                    "l2": 0.0,
+                    "epochs": epoch + 1,
+                    "holdout_acc": round(float(mean[epoch]), 6),
+                    "curve": [round(float(a), 4) for a in mean],
+                }
+            )
+        quick = max(shorts, key=lambda c: (c["holdout_acc"], c["views"] == "eval"))
+        candidates += shorts
+        recipes["short"] = quick["holdout_acc"]
+        if quick["holdout_acc"] > best["holdout_acc"]:
+            winner = quick
+    loser = min(recipes.values()) if len(recipes) > 1 else None
     result = ProbeResult(
-        lr=best["lr"],
-        l2=best["l2"],
-        views=best["views"],
-        epochs=grid.epochs,
+        lr=winner["lr"],
+        l2=winner["l2"],
+        views=winner["views"],
+        epochs=winner["epochs"],
         folds=folds,
-        holdout_acc=best["holdout_acc"],
+        holdout_acc=winner["holdout_acc"],
         candidates=candidates,
         search_s=round(time.perf_counter() - start, 3),
         features_s=round(features.seconds_built, 3),
         features_images_per_s=round(features.images_per_s, 2) if features.images_per_s else None,
+        recipe=winner["recipe"],
+        batch_size=short.batch_size if winner["recipe"] == "short" and short else batch_size,
+        scheduled=winner["recipe"] == "converged",
+        recipes=recipes,
+        recipe_margin=None if loser is None else round(winner["holdout_acc"] - loser, 6),
     )
     log.info(
-        "Probe search: %d settings x %d folds on the training split in %.1f s; chose lr=%g, "
-        "l2=%g, %s features (held-out acc %.4f); the head now trains %d epochs",
+        "Probe search: %d candidates x %d folds on the training split in %.1f s; chose the %s "
+        "recipe (lr=%g, l2=%g, %s features, held-out acc %.4f%s); the head now trains %d "
+        "epochs in batches of %d",
         len(candidates),
         folds,
         result.search_s,
+        result.recipe,
         result.lr,
         result.l2,
         result.views,
         result.holdout_acc,
+        "" if result.recipe_margin is None else f", {result.recipe_margin:+.4f} over the other",
         result.epochs,
+        result.batch_size,
     )
     return result
+
+
+def _record(curve: list[float], x: torch.Tensor, y: torch.Tensor, models: list) -> None:
+    """Append the held-out accuracy of the (one) head after an epoch."""
+    curve.append(_score(models[0], x, y)[0])
+    models[0].train()
+
+
+def stratified_subset(samples: Sequence[tuple[str, int]], size: int, folds: int) -> list[str]:
+    """About `size` keys of `samples` in the classes' proportions (at least `folds` of each
+    class that has them), drawn from the search's own seed."""
+    rng = np.random.default_rng(SEARCH_SEED)
+    by_class: dict[int, list[str]] = {}
+    for key, label in samples:
+        by_class.setdefault(label, []).append(key)
+    fraction = min(1.0, size / max(1, len(samples)))
+    chosen = []
+    for _, keys in sorted(by_class.items()):
+        take = min(len(keys), max(folds, round(len(keys) * fraction)))
+        chosen += [keys[i] for i in sorted(rng.choice(len(keys), take, replace=False))]
+    return sorted(chosen)
+
+
+def decide_views(
+    task: Any, subset: CachedFeatures, grid: ProbeGrid, batch_size: int, sampler_kind: str
+) -> dict[str, Any]:
+    """Whether training on the cached augmented views beats the eval view, judged by the
+    same cross-validation on a subset of the training split: the views are extracted for
+    the whole split only when they win there. Returns the decision and its evidence."""
+    start = time.perf_counter()
+    result = search_probe(task, subset, grid, batch_size, sampler_kind)
+    best = {
+        name: max(c["holdout_acc"] for c in result.candidates if c["views"] == name)
+        for name in ("augmented", "eval")
+    }
+    return {
+        "views": best["augmented"] > best["eval"],
+        "subset_images": len(subset.samples["train"]),
+        "augmented_acc": best["augmented"],
+        "eval_acc": best["eval"],
+        "search_s": round(time.perf_counter() - start, 3),
+    }

@@ -101,6 +101,10 @@ FINETUNE_RULES = Rules(
         "finetune.epochs": integer(1),
         "finetune.batch_size": integer(1),
         "finetune.folds": integer(2),
+        "finetune.short_epochs": integer(0),
+        "finetune.short_lr": number(gt=0),
+        "finetune.short_batch_size": integer(1),
+        "finetune.views_subset": integer(0),
         "finetune.lrs": Allowed(_values, "a non-empty list of numbers >= 0"),
         "finetune.l2s": Allowed(_values, "a non-empty list of numbers >= 0"),
         # LP-FT (finetune=lp_ft)

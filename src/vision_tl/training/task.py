@@ -118,6 +118,7 @@ class ClassificationTask(L.LightningModule):
         self._penalised: list[torch.Tensor] = []
         # What a converged probe's search chose for the optimizer (`converge_head`).
         self._optimizer_overrides: dict[str, float] = {}
+        self._scheduled = True
         # The backbone's precision when its features were cached: eval and predict match it.
         self.feature_precision = "fp32"
         self.label_smoothing = label_smoothing
@@ -192,16 +193,27 @@ class ClassificationTask(L.LightningModule):
             self.feature_precision = precision
 
     def converge_head(
-        self, features: CachedFeatures, plan: Any, sampler: str
+        self,
+        features: CachedFeatures,
+        plan: Any,
+        sampler: str,
+        views: str | None = None,
+        decision: dict[str, Any] | None = None,
     ) -> tuple[ProbeResult, CachedFeatures]:
-        """Choose the head's LR, L2 penalty and views on the training split of `features`
-        (`plan`: the policy's `Convergence`) and train with them from a zero start: returns
-        the search's result and the features to serve (without the augmented views when the
+        """Choose the head's recipe, LR, L2 penalty and views on the training split of
+        `features` (`plan`: the policy's `Convergence`; `views`: only that option, as a
+        subset `decision` settled) and train with them from a zero start: returns the
+        search's result and the features to serve (without the augmented views when the
         eval view won)."""
         zero_logit_layers(self.model)
-        result = search_probe(self, features, plan.grid, plan.batch_size, sampler)
-        self._optimizer_overrides = {"lr": result.lr, "weight_decay": 0.0}
-        self.penalise_head(result.l2)
+        result = search_probe(self, features, plan.grid, plan.batch_size, sampler, views)
+        result.views_decision = decision
+        if result.recipe == "converged":  # its penalty is in the loss (`penalise_head`)
+            self._optimizer_overrides = {"lr": result.lr, "weight_decay": 0.0}
+            self.penalise_head(result.l2)
+        else:  # the optimizer's own weight decay, at a constant LR
+            self._optimizer_overrides = {"lr": result.lr}
+        self._scheduled = result.scheduled
         self.probe = result.as_dict()
         if result.views == "eval":
             features = dataclasses.replace(features, train_store=None)
@@ -418,7 +430,7 @@ class ClassificationTask(L.LightningModule):
         optimizer = self.optimizer_factory(params=groups, **self._optimizer_overrides)
         for group, (_, scale) in zip(optimizer.param_groups[1:], backbone, strict=True):
             group["lr"] *= scale
-        if self.scheduler_factory is None:
+        if self.scheduler_factory is None or not self._scheduled:
             return optimizer
         total, epochs = self._schedule_length()
         scheduler = self.scheduler_factory(

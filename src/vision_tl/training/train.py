@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -188,6 +189,15 @@ def _handover(
     return metrics["best_val_acc"], {"record": record, "state": state}
 
 
+def fit_device(trainer: dict[str, Any]) -> torch.device:
+    """The device this process will fit on, from the trainer's config, before the Trainer
+    exists (the feature cache runs the backbone there): under DDP each process's own GPU."""
+    accelerator = str(trainer.get("accelerator", "auto"))
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
 def _prepare(cfg: DictConfig, stage: Stage) -> Run:
     """Seed, build the stage's run (`build_run`), check a resume, then write the run's
     config, split and bad-file list (only now: a refused resume leaves its files as they
@@ -248,9 +258,8 @@ def _fit(
     # Lightning's Timer reads a dict `max_time` only as a plain dict.
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
     length: dict[str, Any] = {"max_time": trainer_args.get("max_time")}
-    if cache is not None and cache.convergence is not None:  # one validation, at the end
-        epochs = cache.convergence.epochs
-        length.update(max_epochs=epochs, check_val_every_n_epoch=epochs)
+    if cache is not None:  # features and a converging head's recipe, before the Trainer
+        length.update(cache.prepare(task, datamodule, fit_device(trainer_args)))
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=[*callbacks, *ours], logger=loggers, **length
     )
