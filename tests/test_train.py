@@ -305,6 +305,7 @@ def test_ensemble_fast_dev_run(
         [
             "finetune=linear_probe",
             "finetune.epochs=2",
+            "finetune.short_epochs=0",  # the converged recipe, under SGD and a step schedule
             "model/head=mlp",
             "optimizer=sgd",
             "scheduler=step",

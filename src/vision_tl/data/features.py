@@ -390,8 +390,12 @@ def load_or_build(
             if todo:
                 fast = inference_copy(model, precision)
                 fast = fast.to(device, memory_format=torch.channels_last)
-                subset = ImageListDataset(
-                    [images.samples[i] for i in todo], images.reader, images.transform
+                subset = (
+                    images
+                    if len(todo) == len(keys)
+                    else ImageListDataset(
+                        [images.samples[i] for i in todo], images.reader, images.transform
+                    )
                 )
                 rows = Rows(todo, [seeds[i] for i in todo], len(keys))
                 dim, failed = _extract(
