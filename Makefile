@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install lint format test test-fast train train-ensemble sweep report tensorboard clean
+.PHONY: install lint format test test-fast test-slow train train-ensemble sweep report tensorboard clean
 
 install:
 	python3 -m venv $(VENV)
@@ -17,11 +17,15 @@ format:
 	$(VENV)/bin/ruff format .
 
 test:
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest -m "not slow"
 
-# the unit tier: no training run, under a minute (integration and slow: make test)
+# the unit tier: no training run, under a minute (integration too: make test)
 test-fast:
 	$(VENV)/bin/pytest -m unit
+
+# the real ../shared data and weights: long, run by hand and reported
+test-slow:
+	$(VENV)/bin/pytest -m slow
 
 train:
 	$(PY) -m vision_tl.train $(ARGS)
