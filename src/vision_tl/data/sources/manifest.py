@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from vision_tl.data.decode import ReadLimits
 from vision_tl.data.folder import file_catalog
 from vision_tl.data.source import Catalog, register_source
 from vision_tl.data.sources.folder import FolderSource
@@ -21,15 +22,16 @@ class ManifestSource(FolderSource):
         manifest: str | Path,
         root: str | Path | None = None,
         cache_root: Path | None = None,
-        max_image_pixels: int | None = None,
+        limits: ReadLimits | None = None,
     ) -> None:
-        super().__init__(root or ".", cache_root, max_image_pixels)
+        super().__init__(root or ".", cache_root, limits)
         self.manifest = Path(manifest).expanduser()
         self.base = Path(root).expanduser() if root else None
 
     @classmethod
     def from_config(cls, data: Mapping[str, Any], cache_root: Path) -> ManifestSource:
-        return cls(data["manifest"], data.get("root"), cache_root, data.get("max_image_pixels"))
+        limits = ReadLimits.from_config(data)
+        return cls(data["manifest"], data.get("root"), cache_root, limits)
 
     @property
     def anchor(self) -> Path:
