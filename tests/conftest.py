@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -147,8 +148,17 @@ def compose_train() -> Callable[..., DictConfig]:
     return _compose
 
 
-def run_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: int = 300):
-    """Run `python -m vision_tl.<entry> ...` as a user would, returning the CompletedProcess."""
+def run_cli(
+    args: list[str],
+    cwd: Path,
+    env: dict[str, str] | None = None,
+    timeout: int = 300,
+    memory_limit: int | None = None,
+):
+    """Run `python -m vision_tl.<entry> ...` as a user would, returning the CompletedProcess.
+    With `memory_limit` (bytes), the command's address space is capped there: a command
+    that reads without bound fails instead of taking the machine's memory."""
+    import resource
     import signal
     import subprocess
     import sys
@@ -156,6 +166,11 @@ def run_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeo
     if os.environ.get("VISION_TL_TEST_TIER") == "unit":
         raise TrainingInUnitTest(f"a unit test runs {args[:1]}: mark it integration")
     full_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+
+    def cap_memory() -> None:
+        if memory_limit is not None:
+            resource.setrlimit(resource.RLIMIT_AS, (memory_limit, memory_limit))
+
     # A session of its own, so a timeout also kills the processes it started (DDP ranks).
     with subprocess.Popen(
         [sys.executable, "-m", *args],
@@ -165,6 +180,7 @@ def run_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeo
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        preexec_fn=cap_memory if memory_limit is not None else None,
     ) as process:
         try:
             stdout, stderr = process.communicate(timeout=timeout)
@@ -173,3 +189,21 @@ def run_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeo
             process.communicate()
             raise
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float) -> Iterator[None]:
+    """Fail the block with `TimeoutError` after `seconds` (SIGALRM, main thread): a test
+    that could block in a system call (opening a named pipe) cannot hang the suite."""
+    import signal
+
+    def expire(signum: int, frame: object) -> None:
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

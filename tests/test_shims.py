@@ -118,6 +118,21 @@ def test_onednn_bf16_supported_fails_in_one_line_without_the_op(
     assert_one_line_naming(err, "torch")
 
 
+def test_stop_fit_as_on_sigterm_is_what_lightning_s_loops_read() -> None:
+    import lightning as L
+
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    assert not trainer.received_sigterm
+    shims.stop_fit_as_on_sigterm(trainer)
+    assert trainer.received_sigterm  # the property Lightning's fit and epoch loops check
+
+
+def test_stop_fit_as_on_sigterm_fails_in_one_line_without_the_connector() -> None:
+    with pytest.raises(ShimError) as err:
+        shims.stop_fit_as_on_sigterm(types.SimpleNamespace())
+    assert_one_line_naming(err, "lightning")
+
+
 # ------------------------------------------------------------------ nowhere else
 
 

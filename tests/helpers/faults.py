@@ -21,3 +21,19 @@ class KillAtEpoch(L.Callback):
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if os.environ.get("VISION_TL_TEST_KILL") == "1" and trainer.current_epoch == self.epoch:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class SignalAtEpoch(L.Callback):
+    """Send `VISION_TL_TEST_SIGNAL` (TERM or INT) to this process during the first batch
+    of epoch `epoch`, mid-step, as SLURM or a user would; nothing when it is not set, so
+    the same command line resumes undisturbed."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: object, batch_idx: int
+    ) -> None:
+        name = os.environ.get("VISION_TL_TEST_SIGNAL")
+        if name and trainer.current_epoch == self.epoch and batch_idx == 0:
+            os.kill(os.getpid(), getattr(signal, f"SIG{name}"))

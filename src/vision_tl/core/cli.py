@@ -4,6 +4,8 @@ before Hydra starts, values checked before any work, and one-line errors.
 Hydra reports a typo in a key, a missing config option or an unwritable run dir as a
 multi-line message or a traceback; `command` composes the config first, the way Hydra
 will, and turns each of those into one `error: KEY=VALUE: ...` line with exit status 1.
+SIGTERM and SIGINT end a command with one `interrupted by ...` line and status 128 + the
+signal (`core.signals`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from vision_tl.core.config import config_dir, register_resolvers
 from vision_tl.core.errors import ConfigError, find_user_error
 from vision_tl.core.logs import quiet_third_party
 from vision_tl.core.shims import hydra_args_parser
+from vision_tl.core.signals import Interrupted, handle_signals, report
 from vision_tl.core.validate import did_you_mean, validate, violations
 
 log = logging.getLogger(__name__)
@@ -39,6 +42,7 @@ _USER_OS_ERRORS = {
     errno.ENOENT,
     errno.ENOTDIR,
     errno.EISDIR,
+    errno.EFBIG,
 }
 # Each sweep dimension is checked value by value, up to this many compositions.
 _MAX_COMPOSITIONS = 32
@@ -73,7 +77,8 @@ def run_command(work: Callable[..., T], cfg: DictConfig, *args: Any) -> T:
 
 
 def command(config_name: str) -> Callable[[Callable[[DictConfig], T]], Callable[[], T]]:
-    """`@hydra.main` on `conf/<config_name>.yaml`, after `check_command_line`."""
+    """`@hydra.main` on `conf/<config_name>.yaml`, after `check_command_line`, with
+    SIGTERM and SIGINT handled (`core.signals`)."""
     import hydra
 
     def decorate(task: Callable[[DictConfig], T]) -> Callable[[], T]:
@@ -83,11 +88,14 @@ def command(config_name: str) -> Callable[[Callable[[DictConfig], T]], Callable[
 
         @functools.wraps(task)
         def main() -> T:
-            try:
-                check_command_line(config_name, sys.argv[1:])
-            except ConfigError as err:
-                raise SystemExit(f"error: {err}") from None
-            return hydra_main()
+            with handle_signals():
+                try:
+                    check_command_line(config_name, sys.argv[1:])
+                    return hydra_main()
+                except ConfigError as err:
+                    raise SystemExit(f"error: {err}") from None
+                except Interrupted as stop:
+                    raise report(stop, config_name) from None
 
         return main
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -28,6 +29,28 @@ def cache_dir() -> Path:
     return base / "vision_tl"
 
 
+def slurm_job() -> str | None:
+    """`<job id>` (an array task: `<array job id>_<task id>`) inside a SLURM batch job; None
+    outside SLURM and in an interactive allocation (`srun --pty bash`, `salloc`), where
+    each command is a new run, as Lightning's SLURM environment sees it too."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job or os.environ.get("SLURM_JOB_NAME") in ("bash", "interactive"):
+        return None
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    return f"{array}_{task}" if array and task else job
+
+
+def run_name(default: str, overrides: str = "") -> str:
+    """A run folder's name: `default` (a timestamp), or inside a SLURM batch job
+    `slurm-<job>-<digest of the overrides>`, the same when SLURM requeues the job (after a
+    preemption or a timeout), so the rerun finds its run and resumes it; another command in
+    the same job gets a folder of its own."""
+    job = slurm_job()
+    if job is None:
+        return default
+    return f"slurm-{job}-{hashlib.sha1(overrides.encode()).hexdigest()[:8]}"
+
+
 def register_resolvers() -> None:
     """Register `${vtl.*:...}` resolvers once; configs need them before they resolve."""
     if not OmegaConf.has_resolver("vtl.is_set"):
@@ -38,3 +61,5 @@ def register_resolvers() -> None:
         )
     if not OmegaConf.has_resolver("vtl.cache_dir"):
         OmegaConf.register_new_resolver("vtl.cache_dir", lambda: str(cache_dir()))
+    if not OmegaConf.has_resolver("vtl.run_name"):
+        OmegaConf.register_new_resolver("vtl.run_name", run_name, use_cache=True)

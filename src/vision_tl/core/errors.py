@@ -22,3 +22,9 @@ def find_user_error(err: BaseException | None) -> VisionTLError | None:
             return err
         err = err.__cause__ or err.__context__
     return None
+
+
+def error_line(err: BaseException) -> str:
+    """`Type: first line of the message`, for a one-line reason in logs and CSVs."""
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__

@@ -13,6 +13,8 @@ import logging
 import warnings
 from collections.abc import Iterator
 
+from vision_tl.core.io import printable
+
 # Warnings ignored: (regex matched at the start of the message, category).
 WARNING_FILTERS: tuple[tuple[str, type[Warning]], ...] = (
     # Lightning, at the start of a fit: frozen backbones are in eval mode on purpose (their
@@ -27,6 +29,10 @@ WARNING_FILTERS: tuple[tuple[str, type[Warning]], ...] = (
     # Lightning 2.6's own utilities/_pytree.py builds torch's deprecated LeafSpec at every
     # fit and validation; nothing vision_tl or a user calls.
     (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning),
+    # Pillow, on opening an image above its own pixel limit (a DecompressionBombWarning,
+    # a RuntimeWarning): vision_tl checks every image against data.max_image_pixels
+    # before decoding it, and lists the ones it refuses with the reason.
+    (r"Image size \(\d+ pixels\) exceeds limit", RuntimeWarning),
 )
 
 # Lines Lightning logs that are dropped (a fragment of the message each).
@@ -42,6 +48,22 @@ class _DropLines(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         return not any(fragment in message for fragment in LIGHTNING_LINES_DROPPED)
+
+
+class _PrintableLines(logging.Filter):
+    """A line naming a file whose name is not UTF-8 (surrogate escapes from `os.walk`)
+    would make a UTF-8 log stream raise inside the handler; it is written with those
+    bytes as `\\xNN` (`core.io.printable`) instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed record: the handler reports it as it always has
+            return True
+        shown = printable(message)
+        if shown is not message:
+            record.msg, record.args = shown, None
+        return True
 
 
 def quiet_third_party() -> None:
@@ -62,6 +84,9 @@ def quiet_third_party() -> None:
             for handler in list(logger.handlers):
                 logger.removeHandler(handler)
             logger.propagate = True
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _PrintableLines) for f in handler.filters):
+            handler.addFilter(_PrintableLines())
     # Lightning's rank-zero messages (rank_zero_info) come from this logger.
     rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     if not any(isinstance(f, _DropLines) for f in rank_zero.filters):

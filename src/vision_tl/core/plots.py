@@ -1,8 +1,11 @@
-"""Figures logged to TensorBoard."""
+"""Figures: drawn for TensorBoard and the run folders, written whole or not at all."""
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -10,6 +13,18 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 from matplotlib.figure import Figure
+
+from vision_tl.core.io import write_bytes
+
+
+def save_figure(fig: Figure, path: str | Path, **savefig: Any) -> None:
+    """`fig.savefig(path)` written atomically (`core.io`), then the figure is closed."""
+    buffer = io.BytesIO()
+    try:
+        fig.savefig(buffer, format=Path(path).suffix.lstrip(".") or "png", **savefig)
+    finally:
+        plt.close(fig)
+    write_bytes(path, buffer.getbuffer())
 
 
 def confusion_matrix_figure(confmat: torch.Tensor, class_names: Sequence[str]) -> Figure:

@@ -88,3 +88,17 @@ def onednn_bf16_supported() -> bool:
     if check is None:
         raise _gone("torch", "torch.ops.mkldnn._is_mkldnn_bf16_supported")
     return bool(check())
+
+
+def stop_fit_as_on_sigterm(trainer: Any) -> None:
+    """Make a running fit stop where Lightning stops it on SIGTERM: after the batch it is
+    in (or at its epoch's end, or after a validation batch), raising `SIGTERMException`."""
+    # No public API: Lightning stops a fit at those points, each one it can resume from
+    # exactly, only when its signal connector has seen SIGTERM (`Trainer.received_sigterm`
+    # is read-only). `Trainer.should_stop` ends the epoch early and then the fit as if the
+    # epoch had finished, so a resumed run would skip the rest of it. SIGINT (Ctrl+C)
+    # must stop at the same points as SIGTERM.
+    connector = getattr(trainer, "_signal_connector", None)
+    if connector is None or not hasattr(connector, "received_sigterm"):
+        raise _gone("lightning", "Trainer._signal_connector.received_sigterm")
+    connector.received_sigterm = True

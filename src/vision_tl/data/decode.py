@@ -6,7 +6,9 @@ and explain all call it with the run's `Preprocess`, so they see the same pixels
 
 from __future__ import annotations
 
-import io
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -14,6 +16,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torchvision.io import ImageReadMode, decode_jpeg
+
+from vision_tl.core.errors import error_line as error_line  # the readers' one-line reason
+from vision_tl.core.io import DEFAULT_MAX_FILE_BYTES, open_regular, read_limited
 
 # Formats Pillow decodes; matched case-insensitively (.JPG, .Jpeg ... are the same).
 IMAGE_EXTENSIONS = (
@@ -40,12 +45,60 @@ SYSTEM_NAMES = frozenset({"thumbs.db", "desktop.ini", "ehthumbs.db", "icon\r"})
 SYSTEM_DIRS = frozenset({"__macosx", "@eadir", "$recycle.bin", "system volume information"})
 
 EXIF_ORIENTATION = 0x0112
+# Pillow's own decompression-bomb threshold (about 89 megapixels).
+DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 
 
-def error_line(err: BaseException) -> str:
-    """`Type: first line of the message`, for a one-line reason in logs and CSVs."""
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+class ImageTooLarge(ValueError):
+    """An image with more pixels than `data.max_image_pixels`: refused before decoding."""
+
+
+@dataclass(frozen=True)
+class ReadLimits:
+    """What any command reads of one image file: at most `max_file_bytes` bytes of a
+    regular file (`data.max_file_bytes`), and only images of at most `max_pixels` pixels
+    (`data.max_image_pixels`), checked from the header before the pixels are decoded."""
+
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    @classmethod
+    def from_config(cls, data: object) -> ReadLimits:
+        """From a `data` config node (null or absent keys: the defaults)."""
+        get = getattr(data, "get", lambda key, default=None: default)
+        return cls(
+            int(get("max_file_bytes") or DEFAULT_MAX_FILE_BYTES),
+            int(get("max_image_pixels") or DEFAULT_MAX_PIXELS),
+        )
+
+    def check_size(self, size: tuple[int, int]) -> None:
+        width, height = size
+        if width * height > self.max_pixels:
+            raise ImageTooLarge(too_large(width, height, self.max_pixels))
+
+
+def too_large(width: int, height: int, max_pixels: int) -> str:
+    return (
+        f"too large to decode safely: {width}x{height} = {width * height} pixels "
+        f"> data.max_image_pixels={max_pixels}"
+    )
+
+
+@contextlib.contextmanager
+def open_image(
+    path: str | Path | BinaryIO, limits: ReadLimits | None = None
+) -> Iterator[Image.Image]:
+    """`Image.open` on a regular file within `limits` (the header only: size and format
+    are known, no pixel is decoded yet); an open file object is taken as it is."""
+    limits = limits or ReadLimits()
+    if isinstance(path, (str, Path)):
+        with open_regular(path, limits.max_file_bytes) as handle, Image.open(handle) as image:
+            limits.check_size(image.size)
+            yield image
+        return
+    with Image.open(path) as image:
+        limits.check_size(image.size)
+        yield image
 
 
 def is_hidden(path: Path) -> bool:
@@ -85,14 +138,16 @@ def load_rgb(
     path: str | Path | BinaryIO,
     background: tuple[int, int, int] = (255, 255, 255),
     min_side: int | None = None,
+    limits: ReadLimits | None = None,
 ) -> Image.Image:
-    """Open `path`, apply its EXIF orientation and return an RGB image.
+    """Open `path` (within `limits`), apply its EXIF orientation and return an RGB image.
 
     With `min_side`, a JPEG much larger than needed is decoded at 1/2, 1/4 or 1/8 scale
     in the DCT domain (Pillow's draft mode), never below `min_side` on its shorter side:
     a 12-megapixel photo bound for a 256-pixel resize decodes several times faster.
+    Pillow reads the file as it decodes: it is never read whole into memory first.
     """
-    with Image.open(path) as image:
+    with open_image(path, limits) as image:
         if min_side and image.format == "JPEG" and min(image.size) >= 2 * min_side:
             image.draft(image.mode, draft_size(image.size, min_side))
         image.load()
@@ -106,27 +161,34 @@ def decode(
     path: str | Path,
     background: tuple[int, int, int] = (255, 255, 255),
     min_side: int | None = None,
+    limits: ReadLimits | None = None,
 ) -> torch.Tensor:
     """The image at `path` as a uint8 RGB tensor (3, H, W), upright, alpha composited.
 
-    A plain JPEG (RGB or grayscale, upright, too small for draft mode) is decoded by
-    torchvision straight into a tensor: libjpeg-turbo with the same settings as Pillow, so
-    the same pixels, ~30% faster. Anything else goes through `load_rgb`.
+    Only a regular file within `limits` is opened (`core.io.open_regular`), and its pixel
+    count is checked from the header before any decoding. A plain JPEG (RGB or grayscale,
+    upright, too small for draft mode) is decoded by torchvision straight into a tensor:
+    libjpeg-turbo with the same settings as Pillow, so the same pixels, ~30% faster; only
+    that path reads the file's bytes at once (at most `limits.max_file_bytes`). Anything
+    else goes through `load_rgb`, which Pillow reads as it decodes.
     """
-    data = Path(path).read_bytes()
-    with Image.open(io.BytesIO(data)) as image:
-        fast = (
-            image.format == "JPEG"
-            and image.mode in ("RGB", "L")
-            and not (min_side and min(image.size) >= 2 * min_side)
-            and image.getexif().get(EXIF_ORIENTATION, 1) in (1, None)
-        )
-    if fast:
-        try:
-            return decode_jpeg(
-                torch.frombuffer(bytearray(data), dtype=torch.uint8), ImageReadMode.RGB
+    limits = limits or ReadLimits()
+    with open_regular(path, limits.max_file_bytes) as handle:
+        with Image.open(handle) as image:
+            limits.check_size(image.size)
+            fast = (
+                image.format == "JPEG"
+                and image.mode in ("RGB", "L")
+                and not (min_side and min(image.size) >= 2 * min_side)
+                and image.getexif().get(EXIF_ORIENTATION, 1) in (1, None)
             )
-        except RuntimeError:
-            pass  # Pillow tolerates some damage that libjpeg's strict mode rejects
-    rgb = load_rgb(io.BytesIO(data), background, min_side)
+        if fast:
+            handle.seek(0)
+            data = bytearray(read_limited(handle, limits.max_file_bytes))
+            try:
+                return decode_jpeg(torch.frombuffer(data, dtype=torch.uint8), ImageReadMode.RGB)
+            except RuntimeError:
+                pass  # Pillow tolerates some damage that libjpeg's strict mode rejects
+        handle.seek(0)
+        rgb = load_rgb(handle, background, min_side, limits)
     return torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1).contiguous()

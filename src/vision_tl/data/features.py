@@ -41,6 +41,7 @@ from vision_tl.core.runtime import (
     inference_copy,
     resolve_precision,
 )
+from vision_tl.core.signals import stop_if_signalled
 from vision_tl.data.augment import (
     Inputs,
     eval_transform,
@@ -326,6 +327,7 @@ def _extract(
     with open(out / "features.f32", "wb") as handle, torch.random.fork_rng(devices=[]):
         fd = handle.fileno()
         for batches, indices, errors in loader:
+            stop_if_signalled()  # SIGTERM/SIGINT in a fit: the unfinished entry is removed
             for i, reason in errors:
                 failed.setdefault(images.samples[i][0], reason)
             for view, x in enumerate(batches):

@@ -34,25 +34,63 @@ def file_signature(paths: Sequence[str]) -> list[list[Any]]:
     return rows
 
 
-def _walk(folder: Path, ignored: list[str]) -> list[str]:
-    """Image-like files under `folder`, recursively (nested folders keep the class),
-    skipping hidden and system files and folders."""
+def walk_files(
+    folder: str | Path, ignored: list[str], visited: set[tuple[int, int]] | None = None
+) -> list[str]:
+    """Every non-hidden file under `folder`, recursively, sorted by folder then name;
+    hidden and system folders are pruned (and `ignored`).
+
+    Links to folders are followed, but each real folder is walked once: `visited` holds
+    the (device, inode) of the folders walked or not to be walked (the split folder, the
+    other class folders), so a link back up the tree (`loop -> ..`), to itself
+    (`self -> .`) or into another class's folder ends there (the link is `ignored`)
+    instead of looping forever or counting images again. `folder` itself is always walked.
+    """
+    visited = set() if visited is None else visited
     found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+    for depth, (dirpath, dirnames, filenames) in enumerate(os.walk(folder, followlinks=True)):
+        try:
+            info = os.stat(dirpath)
+        except OSError:
+            continue
+        key = (info.st_dev, info.st_ino)
+        if depth and key in visited:
+            ignored.append(dirpath)
+            dirnames[:] = []
+            continue
+        visited.add(key)
         hidden = sorted(d for d in dirnames if is_hidden(Path(d)))
         ignored += [os.path.join(dirpath, d) for d in hidden]
         dirnames[:] = sorted(d for d in dirnames if d not in hidden)
         for name in sorted(filenames):
             path = os.path.join(dirpath, name)
-            if not is_hidden(Path(name)) and Path(name).suffix.lower() in _CANDIDATES:
-                found.append(path)
-            else:
-                ignored.append(path)
+            (ignored if is_hidden(Path(name)) else found).append(path)
     return found
 
 
+def _walk(folder: Path, ignored: list[str], visited: set[tuple[int, int]]) -> list[str]:
+    """Image-like files under `folder` (nested folders keep the class), as `walk_files`."""
+    found = []
+    for path in walk_files(folder, ignored, visited):
+        (found if Path(path).suffix.lower() in _CANDIDATES else ignored).append(path)
+    return found
+
+
+def _folder_key(path: Path) -> tuple[int, int] | None:
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
+
+
 def _class_folders(
-    folder: Path, split: str, ignored: list[str], bad: list[BadFile], labelled: bool = True
+    folder: Path,
+    split: str,
+    ignored: list[str],
+    bad: list[BadFile],
+    visited: set[tuple[int, int]],
+    labelled: bool = True,
 ) -> dict[str, list[str]]:
     """Candidate files per class subfolder of `folder`; loose images there have no label."""
     classes: dict[str, list[str]] = {}
@@ -60,7 +98,7 @@ def _class_folders(
         if is_hidden(entry):
             ignored.append(str(entry))
         elif entry.is_dir():
-            classes[entry.name] = _walk(entry, ignored)
+            classes[entry.name] = _walk(entry, ignored, visited)
         elif entry.suffix.lower() in _CANDIDATES and labelled:
             bad.append(BadFile(str(entry), f"not inside a class folder of {split}/ (no label)"))
         else:
@@ -68,18 +106,28 @@ def _class_folders(
     return classes
 
 
+def _layout_folders(root: Path, splits: list[Path]) -> set[tuple[int, int]]:
+    """The root, split and class folders: each class folder is walked by its own class
+    only, so a link into another class's folder or back up to a split or the root is not
+    followed."""
+    folders = [root, *splits]
+    folders += [e for s in splits for e in s.iterdir() if not is_hidden(e) and e.is_dir()]
+    return {k for k in map(_folder_key, folders) if k is not None}
+
+
 def _folder_candidates(root: Path, ignored: list[str], bad: list[BadFile]) -> Candidates:
     if not (root / "train").is_dir():
-        return {"train": _class_folders(root, "the root", ignored, bad)}
+        visited = _layout_folders(root, [root])
+        return {"train": _class_folders(root, "the root", ignored, bad, visited)}
+    splits = [root / s for s in SPLITS if (root / s).is_dir()]
+    visited = _layout_folders(root, splits)
     candidates: Candidates = {}
-    for split in SPLITS:
-        folder = root / split
-        if not folder.is_dir():
-            continue
+    for folder in splits:
+        split = folder.name
         has_classes = any(p.is_dir() and not is_hidden(p) for p in folder.iterdir())
         if split == "test" and not has_classes:
             continue  # an unlabelled test/ folder: not part of training
-        candidates[split] = _class_folders(folder, f"{split}", ignored, bad)
+        candidates[split] = _class_folders(folder, f"{split}", ignored, bad, visited)
     return candidates
 
 
@@ -124,7 +172,7 @@ def read_manifest(manifest: str | Path, root: str | Path | None, bad: list[BadFi
     for path, (label, split) in labels.items():
         if path in conflicts:
             bad.append(BadFile(path, "listed in the manifest with different labels or splits"))
-        elif not os.path.isfile(path):
+        elif not os.path.exists(path):  # a folder or a special file: the scan says which
             bad.append(BadFile(path, "listed in the manifest but not found"))
         else:
             candidates[split][label].append(path)

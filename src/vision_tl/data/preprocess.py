@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from vision_tl.core.errors import ConfigError
-from vision_tl.data.decode import decode
+from vision_tl.data.decode import ReadLimits, decode
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -59,9 +59,10 @@ class Preprocess:
         """Large JPEGs may decode at reduced size, never below the resize target."""
         return self.resize_size if self.draft else None
 
-    def read(self, path: str | Path) -> torch.Tensor:
-        """Decode `path` the way these weights need it: the one decode step of every consumer."""
-        return decode(path, self.background, self.decode_min_side)
+    def read(self, path: str | Path, limits: ReadLimits | None = None) -> torch.Tensor:
+        """Decode `path` the way these weights need it: the one decode step of every
+        consumer (a regular file within `limits`, the defaults when None)."""
+        return decode(path, self.background, self.decode_min_side, limits)
 
     def resolve(self, overrides: Mapping[str, Any] | None = None) -> Preprocess:
         """Apply the user's overrides (None values keep the weights' own setting).
@@ -157,8 +158,8 @@ class EnsemblePreprocess:
     def background(self) -> tuple[int, int, int]:
         return self.decode_as.background
 
-    def read(self, path: str | Path) -> torch.Tensor:
-        return self.decode_as.read(path)
+    def read(self, path: str | Path, limits: ReadLimits | None = None) -> torch.Tensor:
+        return self.decode_as.read(path, limits)
 
     def resolve(self, overrides: Mapping[str, Any] | None = None) -> AnyPreprocess:
         """The user's `data.*` overrides apply to every member (a given `image_size` gives

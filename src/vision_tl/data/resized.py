@@ -18,12 +18,13 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from PIL import Image
 from torchvision.io import encode_jpeg
 from torchvision.transforms import v2
 
+from vision_tl.core.io import write_bytes
 from vision_tl.core.runtime import available_cpus
 from vision_tl.data.augment import resize_op
+from vision_tl.data.decode import open_image
 from vision_tl.data.preprocess import Preprocess
 
 log = logging.getLogger(__name__)
@@ -34,21 +35,19 @@ def _copy_path(folder: Path, path: str, side: int, extra: str) -> Path | None:
         stat = os.stat(path)
     except OSError:
         return None
-    key = hashlib.sha1(f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{side}|{extra}".encode())
+    key = hashlib.sha1(os.fsencode(f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{side}|{extra}"))
     digest = key.hexdigest()
     return folder / digest[:2] / f"{digest}.jpg"
 
 
 def _make_copy(path: str, target: Path, preprocess: Preprocess, resize: v2.Resize) -> bool:
     """Write the copy; False when the file is no larger than the resize (read it as it is)."""
-    with Image.open(path) as header:
+    with open_image(path) as header:
         if min(header.size) <= preprocess.resize_size:
             return False
     image = resize(preprocess.read(path))
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(encode_jpeg(image, quality=95).numpy().tobytes())
-    os.replace(tmp, target)
+    write_bytes(target, encode_jpeg(image, quality=95).numpy().tobytes())
     return True
 
 

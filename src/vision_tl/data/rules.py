@@ -1,4 +1,6 @@
-"""The `data.*` keys every command accepts, checked before any work (see `core.validate`)."""
+"""The `data.*` keys every command accepts, checked before any work (see `core.validate`);
+`predict` and `explain` have the two read limits, `data.max_file_bytes` and
+`data.max_image_pixels`, as the others do."""
 
 from __future__ import annotations
 
@@ -101,6 +103,7 @@ RULES = register_rules(
             ),
             "data.max_failed_fraction": PROBABILITY,
             "data.max_image_pixels": or_null(integer(1), "Pillow's limit"),
+            "data.max_file_bytes": or_null(integer(1), "1 GiB"),
             "data.draft": FLAG,
             "data.resize_cache": FLAG,
         },

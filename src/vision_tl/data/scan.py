@@ -24,19 +24,22 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from vision_tl.core.io import RefusedFile, printable, write_csv, write_text
 from vision_tl.core.runtime import available_cpus
 from vision_tl.data.decode import (
+    DEFAULT_MAX_PIXELS,
     EXIF_ORIENTATION,
     UNSUPPORTED_EXTENSIONS,
+    ImageTooLarge,
+    ReadLimits,
     error_line,
     load_rgb,
+    open_image,
 )
 
 log = logging.getLogger(__name__)
 
-SCAN_VERSION = 1
-# Pillow's own decompression-bomb threshold (about 89 megapixels).
-DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+SCAN_VERSION = 2
 _EXTENSION_FORMATS = {**Image.registered_extensions(), ".jpg": "JPEG", ".jpeg": "JPEG"}
 _JPEG_LIKE = ("JPEG", "MPO")
 _MODE_NOTES = {
@@ -104,27 +107,29 @@ def _notes(image: Image.Image, path: Path) -> list[str]:
 
 
 def check_image(
-    path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS
+    path: str | Path, max_pixels: int | ReadLimits = DEFAULT_MAX_PIXELS
 ) -> tuple[str | None, list[str]]:
     """Decode `path` as training will; return (why it is unusable or None, notes).
 
-    Pillow warns (rather than fails) on images between its limit and twice that; call
-    this under `warnings.catch_warnings()` to keep those out of the log.
+    `max_pixels` is a pixel limit or the full `ReadLimits` (with the byte limit): a file
+    that is not a regular file, or is larger than the limit, is refused unread. Pillow
+    warns (rather than fails) on images between its limit and twice that; call this under
+    `warnings.catch_warnings()` to keep those out of the log.
     """
     path = Path(path)
+    limits = max_pixels if isinstance(max_pixels, ReadLimits) else ReadLimits(max_pixels=max_pixels)
     if path.suffix.lower() in UNSUPPORTED_EXTENSIONS:
         return f"unsupported format {path.suffix} (convert it to JPEG or PNG)", []
     try:
-        if path.stat().st_size == 0:
+        if path.stat().st_size == 0 and path.is_file():
             return "empty file (0 bytes)", []
-        with Image.open(path) as image:
-            width, height = image.size
-            if width * height > max_pixels:
-                return _too_large(width, height, max_pixels), []
+        with open_image(path, limits) as image:
             notes = _notes(image, path)
         # The real decode path; a big JPEG decodes at 1/8 scale but is still read to the
         # end, so truncation shows.
-        load_rgb(path, min_side=1)
+        load_rgb(path, min_side=1, limits=limits)
+    except (RefusedFile, ImageTooLarge) as err:
+        return str(err), []
     except Image.DecompressionBombError as err:
         return f"too large to decode safely ({error_line(err)})", []
     except UnidentifiedImageError:
@@ -136,13 +141,6 @@ def check_image(
     except Exception as err:
         return f"cannot be decoded ({error_line(err)})", []
     return None, notes
-
-
-def _too_large(width: int, height: int, max_pixels: int) -> str:
-    return (
-        f"too large to decode safely: {width}x{height} = {width * height} pixels "
-        f"> data.max_image_pixels={max_pixels}"
-    )
 
 
 class ImageScanner:
@@ -157,17 +155,20 @@ class ImageScanner:
     def __init__(
         self,
         cache_file: str | Path | None = None,
-        max_pixels: int = DEFAULT_MAX_PIXELS,
+        max_pixels: int | ReadLimits = DEFAULT_MAX_PIXELS,
         workers: int | None = None,
     ) -> None:
         self.cache_file = Path(cache_file) if cache_file else None
-        self.max_pixels = int(max_pixels)
+        self.limits = (
+            max_pixels if isinstance(max_pixels, ReadLimits) else ReadLimits(max_pixels=max_pixels)
+        )
+        self.max_pixels = self.limits.max_pixels
         self.workers = workers or min(16, 2 * available_cpus())
 
     @staticmethod
     def cache_file_for(cache_root: str | Path, root: str | Path) -> Path:
         """One cache file per data root, under `<cache_root>/scans/`."""
-        digest = hashlib.sha1(str(Path(root).expanduser().resolve()).encode()).hexdigest()
+        digest = hashlib.sha1(os.fsencode(Path(root).expanduser().resolve())).hexdigest()
         return Path(cache_root).expanduser() / "scans" / f"{digest[:20]}.json"
 
     def _load_cache(self) -> dict[str, list]:
@@ -177,7 +178,7 @@ class ImageScanner:
             data = json.loads(self.cache_file.read_text())
         except (OSError, ValueError):
             return {}
-        if data.get("version") != SCAN_VERSION or data.get("max_pixels") != self.max_pixels:
+        if not isinstance(data, dict) or data.get("limits") != self._limits_key():
             return {}
         return data.get("files", {})
 
@@ -185,10 +186,12 @@ class ImageScanner:
         if self.cache_file is None:
             return
         self.cache_file.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"version": SCAN_VERSION, "max_pixels": self.max_pixels, "files": files}
-        tmp = self.cache_file.with_name(f".{self.cache_file.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(payload))
-        os.replace(tmp, self.cache_file)
+        payload = {"version": SCAN_VERSION, "limits": self._limits_key(), "files": files}
+        write_text(self.cache_file, json.dumps(payload))
+
+    def _limits_key(self) -> list[int]:
+        """Verdicts hold under the limits they were reached with, and this scan's version."""
+        return [SCAN_VERSION, self.limits.max_pixels, self.limits.max_file_bytes]
 
     def scan(self, paths: Sequence[str]) -> ScanReport:
         """Check `paths`; unreadable stats and undecodable files become `bad`."""
@@ -214,7 +217,7 @@ class ImageScanner:
             # process-wide: catch_warnings inside the threads would race.
             with warnings.catch_warnings(), ThreadPoolExecutor(self.workers) as pool:
                 warnings.simplefilter("ignore")
-                results = pool.map(lambda t: check_image(t[0], self.max_pixels), todo)
+                results = pool.map(lambda t: check_image(t[0], self.limits), todo)
                 for (path, size, mtime), (reason, notes) in zip(todo, results, strict=True):
                     verdicts[path] = [size, mtime, reason, notes]
             self._save_cache({p: v for p, v in verdicts.items() if v[0] >= 0})
@@ -230,20 +233,23 @@ class ImageScanner:
 
 
 def write_bad_files(path: str | Path, bad: Iterable[BadFile]) -> None:
-    """Write `path,reason` rows (header only when there are none), atomically."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "reason"])
-        for item in bad:
-            writer.writerow([item.path, item.reason])
-    os.replace(tmp, path)
+    """Write `path,reason` rows (header only when there are none), atomically; a name
+    that is not UTF-8 is written `printable`."""
+    import pandas as pd
+
+    rows = [(item.path, item.reason) for item in bad]
+    frame = pd.DataFrame(rows, columns=["path", "reason"])
+    write_csv(frame, path, index=False, lineterminator="\r\n")  # as `csv` appends rows
 
 
 def read_bad_files(path: str | Path) -> list[BadFile]:
-    with open(path, newline="") as f:
-        return [BadFile(row["path"], row["reason"]) for row in csv.DictReader(f)]
+    """The rows of a bad-files CSV; rows cut short (a worker killed mid-line) are dropped."""
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        return [
+            BadFile(row["path"], row["reason"])
+            for row in csv.DictReader(f)
+            if row.get("path") is not None and row.get("reason") is not None
+        ]
 
 
 class BadFileLog:
@@ -262,16 +268,16 @@ class BadFileLog:
         if file in self._seen:
             return
         self._seen[file] = reason
-        log.warning("Skipping %s: %s", file, reason)
+        log.warning("Skipping %s: %s", printable(file), reason)
         if self.path:
-            with open(self.path, "a", newline="") as f:
-                csv.writer(f).writerow([file, reason])
+            with open(self.path, "a", newline="", encoding="utf-8") as f:
+                csv.writer(f).writerow([printable(file), printable(reason)])
 
     def later_failures(self) -> list[BadFile]:
         """Files reported after the pre-flight rows, by any process (workers included),
         each once, in the order they failed."""
         if not self.path:
-            return [BadFile(path, reason) for path, reason in self._seen.items()]
+            return [BadFile(printable(p), reason) for p, reason in self._seen.items()]
         if not os.path.exists(self.path):
             return []
         seen: dict[str, BadFile] = {}

@@ -47,9 +47,9 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from vision_tl.core.errors import ConfigError
-from vision_tl.core.io import read_json, write_json
+from vision_tl.core.io import open_regular, read_json, read_limited, write_csv, write_json
 from vision_tl.core.runtime import available_cpus, resolve_device
-from vision_tl.data.decode import load_rgb
+from vision_tl.data.decode import ReadLimits, load_rgb
 from vision_tl.data.features import build_features
 from vision_tl.data.folder import file_signature
 from vision_tl.data.preprocess import per_member
@@ -83,20 +83,24 @@ class Finding:
 # ------------------------------------------------------------------ fingerprints
 
 
-def _fingerprint(path: str) -> list[Any]:
+def _fingerprint(path: str, limits: ReadLimits) -> list[Any]:
     """[sha256 of the bytes, 64-bit phash as hex, width, height, mode]; a file that will
-    not decode (changed since the scan) gets empty hashes and takes no part in copies."""
+    not decode (changed since the scan) or is no regular file within `limits` gets empty
+    hashes and takes no part in copies."""
     try:
-        data = Path(path).read_bytes()
+        with open_regular(path, limits.max_file_bytes) as handle:
+            data = read_limited(handle, limits.max_file_bytes)
         with Image.open(io.BytesIO(data)) as image:
             width, height, mode = *image.size, image.mode
-        phash = str(imagehash.phash(load_rgb(io.BytesIO(data), min_side=HASH_SIDE)))
+        phash = str(imagehash.phash(load_rgb(io.BytesIO(data), min_side=HASH_SIDE, limits=limits)))
         return [hashlib.sha256(data).hexdigest(), phash, width, height, mode]
     except Exception:
         return ["", "", 0, 0, ""]
 
 
-def fingerprints(paths: Sequence[str], cache_file: Path | None) -> pd.DataFrame:
+def fingerprints(
+    paths: Sequence[str], cache_file: Path | None, limits: ReadLimits | None = None
+) -> pd.DataFrame:
     """Byte digest, perceptual hash, size and mode of every file (threads: Pillow releases
     the GIL while decoding); cached by path + size + mtime, so a second audit only stats."""
     cached = read_json(cache_file) if cache_file else None
@@ -113,19 +117,24 @@ def fingerprints(paths: Sequence[str], cache_file: Path | None) -> pd.DataFrame:
     if todo:
         with ThreadPoolExecutor(min(16, 2 * available_cpus())) as pool:
             for (path, key), values in zip(
-                todo, pool.map(lambda t: _fingerprint(t[0]), todo), strict=True
+                todo,
+                pool.map(lambda t: _fingerprint(t[0], limits or ReadLimits()), todo),
+                strict=True,
             ):
                 rows[path] = key + values
         if cache_file:
             cache_file.parent.mkdir(parents=True, exist_ok=True)
-            write_json(cache_file, {"version": FINGERPRINT_VERSION, "files": {**known, **rows}})
+            done = {p: row for p, row in rows.items() if row[2]}  # failures are retried
+            write_json(cache_file, {"version": FINGERPRINT_VERSION, "files": {**known, **done}})
     columns = ["size", "mtime_ns", "sha256", "phash", "width", "height", "mode"]
     frame = pd.DataFrame([rows[p] for p in paths], columns=columns, index=list(paths))
     return frame.drop(columns=["size", "mtime_ns"])
 
 
 def _hash_bits(hex_hashes: Sequence[str]) -> np.ndarray:
-    """(n, 64) 0/1 array of the hex perceptual hashes."""
+    """(n, 64) 0/1 array of the hex perceptual hashes (none: an empty (0, 64) array)."""
+    if not hex_hashes:
+        return np.zeros((0, HASH_BITS), dtype=np.uint8)
     raw = np.array([bytes.fromhex(h) for h in hex_hashes], dtype=f"S{HASH_BITS // 8}")
     return np.unpackbits(raw.view(np.uint8).reshape(len(hex_hashes), -1), axis=1)
 
@@ -403,9 +412,10 @@ def run_audit(cfg: DictConfig) -> dict[str, Any]:
     if not isinstance(source, FolderSource):
         raise ConfigError(f"audit reads image files; data.source={source.name} has none")
     anchor = str(source.anchor)
-    digest = hashlib.sha1(str(source.anchor.resolve()).encode()).hexdigest()[:20]
+    digest = hashlib.sha1(os.fsencode(source.anchor.resolve())).hexdigest()[:20]
     cache_file = run.data.settings.cache_root / "fingerprints" / f"{digest}.json"
-    images = images.join(fingerprints(images["path"].tolist(), cache_file), on="path")
+    prints = fingerprints(images["path"].tolist(), cache_file, source.limits)
+    images = images.join(prints, on="path")
     lap("fingerprints")
 
     class_names = catalog.class_names
@@ -429,11 +439,10 @@ def run_audit(cfg: DictConfig) -> dict[str, Any]:
 
     rank = {name: i for i, name in enumerate(ISSUES)}
     findings.sort(key=lambda f: (rank[f.issue], -f.score, f.path))
-    pd.DataFrame([asdict(f) for f in findings], columns=[*ISSUE_COLUMNS, "note"])[
-        ISSUE_COLUMNS
-    ].to_csv(out / "issues.csv", index=False)
+    issues = pd.DataFrame([asdict(f) for f in findings], columns=[*ISSUE_COLUMNS, "note"])
+    write_csv(issues[ISSUE_COLUMNS], out / "issues.csv", index=False)
     clean = clean_manifest(catalog, findings)
-    clean.to_csv(out / "clean_manifest.csv", index=False)
+    write_csv(clean, out / "clean_manifest.csv", index=False)
     counts = {name: sum(f.issue == name for f in findings) for name in ISSUES}
     members = per_member(task.preprocess, len(task.model.backbones()))
     stats = dataset_statistics(catalog, images, max(p.input_size for p in members))

@@ -12,6 +12,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any, Protocol
 
+from vision_tl.core.io import write_text
 from vision_tl.data.decode import load_rgb
 
 THUMB_SIDE = 144
@@ -202,4 +203,4 @@ def write_page(
         + "".join(body)
         + "</body></html>"
     )
-    Path(path).write_text(page, encoding="utf-8")
+    write_text(path, page)

@@ -30,10 +30,10 @@ from torchmetrics.functional.classification import (
 )
 
 from vision_tl.core.errors import ConfigError
-from vision_tl.core.io import write_json
-from vision_tl.core.plots import confusion_matrix_figure
+from vision_tl.core.io import write_csv, write_json
+from vision_tl.core.plots import confusion_matrix_figure, save_figure
 from vision_tl.core.validate import did_you_mean
-from vision_tl.data.decode import load_rgb
+from vision_tl.data.decode import ReadLimits, load_rgb
 from vision_tl.data.source import SPLITS
 from vision_tl.inference.checkpoint import check_class_names, load_checkpoint
 from vision_tl.inference.predictor import predictions_frame, predictor_from_config, write_unreadable
@@ -99,6 +99,7 @@ def highest_loss_figure(
     titles: Sequence[str],
     background: tuple[int, int, int] = (255, 255, 255),
     thumbnail: int = 256,
+    limits: ReadLimits | None = None,
 ) -> Figure:
     """A grid of whole images (not the network's crop, to show what was cut away) with a
     title each (true and predicted label), worst first."""
@@ -109,7 +110,7 @@ def highest_loss_figure(
     for ax in axes.flat:
         ax.axis("off")
     for ax, file, title in zip(axes.flat, files, titles, strict=False):
-        image = load_rgb(file, background)
+        image = load_rgb(file, background, limits=limits)
         image.thumbnail((thumbnail, thumbnail))
         ax.imshow(image)
         ax.set_title(title, fontsize=9)
@@ -118,8 +119,7 @@ def highest_loss_figure(
 
 
 def _save(fig: Figure, path: Path) -> None:
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def run_eval(cfg: DictConfig) -> dict[str, Any]:
@@ -147,10 +147,10 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     frame = predictions_frame([names[i] for i in result.indices], probs, loaded.class_names)
     frame.insert(1, "true_label", [loaded.class_names[t] for t in target.tolist()])
     frame.insert(4, "loss", per_image_loss(probs, target).numpy())
-    frame.to_csv(out / "predictions.csv", index=False, float_format="%.6g")
-    per_class.to_csv(out / "per_class.csv", index=False, float_format="%.6g")
+    write_csv(frame, out / "predictions.csv", index=False, float_format="%.6g")
+    write_csv(per_class, out / "per_class.csv", index=False, float_format="%.6g")
     counts = pd.DataFrame(confmat.numpy(), index=loaded.class_names, columns=loaded.class_names)
-    counts.rename_axis("true").to_csv(out / "confusion_matrix.csv")
+    write_csv(counts.rename_axis("true").reset_index(), out / "confusion_matrix.csv", index=False)
     _save(confusion_matrix_figure(confmat, loaded.class_names), out / "confusion_matrix.png")
     worst = frame.sort_values("loss", ascending=False, kind="stable").head(cfg.num_highest_loss)
     titles = [
@@ -161,7 +161,10 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     shown = [(f, t) for f, t in zip(worst_files, titles, strict=True) if f is not None]
     _save(
         highest_loss_figure(
-            [f for f, _ in shown], [t for _, t in shown], loaded.preprocess.background
+            [f for f, _ in shown],
+            [t for _, t in shown],
+            loaded.preprocess.background,
+            limits=ReadLimits.from_config(cfg.data),
         ),
         out / "highest_loss.png",
     )

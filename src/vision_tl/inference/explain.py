@@ -24,10 +24,11 @@ from torch import nn
 from torch.utils.data import default_collate
 
 from vision_tl.core.errors import ConfigError
+from vision_tl.core.io import write_csv
 from vision_tl.core.runtime import resolve_device
 from vision_tl.core.validate import did_you_mean
 from vision_tl.data.augment import denormalize_batch, eval_transform, normalize_batch
-from vision_tl.data.decode import error_line
+from vision_tl.data.decode import ReadLimits, error_line
 from vision_tl.data.preprocess import EnsemblePreprocess, per_member
 from vision_tl.inference.checkpoint import LoadedModel, load_checkpoint
 from vision_tl.inference.predictor import collect_inputs, write_unreadable
@@ -110,8 +111,10 @@ def explain(
     method: str = "gradcam",
     batch_size: int = 8,
     device: str = "auto",
+    limits: ReadLimits | None = None,
 ) -> tuple[list[Explanation], list[tuple[int, str]]]:
-    """Overlays for each readable file, and the unreadable ones as (index, reason)."""
+    """Overlays for each readable file (read within `limits`, as training reads), and the
+    unreadable ones as (index, reason)."""
     model = loaded.model.to(resolve_device(device)).eval()
     backbones = model.backbones()
     members = per_member(loaded.preprocess, len(backbones))
@@ -125,7 +128,7 @@ def explain(
         )
         for i, (b, pre) in enumerate(zip(backbones, members, strict=True))
     }
-    explainer = _BatchExplainer(model, cams, loaded, target)
+    explainer = _BatchExplainer(model, cams, loaded, target, limits or ReadLimits())
     results: list[Explanation] = []
     unreadable: list[tuple[int, str]] = []
     try:
@@ -163,9 +166,15 @@ class _BatchExplainer:
     """Decode a batch, predict, and compute every member's heatmap for the target classes."""
 
     def __init__(
-        self, model: nn.Module, cams: dict[str, Any], loaded: LoadedModel, target: int | None
+        self,
+        model: nn.Module,
+        cams: dict[str, Any],
+        loaded: LoadedModel,
+        target: int | None,
+        limits: ReadLimits,
     ) -> None:
         self.model = model
+        self.limits = limits
         self.cams = cams
         self.target = target
         self.preprocess = loaded.preprocess
@@ -180,7 +189,7 @@ class _BatchExplainer:
         tensors, indices = [], []
         for i in batch:
             try:
-                image = self.preprocess.read(files[i])
+                image = self.preprocess.read(files[i], self.limits)
                 tensors.append(self.transform(image))
                 indices.append(i)
             except Exception as err:  # listed, never fatal, as in predict
@@ -232,8 +241,9 @@ def run_explain(cfg: DictConfig) -> pd.DataFrame:
     loaded = load_checkpoint(cfg.get("ckpt_path"))
     inputs = collect_inputs(cfg.get("input"))
     target = resolve_target(cfg.get("target"), loaded.class_names)
+    limits = ReadLimits.from_config(cfg.get("data"))
     results, unreadable = explain(
-        loaded, inputs.files, target, cfg.method, int(cfg.batch_size), cfg.device
+        loaded, inputs.files, target, cfg.method, int(cfg.batch_size), cfg.device, limits
     )
     rows = []
     for r in results:
@@ -254,7 +264,7 @@ def run_explain(cfg: DictConfig) -> pd.DataFrame:
             )
     columns = ["path", "member", "predicted", "probability", "target", "file"]
     frame = pd.DataFrame(rows, columns=columns)
-    frame.to_csv(out / "explanations.csv", index=False, float_format="%.6g")
+    write_csv(frame, out / "explanations.csv", index=False, float_format="%.6g")
     write_unreadable(out / "unreadable.csv", inputs.names, unreadable)
     log.info("%d overlay(s) for %d image(s) in %s", len(frame), len(results), out)
     return frame

@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
+from vision_tl.core.io import write_csv
 from vision_tl.inference.checkpoint import load_checkpoint
 from vision_tl.inference.predictor import (
     collect_inputs,
@@ -36,13 +37,13 @@ def run_predict(cfg: DictConfig) -> pd.DataFrame:
         reject_threshold=cfg.get("reject_threshold"),
         unknown_label=cfg.get("unknown_label", "unknown"),
     )
-    frame.to_csv(out / "predictions.csv", index=False, float_format="%.6g")
+    write_csv(frame, out / "predictions.csv", index=False, float_format="%.6g")
     if cfg.get("submission"):
         ids = [inputs.ids[i] for i in result.indices]
         if len(set(ids)) < len(ids):
             log.warning("submission.csv has duplicate ids (same file stem in several folders)")
         submission = pd.DataFrame({"id": ids, "label": frame["label"]})
-        submission.to_csv(out / "submission.csv", index=False)
+        write_csv(submission, out / "submission.csv", index=False)
     write_unreadable(out / "unreadable.csv", inputs.names, result.unreadable)
     log.info(
         "%d prediction(s) in %s (%.1f images/s)",
@@ -65,6 +66,10 @@ def predict_for_run(cfg: DictConfig, ckpt_path: str, run_dir: Path) -> Path:
             "device": "auto",
             "top_k": 3,
             "progress": False,
+            "data": {
+                "max_file_bytes": cfg.data.get("max_file_bytes"),
+                "max_image_pixels": cfg.data.get("max_image_pixels"),
+            },
         }
     )
     run_predict(predict_cfg)

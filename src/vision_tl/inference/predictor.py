@@ -3,6 +3,7 @@ decode-resize-normalise path as training; and the inputs and outputs of `predict
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -18,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision.transforms import v2
 
 from vision_tl.core.errors import ConfigError
+from vision_tl.core.io import printable, write_csv
 from vision_tl.core.runtime import (
     available_cpus,
     backbone_precision,
@@ -33,7 +35,8 @@ from vision_tl.data.augment import (
     resize_op,
     to_channels_last,
 )
-from vision_tl.data.decode import IMAGE_EXTENSIONS, error_line, is_hidden, is_image_file
+from vision_tl.data.decode import IMAGE_EXTENSIONS, ReadLimits, error_line, is_image_file
+from vision_tl.data.folder import walk_files
 from vision_tl.data.preprocess import AnyPreprocess, EnsemblePreprocess
 from vision_tl.inference.checkpoint import LoadedModel
 from vision_tl.models.classifier import Classifier
@@ -62,22 +65,19 @@ class InputImages:
 
 def collect_inputs(source: str | Path | None) -> InputImages:
     """A folder (image files, recursively, sorted; hidden and system files such as
-    `__MACOSX/` skipped as in training), one image, or a CSV with a `path` column.
+    `__MACOSX/` skipped, and each real folder walked once, as in training), one image, or
+    a CSV with a `path` column.
 
     Folder images are named relative to the folder; CSV paths are kept as written and
     resolved against the CSV's folder, and an `id` column, if any, gives submission ids.
+    Nothing is opened here: a named pipe or device named like an image is listed as
+    unreadable when it is read.
     """
     if not source:
         raise ConfigError("input is required: a folder, an image file, or a CSV with a path column")
     path = Path(source).expanduser()
     if path.is_dir():
-        files = sorted(
-            p
-            for p in path.rglob("*")
-            if p.is_file()
-            and is_image_file(p)
-            and not any(is_hidden(Path(part)) for part in p.relative_to(path).parts)
-        )
+        files = sorted(Path(p) for p in walk_files(path, []) if is_image_file(Path(p)))
         if not files:
             extensions = ", ".join(IMAGE_EXTENSIONS)
             raise ConfigError(f"input={path}: holds no image files ({extensions})")
@@ -91,7 +91,7 @@ def collect_inputs(source: str | Path | None) -> InputImages:
         files = [path.parent / name for name in names]
         ids = frame["id"].tolist() if "id" in frame.columns else [Path(n).stem for n in names]
         return InputImages(files, names, ids)
-    if path.is_file():
+    if path.exists():  # one file (a special one is listed as unreadable, not opened)
         return InputImages([path], [str(source)], [path.stem])
     raise ConfigError(f"input={path}: does not exist")
 
@@ -134,9 +134,10 @@ class ImageFiles(Dataset):
         preprocess: AnyPreprocess,
         transform: ViewTransform,
         reader: Callable[[Any], torch.Tensor] | None = None,
+        limits: ReadLimits | None = None,
     ) -> None:
         self.files = list(files)
-        self.read = reader or preprocess.read
+        self.read = reader or functools.partial(preprocess.read, limits=limits or ReadLimits())
         self.transform = transform
 
     def __len__(self) -> int:
@@ -186,7 +187,8 @@ class Predictor:
     mirror images; the softmax of each view is averaged, which is also right for the
     `mean` ensemble fusion (its output is a log-probability). Views travel as uint8 and
     are normalised on the device, exactly as training batches are. Logits are divided by
-    `temperature` (the checkpoint's calibration) before the softmax.
+    `temperature` (the checkpoint's calibration) before the softmax. Files are read
+    within `limits` (`data.max_file_bytes`, `data.max_image_pixels`), as training reads.
     """
 
     def __init__(
@@ -201,6 +203,7 @@ class Predictor:
         progress: bool = False,
         precision: str = "fp32",
         temperature: float = 1.0,
+        limits: ReadLimits | None = None,
     ) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch_size={batch_size}: a positive integer")
@@ -218,11 +221,12 @@ class Predictor:
         if not temperature > 0:
             raise ConfigError(f"temperature={temperature}: a number > 0")
         self.temperature = float(temperature)
+        self.limits = limits or ReadLimits()
 
     def loader(
         self, files: Sequence[str | Path], reader: Callable[[Any], torch.Tensor] | None = None
     ) -> DataLoader:
-        dataset = ImageFiles(files, self.preprocess, self.transform, reader)
+        dataset = ImageFiles(files, self.preprocess, self.transform, reader, self.limits)
         batches = -(-len(files) // self.batch_size)
         # Workers only pay off when one decodes a batch while the model runs another.
         workers = min(self.num_workers, batches) if batches > 1 else 0
@@ -272,7 +276,7 @@ class Predictor:
             task = bar.add_task("predicting", total=len(files))
             for views, index, bad in loader:
                 for i, reason in bad:
-                    log.warning("cannot read %s: %s", files[i], reason)
+                    log.warning("cannot read %s: %s", printable(str(files[i])), reason)
                 unreadable += bad
                 if views is not None:
                     chunks.append(self.probabilities(views).cpu())
@@ -288,7 +292,8 @@ def predictor_from_config(loaded: LoadedModel, cfg: DictConfig) -> Predictor:
     """The predictor described by an entry config (`device`, `batch_size`, `tta`, ...).
 
     `precision=auto` runs the backbone as training validated it: bf16 for a probe whose
-    features were cached in bf16, else fp32; `bf16` or `fp32` force it."""
+    features were cached in bf16, else fp32; `bf16` or `fp32` force it. Files are read
+    within `data.max_file_bytes` and `data.max_image_pixels`, as training reads them."""
     tta = cfg.get("tta") or {}
     precision = str(cfg.get("precision") or "auto")
     return Predictor(
@@ -302,6 +307,7 @@ def predictor_from_config(loaded: LoadedModel, cfg: DictConfig) -> Predictor:
         progress=bool(cfg.get("progress", False)),
         precision=loaded.precision if precision == "auto" else precision,
         temperature=loaded.temperature if cfg.get("calibrate", True) else 1.0,
+        limits=ReadLimits.from_config(cfg.get("data")),
     )
 
 
@@ -342,5 +348,5 @@ def write_unreadable(path: Path, names: Sequence[str], unreadable: list[tuple[in
     """`unreadable.csv` (path, reason), written only when some files could not be read."""
     if unreadable:
         rows = [(names[i], reason) for i, reason in unreadable]
-        pd.DataFrame(rows, columns=["path", "reason"]).to_csv(path, index=False)
+        write_csv(pd.DataFrame(rows, columns=["path", "reason"]), path, index=False)
         log.warning("%d unreadable file(s) listed in %s", len(rows), path)

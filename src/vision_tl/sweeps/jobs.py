@@ -3,14 +3,15 @@
 Each multirun job writes `job_status.json` (its overrides, status, attempts). Re-running
 the same sweep command therefore skips jobs that finished, resumes interrupted ones from
 their `last.ckpt`, and retries failed ones; a job that fails is recorded and returns NaN,
-so the sweeper goes on with the others.
+so the sweeper goes on with the others. A single run in a SLURM batch job is such a job
+too, in a run folder named after the SLURM job (`core.config.slurm_job`): the requeued
+job resumes it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import logging
 import os
 import socket
@@ -25,7 +26,10 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
-from vision_tl.core.errors import find_user_error
+from vision_tl.core.config import slurm_job
+from vision_tl.core.errors import ConfigError, error_line, find_user_error
+from vision_tl.core.io import read_json
+from vision_tl.core.signals import Interrupted
 from vision_tl.sweeps.report import write_report
 from vision_tl.sweeps.status import read_status, write_status
 
@@ -158,10 +162,28 @@ def _is_multirun_job() -> bool:
     return HydraConfig.get().mode == RunMode.MULTIRUN and rank_zero_only.rank == 0
 
 
+def _is_slurm_run() -> bool:
+    """A single run in the run folder a SLURM batch job gets by default
+    (`core.config.run_name`: `slurm-<job>-<digest of the overrides>`), which the requeued
+    job finds again. A run folder the user names (`hydra.run.dir=`) is an ordinary run."""
+    job = slurm_job()
+    if not HydraConfig.initialized() or job is None:
+        return False
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    name = Path(HydraConfig.get().runtime.output_dir).name
+    return name.startswith(f"slurm-{job}-") and rank_zero_only.rank == 0
+
+
 def run_job(cfg: DictConfig, work: Callable[[DictConfig], dict[str, Any]]) -> dict[str, Any]:
     """Run `work(cfg)` (a training run); inside a multirun, make it skippable, resumable
-    and contained: a failure is recorded and returned, never raised."""
-    if not _is_multirun_job():
+    and contained: a failure is recorded and returned, never raised. A single run in a
+    SLURM batch job is skippable and resumable the same way (a requeued job resumes from
+    its `last.ckpt`), and its failures are raised as usual. On SIGTERM or SIGINT the job
+    is recorded as interrupted (a sweep also writes its summary so far) and the
+    `Interrupted` goes on up, so the command ends with one line and status 128 + signal."""
+    multirun = _is_multirun_job()
+    if not multirun and not _is_slurm_run():
         with isolated_job(parallel_jobs=1):
             return work(cfg)
 
@@ -170,16 +192,20 @@ def run_job(cfg: DictConfig, work: Callable[[DictConfig], dict[str, Any]]) -> di
     overrides = list(hydra_cfg.overrides.task)
     previous = read_status(job_dir)
     if previous and previous.get("overrides") != overrides:
+        where = "hydra.sweep.dir" if multirun else "hydra.run.dir"
         message = (
             f"{job_dir} holds a job with other overrides ({previous.get('overrides')}); "
-            "use a new hydra.sweep.dir"
+            f"use a new {where}"
         )
+        if not multirun:
+            raise ConfigError(message)
         log.error("Job %s not run: %s", job_dir.name, message)
         return {"status": "failed", "error": message}
     metrics_file = job_dir / "metrics.json"
-    if previous and previous.get("status") == "done" and metrics_file.exists():
+    finished = read_json(metrics_file)
+    if previous and previous.get("status") == "done" and finished is not None:
         log.info("Job %s finished in an earlier run: skipping it", job_dir.name)
-        return {**json.loads(metrics_file.read_text()), "skipped": True}
+        return {**finished, "skipped": True}
 
     last = job_dir / "checkpoints" / "last.ckpt"
     if previous and last.exists() and cfg.get("ckpt_path") is None:
@@ -200,24 +226,44 @@ def run_job(cfg: DictConfig, work: Callable[[DictConfig], dict[str, Any]]) -> di
     )
     sweep_dir = Path(str(hydra_cfg.sweep.dir))
     try:
-        with isolated_job(_parallel_jobs(hydra_cfg)), pinned_gpu(cfg, sweep_dir):
-            metrics = work(cfg)
+        if multirun:
+            with isolated_job(_parallel_jobs(hydra_cfg)), pinned_gpu(cfg, sweep_dir):
+                metrics = work(cfg)
+        else:
+            with isolated_job(parallel_jobs=1):
+                metrics = work(cfg)
     except Exception as err:
         user_error = find_user_error(err)
         root = _root_cause(err)
         message = str(user_error) if user_error else f"{type(root).__name__}: {root}"
+        write_status(job_dir, status="failed", error=message.splitlines()[0] if message else "")
+        if not multirun:
+            raise
         if user_error:
             log.error("Job %s failed: %s", job_dir.name, message)
         else:
             log.exception("Job %s failed", job_dir.name)
-        write_status(job_dir, status="failed", error=message.splitlines()[0] if message else "")
         return {"status": "failed", "error": message}
+    except Interrupted as stop:
+        write_status(job_dir, status="interrupted")
+        if multirun:
+            stop.sweep_dir, stop.job = str(sweep_dir), job_dir.name
+            _report_so_far(sweep_dir, cfg.get("optimized_metric"))
+        raise
     except BaseException:
         write_status(job_dir, status="interrupted")
         raise
     metric = metrics.get(cfg.get("optimized_metric") or "best_val_acc")
     write_status(job_dir, status="done", metric=metric)
     return metrics
+
+
+def _report_so_far(sweep_dir: Path, metric: str | None) -> None:
+    """The summary of an interrupted sweep (Hydra's end-of-sweep callback never runs)."""
+    try:
+        write_report(sweep_dir, metric=metric)
+    except Exception as err:  # the interruption is what the user must hear about
+        log.warning("Could not write the sweep report for %s: %s", sweep_dir, error_line(err))
 
 
 class SweepReportCallback(Callback):

@@ -4,13 +4,21 @@ Reads only files in the sweep dir (`job_status.json`, `metrics.json`, `history.c
 `.hydra/overrides.yaml`), so it works while the sweep is still running and on a sweep
 dir copied from a cluster. Writes `summary.csv`, `summary.md`, `heatmap.png`,
 `curves.png`, and `hparams/` for TensorBoard's HPARAMS tab.
+
+A copied sweep may hold anything: a job whose files are damaged (a truncated
+`history.csv`, a broken `metrics.json` or `job_status.json`) is left out with one logged
+line saying which and why, and the summary is written for the others; every text from the
+sweep (folder names, overrides, errors) is escaped in `summary.md`, so a folder named
+`<img src=x onerror=alert(1)>` is shown, not rendered.
 """
 
 from __future__ import annotations
 
+import html
 import logging
 import math
 import os
+import re
 import shutil
 import socket
 from pathlib import Path
@@ -19,8 +27,9 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from vision_tl.core.io import read_json
-from vision_tl.sweeps.status import STATUS_FILE, read_status
+from vision_tl.core.errors import error_line
+from vision_tl.core.io import printable, read_json, write_csv, write_text
+from vision_tl.sweeps.status import STATUS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +48,14 @@ METRIC_COLUMNS = (
 )
 LR_KEY = "optimizer.lr"
 BATCH_KEY = "data.batch_size"
+HISTORY_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc")
+# Markdown that text could start: escaped. `_` only at a word's edge (GitHub ignores it
+# inside words, so `data.batch_size` stays as it is); & < > become HTML entities.
+_MARKUP = re.compile(r"([\\`*\[\]|~])|(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])")
+
+
+class DamagedJob(ValueError):
+    """A job folder whose files cannot be read: the report leaves it out and says why."""
 
 
 def find_jobs(sweep_dir: Path) -> list[Path]:
@@ -55,10 +72,36 @@ def find_jobs(sweep_dir: Path) -> list[Path]:
 
 
 def _read_history(job_dir: Path) -> pd.DataFrame:
-    try:
-        return pd.read_csv(job_dir / "history.csv")
-    except (OSError, ValueError, pd.errors.EmptyDataError):
+    """The job's epochs so far (empty before its first); `DamagedJob` when the file is
+    there but is not a history (truncated, cut mid-header, other columns)."""
+    path = job_dir / "history.csv"
+    if not path.exists():
         return pd.DataFrame()
+    try:
+        history = pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        return pd.DataFrame()
+    except (OSError, ValueError, UnicodeDecodeError) as err:
+        raise DamagedJob(f"history.csv cannot be read ({error_line(err)})") from None
+    missing = [c for c in HISTORY_COLUMNS if c not in history.columns]
+    if missing:
+        raise DamagedJob(f"history.csv has no column {', '.join(missing)}")
+    for column in HISTORY_COLUMNS:
+        history[column] = pd.to_numeric(history[column], errors="coerce")
+    history = history[history["epoch"].notna()]
+    return history.reset_index(drop=True)
+
+
+def _read_object(job_dir: Path, name: str) -> dict[str, Any]:
+    """A JSON object of the job (empty when absent); `DamagedJob` when it is there but
+    is not one."""
+    path = job_dir / name
+    if not path.exists():
+        return {}
+    data = read_json(path)
+    if data is None:
+        raise DamagedJob(f"{name} is not a JSON object (truncated or damaged)")
+    return data
 
 
 def _overrides(job_dir: Path, status: dict[str, Any]) -> list[str]:
@@ -89,9 +132,10 @@ def _alive(status: dict[str, Any]) -> bool:
 
 
 def job_row(job_dir: Path, sweep_dir: Path) -> dict[str, Any]:
-    """One summary row: overrides, status and the metrics known so far."""
-    status = read_status(job_dir) or {}
-    metrics = read_json(job_dir / "metrics.json") or {}
+    """One summary row: overrides, status and the metrics known so far; `DamagedJob` (or
+    any error from a file's content) when the job's files cannot be read."""
+    status = _read_object(job_dir, STATUS_FILE)
+    metrics = _read_object(job_dir, "metrics.json")
     history = _read_history(job_dir)
     state = status.get("status") or ("done" if metrics else "unknown")
     if state == "running" and not _alive(status):
@@ -103,7 +147,7 @@ def job_row(job_dir: Path, sweep_dir: Path) -> dict[str, Any]:
         "overrides": " ".join(overrides),
     }
     row.update(dict(_parse_override(o) for o in overrides))
-    if not history.empty:
+    if not history.empty and history["val_acc"].notna().any():
         last = history.iloc[-1]
         best = history["val_acc"].idxmax() if history["val_acc"].notna().any() else None
         row.update(
@@ -140,9 +184,23 @@ def _numeric(column: pd.Series) -> pd.Series:
     return converted if converted.notna().sum() == column.notna().sum() else column
 
 
+def job_rows(sweep_dir: Path) -> list[dict[str, Any]]:
+    """A row per job that can be read; each damaged job is logged once and left out."""
+    rows = []
+    for job in find_jobs(sweep_dir):
+        try:
+            rows.append(job_row(job, sweep_dir))
+        except Exception as err:  # a copied folder may hold anything: never fatal
+            reason = str(err) if isinstance(err, DamagedJob) else error_line(err)
+            log.warning(
+                "Report: job %s left out: %s", printable(str(job.relative_to(sweep_dir))), reason
+            )
+    return rows
+
+
 def summarize(sweep_dir: Path, metric: str = "best_val_acc") -> tuple[pd.DataFrame, list[str]]:
     """The summary table sorted by `metric` (best first), and the override keys that vary."""
-    rows = [job_row(job, sweep_dir) for job in find_jobs(sweep_dir)]
+    rows = job_rows(sweep_dir)
     frame = pd.DataFrame(rows)
     if frame.empty:
         return frame, []
@@ -162,16 +220,23 @@ def summarize(sweep_dir: Path, metric: str = "best_val_acc") -> tuple[pd.DataFra
     return frame.reset_index(drop=True), varying
 
 
+def markdown_text(value: Any) -> str:
+    """`value` as literal text in Markdown: one line, no HTML, no markup, no table break."""
+    text = " ".join(printable(str(value)).split())
+    return _MARKUP.sub(lambda m: "\\" + m.group(0), html.escape(text, quote=False))
+
+
 def to_markdown(frame: pd.DataFrame) -> str:
-    """A GitHub-flavoured markdown table (no extra dependency)."""
+    """A GitHub-flavoured markdown table (no extra dependency); every cell and header is
+    `markdown_text`, so what a folder or an override says is shown, never interpreted."""
 
     def cell(value: Any) -> str:
         if isinstance(value, float):
             return "" if math.isnan(value) else f"{value:.4g}"
-        return str(value).replace("|", "\\|")
+        return markdown_text(value)
 
     lines = [
-        "| " + " | ".join(frame.columns) + " |",
+        "| " + " | ".join(markdown_text(c) for c in frame.columns) + " |",
         "|" + "---|" * len(frame.columns),
     ]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(False)]
@@ -215,8 +280,9 @@ def plot_heatmap(frame: pd.DataFrame, varying: list[str], metric: str, path: Pat
         ax.set_title(f"{metric} {label}".strip())
         fig.colorbar(image, ax=ax)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    from vision_tl.core.plots import save_figure
+
+    save_figure(fig, path, dpi=100)
     return True
 
 
@@ -228,7 +294,7 @@ def plot_curves(sweep_dir: Path, frame: pd.DataFrame, varying: list[str], path: 
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    jobs = [(row, _read_history(sweep_dir / row["job"])) for row in frame.to_dict("records")]
+    jobs = [(row, _history_or_none(sweep_dir / row["job"])) for row in frame.to_dict("records")]
     jobs = [(row, h) for row, h in jobs if not h.empty][:24]
     if not jobs:
         return False
@@ -251,9 +317,18 @@ def plot_curves(sweep_dir: Path, frame: pd.DataFrame, varying: list[str], path: 
     handles = [*axes.flat[0].get_lines(), *fig.axes[-1].get_lines()]
     fig.legend(handles, [h.get_label() for h in handles], loc="upper center", ncol=4)
     fig.tight_layout(rect=(0, 0, 1, 0.94))
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    from vision_tl.core.plots import save_figure
+
+    save_figure(fig, path, dpi=100)
     return True
+
+
+def _history_or_none(job_dir: Path) -> pd.DataFrame:
+    """A job's history for the curves (empty when it has none or changed since the table)."""
+    try:
+        return _read_history(job_dir)
+    except DamagedJob:
+        return pd.DataFrame()
 
 
 def write_hparams(sweep_dir: Path, frame: pd.DataFrame, varying: list[str]) -> Path:
@@ -289,9 +364,10 @@ def write_report(sweep_dir: Path, metric: str | None = None, plots: bool = True)
     frame, varying = summarize(sweep_dir, metric)
     if frame.empty:
         return frame
-    frame.to_csv(sweep_dir / "summary.csv", index=False)
-    header = f"# Sweep {sweep_dir.name}: {len(frame)} jobs, sorted by {metric}\n\n"
-    (sweep_dir / "summary.md").write_text(header + to_markdown(frame.drop(columns=["overrides"])))
+    write_csv(frame, sweep_dir / "summary.csv", index=False)
+    name, sort = markdown_text(sweep_dir.name), markdown_text(metric)
+    header = f"# Sweep {name}: {len(frame)} jobs, sorted by {sort}\n\n"
+    write_text(sweep_dir / "summary.md", header + to_markdown(frame.drop(columns=["overrides"])))
     if plots:
         plot_heatmap(frame, varying, metric, sweep_dir / "heatmap.png")
         plot_curves(sweep_dir, frame, varying, sweep_dir / "curves.png")

@@ -25,7 +25,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vision_tl.core.errors import ConfigError, find_user_error
-from vision_tl.core.io import read_json
+from vision_tl.core.io import read_json, write_csv, write_text
 from vision_tl.sweeps.jobs import isolated_job
 from vision_tl.sweeps.report import to_markdown
 from vision_tl.sweeps.status import read_status, write_status
@@ -229,6 +229,8 @@ def plot_pareto(frame: pd.DataFrame, path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from vision_tl.core.plots import save_figure
+
     done = frame[frame["val_acc"].notna() & frame["images_per_s"].notna()]
     if done.empty:
         return False
@@ -243,8 +245,7 @@ def plot_pareto(frame: pd.DataFrame, path: Path) -> bool:
     ax.legend(loc="lower left", fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 
@@ -273,18 +274,19 @@ def run_select(cfg: DictConfig, train: Any) -> pd.DataFrame:
     frame = frame.sort_values(["val_acc", "images_per_s"], ascending=False, na_position="last")
     frame = frame.reset_index(drop=True)
     frame["pareto"] = pareto_front(frame)
-    frame.to_csv(out / "leaderboard.csv", index=False)
+    write_csv(frame, out / "leaderboard.csv", index=False)
     plot_pareto(frame, out / "pareto.png")
     done = frame[frame["status"] == "done"]
     text = to_markdown(frame)
     if done.empty:
-        (out / "leaderboard.md").write_text(text + "\nNo candidate finished.\n")
+        write_text(out / "leaderboard.md", text + "\nNo candidate finished.\n")
         raise ConfigError(f"no candidate finished; see {out / 'leaderboard.csv'}")
     winner = next(c for c in candidates if c.name == done.iloc[0]["backbone"])
     line = train_line(winner, _user_overrides())
-    (out / "winner.txt").write_text(line + "\n")
-    (out / "leaderboard.md").write_text(
-        f"{text}\nWinner: {winner.name}. Train it with:\n\n```\n{line}\n```\n"
+    write_text(out / "winner.txt", line + "\n")
+    write_text(
+        out / "leaderboard.md",
+        f"{text}\nWinner: {winner.name}. Train it with:\n\n```\n{line}\n```\n",
     )
     log.info("Leaderboard: %s\nTrain the winner (%s) with:\n%s", out, winner.name, line)
     return frame

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,8 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torchmetrics.functional.classification import multiclass_calibration_error
+
+from vision_tl.training.checkpoints import save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -86,13 +87,12 @@ def uncalibrated_report() -> dict[str, float | None]:
 
 
 def store_temperature(path: str | Path, temperature: float) -> None:
-    """Write T into a checkpoint's `vision_tl` dict, atomically (a crash leaves the old file)."""
+    """Write T into a checkpoint's `vision_tl` dict, atomically (a crash or a full disk
+    leaves the old file, and no temporary one)."""
     path = Path(path)
     checkpoint: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
     checkpoint.setdefault("vision_tl", {})["temperature"] = float(temperature)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, path)
+    save_checkpoint(checkpoint, path)
 
 
 def val_logits(

@@ -7,7 +7,6 @@ import contextlib
 import dataclasses
 import logging
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -16,9 +15,14 @@ import lightning as L
 import pandas as pd
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from vision_tl.core.errors import ConfigError
+from vision_tl.core.io import write_csv
+from vision_tl.core.shims import stop_fit_as_on_sigterm
+from vision_tl.core.signals import Interrupted, pending
 from vision_tl.data.datamodule import Augmentation, ImageDataModule
+from vision_tl.data.decode import error_line
 from vision_tl.data.features import CachedFeatures, FeatureSpec, build_features
 from vision_tl.training.finetune import Convergence, FinetunePolicy, Stage
 from vision_tl.training.probe import decide_views, one_thread, stratified_subset
@@ -247,8 +251,12 @@ class EpochHistory(L.Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.path.exists() and trainer.ckpt_path:
-            frame = pd.read_csv(self.path)
-            self.rows = {int(r["epoch"]): r for r in frame.to_dict("records")}
+            try:
+                frame = pd.read_csv(self.path)
+                self.rows = {int(r["epoch"]): r for r in frame.to_dict("records")}
+            except (OSError, ValueError, KeyError, pd.errors.ParserError) as err:
+                log.warning("history.csv unreadable (%s): its rows start again", error_line(err))
+                self.rows = {}
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._loss_sum, self._count = 0.0, 0
@@ -283,10 +291,65 @@ class EpochHistory(L.Callback):
         self.rows[trainer.current_epoch] = row
         if trainer.is_global_zero:
             frame = pd.DataFrame([self.rows[e] for e in sorted(self.rows)], columns=self.COLUMNS)
-            tmp = self.path.with_suffix(".csv.tmp")
-            frame.to_csv(tmp, index=False)
-            os.replace(tmp, self.path)
+            write_csv(frame, self.path, index=False)
 
     @property
     def last(self) -> dict[str, float]:
         return self.rows[max(self.rows)] if self.rows else {}
+
+
+class StopOnSignal(L.Callback):
+    """SIGTERM or SIGINT during a fit (`core.signals.safe_points`): the fit stops where
+    Lightning stops it on SIGTERM, after the batch it is in (or its epoch's end, or a
+    validation batch), each a point Lightning resumes from exactly; SIGINT is made to stop
+    at the same points (`core.shims.stop_fit_as_on_sigterm`). The state there is saved to
+    `path`, the run's `last.ckpt`, which `ckpt_path=` (or the job machinery under SLURM and
+    in sweeps) resumes from; `saved` says where it went."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.saved: str | None = None
+
+    def _stop_if_signalled(self, trainer: L.Trainer) -> None:
+        if pending() is not None and not trainer.received_sigterm:
+            stop_fit_as_on_sigterm(trainer)
+
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        self._stop_if_signalled(trainer)
+
+    def on_validation_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._stop_if_signalled(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._stop_if_signalled(trainer)
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        if not isinstance(exception, (Interrupted, SIGTERMException, KeyboardInterrupt)):
+            return
+        if trainer.sanity_checking or trainer.global_step == 0:
+            return  # nothing trained yet: the run starts again from the beginning
+        trainer.save_checkpoint(self.path)
+        self.saved = str(self.path)
+        log.info(
+            "Saved the state at the interruption (epoch %d, step %d) in %s",
+            trainer.current_epoch,
+            trainer.global_step,
+            self.path,
+        )

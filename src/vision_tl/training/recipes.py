@@ -252,8 +252,9 @@ def find_lr(
     """Lightning's LR range test before the fit; writes `lr_find.png` and `lr_find.json`
     into `run_dir` and makes the suggestion the optimizer's LR (the head's; backbone
     groups keep their multipliers). Returns the suggestion (None when it found none)."""
-    import matplotlib.pyplot as plt
     from lightning.pytorch.tuner import Tuner
+
+    from vision_tl.core.plots import save_figure
 
     max_epochs, val_every = trainer.fit_loop.max_epochs, trainer.check_val_every_n_epoch
     # The range test runs `steps` steps however short an epoch is (each has at least one),
@@ -271,9 +272,7 @@ def find_lr(
         return None
     suggestion = finder.suggestion()
     if trainer.is_global_zero:
-        figure = finder.plot(suggest=suggestion is not None)
-        figure.savefig(run_dir / "lr_find.png", dpi=100)
-        plt.close(figure)
+        save_figure(finder.plot(suggest=suggestion is not None), run_dir / "lr_find.png", dpi=100)
         write_json(
             run_dir / "lr_find.json",
             {"suggestion": suggestion, **{k: _floats(v) for k, v in finder.results.items()}},

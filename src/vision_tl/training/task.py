@@ -519,14 +519,20 @@ class ClassificationTask(L.LightningModule):
 def load_task(ckpt_path: str | Path | None, key: str = "ckpt_path") -> ClassificationTask:
     """A `vision_tl.train` checkpoint as its task, on the CPU, weights only (no pickled code
     runs), upgraded from older layouts; a missing, corrupt or foreign file is a one-line
-    `ConfigError` naming `key`, not a traceback."""
+    `ConfigError` naming `key`, not a traceback.
+
+    The network is built with random weights and then given the checkpoint's, whatever
+    its saved settings say (`load_pretrained`, `model.pretrained`, a `weights_path`): a
+    checkpoint, edited or not, never makes loading download or read another file."""
     if not ckpt_path:
         raise ConfigError(f"{key} is required, e.g. {key}=RUN_DIR/checkpoints/best.ckpt")
     path = Path(ckpt_path).expanduser().resolve()
     if not path.is_file():
         raise ConfigError(f"{key}={path}: does not exist or is not a file")
     try:
-        return ClassificationTask.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+        return ClassificationTask.load_from_checkpoint(
+            path, map_location="cpu", weights_only=True, load_pretrained=False
+        )
     except Exception as err:
         raise _unloadable(path, err) from err
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
 import os
+import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +20,13 @@ import torch
 from hydra.utils import instantiate
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vision_tl.core.errors import ConfigError
-from vision_tl.core.io import write_json
+from vision_tl.core.io import write_csv, write_json, write_text
 from vision_tl.core.logs import quiet_third_party
+from vision_tl.core.signals import Interrupted, pending, safe_points, stop_if_signalled
 from vision_tl.training.build import Run, build_run, plain
 from vision_tl.training.calibration import calibrate_run
 from vision_tl.training.callbacks import (
@@ -30,8 +34,10 @@ from vision_tl.training.callbacks import (
     FailedFilesGuard,
     FeatureCache,
     PreviousStageCompetes,
+    StopOnSignal,
     TrainThroughput,
 )
+from vision_tl.training.checkpoints import with_atomic_checkpoints
 from vision_tl.training.distill import build_distillation, distill_report
 from vision_tl.training.distributed import use_hydra_rank_command
 from vision_tl.training.finetune import Stage, build_finetune
@@ -158,7 +164,11 @@ def run_training(cfg: DictConfig, predict: PredictFn | None = None) -> dict[str,
     for stage in [] if resuming else earlier:
         start = time.perf_counter()
         stage_cfg = stage_config(cfg, stage)
-        metrics, task = _fit(stage_cfg, _prepare(stage_cfg, stage), stage, None)
+        try:
+            metrics, task = _fit(stage_cfg, _prepare(stage_cfg, stage), stage, None)
+        except Interrupted as stop:  # a resumed run starts after the earlier stages: redo it
+            stop.checkpoint = None
+            raise
         previous = _handover(metrics, task, stage_cfg, time.perf_counter() - start)
     return _fit(cfg, run, final, predict, previous)[0]
 
@@ -214,10 +224,50 @@ def _prepare(cfg: DictConfig, stage: Stage) -> Run:
         check_resume(cfg.ckpt_path, task)
     main_process = rank_zero_only.rank == 0
     if main_process:
-        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-        datamodule.catalog.to_frame().to_csv(run_dir / "split.csv", index=False)
+        write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        write_csv(datamodule.catalog.to_frame(), run_dir / "split.csv", index=False)
     datamodule.write_bad_files(run_dir / "bad_files.csv", write=main_process)
     return run
+
+
+def _last_checkpoint(callbacks: list[Any], run_dir: Path) -> Path:
+    """Where the run's `last.ckpt` goes: the checkpoint callback without a monitor's file."""
+    latest = next(
+        (c for c in callbacks if isinstance(c, ModelCheckpoint) and not c.monitor and c.dirpath),
+        None,
+    )
+    if latest is None:
+        return run_dir / "checkpoints" / "last.ckpt"
+    return Path(latest.dirpath) / f"{latest.filename or 'last'}{latest.FILE_EXTENSION}"
+
+
+def _fit_until_signalled(
+    trainer: L.Trainer,
+    task: ClassificationTask,
+    datamodule: L.LightningDataModule,
+    ckpt_path: str | None,
+) -> None:
+    """`trainer.fit`, stopping at its next safe point on SIGTERM or SIGINT (`core.signals`,
+    `StopOnSignal` saves the state there) with `Interrupted`."""
+    with safe_points():
+        try:
+            trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        except SIGTERMException:  # Lightning's stop at a safe point (SIGINT's too)
+            raise Interrupted(pending() or signal.SIGTERM) from None
+        stop_if_signalled()  # it came during the last batch: stop before calibrating
+
+
+@contextlib.contextmanager
+def _resumable_from(stop: StopOnSignal, run_dir: Path) -> Iterator[None]:
+    """An `Interrupted` raised within names the checkpoint to resume from: the state saved
+    at the signal, else the run's `last.ckpt` when there is one (a signal after the fit,
+    or before a resumed fit starts); with neither, the run starts again."""
+    try:
+        yield
+    except Interrupted as interrupted:
+        saved = stop.saved or (str(stop.path) if stop.path.is_file() else None)
+        interrupted.checkpoint, interrupted.run_dir = saved, str(run_dir)
+        raise
 
 
 def _fit(
@@ -254,17 +304,23 @@ def _fit(
     )
     # After FeatureCache: EMA copies the task once the fit's setup has shaped it.
     recipes = [c for c in (budget, ema) if c is not None]
-    ours = [*([cache] if cache else []), *starts, *recipes, FailedFilesGuard(), throughput, history]
+    stop = StopOnSignal(_last_checkpoint(callbacks, run_dir))
+    ours = [*([cache] if cache else []), *starts, *recipes, FailedFilesGuard(), throughput]
+    ours += [history, stop]
     # Lightning's Timer reads a dict `max_time` only as a plain dict.
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
     length: dict[str, Any] = {"max_time": trainer_args.get("max_time")}
     if cache is not None:  # features and a converging head's recipe, before the Trainer
         length.update(cache.prepare(task, datamodule, fit_device(trainer_args)))
     trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=[*callbacks, *ours], logger=loggers, **length
+        cfg.trainer,
+        callbacks=[*callbacks, *ours],
+        logger=loggers,
+        plugins=with_atomic_checkpoints(cfg.trainer.get("plugins")),
+        **length,
     )
 
-    with PeakMemory() as memory:
+    with _resumable_from(stop, run_dir), PeakMemory() as memory:
         start = time.perf_counter()
         ckpt_path = cfg.get("ckpt_path")
         lr_suggestion = None
@@ -276,7 +332,7 @@ def _fit(
                 lr_suggestion = find_lr(
                     trainer, task, datamodule, run_dir, int(cfg.get("lr_find_steps", 100))
                 )
-        trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        _fit_until_signalled(trainer, task, datamodule, ckpt_path)
         train_time = time.perf_counter() - start
 
         val_loss = trainer.callback_metrics.get("val/loss")

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from vision_tl.data.builtin import DATASETS
+from vision_tl.data.decode import ReadLimits
 from vision_tl.data.source import Catalog, register_source
 from vision_tl.data.sources.folder import FolderSource
 
@@ -16,13 +17,14 @@ class BuiltinSource(FolderSource):
     """A generated set (`vision_tl.data.builtin`), written into the cache on first use; its
     native image size is the run's default input size."""
 
-    def __init__(self, builtin: str, cache_root: Path, max_image_pixels: int | None = None) -> None:
+    def __init__(self, builtin: str, cache_root: Path, limits: ReadLimits | None = None) -> None:
         self.dataset = DATASETS.get(builtin)
-        super().__init__(self.dataset.folder(cache_root), cache_root, max_image_pixels)
+        super().__init__(self.dataset.folder(cache_root), cache_root, limits)
 
     @classmethod
     def from_config(cls, data: Mapping[str, Any], cache_root: Path) -> BuiltinSource:
-        return cls(str(data.get("builtin") or "shapes"), cache_root, data.get("max_image_pixels"))
+        limits = ReadLimits.from_config(data)
+        return cls(str(data.get("builtin") or "shapes"), cache_root, limits)
 
     def catalog(self) -> Catalog:
         self.dataset.materialize(self.cache_root)

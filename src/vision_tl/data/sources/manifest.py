@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from vision_tl.core.errors import ConfigError
+from vision_tl.data.decode import ReadLimits
 from vision_tl.data.folder import file_catalog
 from vision_tl.data.source import Catalog, register_source
 from vision_tl.data.sources.folder import FolderSource
@@ -22,9 +23,9 @@ class ManifestSource(FolderSource):
         manifest: str | Path,
         root: str | Path | None = None,
         cache_root: Path | None = None,
-        max_image_pixels: int | None = None,
+        limits: ReadLimits | None = None,
     ) -> None:
-        super().__init__(root or ".", cache_root, max_image_pixels)
+        super().__init__(root or ".", cache_root, limits)
         self.manifest = Path(manifest).expanduser()
         self.base = Path(root).expanduser() if root else None
 
@@ -32,7 +33,8 @@ class ManifestSource(FolderSource):
     def from_config(cls, data: Mapping[str, Any], cache_root: Path) -> ManifestSource:
         if not data.get("manifest"):
             raise ConfigError("data.source=manifest needs data.manifest=CSV (path,label[,split])")
-        return cls(data["manifest"], data.get("root"), cache_root, data.get("max_image_pixels"))
+        limits = ReadLimits.from_config(data)
+        return cls(data["manifest"], data.get("root"), cache_root, limits)
 
     @property
     def anchor(self) -> Path:
