@@ -120,7 +120,8 @@ class FeatureCache(L.Callback):
                 if decision["views"]
                 else dataclasses.replace(first, train_store=None)
             )
-            decision["subset_s"] = round(first.seconds_built, 3)
+            views_built = first.train_store is not None and not first.hits.get("train")
+            decision["subset_views_s"] = round(first.train_store.seconds, 3) if views_built else 0.0
         else:
             features = build_features(self.spec, dm, model, device, teacher)
         length: dict[str, int] = {}

@@ -520,16 +520,22 @@ def decide_views(
 ) -> dict[str, Any]:
     """Whether training on the cached augmented views beats the eval view, judged by the
     same cross-validation on a subset of the training split: the views are extracted for
-    the whole split only when they win there. Returns the decision and its evidence."""
+    the whole split only when they win there by more than one standard error. Returns the
+    decision and its evidence."""
     start = time.perf_counter()
     result = search_probe(task, subset, grid, batch_size, sampler_kind)
     best = {
         name: max(c["holdout_acc"] for c in result.candidates if c["views"] == name)
         for name in ("augmented", "eval")
     }
+    # They cost `views` extractions of every training image: they must beat the eval view
+    # by more than a standard error of the subset's held-out accuracy, not by an image.
+    n = len(subset.samples["train"])
+    se = math.sqrt(best["eval"] * (1 - best["eval"]) / max(n, 1))
     return {
-        "views": best["augmented"] > best["eval"],
-        "subset_images": len(subset.samples["train"]),
+        "views": best["augmented"] > best["eval"] + se,
+        "margin_needed": round(se, 6),
+        "subset_images": n,
         "augmented_acc": best["augmented"],
         "eval_acc": best["eval"],
         "search_s": round(time.perf_counter() - start, 3),
