@@ -52,6 +52,7 @@ from vision_tl.data.augment import (
 from vision_tl.data.dataset import ImageListDataset
 from vision_tl.data.decode import error_line
 from vision_tl.data.preprocess import AnyPreprocess
+from vision_tl.data.source import digest
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +98,6 @@ def weights_digest(module: nn.Module) -> str:
         digest.update(f"{key}:{tensor.dtype}:{tuple(value.shape)}".encode())
         digest.update(tensor.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
-
-
-def cache_key(spec: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:32]
 
 
 @dataclass
@@ -365,7 +362,7 @@ def load_or_build(
     entry). `reuse`: an entry of some of the same images, drawn the same way, whose rows
     are copied instead of computed again (the subset a views decision extracted)."""
     spec = {**spec, "view_seed": seed}
-    key = cache_key(spec)
+    key = digest(spec)
     final = root / key
     root.mkdir(parents=True, exist_ok=True)
     if (final / "meta.json").is_file():
