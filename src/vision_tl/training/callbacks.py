@@ -97,8 +97,9 @@ class FeatureCache(L.Callback):
         if decide:
             subset = stratified_subset(train, grid.views_subset, grid.folds)
             first = build_features(self.spec, dm, model, device, teacher, views=subset)
+            chosen = set(subset)
             on_subset = dataclasses.replace(
-                first, samples={"train": [s for s in train if s[0] in set(subset)]}
+                first, samples={"train": [s for s in train if s[0] in chosen]}
             )
             decision = decide_views(task, on_subset, grid, plan.batch_size, dm.loading.sampler)
             views = "augmented" if decision["views"] else "eval"
