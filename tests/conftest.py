@@ -137,6 +137,12 @@ def image_folder(tmp_path: Path) -> Path:
     return make_image_folder(tmp_path / "data", splits=("train", "val", "test"))
 
 
+def compose_entry(name: str, overrides: list[str], output_dir: Path) -> DictConfig:
+    """The config `python -m vision_tl.<name>` would compose, writing into `output_dir`."""
+    with initialize_config_dir(version_base="1.3", config_dir=str(config_dir())):
+        return compose(name, overrides=[*overrides, f"paths.output_dir={output_dir}"])
+
+
 @pytest.fixture
 def compose_train() -> Callable[..., DictConfig]:
     """Compose the real `train` config with overrides, outside a Hydra app."""

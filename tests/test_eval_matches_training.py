@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from conftest import TINY, make_image_folder
+from helpers.intervals import accuracies_without_interval
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
@@ -76,4 +77,7 @@ def test_eval_on_val_reproduces_best_val_accuracy(
     n = scores["num_images"]
     assert n == 24 and scores["split"] == "val"
     assert round(scores["acc"] * n) == round(metrics["best_val_acc"] * n)
-    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["acc"] == scores["acc"]
+    written = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert written["acc"] == scores["acc"] and accuracies_without_interval(written) == []
+    for name, row in written["per_class"].items():
+        assert row["recall_lo"] <= row["recall"] <= row["recall_hi"], name

@@ -12,13 +12,11 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY, make_image_folder
+from conftest import TINY, compose_entry, make_image_folder
 from helpers.data import datamodule
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from helpers.intervals import accuracies_without_interval
 from PIL import Image
 
-from vision_tl.core.config import config_dir
 from vision_tl.core.errors import ConfigError
 from vision_tl.data.augment import eval_transform, normalize_batch, train_transform
 from vision_tl.data.preprocess import (
@@ -63,11 +61,6 @@ QUICK = [
 
 def hetero_model() -> torch.nn.Module:
     return build_model({"members": MEMBERS, "fusion": "mean"}, 3, pretrained=False).eval()
-
-
-def compose_entry(name: str, overrides: list[str], output_dir: Path) -> DictConfig:
-    with initialize_config_dir(version_base="1.3", config_dir=str(config_dir())):
-        return compose(name, overrides=[*overrides, f"paths.output_dir={output_dir}"])
 
 
 def _record_member_inputs(model: torch.nn.Module) -> tuple[dict[int, torch.Tensor], list]:
@@ -203,6 +196,7 @@ def test_probe_caches_features_per_member_and_reports_each_member(probe_run: Pat
     assert metrics["probe"] is not None, "the probe trained on cached features"
     assert set(metrics["val_acc_members"]) == {"resnet18", "timm/resnet10t"}
     assert all(0.0 <= v <= 1.0 for v in metrics["val_acc_members"].values())
+    assert accuracies_without_interval(metrics) == []
     assert [m["input_size"] for m in metrics["preprocess"]["members"]] == [32, 48]
     entries = [json.loads(p.read_text()) for p in probe_run.glob("cache/features/*/meta.json")]
     assert sorted(e["views"] for e in entries) == [1, 2], "eval rows and augmented views"

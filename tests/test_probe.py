@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TINY, make_image_folder
+from helpers.intervals import accuracies_without_interval
 
 from vision_tl.inference.checkpoint import load_checkpoint
 from vision_tl.training.train import run_training
@@ -58,6 +59,8 @@ def test_probe_search_never_reads_val_and_records_its_choice(compose_train, tmp_
 
     metrics = json.loads((tmp_path / "real" / "metrics.json").read_text())
     assert metrics["probe"]["lr"] == real["lr"]
+    assert metrics["probe"]["num_images"] == 18  # every training image held out once
+    assert accuracies_without_interval(metrics) == []
     assert metrics["epochs"] == 3  # the probe's epochs, not trainer.max_epochs=2
     assert metrics["best_epoch"] == 2  # validated once, after the last epoch
     ckpt = torch.load(metrics["best_checkpoint"], map_location="cpu", weights_only=False)
@@ -152,7 +155,7 @@ def test_views_are_extracted_for_the_rest_only_when_a_subset_says_they_pay(
     cfg = compose_train([*TINY, f"data.root={root}", *PROBE, *subset], tmp_path / "run")
     probe = run_training(cfg)["probe"]
     decision = probe["views_decision"]
-    assert decision["subset_images"] == 9 and decision["search_s"] > 0
+    assert decision["num_images"] == 9 and decision["search_s"] > 0
     margin = decision["margin_needed"]
     assert decision["views"] == (decision["augmented_acc"] > decision["eval_acc"] + margin)
     views_of = 30 if decision["views"] else 9

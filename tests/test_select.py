@@ -61,10 +61,13 @@ def test_select_ranks_records_a_failure_and_resumes(tmp_path: Path) -> None:
 
     run_select(cfg, train)
     board = pd.read_csv(out / "leaderboard.csv")
-    assert list(board.columns[:8]) == [
+    assert list(board.columns[:11]) == [
         "backbone",
         "status",
         "val_acc",
+        "val_acc_lo",
+        "val_acc_hi",
+        "tied_with_best",
         "macro_f1",
         "params",
         "feature_dim",
@@ -77,6 +80,12 @@ def test_select_ranks_records_a_failure_and_resumes(tmp_path: Path) -> None:
     done = board[board["status"] == "done"]
     assert len(done) == 2 and list(done["val_acc"]) == sorted(done["val_acc"], reverse=True)
     assert board.iloc[-1]["backbone"] == "no_such_net"
+    assert (done["val_acc_lo"] <= done["val_acc"]).all() and (
+        done["val_acc"] <= done["val_acc_hi"]
+    ).all()
+    assert done.iloc[0]["tied_with_best"], "the best candidate is tied with itself"
+    overlap = done.iloc[1]["val_acc_hi"] >= done.iloc[0]["val_acc_lo"]
+    assert done.iloc[1]["tied_with_best"] == overlap
     assert (out / "pareto.png").stat().st_size > 0
     line = (out / "winner.txt").read_text()
     assert line.startswith("python -m vision_tl.train") and "finetune=linear_probe" in line

@@ -83,6 +83,11 @@ def test_grid_sweep_one_dir_per_job_and_summary(sweep_data: Path, tmp_path: Path
     gaps = summary["final_train_acc"] - summary["final_val_acc"]
     assert (gaps - summary["train_val_gap"]).abs().max() < 1e-6
     assert (summary["peak_rss_mb"] > 0).all() and (summary["epochs"] == 1).all()
+    assert (summary["best_val_acc_lo"] <= summary["best_val_acc"]).all()
+    assert (summary["best_val_acc"] <= summary["best_val_acc_hi"]).all()
+    top = summary.iloc[0]
+    overlap = summary["best_val_acc_hi"] >= top["best_val_acc_lo"]
+    assert list(summary["tied_with_best"]) == list(overlap)
     assert "| data.batch_size | optimizer.lr |" in (sweep_dir / "summary.md").read_text()
     assert _decodes(sweep_dir / "heatmap.png") and _decodes(sweep_dir / "curves.png")
     assert len(list((sweep_dir / "hparams").glob("*/events.out.tfevents.*"))) == 4

@@ -13,10 +13,12 @@ import torch
 import torchvision
 from conftest import TINY, make_image_folder, run_cli
 from helpers.data import datamodule
+from helpers.intervals import accuracies_without_interval
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from vision_tl.core.errors import ConfigError
+from vision_tl.core.stats import wilson_interval
 from vision_tl.models import FUSIONS
 from vision_tl.models.backbones import torchvision_cache_path
 from vision_tl.training.task import ClassificationTask
@@ -43,6 +45,10 @@ def test_short_run_writes_checkpoints_metrics_and_tensorboard(
     assert saved["num_classes"] == 3 and saved["class_names"] == ["cat", "dog", "fox"]
     assert saved["train_time_s"] > 0 and saved["train_images_per_s"] > 0
     assert 0.0 <= saved["test_acc"] <= 1.0, "the test split must be evaluated"
+    assert saved["split_sizes"] == {"train": 24, "val": 24, "test": 24}
+    assert accuracies_without_interval(saved) == []
+    assert saved["best_val_acc_ci95"] == wilson_interval(saved["best_val_acc"], 24)
+    assert saved["test_acc_ci95"] == wilson_interval(saved["test_acc"], 24)
     assert (run_dir / "checkpoints" / "best.ckpt").is_file()
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert (run_dir / "config.yaml").read_text().count(str(image_folder)) >= 1

@@ -29,12 +29,16 @@ import yaml
 
 from vision_tl.core.errors import error_line
 from vision_tl.core.io import printable, read_json, write_csv, write_text
+from vision_tl.core.stats import tied_with_best
 from vision_tl.sweeps.status import STATUS_FILE
 
 log = logging.getLogger(__name__)
 
 METRIC_COLUMNS = (
     "best_val_acc",
+    "best_val_acc_lo",  # its 95% interval (`core.stats`), from metrics.json
+    "best_val_acc_hi",
+    "tied_with_best",  # the interval overlaps the best job's: not ranked apart from it
     "final_val_acc",
     "val_loss",
     "final_train_acc",
@@ -160,6 +164,9 @@ def job_row(job_dir: Path, sweep_dir: Path) -> dict[str, Any]:
             epochs=int(last["epoch"]) + 1,
         )
     row.update({k: metrics[k] for k in METRIC_COLUMNS if metrics.get(k) is not None})
+    interval = metrics.get("best_val_acc_ci95")
+    if isinstance(interval, list) and len(interval) == 2:
+        row["best_val_acc_lo"], row["best_val_acc_hi"] = interval
     row["error"] = status.get("error") or ""
     return row
 
@@ -214,6 +221,7 @@ def summarize(sweep_dir: Path, metric: str = "best_val_acc") -> tuple[pd.DataFra
         if column not in frame:
             frame[column] = math.nan
         frame[column] = pd.to_numeric(frame[column], errors="coerce")
+    frame["tied_with_best"] = tied_with_best(frame, "best_val_acc")
     frame = frame[["job", "status", *varying, *METRIC_COLUMNS, "overrides", "error"]]
     sort_key = metric if metric in frame else "best_val_acc"
     frame = frame.sort_values(sort_key, ascending=False, na_position="last", kind="stable")
@@ -366,7 +374,11 @@ def write_report(sweep_dir: Path, metric: str | None = None, plots: bool = True)
         return frame
     write_csv(frame, sweep_dir / "summary.csv", index=False)
     name, sort = markdown_text(sweep_dir.name), markdown_text(metric)
-    header = f"# Sweep {name}: {len(frame)} jobs, sorted by {sort}\n\n"
+    header = (
+        f"# Sweep {name}: {len(frame)} jobs, sorted by {sort}\n\n"
+        "best\\_val\\_acc\\_lo/hi is its 95% interval over the val images; jobs marked "
+        "tied\\_with\\_best overlap the best job's and are not shown to differ from it.\n\n"
+    )
     write_text(sweep_dir / "summary.md", header + to_markdown(frame.drop(columns=["overrides"])))
     if plots:
         plot_heatmap(frame, varying, metric, sweep_dir / "heatmap.png")

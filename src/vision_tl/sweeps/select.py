@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vision_tl.core.errors import ConfigError, find_user_error
 from vision_tl.core.io import read_json, write_csv, write_text
+from vision_tl.core.stats import tied_with_best
 from vision_tl.sweeps.jobs import isolated_job
 from vision_tl.sweeps.report import to_markdown
 from vision_tl.sweeps.status import read_status, write_status
@@ -53,6 +54,9 @@ COLUMNS = (
     "backbone",
     "status",
     "val_acc",
+    "val_acc_lo",  # its 95% interval over the val images (`core.stats`)
+    "val_acc_hi",
+    "tied_with_best",  # the interval overlaps the best candidate's: not ranked apart
     "macro_f1",
     "params",
     "feature_dim",
@@ -165,10 +169,13 @@ def _row(candidate: Candidate, status: dict[str, Any], metrics: dict[str, Any] |
     state = status.get("status", "not run")
     if state == "failed":
         state = f"failed: {status.get('error') or 'unknown error'}"
+    interval = metrics.get("best_val_acc_ci95") or [None, None]
     return {
         "backbone": candidate.name,
         "status": state,
         "val_acc": metrics.get("best_val_acc"),
+        "val_acc_lo": interval[0],
+        "val_acc_hi": interval[1],
         "macro_f1": metrics.get("val_f1_macro"),
         "params": metrics.get("params"),
         "feature_dim": metrics.get("feature_dim"),
@@ -273,6 +280,7 @@ def run_select(cfg: DictConfig, train: Any) -> pd.DataFrame:
     frame = frame.astype({"params": "Int64", "feature_dim": "Int64"})
     frame = frame.sort_values(["val_acc", "images_per_s"], ascending=False, na_position="last")
     frame = frame.reset_index(drop=True)
+    frame["tied_with_best"] = tied_with_best(frame, "val_acc")
     frame["pareto"] = pareto_front(frame)
     write_csv(frame, out / "leaderboard.csv", index=False)
     plot_pareto(frame, out / "pareto.png")

@@ -106,7 +106,7 @@ class FeatureCache(L.Callback):
             log.info(
                 "Views decision on %d training images in %.1f s: %s (held-out acc %.4f with "
                 "the augmented views, %.4f with the eval view)",
-                decision["subset_images"],
+                decision["num_images"],
                 decision["search_s"],
                 "the views pay, extracting them for the rest"
                 if decision["views"]

@@ -87,6 +87,7 @@ class ProbeResult:
     epochs: int
     folds: int
     holdout_acc: float | None  # None when nothing was searched
+    num_images: int = 0  # the training images held out once each (the accuracies' n)
     candidates: list[dict[str, Any]] = field(default_factory=list)
     recipe: str = "converged"  # or "short" (`ShortRecipe`)
     batch_size: int | None = None  # the fit's batch (None: the policy's)
@@ -465,6 +466,7 @@ def search_probe(
         epochs=winner["epochs"],
         folds=folds,
         holdout_acc=winner["holdout_acc"],
+        num_images=len(y),
         candidates=candidates,
         search_s=round(time.perf_counter() - start, 3),
         features_s=round(features.seconds_built, 3),
@@ -535,7 +537,7 @@ def decide_views(
     return {
         "views": best["augmented"] > best["eval"] + se,
         "margin_needed": round(se, 6),
-        "subset_images": n,
+        "num_images": n,
         "augmented_acc": best["augmented"],
         "eval_acc": best["eval"],
         "search_s": round(time.perf_counter() - start, 3),
