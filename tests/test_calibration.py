@@ -29,7 +29,7 @@ from vision_tl.training.calibration import (
     ece,
     fit_temperature,
     nll,
-    store_temperature,
+    store_calibration,
 )
 from vision_tl.training.train import run_training
 
@@ -77,7 +77,7 @@ def test_overconfident_logits_get_lower_ece_and_nll_and_keep_every_argmax() -> N
 def test_store_temperature_keeps_the_rest_of_the_checkpoint(tmp_path: Path) -> None:
     path = tmp_path / "best.ckpt"
     torch.save({"state_dict": {"w": torch.ones(2)}, "vision_tl": {"format": 2}}, path)
-    store_temperature(path, 2.5)
+    store_calibration(path, {"temperature": 2.5})
     saved = torch.load(path, weights_only=True)
     assert saved["vision_tl"] == {"format": 2, "temperature": 2.5}
     assert torch.equal(saved["state_dict"]["w"], torch.ones(2))
@@ -123,7 +123,7 @@ def test_run_stores_the_temperature_and_eval_and_predict_apply_it(tmp_path: Path
 
     # A clearly non-unit temperature makes the effect on probabilities unmistakable.
     best = tmp_path / "run" / "checkpoints" / "best.ckpt"
-    store_temperature(best, 3.0)
+    store_calibration(best, {"temperature": 3.0})
     base = [f"ckpt_path={best}", "num_workers=0"]
     result = run_eval(_compose("eval", [*base, f"data.root={root}"], tmp_path / "eval"))
     assert result["temperature"] == 3.0

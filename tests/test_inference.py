@@ -11,14 +11,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import TINY, make_image_folder, run_cli
-from hydra import compose, initialize_config_dir
+from conftest import TINY, compose_entry, make_image_folder, run_cli
 from omegaconf import DictConfig
 from PIL import Image
 from torch import nn
 
 from vision_tl.core.cli import run_command
-from vision_tl.core.config import config_dir
 from vision_tl.core.errors import ConfigError
 from vision_tl.core.logs import torchscript_deprecation_ignored
 from vision_tl.data.augment import eval_transform, normalize_batch, resize_op
@@ -44,11 +42,6 @@ QUICK_TRAIN = [
     "+trainer.limit_train_batches=2",
     "+trainer.limit_val_batches=1",
 ]
-
-
-def compose_entry(name: str, overrides: list[str], output_dir: Path) -> DictConfig:
-    with initialize_config_dir(version_base="1.3", config_dir=str(config_dir())):
-        return compose(name, overrides=[*overrides, f"paths.output_dir={output_dir}"])
 
 
 @pytest.fixture(scope="module")
@@ -478,3 +471,25 @@ def test_eval_split_choice() -> None:
         select_split(samples, "test")
     with pytest.raises(ConfigError, match="split=best: one of"):
         select_split(samples, "best")
+
+
+@pytest.mark.integration
+def test_predict_follows_a_submission_template(
+    single_ckpt: Path, data_root: Path, tmp_path: Path
+) -> None:
+    stems = sorted(p.stem for p in (data_root / "test").rglob("*.png"))
+    order = [*reversed(stems), "not_predicted"]
+    template = tmp_path / "sample_submission.csv"
+    template.write_text("file_id,animal\n" + "".join(f"{s},?\n" for s in order))
+    overrides = [
+        f"ckpt_path={single_ckpt}",
+        f"input={data_root / 'test'}",
+        "num_workers=0",
+        f"submission.template={template}",
+    ]
+    frame = run_predict(compose_entry("predict", overrides, tmp_path / "out"))
+    written = pd.read_csv(tmp_path / "out" / "submission.csv", dtype=str)
+    assert list(written.columns) == ["file_id", "animal"]
+    assert written.file_id.tolist() == order
+    labels = dict(zip([Path(p).stem for p in frame.path], frame.label, strict=True))
+    assert written.animal.tolist() == [labels[s] for s in reversed(stems)] + ["?"]

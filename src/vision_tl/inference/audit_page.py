@@ -12,6 +12,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any, Protocol
 
+from PIL import Image
+
 from vision_tl.core.io import write_text
 from vision_tl.data.decode import load_rgb
 
@@ -75,13 +77,19 @@ def thumbnail_uri(path: str, background: tuple[int, int, int] = (255, 255, 255))
         image = load_rgb(path, background, min_side=THUMB_SIDE)
     except Exception:
         return ""
-    image.thumbnail((THUMB_SIDE, THUMB_SIDE))
+    return image_uri(image)
+
+
+def image_uri(image: Image.Image, side: int = THUMB_SIDE) -> str:
+    """A PIL image, shrunk to fit `side`, as a base64 JPEG data URI: pages stay one file."""
+    image = image.convert("RGB")
+    image.thumbnail((side, side))
     buffer = io.BytesIO()
     image.save(buffer, "JPEG", quality=80)
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+def html_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
     body = "".join(
         "<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row) + "</tr>" for row in rows
@@ -93,24 +101,24 @@ def _statistics(stats: Mapping[str, Any]) -> str:
     per_class = stats["per_class"]
     splits = sorted({s for counts in per_class.values() for s in counts}, key="train val test".find)
     parts = [
-        _table(
+        html_table(
             ["class", *splits],
             ([name, *(c.get(s, 0) for s in splits)] for name, c in per_class.items()),
         ),
         "<p>Imbalance in train (largest / smallest class): "
         f"<b>{stats['imbalance_train']:.2f}</b></p>",
-        _table(
+        html_table(
             ["", "min", "p5", "median", "p95", "max"],
             ([name, *stats[name].values()] for name in ("width", "height", "aspect")),
         ),
         f"<p>{stats['smaller_than_input']} image(s) with a shorter side under the input size "
         f"({stats['input_size']} px); {stats['extreme_aspect']} with an aspect ratio beyond "
         "2.5:1.</p>",
-        _table(["mode", "images"], sorted(stats["modes"].items())),
+        html_table(["mode", "images"], sorted(stats["modes"].items())),
     ]
     if stats["scan_notes"]:
         parts.append(
-            _table(["odd but usable (pre-flight scan)", "images"], stats["scan_notes"].items())
+            html_table(["odd but usable (pre-flight scan)", "images"], stats["scan_notes"].items())
         )
     return "".join(parts)
 
@@ -196,7 +204,7 @@ def write_page(
     bad = [f for f in findings if f.issue == "bad_file"]
     body.append(f'<h2 id="bad_file">Unusable files ({len(bad)})</h2>')
     if bad:
-        body.append(_table(["file", "reason"], ((name(f.path), f.detail) for f in bad)))
+        body.append(html_table(["file", "reason"], ((name(f.path), f.detail) for f in bad)))
     page = (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
         f"<title>Dataset audit</title><style>{CSS}</style></head><body>"

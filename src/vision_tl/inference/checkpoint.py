@@ -8,6 +8,7 @@ from pathlib import Path
 
 from vision_tl.core.errors import ConfigError
 from vision_tl.data.preprocess import AnyPreprocess
+from vision_tl.inference.binary import OperatingPoint
 from vision_tl.models.classifier import Classifier
 from vision_tl.training.task import load_task
 
@@ -24,6 +25,8 @@ class LoadedModel:
     precision: str = "fp32"
     # The calibration temperature fitted after training (1.0 for older checkpoints).
     temperature: float = 1.0
+    # A two-class threshold fitted on val (`inference.binary.OperatingPoint`), or None.
+    operating_point: OperatingPoint | None = None
 
 
 def load_checkpoint(ckpt_path: str | Path | None) -> LoadedModel:
@@ -41,6 +44,7 @@ def load_checkpoint(ckpt_path: str | Path | None) -> LoadedModel:
         Path(ckpt_path).expanduser().resolve(),  # type: ignore[arg-type]
         task.feature_precision,
         task.temperature,
+        OperatingPoint.from_dict(task.operating_point),
     )
 
 

@@ -32,11 +32,15 @@ from torchmetrics.functional.classification import (
 from vision_tl.core.errors import ConfigError
 from vision_tl.core.io import write_csv, write_json
 from vision_tl.core.plots import confusion_matrix_figure, save_figure
+from vision_tl.core.stats import format_interval, wilson_interval, with_intervals
 from vision_tl.core.validate import did_you_mean
 from vision_tl.data.decode import ReadLimits, load_rgb
 from vision_tl.data.source import SPLITS
-from vision_tl.inference.checkpoint import check_class_names, load_checkpoint
+from vision_tl.inference.binary import binary_metrics, write_curves
+from vision_tl.inference.checkpoint import LoadedModel, check_class_names, load_checkpoint
+from vision_tl.inference.explain import explain
 from vision_tl.inference.predictor import predictions_frame, predictor_from_config, write_unreadable
+from vision_tl.inference.review_page import write_review
 from vision_tl.training.build import build_data
 
 log = logging.getLogger(__name__)
@@ -91,7 +95,21 @@ def classification_metrics(
             "support": torch.bincount(target, minlength=n).numpy(),
         }
     )
-    return scalars, per_class, multiclass_confusion_matrix(probs, target, n)
+    confmat = multiclass_confusion_matrix(probs, target, n)
+    predicted, support = confmat.sum(0).tolist(), confmat.sum(1).tolist()
+    for column, counts in (("precision", predicted), ("recall", support)):
+        bounds = [
+            wilson_interval(v, int(c)) or [math.nan, math.nan]
+            for v, c in zip(per_class[column], counts, strict=True)
+        ]
+        per_class[f"{column}_lo"] = [b[0] for b in bounds]
+        per_class[f"{column}_hi"] = [b[1] for b in bounds]
+    return scalars, per_class, confmat
+
+
+def json_records(frame: pd.DataFrame) -> dict[str, dict[str, Any]]:
+    """{row: {column: value}} with missing values (an interval over no images) as null."""
+    return frame.astype(object).where(frame.notna(), None).to_dict(orient="index")
 
 
 def highest_loss_figure(
@@ -120,6 +138,46 @@ def highest_loss_figure(
 
 def _save(fig: Figure, path: Path) -> None:
     save_figure(fig, path)
+
+
+def highest_loss_cams(
+    loaded: LoadedModel, files: Sequence[Path | None], rows: Sequence[int], cfg: DictConfig
+) -> dict[int, Any]:
+    """Grad-CAM overlays of the predicted class for these rows (the first member's, for an
+    ensemble), by row; images without a file or that no longer read are left out."""
+    chosen = [r for r in rows if files[r] is not None]
+    if not chosen:
+        return {}
+    explanations, _ = explain(
+        loaded,
+        [Path(files[r]) for r in chosen],
+        device=str(cfg.get("device", "auto")),
+        limits=ReadLimits.from_config(cfg.data),
+    )
+    return {chosen[e.index]: next(iter(e.overlays.values())) for e in explanations}
+
+
+def two_class_report(
+    probs: torch.Tensor, target: torch.Tensor, loaded: LoadedModel, cfg: DictConfig, out: Path
+) -> dict[str, Any]:
+    """ROC-AUC, PR-AUC and both curves for the positive class (the checkpoint's operating
+    point's, else `positive_class`, else the second), and what its threshold gives here."""
+    point = loaded.operating_point
+    positive = point.positive if point else cfg.get("positive_class")
+    report = binary_metrics(probs, target, loaded.class_names, positive)
+    write_curves(probs, target, loaded.class_names, positive, out, point)
+    if point is not None:
+        labels = point.labels(probs, loaded.class_names)
+        index = loaded.class_names.index(point.positive)
+        chosen = torch.tensor([label == point.positive for label in labels])
+        truth = target == index
+        hits = int((chosen & truth).sum())
+        report["operating_point"] = {
+            **point.as_dict(),
+            "split_precision": hits / int(chosen.sum()) if chosen.any() else None,
+            "split_recall": hits / int(truth.sum()) if truth.any() else None,
+        }
+    return report
 
 
 def run_eval(cfg: DictConfig) -> dict[str, Any]:
@@ -175,7 +233,7 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
         "num_images": len(result.indices),
         "num_unreadable": len(result.unreadable),
         "class_names": loaded.class_names,
-        "per_class": per_class.set_index("class").to_dict(orient="index"),
+        "per_class": json_records(per_class.set_index("class")),
         "ckpt_path": str(loaded.path),
         "data": where,
         "data_root": cfg.data.get("root"),
@@ -184,12 +242,34 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
         "temperature": predictor.temperature,
         "images_per_s": round(result.images_per_second, 2),
     }
+    if len(loaded.class_names) == 2:
+        metrics.update(two_class_report(probs, target, loaded, cfg, out))
+    metrics = with_intervals(metrics, {})  # `num_images` is every accuracy's n here
     write_json(out / "metrics.json", metrics)
+    review = cfg.get("review") or {}
+    if review.get("write", True):
+        files = [source.file(keys[i]) for i in result.indices]
+        write_review(
+            out / "review.html",
+            predictions=frame,
+            files=files,
+            classes=loaded.class_names,
+            confmat=confmat,
+            per_class=per_class,
+            metrics=metrics,
+            cams=highest_loss_cams(loaded, files, list(worst.index), cfg)
+            if review.get("gradcam", True)
+            else {},
+            per_cell=int(review.get("per_cell", 48)),
+            background=loaded.preprocess.background,
+        )
     top5 = "" if scalars["acc_top5"] is None else f", top-5 {scalars['acc_top5']:.4f}"
     log.info(
-        "%s acc %.4f%s, macro F1 %.4f, ECE %.4f; files in %s",
+        "%s acc %.4f (95%% interval %s, %d images)%s, macro F1 %.4f, ECE %.4f; files in %s",
         split,
         scalars["acc"],
+        format_interval(metrics["acc_ci95"]),
+        len(result.indices),
         top5,
         scalars["f1_macro"],
         scalars["ece"],

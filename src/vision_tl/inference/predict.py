@@ -17,6 +17,7 @@ from vision_tl.inference.predictor import (
     predictor_from_config,
     write_unreadable,
 )
+from vision_tl.inference.submission import submission_frame, submission_settings
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +37,17 @@ def run_predict(cfg: DictConfig) -> pd.DataFrame:
         top_k=cfg.get("top_k", 3),
         reject_threshold=cfg.get("reject_threshold"),
         unknown_label=cfg.get("unknown_label", "unknown"),
+        operating_point=loaded.operating_point if cfg.get("apply_operating_point", True) else None,
     )
     write_csv(frame, out / "predictions.csv", index=False, float_format="%.6g")
-    if cfg.get("submission"):
+    write, template = submission_settings(cfg.get("submission"))
+    if write:
         ids = [inputs.ids[i] for i in result.indices]
         if len(set(ids)) < len(ids):
             log.warning("submission.csv has duplicate ids (same file stem in several folders)")
-        submission = pd.DataFrame({"id": ids, "label": frame["label"]})
+        submission = submission_frame(
+            ids, list(frame["label"]), result.probs, loaded.class_names, template
+        )
         write_csv(submission, out / "submission.csv", index=False)
     write_unreadable(out / "unreadable.csv", inputs.names, result.unreadable)
     log.info(

@@ -38,6 +38,7 @@ from vision_tl.data.augment import (
 from vision_tl.data.decode import IMAGE_EXTENSIONS, ReadLimits, error_line, is_image_file
 from vision_tl.data.folder import walk_files
 from vision_tl.data.preprocess import AnyPreprocess, EnsemblePreprocess
+from vision_tl.inference.binary import OperatingPoint
 from vision_tl.inference.checkpoint import LoadedModel
 from vision_tl.models.classifier import Classifier
 
@@ -321,13 +322,19 @@ def predictions_frame(
     top_k: int = 3,
     reject_threshold: float | None = None,
     unknown_label: str = "unknown",
+    operating_point: OperatingPoint | None = None,
 ) -> pd.DataFrame:
-    """One row per image: path, label, confidence, top-k labels and probs, `prob_<class>`."""
+    """One row per image: path, label, confidence, top-k labels and probs, `prob_<class>`.
+
+    With a binary `operating_point`, `label` is the positive class when its probability
+    reaches the fitted threshold (the top-k columns stay the most probable classes)."""
     classes = list(class_names)
     k = max(1, min(int(top_k), len(classes)))
     top_probs, top_idx = probs.topk(k, dim=1)
     confidence = top_probs[:, 0]
     labels = [classes[i] for i in top_idx[:, 0].tolist()]
+    if operating_point is not None:
+        labels = operating_point.labels(probs, classes)
     if reject_threshold is not None:
         rejected = (confidence < float(reject_threshold)).tolist()
         labels = [unknown_label if r else label for label, r in zip(labels, rejected, strict=True)]

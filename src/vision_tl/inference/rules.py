@@ -3,16 +3,20 @@
 
 from __future__ import annotations
 
+from omegaconf import DictConfig
+
 from vision_tl.core.runtime import PRECISIONS
 from vision_tl.core.validate import (
     FLAG,
     PROBABILITY,
     WORKERS,
+    Allowed,
     Rules,
     integer,
     number,
     one_of,
     or_null,
+    path,
     register_rules,
 )
 
@@ -28,7 +32,16 @@ RULES = register_rules(
             "tta.hflip": FLAG,
             "tta.crops": one_of(1, 5),
             "num_highest_loss": integer(0),
-            "submission": FLAG,
+            "review.write": FLAG,
+            "review.gradcam": FLAG,
+            "review.per_cell": integer(0),
+            "submission": Allowed(
+                lambda v: isinstance(v, bool | dict | DictConfig),
+                "true, false or {write, template}",
+            ),
+            "submission.write": FLAG,
+            "submission.template": or_null(path("file"), "id,label"),
+            "apply_operating_point": FLAG,
             "progress": FLAG,
             "opset": or_null(integer(7), "the exporter's default"),
             "tolerance": number(gt=0),

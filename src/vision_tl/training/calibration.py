@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.functional.classification import multiclass_calibration_error
 
+from vision_tl.inference.binary import fit_operating_point
 from vision_tl.training.checkpoints import save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -86,12 +87,13 @@ def uncalibrated_report() -> dict[str, float | None]:
     return {key: 1.0 if key == "temperature" else None for key in KEYS}
 
 
-def store_temperature(path: str | Path, temperature: float) -> None:
-    """Write T into a checkpoint's `vision_tl` dict, atomically (a crash or a full disk
-    leaves the old file, and no temporary one)."""
+def store_calibration(path: str | Path, fitted: dict[str, Any]) -> None:
+    """Write what was fitted on val (T, the binary operating point) into a checkpoint's
+    `vision_tl` dict, atomically (a crash or a full disk leaves the old file, and no
+    temporary one)."""
     path = Path(path)
     checkpoint: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
-    checkpoint.setdefault("vision_tl", {})["temperature"] = float(temperature)
+    checkpoint.setdefault("vision_tl", {}).update(fitted)
     save_checkpoint(checkpoint, path)
 
 
@@ -115,8 +117,11 @@ def calibrate_run(
     datamodule: L.LightningDataModule,
     best_path: str | None,
     checkpoints: list[str],
-) -> dict[str, float | None]:
-    """Fit T on the best checkpoint's val logits and store it in every checkpoint given.
+    operating: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Fit T on the best checkpoint's val logits and store it in every checkpoint given;
+    with two classes and a target in `operating` (`operating_point.*`), the threshold that
+    meets it on the calibrated val probabilities too.
 
     With several processes each holds a share of val; rather than gather them, the run
     keeps T = 1 and says so (calibrate afterwards with a single-process run if needed)."""
@@ -131,8 +136,37 @@ def calibrate_run(
     if len(target) == 0:
         log.warning("Calibration skipped: the val split gave no logits; temperature stays 1.0")
         return report
+    fitted: dict[str, Any] = {"temperature": float(report["temperature"])}
+    wanted = {k: v for k, v in (operating or {}).items() if v is not None}
+    if wanted.keys() & {"target_precision", "target_recall"}:
+        probs = (logits.double() / report["temperature"]).softmax(1)
+        point = fit_operating_point(
+            probs,
+            target,
+            task.class_names,
+            precision=wanted.get("target_precision"),
+            recall=wanted.get("target_recall"),
+            positive=wanted.get("positive_class"),
+        )
+        if point is None:
+            log.warning(
+                "operating_point: no threshold meets %s on the %d val images (or not two "
+                "classes); predict keeps the most probable class",
+                wanted,
+                len(target),
+            )
+        else:
+            log.info(
+                "Operating point: %s when p >= %.4f (val precision %.4f, recall %.4f)",
+                point.positive,
+                point.threshold,
+                point.precision,
+                point.recall,
+            )
+            fitted["operating_point"] = point.as_dict()
+            report = {**report, "operating_point": point.as_dict()}
     for path in checkpoints:
-        store_temperature(path, report["temperature"])
+        store_calibration(path, fitted)
     log.info(
         "Temperature %.3f on %d val images: ECE %.4f -> %.4f, NLL %.4f -> %.4f",
         report["temperature"],

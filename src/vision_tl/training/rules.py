@@ -90,6 +90,17 @@ def _open_ended(cfg: DictConfig) -> list[str]:
     return []
 
 
+def _one_target(cfg: DictConfig) -> list[str]:
+    """A threshold meets one target: precision or recall, not both."""
+    targets = [select(cfg, f"operating_point.target_{k}") for k in ("precision", "recall")]
+    if all(t not in (MISSING, None) for t in targets):
+        return [
+            "operating_point: set target_precision or target_recall, not both "
+            "(the threshold meets one and maximises the other)"
+        ]
+    return []
+
+
 FINETUNE_RULES = Rules(
     {
         "finetune.backbone_lr_mult": number(ge=0),
@@ -155,11 +166,14 @@ RULES = register_rules(
             "trainer.log_every_n_steps": integer(1),
             "callbacks.early_stopping.patience": integer(0),
             "callbacks.early_stopping.mode": one_of("min", "max"),
+            # binary operating point (`inference.binary`)
+            "operating_point.target_precision": or_null(number(gt=0, le=1), "none"),
+            "operating_point.target_recall": or_null(number(gt=0, le=1), "none"),
             # distillation
             "distill.teacher": or_null(path("file"), "no distillation"),
             "distill.temperature": number(gt=0),
             "distill.alpha": PROBABILITY,
         },
-        checks=(_open_ended,),
+        checks=(_open_ended, _one_target),
     )
 )

@@ -144,6 +144,8 @@ class ClassificationTask(L.LightningModule):
         self.collected: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         # The fitted calibration temperature a loaded checkpoint carries (1.0: none).
         self.temperature = 1.0
+        # The binary operating point fitted on val (`inference.binary`), when one was asked.
+        self.operating_point: dict[str, Any] | None = None
         # A `training.distill.Distillation` (the teacher), set by `run_training`; not saved.
         self.distill: Any = None
 
@@ -511,6 +513,7 @@ class ClassificationTask(L.LightningModule):
         self.probe = meta.get("probe", self.probe)
         self.feature_precision = meta.get("feature_precision", self.feature_precision)
         self.temperature = float(meta.get("temperature", 1.0))
+        self.operating_point = meta.get("operating_point")
         if meta.get("val_acc_best") is not None:
             self.val_acc_best(torch.tensor(meta["val_acc_best"]))
         self.finetune.resume(self.model, int(checkpoint.get("epoch", 0)))

@@ -27,6 +27,7 @@ from vision_tl.core.errors import ConfigError
 from vision_tl.core.io import write_csv, write_json, write_text
 from vision_tl.core.logs import quiet_third_party
 from vision_tl.core.signals import Interrupted, pending, safe_points, stop_if_signalled
+from vision_tl.core.stats import format_interval, with_intervals
 from vision_tl.training.build import Run, build_run, plain
 from vision_tl.training.calibration import calibrate_run
 from vision_tl.training.callbacks import (
@@ -342,12 +343,14 @@ def _fit(
         best_path = checkpoint.best_model_path if checkpoint else ""
         last_path = getattr(latest, "best_model_path", "") or ""
         saved = [p for p in dict.fromkeys((best_path, last_path)) if p and Path(p).is_file()]
-        calibration = calibrate_run(trainer, task, datamodule, best_path or None, saved)
+        operating = OmegaConf.to_container(cfg.get("operating_point") or {}, resolve=True)
+        calibration = calibrate_run(trainer, task, datamodule, best_path or None, saved, operating)
         if cfg.get("test") and datamodule.has_test:
             best = best_path or None
             trainer.test(task, datamodule=datamodule, ckpt_path=best, weights_only=True)
 
     best_score = checkpoint.best_model_score if checkpoint else None
+    sizes = {split: len(rows) for split, rows in datamodule.catalog.samples.items()}
     metrics: dict[str, Any] = {
         "best_val_acc": float(best_score)
         if best_score is not None
@@ -355,6 +358,7 @@ def _fit(
         "best_epoch": task.best_epoch,
         "epochs": trainer.current_epoch,
         "num_classes": len(task.class_names),
+        "split_sizes": sizes,
         "params": sum(p.numel() for p in task.model.parameters()),
         "feature_dim": sum(b.num_features for b in task.model.backbones()),
         "class_names": task.class_names,
@@ -383,11 +387,14 @@ def _fit(
     if predict and cfg.get("predict_input") and trainer.is_global_zero and not trainer.fast_dev_run:
         ckpt = best_path or metrics["last_checkpoint"]
         metrics["predictions"] = str(predict(cfg, ckpt, run_dir))
+    metrics = with_intervals(metrics, sizes)  # each accuracy with its 95% interval
     if trainer.is_global_zero:
         write_json(run_dir / "metrics.json", metrics)
         log.info(
-            "best val acc %.4f (epoch %d); metrics in %s",
+            "best val acc %.4f (95%% interval %s, %d images; epoch %d); metrics in %s",
             metrics["best_val_acc"] or 0.0,
+            format_interval(metrics.get("best_val_acc_ci95")),
+            sizes.get("val", 0),
             metrics["best_epoch"],
             run_dir / "metrics.json",
         )
