@@ -44,7 +44,7 @@ def test_page_holds_every_image_in_its_confusion_cell(reviewed: Path) -> None:
     assert {k: v.count("<img ") for k, v in sections.items()} == expected
     for cell in expected:
         assert f'href="#{cell}"' in page, "each count links to its images"
-    assert page.count("Grad-CAM of the predicted class") == 4
+    assert page.count("<figcaption>Grad-CAM of the predicted class</figcaption>") == 4
     assert "95% interval" in page and "Most-confused pairs" in page
     assert "http://" not in page and "https://" not in page and "<script" not in page
 

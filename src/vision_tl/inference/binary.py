@@ -95,9 +95,14 @@ def fit_operating_point(
         ok = curve_r >= float(recall) - 1e-12
         best = int(torch.where(ok, curve_p, torch.full_like(curve_p, -1)).argmax())
         kind, value = "recall", float(recall)
+    # Halfway to the next lower score: the same images pass on val, and a probability
+    # recomputed in another batch or precision does not fall off the edge.
+    chosen = float(thresholds[best])
+    lower = scores[scores < chosen]
+    threshold = (chosen + float(lower.max())) / 2 if len(lower) else chosen / 2
     return OperatingPoint(
         positive=class_names[index],
-        threshold=float(thresholds[best]),
+        threshold=threshold,
         target=kind,
         value=value,
         precision=round(float(curve_p[best]), 6),
