@@ -50,6 +50,8 @@ RECIPES: dict[str, dict[str, Any]] = {
         "finetune.trainable_stages": 2,
         "optimizer._target_": "torch.optim.Adam",
         "data.image_size": 200,
+        "data.resize_mode": "pad",
+        "data.augment": "documents",
         "data.batch_size": 8,
         "trainer.max_epochs": 10,
     },

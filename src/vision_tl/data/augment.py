@@ -61,23 +61,74 @@ def interpolation_mode(name: str) -> InterpolationMode:
 
 
 def resize_op(pre: Preprocess) -> v2.Resize:
-    """Shorter side to `resize_size`, antialiased: the first step of every eval-time view."""
+    """Shorter side to `resize_size`, antialiased: the first step of a `crop` view (and the
+    resolution of the resize cache's copies, which still hold the whole image)."""
     return v2.Resize(pre.resize_size, interpolation=interpolation_mode(pre.interpolation))
+
+
+class PadToSquare:
+    """Pad a (3, H, W) image to `side` x `side` with `fill`, the image centred."""
+
+    def __init__(self, side: int, fill: Sequence[int]) -> None:
+        self.side, self.fill = side, [int(v) for v in fill]
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        height, width = image.shape[-2:]
+        left, top = (self.side - width) // 2, (self.side - height) // 2
+        padding = [left, top, self.side - width - left, self.side - height - top]
+        return v2.functional.pad(image, padding, fill=self.fill)
+
+
+def fit_ops(pre: Preprocess) -> list:
+    """The whole image to the square input by `pre.resize_mode`: `crop` (shorter side to
+    `resize_size`, centre crop), `squash` (stretched) or `pad` (longer side to the input,
+    padded with the background colour). The eval view, and what random presets start
+    from when the mode keeps the whole image."""
+    interp = interpolation_mode(pre.interpolation)
+    size = pre.input_size
+    if pre.resize_mode == "squash":
+        return [v2.Resize((size, size), interpolation=interp)]
+    if pre.resize_mode == "pad":
+        return [
+            v2.Resize(None, max_size=size, interpolation=interp),
+            PadToSquare(size, pre.background),
+        ]
+    return [resize_op(pre), v2.CenterCrop(size)]
+
+
+def random_crop(pre: Preprocess, crop_scale: CropScale) -> list:
+    """A RandomResizedCrop to the input size: of the image itself in `crop` mode, of the
+    whole fitted image (squashed or padded) otherwise."""
+    interp = interpolation_mode(pre.interpolation)
+    crop = v2.RandomResizedCrop(pre.input_size, scale=tuple(crop_scale), interpolation=interp)
+    return [crop] if pre.resize_mode == "crop" else [*fit_ops(pre), crop]
 
 
 @register_augment("none", random=False)
 def none(pre: Preprocess, crop_scale: CropScale) -> list:
-    """No augmentation: the eval transform (resize, centre crop)."""
-    return [resize_op(pre), v2.CenterCrop(pre.input_size)]
+    """No augmentation: the eval transform (`fit_ops`)."""
+    return fit_ops(pre)
 
 
 @register_augment("flip_crop")
 def flip_crop(pre: Preprocess, crop_scale: CropScale) -> list:
     """RandomResizedCrop to the input size and a horizontal flip: the standard recipe."""
-    interp = interpolation_mode(pre.interpolation)
+    return [*random_crop(pre, crop_scale), v2.RandomHorizontalFlip()]
+
+
+@register_augment("documents")
+def documents(pre: Preprocess, crop_scale: CropScale) -> list:
+    """For text and layouts, where a mirror image is another document: the whole fitted
+    image, a small rotation, shift and shrink (at most as far as the shrink leaves room,
+    so a card that fills the width keeps its edges), a slight perspective (a
+    photographed page), brightness and contrast; no flip, no crop (`crop_scale` is not
+    used)."""
+    fill = [int(v) for v in pre.background]
     return [
-        v2.RandomResizedCrop(pre.input_size, scale=tuple(crop_scale), interpolation=interp),
-        v2.RandomHorizontalFlip(),
+        *fit_ops(pre),
+        v2.RandomAffine(degrees=3, translate=(0.02, 0.02), scale=(0.88, 0.96), fill=fill),
+        v2.RandomPerspective(distortion_scale=0.08, p=0.5, fill=fill),
+        v2.ColorJitter(brightness=0.25, contrast=0.25, saturation=0.1),
     ]
 
 
@@ -124,8 +175,8 @@ class PerMember:
 
 
 def eval_transform(pre: AnyPreprocess) -> Callable:
-    """Resize the shorter side to `resize_size`, centre-crop `input_size` (uint8 stays uint8);
-    per member for an `EnsemblePreprocess`."""
+    """The whole image to the square input by the resize mode (`fit_ops`; uint8 stays
+    uint8); per member for an `EnsemblePreprocess`."""
     if isinstance(pre, EnsemblePreprocess):
         return PerMember([eval_transform(m) for m in pre.members], shared_draws=False)
     return v2.Compose(none(pre, (1.0, 1.0)))

@@ -21,7 +21,18 @@ from vision_tl.data.decode import ReadLimits, decode
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # Names of the user overrides (the `data.*` config keys) that `resolve` applies.
-OVERRIDES = ("image_size", "resize_size", "interpolation", "mean", "std", "background", "draft")
+OVERRIDES = (
+    "image_size",
+    "resize_size",
+    "interpolation",
+    "mean",
+    "std",
+    "background",
+    "draft",
+    "resize_mode",
+)
+# How an image becomes the square input (`Preprocess.resize_mode`).
+RESIZE_MODES = ("crop", "squash", "pad")
 
 
 def resize_for(input_size: int, crop_pct: float) -> int:
@@ -37,9 +48,12 @@ class Preprocess:
     """What an image goes through before the network, as its weights were trained.
 
     Decode (RGB, EXIF orientation, alpha composited on `background`; with `draft`, large
-    JPEGs decode at a reduced scale that still covers `resize_size`), resize the shorter
-    side to `resize_size` (`interpolation`, antialiased), centre-crop `input_size`
-    (random crops when training), scale to [0, 1], subtract `mean`, divide by `std`.
+    JPEGs decode at a reduced scale that still covers the resize), fit the square input
+    by `resize_mode` (`interpolation`, antialiased): `crop` resizes the shorter side to
+    `resize_size` and centre-crops `input_size` (random crops when training), `squash`
+    stretches the whole image to `input_size`, `pad` resizes the longer side to
+    `input_size` and pads the rest with `background`; scale to [0, 1], subtract `mean`,
+    divide by `std`.
     """
 
     input_size: int = 224
@@ -49,6 +63,13 @@ class Preprocess:
     std: tuple[float, float, float] = IMAGENET_STD
     background: tuple[int, int, int] = (255, 255, 255)
     draft: bool = True
+    resize_mode: str = "crop"
+
+    def __post_init__(self) -> None:
+        if self.resize_mode not in RESIZE_MODES:
+            raise ConfigError(
+                f"data.resize_mode={self.resize_mode}: one of {', '.join(RESIZE_MODES)}"
+            )
 
     @property
     def crop_pct(self) -> float:
@@ -56,8 +77,11 @@ class Preprocess:
 
     @property
     def decode_min_side(self) -> int | None:
-        """Large JPEGs may decode at reduced size, never below the resize target."""
-        return self.resize_size if self.draft else None
+        """Large JPEGs may decode at reduced size, never below the resize target (for
+        squash and pad, a shorter side of `input_size` covers both sides' targets)."""
+        if not self.draft:
+            return None
+        return self.resize_size if self.resize_mode == "crop" else self.input_size
 
     def read(self, path: str | Path, limits: ReadLimits | None = None) -> torch.Tensor:
         """Decode `path` the way these weights need it: the one decode step of every
@@ -88,6 +112,8 @@ class Preprocess:
             changes["background"] = tuple(int(v) for v in given["background"])
         if "draft" in given:
             changes["draft"] = bool(given["draft"])
+        if "resize_mode" in given:
+            changes["resize_mode"] = str(given["resize_mode"])
         return replace(self, **changes)
 
     def differences(self, other: Preprocess) -> list[str]:
@@ -152,7 +178,7 @@ class EnsemblePreprocess:
     @property
     def decode_as(self) -> Preprocess:
         """The member whose decode (and resized copies) serves every member: the largest."""
-        return max(self.members, key=lambda m: m.resize_size)
+        return max(self.members, key=lambda m: (m.decode_min_side or 0, m.resize_size))
 
     @property
     def background(self) -> tuple[int, int, int]:

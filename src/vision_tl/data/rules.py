@@ -27,6 +27,7 @@ from vision_tl.core.validate import (
     select,
     sequence,
 )
+from vision_tl.data.preprocess import RESIZE_MODES
 from vision_tl.data.samplers import SAMPLERS
 
 # Values of keys that the code reads as plain strings.
@@ -105,6 +106,7 @@ RULES = register_rules(
             "data.max_image_pixels": or_null(integer(1), "Pillow's limit"),
             "data.max_file_bytes": or_null(integer(1), "1 GiB"),
             "data.draft": FLAG,
+            "data.resize_mode": or_null(one_of(*RESIZE_MODES), "crop"),
             "data.resize_cache": FLAG,
         },
         checks=(_crop_after_resize,),

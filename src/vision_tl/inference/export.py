@@ -135,10 +135,14 @@ def max_abs_difference(model: nn.Module, path: Path, fmt: str, pre: AnyPreproces
     return float(np.abs(run_file(path, fmt, x, input_names(pre)) - expected).max())
 
 
-RECIPE = (
-    "resize the shorter side to resize_size (interpolation, antialias), centre-crop "
-    "input_size, scale to [0, 1], subtract mean, divide by std"
-)
+RECIPES = {  # by `Preprocess.resize_mode`
+    "crop": "resize the shorter side to resize_size (interpolation, antialias), centre-crop "
+    "input_size",
+    "squash": "resize the whole image to input_size x input_size (interpolation, antialias)",
+    "pad": "resize the longer side to input_size (interpolation, antialias), pad to "
+    "input_size x input_size with background, the image centred",
+}
+NORMALISE = ", scale to [0, 1], subtract mean, divide by std"
 
 
 def _input_card(name: str, pre: Preprocess) -> dict[str, Any]:
@@ -147,7 +151,7 @@ def _input_card(name: str, pre: Preprocess) -> dict[str, Any]:
         "shape": ["batch", 3, pre.input_size, pre.input_size],
         "dtype": "float32",
         "layout": "NCHW, RGB",
-        "recipe": RECIPE,
+        "recipe": RECIPES[pre.resize_mode] + NORMALISE,
     }
 
 

@@ -113,6 +113,11 @@ class ViewTransform:
         if isinstance(preprocess, EnsemblePreprocess):
             self.members = [ViewTransform(m, crops) for m in preprocess.members]
             return
+        if crops > 1 and preprocess.resize_mode != "crop":
+            raise ConfigError(
+                f"tta.crops={crops} cuts corners off the image; this checkpoint keeps the "
+                f"whole image (resize_mode={preprocess.resize_mode}): use tta.crops=1"
+            )
         self.transform = eval_transform(preprocess)
         self.resize = resize_op(preprocess)
         self.five_crop = v2.FiveCrop(preprocess.input_size)
