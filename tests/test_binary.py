@@ -13,11 +13,11 @@ from conftest import TINY, compose_entry, make_image_folder
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from vision_tl.core.errors import ConfigError
-from vision_tl.inference.binary import OperatingPoint, binary_metrics, fit_operating_point
 from vision_tl.inference.checkpoint import load_checkpoint
 from vision_tl.inference.eval import run_eval
 from vision_tl.inference.predict import run_predict
 from vision_tl.inference.predictor import predictions_frame
+from vision_tl.training.binary import OperatingPoint, binary_metrics, fit_operating_point
 from vision_tl.training.train import run_training
 
 CLASSES = ["ants", "bees"]

@@ -90,7 +90,7 @@ def test_every_rule_rejects_a_wrong_type_and_accepts_the_shipped_defaults() -> N
         ("data.feature_cache=auto,maybe", "data.feature_cache=maybe: one of auto, on, off"),
         ("trainer.precision=32,17", "trainer.precision=17: one of 32, 32-true, 16-mixed"),
         ("data.source=auto,folderz", "data.source=folderz: one of auto, builtin, folder"),
-        ("data.augment=none,flipcrop", "data.augment=flipcrop: one of flip_crop, none"),
+        ("data.augment=none,flipcrop", "data.augment=flipcrop: one of documents, flip_crop, none"),
     ],
 )
 def test_every_sweep_value_is_checked_before_any_job(sweep: str, expected: str) -> None:
@@ -168,7 +168,7 @@ BAD_INPUTS = {
     ),
     "unknown_augment": (
         ["data.augment=mixup"],
-        "error: data.augment=mixup: one of flip_crop, none",
+        "error: data.augment=mixup: one of documents, flip_crop, none",
     ),
 }
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from vision_tl.core.errors import ConfigError
 from vision_tl.data.preprocess import AnyPreprocess
-from vision_tl.inference.binary import OperatingPoint
 from vision_tl.models.classifier import Classifier
+from vision_tl.training.binary import OperatingPoint
 from vision_tl.training.task import load_task
 
 
@@ -25,7 +25,7 @@ class LoadedModel:
     precision: str = "fp32"
     # The calibration temperature fitted after training (1.0 for older checkpoints).
     temperature: float = 1.0
-    # A two-class threshold fitted on val (`inference.binary.OperatingPoint`), or None.
+    # A two-class threshold fitted on val (`training.binary.OperatingPoint`), or None.
     operating_point: OperatingPoint | None = None
 
 

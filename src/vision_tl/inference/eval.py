@@ -36,11 +36,11 @@ from vision_tl.core.stats import format_interval, wilson_interval, with_interval
 from vision_tl.core.validate import did_you_mean
 from vision_tl.data.decode import ReadLimits, load_rgb
 from vision_tl.data.source import SPLITS
-from vision_tl.inference.binary import binary_metrics, write_curves
 from vision_tl.inference.checkpoint import LoadedModel, check_class_names, load_checkpoint
 from vision_tl.inference.explain import explain
 from vision_tl.inference.predictor import predictions_frame, predictor_from_config, write_unreadable
 from vision_tl.inference.review_page import write_review
+from vision_tl.training.binary import binary_metrics, write_curves
 from vision_tl.training.build import build_data
 
 log = logging.getLogger(__name__)

@@ -38,9 +38,9 @@ from vision_tl.data.augment import (
 from vision_tl.data.decode import IMAGE_EXTENSIONS, ReadLimits, error_line, is_image_file
 from vision_tl.data.folder import walk_files
 from vision_tl.data.preprocess import AnyPreprocess, EnsemblePreprocess
-from vision_tl.inference.binary import OperatingPoint
 from vision_tl.inference.checkpoint import LoadedModel
 from vision_tl.models.classifier import Classifier
+from vision_tl.training.binary import OperatingPoint
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.functional.classification import multiclass_calibration_error
 
-from vision_tl.inference.binary import fit_operating_point
+from vision_tl.training.binary import fit_operating_point
 from vision_tl.training.checkpoints import save_checkpoint
 
 log = logging.getLogger(__name__)

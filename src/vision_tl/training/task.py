@@ -144,7 +144,7 @@ class ClassificationTask(L.LightningModule):
         self.collected: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         # The fitted calibration temperature a loaded checkpoint carries (1.0: none).
         self.temperature = 1.0
-        # The binary operating point fitted on val (`inference.binary`), when one was asked.
+        # The binary operating point fitted on val (`training.binary`), when one was asked.
         self.operating_point: dict[str, Any] | None = None
         # A `training.distill.Distillation` (the teacher), set by `run_training`; not saved.
         self.distill: Any = None
