@@ -16,10 +16,14 @@ def main(cfg: DictConfig) -> float | None:
     inside a sweep (`sweeps.jobs.run_job`); return the metric a sweeper optimises (NaN
     for a failed job)."""
     from vision_tl.inference.predict import predict_for_run
+    from vision_tl.sweeps.cv import run_cv
     from vision_tl.sweeps.jobs import run_job
     from vision_tl.training.train import run_training
 
-    metrics = run_command(run_job, cfg, partial(run_training, predict=predict_for_run))
+    job = partial(run_training, predict=predict_for_run)
+    if (cfg.get("cv") or {}).get("folds"):  # K runs, one per fold, and their summary
+        job = partial(run_cv, train=job, predict=predict_for_run)
+    metrics = run_command(run_job, cfg, job)
     value = metrics.get(cfg.get("optimized_metric") or "best_val_acc")
     return float(value) if value is not None else math.nan
 

@@ -573,7 +573,7 @@ def build_features(
                 "views": settings.views,
             }
         }
-        train_keys = sorted(k for k, _ in samples["train"])
+        train_keys = sorted(k for k, _ in dm.catalog.view_samples())
         # The views follow the run's seed: `seed=S` draws others (their own entries).
         if views == "all":
             train_store, hits["train"] = build(

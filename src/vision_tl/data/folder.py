@@ -131,8 +131,14 @@ def _folder_candidates(root: Path, ignored: list[str], bad: list[BadFile]) -> Ca
     return candidates
 
 
-def read_manifest(manifest: str | Path, root: str | Path | None, bad: list[BadFile]) -> Candidates:
-    """Labels from a CSV with columns `path,label` (optional `split`: train/val/test).
+def read_manifest(
+    manifest: str | Path,
+    root: str | Path | None,
+    bad: list[BadFile],
+    groups: dict[str, str] | None = None,
+) -> Candidates:
+    """Labels from a CSV with columns `path,label` (optional `split`: train/val/test;
+    optional `group`, collected into `groups`: images that must share a side of a split).
 
     Paths are relative to `root` when given, else to the CSV's folder. Missing files and
     paths listed with two different labels go to `bad`; repeated rows count once.
@@ -149,7 +155,8 @@ def read_manifest(manifest: str | Path, root: str | Path | None, bad: list[BadFi
     if not {"path", "label"} <= set(frame.columns):
         found = ", ".join(frame.columns) or "none"
         raise ConfigError(
-            f"data.manifest {manifest} needs columns path,label (optional split); found: {found}"
+            f"data.manifest {manifest} needs columns path,label (optional split, group); "
+            f"found: {found}"
         )
     splits = frame["split"].str.strip().str.lower() if "split" in frame else None
     if splits is not None and not set(splits) <= set(SPLITS):
@@ -168,6 +175,8 @@ def read_manifest(manifest: str | Path, root: str | Path | None, bad: list[BadFi
         if path in labels and labels[path] != (label, split):
             conflicts.add(path)
         labels.setdefault(path, (label, split))
+        if groups is not None and "group" in frame and str(row.group).strip():
+            groups.setdefault(path, str(row.group).strip())
     candidates: Candidates = defaultdict(lambda: defaultdict(list))
     for path, (label, split) in labels.items():
         if path in conflicts:
@@ -197,8 +206,9 @@ def file_catalog(
     """
     ignored: list[str] = []
     bad: list[BadFile] = []
+    groups: dict[str, str] = {}
     if manifest is not None:
-        candidates = read_manifest(manifest, root, bad)
+        candidates = read_manifest(manifest, root, bad, groups)
         where = f"data.manifest {Path(manifest).expanduser()}"
     else:
         if root is None:
@@ -231,7 +241,7 @@ def file_catalog(
         raise ConfigError(f"no usable images in {where}: {_first(bad)}")
     class_names = sorted(per_split["train"])
     index = {name: i for i, name in enumerate(class_names)}
-    result = Catalog(class_names, bad=bad, ignored=ignored, scan=report)
+    result = Catalog(class_names, bad=bad, ignored=ignored, scan=report, groups=groups)
     for split in SPLITS:
         classes = per_split.get(split)
         if classes is None:

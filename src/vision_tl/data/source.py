@@ -10,6 +10,7 @@ the built-in generated sets are sources; adding another is one class in one file
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import random
@@ -35,7 +36,11 @@ class Catalog:
 
     `bad` lists what was found but will not be used, with the reason; `ignored` holds
     hidden/system files and files that are not images, never reported; `scan` is the
-    pre-flight check's report when the source ran one.
+    pre-flight check's report when the source ran one. `groups` names the group of a key
+    (a manifest's `group` column: near-copies that must stay on one side of a split);
+    `views_pool` widens the samples whose augmented views a feature cache draws beyond
+    the train split (cross-validation: every fold's training images, so one extraction
+    serves all folds).
     """
 
     class_names: list[str]
@@ -43,6 +48,12 @@ class Catalog:
     bad: list[BadFile] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
     scan: ScanReport | None = None
+    groups: dict[str, str] = field(default_factory=dict)
+    views_pool: list[tuple[str, int]] | None = None
+
+    def view_samples(self) -> list[tuple[str, int]]:
+        """The samples whose augmented views are drawn: `views_pool`, else the train split."""
+        return self.views_pool if self.views_pool is not None else self.samples.get("train", [])
 
     def class_counts(self, split: str = "train") -> list[int]:
         counts = [0] * len(self.class_names)
@@ -76,7 +87,7 @@ class Catalog:
         samples = dict(self.samples)
         for split, classes in (("train", train), ("val", val)):
             samples[split] = [(k, index[c]) for c in sorted(classes) for k in classes[c]]
-        return Catalog(self.class_names, samples, self.bad, self.ignored, self.scan)
+        return dataclasses.replace(self, samples=samples)
 
 
 def stratified_split(

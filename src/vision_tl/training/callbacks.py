@@ -86,16 +86,16 @@ class FeatureCache(L.Callback):
         (their rows reused). Returns the Trainer's length arguments."""
         model, teacher, plan = task.model, teacher_of(task), self.convergence
         grid = plan.grid if plan is not None else None
-        train = dm.catalog.samples["train"]
+        train, pool = dm.catalog.samples["train"], dm.catalog.view_samples()
         decide = (
             grid is not None
             and dm.augment.random
             and self.spec.settings.views > 0
-            and 0 < grid.views_subset < len(train)
+            and 0 < grid.views_subset < len(pool)
         )
         views, decision = None, None
         if decide:
-            subset = stratified_subset(train, grid.views_subset, grid.folds)
+            subset = stratified_subset(pool, grid.views_subset, grid.folds)
             first = build_features(self.spec, dm, model, device, teacher, views=subset)
             chosen = set(subset)
             on_subset = dataclasses.replace(

@@ -166,7 +166,7 @@ RULES = register_rules(
             "trainer.log_every_n_steps": integer(1),
             "callbacks.early_stopping.patience": integer(0),
             "callbacks.early_stopping.mode": one_of("min", "max"),
-            # binary operating point (`inference.binary`)
+            # binary operating point (`training.binary`)
             "operating_point.target_precision": or_null(number(gt=0, le=1), "none"),
             "operating_point.target_recall": or_null(number(gt=0, le=1), "none"),
             # distillation

@@ -28,6 +28,7 @@ from vision_tl.core.io import write_csv, write_json, write_text
 from vision_tl.core.logs import quiet_third_party
 from vision_tl.core.signals import Interrupted, pending, safe_points, stop_if_signalled
 from vision_tl.core.stats import format_interval, with_intervals
+from vision_tl.data.source import Source
 from vision_tl.training.build import Run, build_run, plain
 from vision_tl.training.calibration import calibrate_run
 from vision_tl.training.callbacks import (
@@ -147,26 +148,29 @@ def stage_config(cfg: DictConfig, stage: Stage) -> DictConfig:
     return run
 
 
-def run_training(cfg: DictConfig, predict: PredictFn | None = None) -> dict[str, Any]:
+def run_training(
+    cfg: DictConfig, predict: PredictFn | None = None, source: Source | None = None
+) -> dict[str, Any]:
     """Run the fine-tune policy's plan (`FinetunePolicy.plan`), one fit per stage: a stage
     with a policy of its own (LP-FT's probe) runs into its own folder first and the next
     stage starts from its best weights. The last stage is this run: it trains, tests (if a
     test split exists), with `cfg.predict_input` has `predict` label those images with the
-    best checkpoint, and writes `metrics.json` into the run dir last."""
+    best checkpoint, and writes `metrics.json` into the run dir last. `source`: read the
+    data from it instead of `cfg.data`'s (a cross-validation fold, `sweeps.cv`)."""
     if cfg.get("predict_input") and predict is None:
         raise ConfigError("predict_input is set but no predict step was given to run_training")
     quiet_third_party()  # as under the command line, for callers of the Python API
     check_precision(cfg.trainer.get("precision", "32"), cfg.trainer.get("accelerator", "auto"))
     use_hydra_rank_command()
     *earlier, final = build_finetune(plain(cfg.finetune)).plan()
-    run = _prepare(cfg, final)
+    run = _prepare(cfg, final, source)
     resuming = bool(cfg.get("ckpt_path"))  # the checkpoint holds the last stage's weights
     previous: tuple[float | None, dict[str, Any]] | None = None
     for stage in [] if resuming else earlier:
         start = time.perf_counter()
         stage_cfg = stage_config(cfg, stage)
         try:
-            metrics, task = _fit(stage_cfg, _prepare(stage_cfg, stage), stage, None)
+            metrics, task = _fit(stage_cfg, _prepare(stage_cfg, stage, source), stage, None)
         except Interrupted as stop:  # a resumed run starts after the earlier stages: redo it
             stop.checkpoint = None
             raise
@@ -209,7 +213,7 @@ def fit_device(trainer: dict[str, Any]) -> torch.device:
     return torch.device("cpu")
 
 
-def _prepare(cfg: DictConfig, stage: Stage) -> Run:
+def _prepare(cfg: DictConfig, stage: Stage, source: Source | None = None) -> Run:
     """Seed, build the stage's run (`build_run`), check a resume, then write the run's
     config, split and bad-file list (only now: a refused resume leaves its files as they
     were)."""
@@ -217,7 +221,7 @@ def _prepare(cfg: DictConfig, stage: Stage) -> Run:
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
-    run = build_run(cfg, lr_scale=stage.lr_scale)
+    run = build_run(cfg, source=source, lr_scale=stage.lr_scale)
     task, datamodule = run.task, run.datamodule
     task.learn_from(build_distillation(cfg.get("distill"), task.class_names, task.preprocess))
     log.info("Preprocess: %s", task.preprocess)
