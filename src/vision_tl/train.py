@@ -17,9 +17,11 @@ def main(cfg: DictConfig) -> float | None:
     for a failed job)."""
     from vision_tl.inference.predict import predict_for_run
     from vision_tl.sweeps.jobs import run_job
+    from vision_tl.sweeps.study import open_job_trial
     from vision_tl.training.train import run_training
 
-    metrics = run_command(run_job, cfg, partial(run_training, predict=predict_for_run))
+    work = partial(run_training, predict=predict_for_run, open_trial=open_job_trial)
+    metrics = run_command(run_job, cfg, work)
     value = metrics.get(cfg.get("optimized_metric") or "best_val_acc")
     return float(value) if value is not None else math.nan
 
