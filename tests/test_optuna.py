@@ -8,6 +8,7 @@ import multiprocessing
 import os
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import optuna
@@ -238,3 +239,97 @@ def test_a_searched_value_on_the_command_line_needs_no_dash_m_under_hparams_sear
     check_command_line("train", ["hparams_search=optuna", "optimizer.lr=tag(log,interval(1e-8,1))"])
     with pytest.raises(ConfigError, match="needs -m"):
         check_command_line("train", ["optimizer.lr=tag(log,interval(1e-8,1))"])
+
+
+def _search(args: list[str], cwd: Path, env: dict[str, str] | None = None):
+    return run_cli(["vision_tl.train", "-m", "hydra/sweeper=optuna", *args], cwd=cwd, env=env)
+
+
+@pytest.mark.slow
+def test_ddp_ranks_stop_at_the_same_pruned_epoch(optuna_data: Path, tmp_path: Path) -> None:
+    """Two CPU ranks; rank 0 asks the (in-memory) study, both stop after epoch 0 of 3."""
+    sweep_dir = tmp_path / "sweep"
+    result = _search(
+        [
+            *[o for o in TRIAL_TINY if o != "trainer.max_epochs=1"],
+            "trainer.max_epochs=3",
+            "trainer=ddp",
+            "trainer.devices=2",
+            "trainer.accelerator=cpu",
+            f"data.root={optuna_data}",
+            "hydra.sweeper.n_trials=1",
+            "hydra.sweeper.pruner=threshold",
+            "+hydra.sweeper.pruner_args.lower=1.01",
+            f"hydra.sweep.dir={sweep_dir}",
+        ],
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    job = sweep_dir / "0"
+    assert read_status(job)["status"] == "pruned"
+    metrics = json.loads((job / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["pruned_epoch"] == 0 and metrics["epochs"] == 1
+    for log in ("train.log", "train_rank1.log"):
+        assert "Trial 0 pruned after epoch 0" in (job / log).read_text(), log
+
+
+@pytest.mark.slow
+def test_two_command_line_workers_share_a_journal_study(optuna_data: Path, tmp_path: Path) -> None:
+    sweep_dir = tmp_path / "sweep"
+    args = [
+        *TRIAL_TINY,
+        f"data.root={optuna_data}",
+        "optimizer.lr=tag(log,interval(1e-4,1e-1))",
+        "hydra.sweeper.n_trials=6",
+        "hydra.sweeper.storage=journal:study.log",
+        f"hydra.sweep.dir={sweep_dir}",
+    ]
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda _: _search(args, cwd=tmp_path), [0, 1]))
+    assert [r.returncode for r in results] == [0, 0], results[0].stderr[-2000:]
+    study = optuna.load_study(
+        study_name="vision_tl",
+        storage=open_storage(
+            StudySettings.from_config({"storage": f"journal:{tmp_path}/study.log"})
+        ),
+    )
+    assert sorted(t.number for t in study.trials) == list(range(6))
+    assert {t.state for t in study.trials} == {TrialState.COMPLETE}
+    assert sorted(p.name for p in sweep_dir.iterdir() if p.name.isdigit()) == list("012345")
+    summary = pd.read_csv(sweep_dir / "summary.csv")
+    assert len(summary) == 6 and set(summary["status"]) == {"done"}
+
+
+@pytest.mark.slow
+def test_a_command_line_worker_killed_mid_trial_leaves_a_trial_the_other_retries(
+    optuna_data: Path, tmp_path: Path
+) -> None:
+    sweep_dir = tmp_path / "sweep"
+    args = [
+        *[o for o in TRIAL_TINY if o != "trainer.max_epochs=1"],
+        "trainer.max_epochs=2",
+        "+callbacks.kill._target_=faults.KillAtEpoch",
+        "+callbacks.kill.epoch=1",
+        f"data.root={optuna_data}",
+        "optimizer.lr=tag(log,interval(1e-4,1e-1))",
+        "hydra.sweeper.n_trials=4",
+        "hydra.sweeper.storage=sqlite:///study.db",
+        "hydra.sweeper.heartbeat_interval=1",
+        "hydra.sweeper.grace_period=3",
+        f"hydra.sweep.dir={sweep_dir}",
+    ]
+    env = {"PYTHONPATH": os.pathsep.join([str(HELPERS), os.environ.get("PYTHONPATH", "")])}
+    with ThreadPoolExecutor(2) as pool:
+        killed = pool.submit(_search, args, tmp_path, {**env, "VISION_TL_TEST_KILL": "1"})
+        time.sleep(5)
+        survivor = pool.submit(_search, args, tmp_path, env)
+        assert killed.result().returncode != 0
+        assert survivor.result().returncode == 0, survivor.result().stderr[-3000:]
+    study = optuna.load_study(study_name="vision_tl", storage=f"sqlite:///{tmp_path}/study.db")
+    failed = [t for t in study.trials if t.state == TrialState.FAIL]
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert len(failed) == 1 and len(complete) == 4
+    (retry,) = [t for t in complete if t.system_attrs.get("failed_trial") == failed[0].number]
+    assert retry.params == failed[0].params
+    summary = pd.read_csv(sweep_dir / "summary.csv").set_index("job")
+    assert summary.loc[failed[0].number, "status"] == "interrupted"
