@@ -5,7 +5,8 @@
 Twelve trials, enqueued in the same order in both searches (so the sampler plays no part):
 eight learning rates that learn and four (1e-7 and neighbours) that cannot. Each search
 runs the real command line, `hparams_search=optuna` with a SQLite study, once with
-`hydra.sweeper.pruner=none` and once with `median` (`n_startup_trials=2`); every other
+`hydra.sweeper.pruner=none` and once with `median` (`n_startup_trials=2`, and
+`n_warmup_steps=2`: from scratch, the first epochs' validation accuracy is noise); every other
 searched value is fixed on the command line. Prints the
 epochs each search trained (the sum of every job's `metrics.json` `epochs`), its best
 value and its wall time. The data is synthetic (a class-coloured square on noise, 4
@@ -32,6 +33,7 @@ HOPELESS = [1e-7, 1.2e-7, 1.4e-7, 1.6e-7]
 # Interleaved, so the pruner sees hopeless trials after it has a median to compare with.
 ORDER = [GOOD[0], GOOD[1], HOPELESS[0], GOOD[2], HOPELESS[1], GOOD[3]]
 ORDER += [GOOD[4], HOPELESS[2], GOOD[5], HOPELESS[3], GOOD[6], GOOD[7]]
+MEDIAN_ARGS = "{n_startup_trials:2,n_warmup_steps:2}"
 
 
 def make_data(root: Path, per_class: int = 24, size: int = 32) -> Path:
@@ -90,7 +92,7 @@ def search(work: Path, data: Path, pruner: str, epochs: int) -> dict:
         "hydra.sweeper.study_name=bench",
         f"hydra.sweeper.storage={storage}",
         f"hydra.sweeper.pruner={pruner}",
-        "+hydra.sweeper.pruner_args={n_startup_trials:2}" if pruner == "median" else "",
+        f"+hydra.sweeper.pruner_args={MEDIAN_ARGS}" if pruner == "median" else "",
         f"hydra.sweep.dir={sweep}",
     ]
     start = time.perf_counter()

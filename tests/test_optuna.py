@@ -141,9 +141,10 @@ def _start(*args) -> multiprocessing.Process:
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("kind", ["journal", "sqlite"])
-def test_worker_processes_share_one_study_and_its_cap(kind: str, tmp_path: Path) -> None:
-    storage = f"journal:{tmp_path}/s.log" if kind == "journal" else f"sqlite:///{tmp_path}/s.db"
+def test_worker_processes_share_one_journal_study_and_its_cap(tmp_path: Path) -> None:
+    """Two workers on one Journal file (SQLite: tests/test_sweep.py, through the command
+    line): 6 trials, 6 numbers, 6 job folders, none run twice."""
+    storage = f"journal:{tmp_path}/s.log"
     workers = [_start(storage, 6, str(tmp_path), False, 60) for _ in range(2)]
     for worker in workers:
         worker.join(120)
@@ -232,6 +233,9 @@ def test_pruned_and_failed_trials_are_recorded_and_the_study_goes_on(
     assert summary.loc["timm/test_efficientnet", "pruned_epoch"] == 0
     assert summary.loc["resnet_nope", "status"] == "failed"
     assert "unknown backbone 'resnet_nope'" in summary.loc["resnet_nope", "error"]
+    # No trial completed: Optuna's views are skipped, each with its line.
+    assert not list(sweep_dir.glob("optuna_*.png"))
+    assert "optuna_history.png skipped: 0 completed trials" in result.stdout + result.stderr
 
 
 def test_a_searched_value_on_the_command_line_needs_no_dash_m_under_hparams_search() -> None:

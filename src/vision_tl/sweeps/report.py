@@ -443,6 +443,6 @@ def write_study_plots(sweep_dir: Path) -> list[Path]:
             log.info("Report: %s skipped: %s", name, error_line(err))
             continue
         figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
-        save_figure(figure, sweep_dir / name, dpi=100)
+        save_figure(figure, sweep_dir / name, dpi=100, bbox_inches="tight")
         written.append(sweep_dir / name)
     return written
