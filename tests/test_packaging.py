@@ -1,4 +1,5 @@
-"""The configs ship inside the wheel, so a non-editable install finds them."""
+"""The configs and the Optuna sweeper ship inside the wheel, so a non-editable install
+finds them (Hydra finds the sweeper in its `hydra_plugins` namespace)."""
 
 from __future__ import annotations
 
@@ -50,12 +51,23 @@ def test_wheel_ships_the_configs(tmp_path: Path) -> None:
         check=True,
         capture_output=True,
     )
+
+    def installed(code: str) -> str:
+        """What `code` prints where only the installed wheel (and the network guard) is."""
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(target), str(OFFLINE)])}
+        run = [sys.executable, "-c", code]
+        return subprocess.run(
+            run, env=env, cwd=tmp_path, capture_output=True, text=True, check=True
+        ).stdout.strip()
+
     probe = "import vision_tl.core.config as c; print(c.config_dir())"
-    out = subprocess.run(
-        [sys.executable, "-c", probe],
-        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(target), str(OFFLINE)])},
-        capture_output=True,
-        text=True,
-        check=True,
+    assert Path(installed(probe)) == target / "vision_tl" / "conf"
+
+    plugin = "hydra_plugins/vision_tl_optuna_sweeper/optuna_sweeper.py"
+    assert plugin in names and "hydra_plugins/__init__.py" not in names  # a namespace
+    found = (
+        "from hydra.core.plugins import Plugins; from hydra.plugins.sweeper import Sweeper; "
+        "import inspect; print([inspect.getfile(c) for c in Plugins.instance().discover(Sweeper)"
+        " if c.__name__ == 'OptunaSweeper'])"
     )
-    assert Path(out.stdout.strip()) == target / "vision_tl" / "conf"
+    assert installed(found) == str([str(target / plugin)])

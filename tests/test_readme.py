@@ -47,8 +47,11 @@ PLACEHOLDERS = {
     "../shared/weights/tf_efficientnet_lite0.in1k.safetensors": "file",
     "../shared/weights": "folder",
     "outputs/tour_sweep": "folder",
+    "SHARED/sweep": "folder",
+    "SHARED": "folder",
     "OUT": "new",
     "RUN_DIR": "new",
+    "NAME": "new",
 }
 
 # README command lines this test cannot check, each with the reason. Keep it tiny: a line

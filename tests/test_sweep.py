@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import optuna
 import pandas as pd
 import pytest
+import yaml
 from conftest import TINY, make_image_folder, run_cli
 from hydra import compose, initialize_config_dir
 from PIL import Image
@@ -104,31 +107,57 @@ def test_grid_sweep_one_dir_per_job_and_summary(sweep_data: Path, tmp_path: Path
 
 
 @pytest.mark.integration
-def test_optuna_search_three_trials(sweep_data: Path, tmp_path: Path) -> None:
+def test_optuna_study_persists_in_sqlite_and_two_workers_share_it(
+    sweep_data: Path, tmp_path: Path
+) -> None:
+    """README's line: 3 trials kept in optuna.db; the same line with n_trials=6 run by two
+    workers at once adds 3 more to the same study, in job folders named by trial number."""
     sweep_dir = tmp_path / "optuna"
     # A value given on the command line fixes that parameter: leave batch size to Optuna.
     fixed = [o for o in SWEEP_TINY if not o.startswith("data.batch_size=")]
-    _sweep(
-        [
-            *fixed,
-            f"data.root={sweep_data}",
-            "hparams_search=optuna",
-            "hydra.sweeper.n_trials=3",
-            "hydra.sweeper.sampler.n_startup_trials=2",
-            f"hydra.sweep.dir={sweep_dir}",
-        ],
-        cwd=tmp_path,
+    args = [
+        *fixed,
+        "model.backbone.name=timm/test_efficientnet",
+        "logger=none",
+        "test=false",
+        f"data.root={sweep_data}",
+        "hparams_search=optuna",
+        "hydra.sweeper.storage=sqlite:///optuna.db",
+        "hydra.sweeper.sampler.n_startup_trials=2",
+        f"hydra.sweep.dir={sweep_dir}",
+    ]
+    _sweep([*args, "hydra.sweeper.n_trials=3"], cwd=tmp_path)
+    assert [j.name for j in _jobs(sweep_dir)] == ["0", "1", "2"]
+    study = optuna.load_study(
+        study_name="vision_tl", storage="sqlite:///" + str(tmp_path / "optuna.db")
     )
+    assert len(study.trials) == 3
+
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda _: _sweep([*args, "hydra.sweeper.n_trials=6"], cwd=tmp_path), [0, 1]))
+    study = optuna.load_study(
+        study_name="vision_tl", storage="sqlite:///" + str(tmp_path / "optuna.db")
+    )
+    trials = study.get_trials()
+    assert sorted(t.number for t in trials) == list(range(6))
+    assert {t.state for t in trials} == {optuna.trial.TrialState.COMPLETE}
     jobs = _jobs(sweep_dir)
-    assert len(jobs) == 3
-    values = [json.loads((j / "metrics.json").read_text())["best_val_acc"] for j in jobs]
-    results = (sweep_dir / "optimization_results.yaml").read_text()
-    assert f"best_value: {max(values)}" in results
+    assert [j.name for j in jobs] == [str(n) for n in range(6)]
+    for job, trial in zip(jobs, sorted(trials, key=lambda t: t.number), strict=True):
+        assert f"trial={trial.number}" in read_status(job)["overrides"]
+        value = json.loads((job / "metrics.json").read_text())["best_val_acc"]
+        assert value == pytest.approx(trial.value)
+    results = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
+    assert results["best_value"] == pytest.approx(study.best_value)
+
+    report_entry.main([str(sweep_dir)])
     summary = pd.read_csv(sweep_dir / "summary.csv")
-    assert len(summary) == 3
+    assert len(summary) == 6 and (summary["status"] == "done").all()
     assert summary["optimizer.lr"].between(1e-5, 1e-1).all()
     assert set(summary["data.batch_size"]) <= {8, 16, 32, 64}
     assert summary["model.head.dropout"].between(0.0, 0.6).all()
+    assert _decodes(sweep_dir / "optuna_history.png")
+    assert _decodes(sweep_dir / "optuna_importances.png")
 
 
 @pytest.mark.integration
@@ -247,9 +276,10 @@ def test_search_and_launcher_configs_compose() -> None:
         "optimizer.lr": "0.01,0.001",
         "model": "resnet50,mobilenet_v2,ensemble",
     }
-    optuna = _compose_hydra(["hparams_search=optuna"]).hydra.sweeper
-    assert optuna._target_.endswith("OptunaSweeper") and optuna.direction == "maximize"
-    assert set(optuna.params) == {
+    search = _compose_hydra(["hparams_search=optuna"]).hydra.sweeper
+    assert search._target_.startswith("hydra_plugins.vision_tl_optuna_sweeper.")
+    assert search.direction == "maximize" and search.sampler.constant_liar
+    assert set(search.params) == {
         "optimizer.lr",
         "optimizer.weight_decay",
         "model.head.dropout",

@@ -18,11 +18,13 @@ def main(cfg: DictConfig) -> float | None:
     from vision_tl.inference.predict import predict_for_run
     from vision_tl.sweeps.cv import run_cv
     from vision_tl.sweeps.jobs import run_job
+    from vision_tl.sweeps.study import open_job_trial
     from vision_tl.training.train import run_training
 
-    job = partial(run_training, predict=predict_for_run)
-    if (cfg.get("cv") or {}).get("folds"):  # K runs, one per fold, and their summary
-        job = partial(run_cv, train=job, predict=predict_for_run)
+    job = partial(run_training, predict=predict_for_run, open_trial=open_job_trial)
+    if (cfg.get("cv") or {}).get("folds"):  # K runs and their summary, told to a trial once
+        fold = partial(run_training, predict=predict_for_run)
+        job = partial(run_cv, train=fold, predict=predict_for_run)
     metrics = run_command(run_job, cfg, job)
     value = metrics.get(cfg.get("optimized_metric") or "best_val_acc")
     return float(value) if value is not None else math.nan

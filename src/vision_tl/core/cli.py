@@ -121,7 +121,8 @@ def check_command_line(config_name: str, argv: list[str]) -> None:
     overrides = list(args.overrides)
     register_resolvers()
     first: DictConfig | None = None
-    for variant in _variants(overrides, multirun=bool(args.multirun)):
+    multirun = bool(args.multirun) or _config_sets_multirun(name, overrides)
+    for variant in _variants(overrides, multirun=multirun):
         cfg = _compose(name, variant)
         found = violations(cfg)
         if found:
@@ -132,6 +133,22 @@ def check_command_line(config_name: str, argv: list[str]) -> None:
         multirun = bool(args.multirun) or str(first.hydra.mode) == "RunMode.MULTIRUN"
         key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
         _check_writable(key, OmegaConf.select(first, key))
+
+
+def _config_sets_multirun(config_name: str, overrides: list[str]) -> bool:
+    """Whether a sweep value without -m is one a config's multirun will search
+    (`hparams_search=optuna` sets hydra.mode=MULTIRUN): composed without the sweeps."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except OverrideParseException:
+        return False  # `_variants` says what cannot be parsed
+    plain = [o.input_line or "" for o in parsed if not o.is_sweep_override()]
+    if len(plain) == len(parsed):
+        return False
+    return str(_compose(config_name, plain).hydra.mode) == "RunMode.MULTIRUN"
 
 
 def _variants(overrides: list[str], multirun: bool) -> Iterator[list[str]]:

@@ -33,6 +33,12 @@ WARNING_FILTERS: tuple[tuple[str, type[Warning]], ...] = (
     # a RuntimeWarning): vision_tl checks every image against data.max_image_pixels
     # before decoding it, and lists the ones it refuses with the reason.
     (r"Image size \(\d+ pixels\) exceeds limit", RuntimeWarning),
+    # Optuna (its ExperimentalWarning is a plain Warning) on the heartbeat API the Optuna sweeper
+    # uses on purpose (sweeps/optuna_sweeper.py), stable since Optuna 2.8; and its reminder
+    # that heartbeats were made for Study.optimize: the sweeper beats for its own trials.
+    (r"\S+ is experimental \(supported from v", Warning),
+    (r"Argument ``(heartbeat_interval|grace_period)`` is an experimental feature", Warning),
+    (r"Heartbeat of storage is supposed to be used with Study\.optimize", UserWarning),
 )
 
 # Lines Lightning logs that are dropped (a fragment of the message each).

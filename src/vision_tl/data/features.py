@@ -23,7 +23,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from vision_tl.core.errors import ConfigError
+from vision_tl.core.io import file_lock
 from vision_tl.core.runtime import (
     backbone_precision,
     feature_batch_size,
@@ -258,22 +259,6 @@ def _collate(batch: list) -> tuple[list[Inputs], list[int], list[tuple[int, str]
     return views, [i for _, i in ok], failed
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive lock on `path` (one job computes an entry; the others wait for it)."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: no lock; the atomic rename still keeps entries whole
-        yield
-        return
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 @dataclass(frozen=True)
 class Rows:
     """Where each image of an extraction lands: row `write_at[i]` of `stride` rows per
@@ -367,7 +352,7 @@ def load_or_build(
     root.mkdir(parents=True, exist_ok=True)
     if (final / "meta.json").is_file():
         return FeatureStore.open(final), True
-    with _locked(root / f"{key}.lock"):
+    with file_lock(root / f"{key}.lock"):
         if (final / "meta.json").is_file():  # another job computed it while we waited
             return FeatureStore.open(final), True
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))

@@ -203,7 +203,7 @@ def run_job(cfg: DictConfig, work: Callable[[DictConfig], dict[str, Any]]) -> di
         return {"status": "failed", "error": message}
     metrics_file = job_dir / "metrics.json"
     finished = read_json(metrics_file)
-    if previous and previous.get("status") == "done" and finished is not None:
+    if previous and previous.get("status") in ("done", "pruned") and finished is not None:
         log.info("Job %s finished in an earlier run: skipping it", job_dir.name)
         return {**finished, "skipped": True}
 
@@ -254,7 +254,11 @@ def run_job(cfg: DictConfig, work: Callable[[DictConfig], dict[str, Any]]) -> di
         write_status(job_dir, status="interrupted")
         raise
     metric = metrics.get(cfg.get("optimized_metric") or "best_val_acc")
-    write_status(job_dir, status="done", metric=metric)
+    pruned = metrics.get("pruned_epoch")
+    if pruned is not None:  # an Optuna trial its pruner stopped: finished, not failed
+        write_status(job_dir, status="pruned", metric=metric, pruned_epoch=pruned)
+    else:
+        write_status(job_dir, status="done", metric=metric)
     return metrics
 
 

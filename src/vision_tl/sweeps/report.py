@@ -3,7 +3,9 @@
 Reads only files in the sweep dir (`job_status.json`, `metrics.json`, `history.csv`,
 `.hydra/overrides.yaml`), so it works while the sweep is still running and on a sweep
 dir copied from a cluster. Writes `summary.csv`, `summary.md`, `heatmap.png`,
-`curves.png`, and `hparams/` for TensorBoard's HPARAMS tab.
+`curves.png`, and `hparams/` for TensorBoard's HPARAMS tab. For an Optuna search whose
+study it can reach (`multirun.yaml` names its storage), Optuna's own views too:
+`optuna_importances.png`, `optuna_history.png`, `optuna_parallel.png`.
 
 A copied sweep may hold anything: a job whose files are damaged (a truncated
 `history.csv`, a broken `metrics.json` or `job_status.json`) is left out with one logged
@@ -49,7 +51,11 @@ METRIC_COLUMNS = (
     "train_images_per_s",
     "peak_rss_mb",
     "peak_gpu_mem_mb",
+    "pruned_epoch",
 )
+# Override keys that name the job rather than a point of the search (the Optuna trial
+# number is the job folder's name).
+JOB_KEYS = ("trial",)
 LR_KEY = "optimizer.lr"
 BATCH_KEY = "data.batch_size"
 HISTORY_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc")
@@ -211,7 +217,7 @@ def summarize(sweep_dir: Path, metric: str = "best_val_acc") -> tuple[pd.DataFra
     frame = pd.DataFrame(rows)
     if frame.empty:
         return frame, []
-    fixed = ["job", "status", "overrides", *METRIC_COLUMNS, "error"]
+    fixed = ["job", "status", "overrides", *METRIC_COLUMNS, "error", *JOB_KEYS]
     keys = [c for c in frame.columns if c not in fixed]
     swept = set(swept_keys(sweep_dir))
     varying = [k for k in keys if k in swept or frame[k].astype(str).nunique(dropna=False) > 1]
@@ -384,4 +390,71 @@ def write_report(sweep_dir: Path, metric: str | None = None, plots: bool = True)
         plot_heatmap(frame, varying, metric, sweep_dir / "heatmap.png")
         plot_curves(sweep_dir, frame, varying, sweep_dir / "curves.png")
         write_hparams(sweep_dir, frame, varying)
+        write_study_plots(sweep_dir)
     return frame
+
+
+def sweep_study(sweep_dir: Path) -> Any:
+    """The Optuna study `multirun.yaml` names, when it is stored where this process can
+    read it (None, with one logged line saying why, otherwise)."""
+    try:
+        hydra_cfg = yaml.safe_load((sweep_dir / "multirun.yaml").read_text())["hydra"]
+        sweeper = hydra_cfg["sweeper"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return None
+    if not isinstance(sweeper, dict) or "study_name" not in sweeper:
+        return None
+    from vision_tl.sweeps.study import StudySettings, load_study
+
+    settings = StudySettings.from_config(sweeper)
+    if settings.kind == "memory":
+        log.info("Report: no Optuna views (the study was kept in memory)")
+        return None
+    local = settings.local_file()
+    if local is not None and not local.is_file():
+        log.info("Report: no Optuna views (no study file %s here)", printable(str(local)))
+        return None
+    try:
+        found = load_study(settings)
+    except Exception as err:  # a server that is gone, a study renamed: the tables still come
+        log.info("Report: no Optuna views (%s)", error_line(err))
+        return None
+    return found[0] if found else None
+
+
+OPTUNA_VIEWS = {
+    "optuna_history.png": ("plot_optimization_history", 1),
+    "optuna_importances.png": ("plot_param_importances", 3),
+    "optuna_parallel.png": ("plot_parallel_coordinate", 2),
+}
+
+
+def write_study_plots(sweep_dir: Path) -> list[Path]:
+    """Optuna's optimisation history, parameter importances and parallel coordinates as
+    PNGs; each view that the study has too few finished trials for is skipped with a line."""
+    study = sweep_study(sweep_dir)
+    if study is None:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from optuna.trial import TrialState
+    from optuna.visualization import matplotlib as views
+
+    from vision_tl.core.plots import save_figure
+
+    complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    written = []
+    for name, (view, needed) in OPTUNA_VIEWS.items():
+        if complete < needed:
+            log.info("Report: %s skipped: %d completed trials, it needs %d", name, complete, needed)
+            continue
+        try:
+            axes = getattr(views, view)(study)
+        except Exception as err:  # one view failing must not cost the others
+            log.info("Report: %s skipped: %s", name, error_line(err))
+            continue
+        figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
+        save_figure(figure, sweep_dir / name, dpi=100, bbox_inches="tight")
+        written.append(sweep_dir / name)
+    return written

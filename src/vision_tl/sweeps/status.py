@@ -9,7 +9,7 @@ from typing import Any
 from vision_tl.core.io import read_json, write_json
 
 STATUS_FILE = "job_status.json"
-STATUSES = ("running", "done", "failed", "interrupted")
+STATUSES = ("running", "done", "pruned", "failed", "interrupted")
 
 
 def read_status(job_dir: Path) -> dict[str, Any] | None:

@@ -8,6 +8,7 @@ import dataclasses
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -355,3 +356,43 @@ class StopOnSignal(L.Callback):
             trainer.global_step,
             self.path,
         )
+
+
+class TrialPruning(L.Callback):
+    """Report `val/acc` to an Optuna trial after each validation and stop the fit when the
+    study's pruner prunes it (`hydra.sweeper.pruner`); `pruned_epoch` is then the last
+    epoch trained. Only rank 0 opens the trial (`open_trial`, handed in by the entry
+    point: `sweeps.study.open_job_trial`) and talks to the storage; its decision is
+    broadcast, so every DDP rank stops after the same epoch. Every validation is reported,
+    with pruner none too: the study keeps each trial's learning curve."""
+
+    MONITOR = "val/acc"
+
+    def __init__(self, number: int, open_trial: Callable[[int], Any]) -> None:
+        self.number = int(number)
+        self.open_trial = open_trial
+        self.pruned_epoch: int | None = None
+        self._trial: Any = None
+        self._opened = False
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        prune = False
+        value = trainer.callback_metrics.get(self.MONITOR)
+        if trainer.is_global_zero and value is not None:
+            if not self._opened:
+                self._trial, self._opened = self.open_trial(self.number), True
+            if self._trial is not None:
+                self._trial.report(float(value), step=trainer.current_epoch)
+                prune = bool(self._trial.should_prune())
+        if trainer.strategy.broadcast(prune, src=0):
+            self.pruned_epoch = trainer.current_epoch
+            trainer.should_stop = True
+            log.info(
+                "Trial %d pruned after epoch %d (%s %.4f)",
+                self.number,
+                trainer.current_epoch,
+                self.MONITOR,
+                float(value) if value is not None else math.nan,
+            )

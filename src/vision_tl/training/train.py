@@ -38,6 +38,7 @@ from vision_tl.training.callbacks import (
     PreviousStageCompetes,
     StopOnSignal,
     TrainThroughput,
+    TrialPruning,
 )
 from vision_tl.training.checkpoints import with_atomic_checkpoints
 from vision_tl.training.distill import build_distillation, distill_report
@@ -51,6 +52,9 @@ log = logging.getLogger(__name__)
 # Writes predictions for `cfg.predict_input` with a checkpoint into the run dir; handed in by
 # the entry point (`inference.predict.predict_for_run`) so training never imports inference.
 PredictFn = Callable[[DictConfig, str, Path], Path]
+# Opens Optuna trial N of this job's study (on rank 0), for a run that is one (`cfg.trial`);
+# handed in by the entry point (`sweeps.study.open_job_trial`), as `PredictFn` is.
+OpenTrialFn = Callable[[int], Any]
 
 
 def check_precision(precision: Any, accelerator: Any) -> None:
@@ -140,6 +144,7 @@ def stage_config(cfg: DictConfig, stage: Stage) -> DictConfig:
         run.test = False
         run.predict_input = None
         run.lr_find = False
+        run.trial = None  # an Optuna trial is judged on its final stage only
         run.trainer.max_time = None
         if run.trainer.get("max_epochs") == -1:  # the budget bounds the final stage
             run.trainer.max_epochs = int(finetune["epochs"])
@@ -149,14 +154,19 @@ def stage_config(cfg: DictConfig, stage: Stage) -> DictConfig:
 
 
 def run_training(
-    cfg: DictConfig, predict: PredictFn | None = None, source: Source | None = None
+    cfg: DictConfig,
+    predict: PredictFn | None = None,
+    source: Source | None = None,
+    open_trial: OpenTrialFn | None = None,
 ) -> dict[str, Any]:
     """Run the fine-tune policy's plan (`FinetunePolicy.plan`), one fit per stage: a stage
     with a policy of its own (LP-FT's probe) runs into its own folder first and the next
     stage starts from its best weights. The last stage is this run: it trains, tests (if a
     test split exists), with `cfg.predict_input` has `predict` label those images with the
     best checkpoint, and writes `metrics.json` into the run dir last. `source`: read the
-    data from it instead of `cfg.data`'s (a cross-validation fold, `sweeps.cv`)."""
+    data from it instead of `cfg.data`'s (a cross-validation fold, `sweeps.cv`). A run
+    that is an Optuna trial (`cfg.trial`) reports to it with `open_trial` in its last
+    stage only."""
     if cfg.get("predict_input") and predict is None:
         raise ConfigError("predict_input is set but no predict step was given to run_training")
     quiet_third_party()  # as under the command line, for callers of the Python API
@@ -175,7 +185,7 @@ def run_training(
             stop.checkpoint = None
             raise
         previous = _handover(metrics, task, stage_cfg, time.perf_counter() - start)
-    return _fit(cfg, run, final, predict, previous)[0]
+    return _fit(cfg, run, final, predict, previous, open_trial)[0]
 
 
 def _handover(
@@ -281,6 +291,7 @@ def _fit(
     stage: Stage,
     predict: PredictFn | None,
     previous: tuple[float | None, dict[str, Any]] | None = None,
+    open_trial: OpenTrialFn | None = None,
 ) -> tuple[dict[str, Any], ClassificationTask]:
     """Fit one stage (from the previous stage's best, when it hands one over), calibrate,
     test, report."""
@@ -312,6 +323,10 @@ def _fit(
     stop = StopOnSignal(_last_checkpoint(callbacks, run_dir))
     ours = [*([cache] if cache else []), *starts, *recipes, FailedFilesGuard(), throughput]
     ours += [history, stop]
+    pruning = None
+    if cfg.get("trial") is not None and open_trial is not None:
+        pruning = TrialPruning(cfg.trial, open_trial)
+        ours.append(pruning)
     # Lightning's Timer reads a dict `max_time` only as a plain dict.
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
     length: dict[str, Any] = {"max_time": trainer_args.get("max_time")}
@@ -379,6 +394,7 @@ def _fit(
         "probe": task.probe,
         "lr_find_suggestion": lr_suggestion,
         "planned_epochs": budget.planned_epochs if budget else None,
+        "pruned_epoch": pruning.pruned_epoch if pruning is not None else None,
         **calibration,
         "feature_precision": task.feature_precision,
         **{k.replace("/", "_"): v for k, v in task.last_val.items()},
