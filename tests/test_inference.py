@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import TINY, make_image_folder, run_cli
+from conftest import QUICK_TRAIN, make_image_folder, run_cli
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from PIL import Image
@@ -34,16 +34,6 @@ from vision_tl.models import build_backbone
 from vision_tl.training.train import run_training
 
 CLASSES = ["cat", "dog", "fox"]
-QUICK_TRAIN = [
-    *TINY,
-    "trainer.max_epochs=1",
-    "test=false",
-    "logger=none",
-    "callbacks.learning_rate_monitor=null",
-    "callbacks.last_checkpoint=null",
-    "+trainer.limit_train_batches=2",
-    "+trainer.limit_val_batches=1",
-]
 
 
 def compose_entry(name: str, overrides: list[str], output_dir: Path) -> DictConfig:
