@@ -355,3 +355,13 @@ def test_model_path_and_missing_checkpoint_are_one_line_errors(tmp_path: Path) -
         build_scorer({"model_path": str(tmp_path)})
     with pytest.raises(ConfigError, match="ckpt_path is required"):
         build_scorer({"ckpt_path": None})
+
+
+def test_a_missing_serve_extra_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without LitServe installed (here: hidden), serve says which extra to install."""
+    from vision_tl.inference.serving import run_serve
+
+    monkeypatch.delitem(sys.modules, "vision_tl.inference.serving.server", raising=False)
+    monkeypatch.setitem(sys.modules, "litserve", None)
+    with pytest.raises(ConfigError, match=r"pip install 'vision_tl\[serve\]'"):
+        run_serve(compose_entry("serve", ["ckpt_path=x.ckpt"], Path("unused")))
