@@ -34,6 +34,17 @@ TINY = [
     "data.image_size=32",
     "model.pretrained=false",
 ]
+# One epoch of two batches, no test, logger or extra checkpoint: a checkpoint, fast.
+QUICK_TRAIN = [
+    *TINY,
+    "trainer.max_epochs=1",
+    "test=false",
+    "logger=none",
+    "callbacks.learning_rate_monitor=null",
+    "callbacks.last_checkpoint=null",
+    "+trainer.limit_train_batches=2",
+    "+trainer.limit_val_batches=1",
+]
 
 
 # No network in this process or in any Python process it starts (see network_guard).

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import TINY, compose_entry, make_image_folder, run_cli
+from conftest import QUICK_TRAIN, compose_entry, make_image_folder, run_cli
 from omegaconf import DictConfig
 from PIL import Image
 from torch import nn
@@ -32,16 +32,6 @@ from vision_tl.models import build_backbone
 from vision_tl.training.train import run_training
 
 CLASSES = ["cat", "dog", "fox"]
-QUICK_TRAIN = [
-    *TINY,
-    "trainer.max_epochs=1",
-    "test=false",
-    "logger=none",
-    "callbacks.learning_rate_monitor=null",
-    "callbacks.last_checkpoint=null",
-    "+trainer.limit_train_batches=2",
-    "+trainer.limit_val_batches=1",
-]
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,17 @@ from vision_tl.training.finetune import FINETUNE, build_finetune
 from vision_tl.training.task import ClassificationTask
 
 CONF = config_dir()
-ENTRY_POINTS = {"train", "eval", "predict", "explain", "export", "report", "audit", "select"}
+ENTRY_POINTS = {
+    "train",
+    "eval",
+    "predict",
+    "explain",
+    "export",
+    "report",
+    "audit",
+    "select",
+    "serve",
+}
 PACKAGE = REPO / "src" / "vision_tl"
 LAYERS = ("core", "data", "models", "training", "inference", "sweeps")
 

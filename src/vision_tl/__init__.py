@@ -12,6 +12,7 @@ def _register_config_rules() -> None:
     against (`core.validate.SCHEMA`): here, so no command can run without all of them."""
     import vision_tl.data.rules
     import vision_tl.inference.rules
+    import vision_tl.inference.serving.rules
     import vision_tl.models.rules
     import vision_tl.sweeps.rules
     import vision_tl.training.rules  # noqa: F401

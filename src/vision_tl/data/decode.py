@@ -158,22 +158,27 @@ def load_rgb(
 
 
 def decode(
-    path: str | Path,
+    path: str | Path | BinaryIO,
     background: tuple[int, int, int] = (255, 255, 255),
     min_side: int | None = None,
     limits: ReadLimits | None = None,
 ) -> torch.Tensor:
     """The image at `path` as a uint8 RGB tensor (3, H, W), upright, alpha composited.
 
-    Only a regular file within `limits` is opened (`core.io.open_regular`), and its pixel
-    count is checked from the header before any decoding. A plain JPEG (RGB or grayscale,
+    Only a regular file within `limits` is opened (`core.io.open_regular`; an open binary
+    file, such as an upload's bytes, is read as it is), and its pixel count is checked
+    from the header before any decoding. A plain JPEG (RGB or grayscale,
     upright, too small for draft mode) is decoded by torchvision straight into a tensor:
     libjpeg-turbo with the same settings as Pillow, so the same pixels, ~30% faster; only
     that path reads the file's bytes at once (at most `limits.max_file_bytes`). Anything
     else goes through `load_rgb`, which Pillow reads as it decodes.
     """
     limits = limits or ReadLimits()
-    with open_regular(path, limits.max_file_bytes) as handle:
+    if isinstance(path, (str, Path)):
+        opened = open_regular(path, limits.max_file_bytes)
+    else:
+        opened = contextlib.nullcontext(path)
+    with opened as handle:
         with Image.open(handle) as image:
             limits.check_size(image.size)
             fast = (

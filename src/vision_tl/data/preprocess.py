@@ -11,7 +11,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -83,9 +83,10 @@ class Preprocess:
             return None
         return self.resize_size if self.resize_mode == "crop" else self.input_size
 
-    def read(self, path: str | Path, limits: ReadLimits | None = None) -> torch.Tensor:
+    def read(self, path: str | Path | BinaryIO, limits: ReadLimits | None = None) -> torch.Tensor:
         """Decode `path` the way these weights need it: the one decode step of every
-        consumer (a regular file within `limits`, the defaults when None)."""
+        consumer (a regular file or an open binary file within `limits`, the defaults
+        when None)."""
         return decode(path, self.background, self.decode_min_side, limits)
 
     def resolve(self, overrides: Mapping[str, Any] | None = None) -> Preprocess:
@@ -184,7 +185,7 @@ class EnsemblePreprocess:
     def background(self) -> tuple[int, int, int]:
         return self.decode_as.background
 
-    def read(self, path: str | Path, limits: ReadLimits | None = None) -> torch.Tensor:
+    def read(self, path: str | Path | BinaryIO, limits: ReadLimits | None = None) -> torch.Tensor:
         return self.decode_as.read(path, limits)
 
     def resolve(self, overrides: Mapping[str, Any] | None = None) -> AnyPreprocess:

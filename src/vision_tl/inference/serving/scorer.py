@@ -1,0 +1,239 @@
+"""Image bytes in, calibrated class probabilities out: what `serve` runs for each upload,
+on the decode path and the `Predictor` that `predict` uses, so both give one answer.
+
+`build_scorer(cfg)` is the one place a served model is made: a checkpoint today; an
+exported model (`model_path=`) plugs in here once the fast inference engines land.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import default_collate
+
+from vision_tl.core.errors import ConfigError, error_line
+from vision_tl.data.decode import ImageTooLarge, ReadLimits, too_large
+from vision_tl.inference.checkpoint import load_checkpoint
+from vision_tl.inference.predictor import Predictor, predictions_frame, predictor_from_config
+
+# One image's views as they travel from the HTTP process to the model's: uint8 arrays
+# [V, C, S, S] (one per member for an ensemble whose members need different pixels).
+# numpy, not torch: a queue pickles arrays by value, where torch would share memory.
+Views = np.ndarray | tuple[np.ndarray, ...]
+
+
+class Refused(ValueError):
+    """An upload the server will not score: the HTTP status and the one-line reason."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What the client reads for one image (JSON-ready via `to_dict`)."""
+
+    name: str | None
+    label: str
+    confidence: float
+    unknown: bool
+    top_k: list[tuple[str, float]]
+    probs: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "label": self.label,
+            "confidence": self.confidence,
+            "unknown": self.unknown,
+            "top_k": [{"label": label, "prob": prob} for label, prob in self.top_k],
+            "probs": self.probs,
+        }
+
+
+class Scorer:
+    """Decode an upload as `predict` decodes a file (`Preprocess.read` within the read
+    limits, then the predictor's views), score a batch of such views with the
+    `Predictor`, and answer as `predict` writes its rows (top-k, `reject_threshold`).
+
+    Uploads are refused before any pixel is decoded when the header says the image is
+    smaller than `min_side` on a side or has more pixels than `limits.max_pixels`.
+    """
+
+    def __init__(
+        self,
+        predictor: Predictor,
+        class_names: Sequence[str],
+        info: dict[str, Any],
+        min_side: int = 16,
+        top_k: int = 3,
+        reject_threshold: float | None = None,
+        unknown_label: str = "unknown",
+    ) -> None:
+        self.predictor = predictor
+        self.class_names = list(class_names)
+        self.info = info
+        self.min_side = int(min_side)
+        self.top_k = int(top_k)
+        self.reject_threshold = None if reject_threshold is None else float(reject_threshold)
+        self.unknown_label = unknown_label
+
+    @property
+    def limits(self) -> ReadLimits:
+        return self.predictor.limits
+
+    def check_header(self, data: bytes) -> None:
+        """Refuse what is not an image, or is too small or too large, from the header."""
+        if not data:
+            raise Refused(400, "empty body: send the image's bytes")
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                width, height = image.size
+        except Image.DecompressionBombError as err:  # Pillow's own, at twice its threshold
+            raise Refused(413, f"too large to decode safely: {error_line(err)}") from None
+        except UnidentifiedImageError:
+            raise Refused(422, "not an image that Pillow can identify") from None
+        except (OSError, ValueError) as err:
+            raise Refused(422, f"not a readable image: {error_line(err)}") from None
+        if width * height > self.limits.max_pixels:
+            raise Refused(413, too_large(width, height, self.limits.max_pixels))
+        if min(width, height) < self.min_side:
+            raise Refused(
+                422, f"image is {width}x{height}: smaller than serve.min_side={self.min_side} px"
+            )
+
+    def decode(self, data: bytes) -> Views:
+        """The views of one upload, or `Refused` (422 for an undecodable image: truncated,
+        corrupt; 413 for one over `data.max_image_pixels`)."""
+        self.check_header(data)
+        try:
+            image = self.predictor.preprocess.read(io.BytesIO(data), self.limits)
+            views = self.predictor.transform(image)
+        except ImageTooLarge as err:
+            raise Refused(413, str(err)) from None
+        except Exception as err:  # any decode failure is the upload's, never the server's
+            raise Refused(422, f"cannot decode the image: {error_line(err)}") from None
+        if isinstance(views, tuple):
+            return tuple(v.numpy() for v in views)
+        return views.numpy()
+
+    def probabilities(self, batch: Sequence[Views]) -> torch.Tensor:
+        """[B, classes] calibrated probabilities of `batch` (one entry per image)."""
+        tensors = [
+            tuple(torch.from_numpy(v) for v in views)
+            if isinstance(views, tuple)
+            else torch.from_numpy(views)
+            for views in batch
+        ]
+        return self.predictor.probabilities(default_collate(tensors)).cpu()
+
+    def answers(self, names: Sequence[str | None], probs: np.ndarray) -> list[Answer]:
+        """One answer per image, with the columns `predict` writes for it."""
+        frame = predictions_frame(
+            [name or "" for name in names],
+            torch.as_tensor(probs, dtype=torch.float32),
+            self.class_names,
+            top_k=self.top_k,
+            reject_threshold=self.reject_threshold,
+            unknown_label=self.unknown_label,
+        )
+        k = sum(1 for c in frame.columns if c.endswith("_label") and c.startswith("top"))
+        answers = []
+        for name, row in zip(names, frame.to_dict("records"), strict=True):
+            confidence = float(row["confidence"])
+            answers.append(
+                Answer(
+                    name=name,
+                    label=str(row["label"]),
+                    confidence=confidence,
+                    unknown=self.reject_threshold is not None
+                    and confidence < self.reject_threshold,
+                    top_k=[
+                        (str(row[f"top{j}_label"]), float(row[f"top{j}_prob"]))
+                        for j in range(1, k + 1)
+                    ],
+                    probs={c: float(row[f"prob_{c}"]) for c in self.class_names},
+                )
+            )
+        return answers
+
+
+def file_digest(path: Path) -> str:
+    """`sha256:` and the first 12 hex digits of the file: the model version `/info` shows."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return f"sha256:{digest.hexdigest()[:12]}"
+
+
+def build_scorer(cfg: DictConfig | dict[str, Any]) -> Scorer:
+    """The scorer an entry config describes (`ckpt_path`, `precision`, `calibrate`,
+    `top_k`, `reject_threshold`, `data.max_image_pixels`, `serve.*`): the one place a
+    served model is made."""
+    cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
+    if cfg.get("model_path"):
+        raise ConfigError(
+            f"model_path={cfg.model_path}: exported models are served once the fast "
+            "inference engines land; serve the checkpoint with ckpt_path=CKPT"
+        )
+    serve = cfg.get("serve") or {}
+    loaded = load_checkpoint(cfg.get("ckpt_path"))
+    max_body = int(serve.get("max_body_bytes") or ReadLimits().max_file_bytes)
+    data = cfg.get("data") or {}
+    predictor_cfg = OmegaConf.create(
+        {
+            "device": cfg.get("device", "auto"),
+            "batch_size": int(serve.get("max_batch_size") or 1),
+            "num_workers": 0,
+            "tta": OmegaConf.to_container(cfg.tta) if cfg.get("tta") else {},
+            "precision": cfg.get("precision", "auto"),
+            "calibrate": cfg.get("calibrate", True),
+            "progress": False,
+            "data": {
+                "max_file_bytes": max_body,
+                "max_image_pixels": data.get("max_image_pixels"),
+            },
+        }
+    )
+    predictor = predictor_from_config(loaded, predictor_cfg)
+    info = {
+        "classes": loaded.class_names,
+        "preprocessing": loaded.preprocess.to_dict(),
+        "version": file_digest(loaded.path),
+        "checkpoint": str(loaded.path),
+        "backbones": [b.name for b in loaded.model.backbones()],
+        "precision": predictor.precision,
+        "device": str(predictor.device),
+        "temperature": predictor.temperature,
+        "tta": {"hflip": predictor.hflip, "crops": predictor.transform.crops},
+        "top_k": int(cfg.get("top_k", 3)),
+        "reject_threshold": cfg.get("reject_threshold"),
+        "unknown_label": str(cfg.get("unknown_label", "unknown")),
+        "limits": {
+            "max_body_bytes": max_body,
+            "max_image_pixels": predictor.limits.max_pixels,
+            "min_side": int(serve.get("min_side", 16)),
+            "max_images": int(serve.get("max_images", 16)),
+        },
+    }
+    return Scorer(
+        predictor,
+        loaded.class_names,
+        info,
+        min_side=info["limits"]["min_side"],
+        top_k=info["top_k"],
+        reject_threshold=info["reject_threshold"],
+        unknown_label=info["unknown_label"],
+    )
