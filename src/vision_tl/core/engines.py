@@ -249,6 +249,12 @@ class TorchEngine(Engine):
 # --------------------------------------------------------------------------- openvino
 
 
+def file_precision(precision: str) -> str:
+    """An exported file's precision as its card gives it: `int8` (a quantized file: its
+    other layers in f32) or a float precision (`auto`: bf16 where native)."""
+    return "int8" if precision == "int8" else resolve_precision(precision, torch.device("cpu"))
+
+
 class OpenVINORunner:
     """A model compiled by OpenVINO for the CPU; one infer request, inputs shared."""
 
@@ -338,8 +344,7 @@ class OpenVINOEngine(Engine):
     def load(self, path: Path, precision: str) -> Runner:
         import openvino as ov
 
-        precision = resolve_precision(precision, torch.device("cpu"))
-        return OpenVINORunner(ov.Core().read_model(str(path)), precision)
+        return OpenVINORunner(ov.Core().read_model(str(path)), file_precision(precision))
 
 
 # --------------------------------------------------------------------------- onnxruntime
@@ -389,7 +394,9 @@ class OnnxRuntimeEngine(Engine):
             shutil.rmtree(folder, ignore_errors=True)
 
     def load(self, path: Path, precision: str) -> Runner:
-        return OnnxRuntimeRunner(path)
+        runner = OnnxRuntimeRunner(path)
+        runner.precision = "int8" if precision == "int8" else "fp32"
+        return runner
 
 
 class LazyRunner:
