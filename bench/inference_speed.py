@@ -14,7 +14,8 @@ Each round measures, in alternating order so background load hits every side ali
   transform on PIL images, `DataLoader(batch 32, 2 workers)`, `torch.inference_mode()`;
   the loop alone (model loading not counted);
 - `vision_tl`: `python -m vision_tl.predict ckpt_path=CKPT input=DIR` as it ships, the
-  whole process timed (start-up, conversion, writing the CSV);
+  whole process timed (start-up, conversion, writing the CSV); `_steady`: the same
+  `Predictor` in this process, already compiled (what a server or a second folder sees);
 - `decode`: vision_tl's decode path alone (the predictor's loader, no model);
 - `model`: the network alone on random batches, on the fastest engine here (OpenVINO bf16,
   batch 8), and eager PyTorch bf16 for reference;
@@ -162,6 +163,8 @@ def main() -> None:
     parser.add_argument("--probe", type=Path, required=True)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--work", type=Path, default=None)
+    parser.add_argument("--sides", default="", help="comma-separated subset of the sides")
+    parser.add_argument("--no-accuracy", action="store_true", help="images/s only")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="vtl-inference-speed-"))
     images = image_folder(work)
@@ -172,7 +175,7 @@ def main() -> None:
     pre = loaded["probe"].preprocess
 
     accuracy: dict[str, dict[str, float]] = {}
-    for name, model in loaded.items():
+    for name, model in loaded.items() if not args.no_accuracy else ():
         classes = model.class_names
         net = model.model.eval()
 
@@ -195,7 +198,16 @@ def main() -> None:
             ),
         }
 
+    steady = {
+        name: Predictor(model.model, model.preprocess, precision=model.precision, engine="auto")
+        for name, model in loaded.items()
+    }
+    for predictor in steady.values():
+        predictor.predict(files[:16])  # compiled (and converted) once, as a server would
+
     sides = {
+        "vision_tl_finetune_steady": lambda: steady["finetune"].predict(files).images_per_second,
+        "vision_tl_probe_steady": lambda: steady["probe"].predict(files).images_per_second,
         "baseline_finetune": lambda: baseline(loaded["finetune"].model.eval(), files)[0],
         "vision_tl_finetune": lambda: vision_tl_predict(
             args.finetune, images, work / f"ft-{time.time_ns()}"
@@ -210,6 +222,8 @@ def main() -> None:
         "features_probe": lambda: features_extraction(args.probe, images, work, "auto"),
         "features_probe_eager": lambda: features_extraction(args.probe, images, work, "torch"),
     }
+    if args.sides:
+        sides = {side: run for side, run in sides.items() if side in args.sides.split(",")}
     timings: dict[str, list[float]] = {side: [] for side in sides}
     for round_ in range(args.rounds):
         order = list(sides) if round_ % 2 == 0 else list(reversed(sides))
@@ -217,8 +231,8 @@ def main() -> None:
             timings[side].append(round(sides[side](), 1))
             print(f"round {round_} {side}: {timings[side][-1]}", file=sys.stderr, flush=True)
     median = {side: round(statistics.median(values), 1) for side, values in timings.items()}
-    decode, model = median["decode"], median["model_openvino_bf16"]
-    limit = 1 / (1 / decode + 1 / model)
+    decode, model = median.get("decode"), median.get("model_openvino_bf16")
+    limit = 1 / (1 / decode + 1 / model) if decode and model else float("nan")
     emit(
         "inference_speed",
         {
