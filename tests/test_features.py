@@ -70,6 +70,7 @@ def _datamodule(
 ) -> tuple[ImageDataModule, FeatureSpec]:
     """The DataModule and feature spec of `data.*` keys, built as `build_run` builds them."""
     kwargs.setdefault("feature_precision", "fp32")  # exact comparisons with the backbone
+    kwargs.setdefault("feature_engine", "torch")  # and spies on its Python code
     keys = {"root": str(root), "num_workers": 0, "batch_size": 8, "image_size": 32, **kwargs}
     data = build_data(keys)
     pre = task.model.preprocess.resolve(preprocess_overrides(keys, data.source))

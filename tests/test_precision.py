@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_image_folder
+from helpers.data import eval_features
 
 from vision_tl.core.errors import ConfigError
 from vision_tl.core.runtime import native_bf16, resolve_precision
-from vision_tl.data.features import build_features
 from vision_tl.inference.predictor import Predictor
 from vision_tl.models import build_model
-from vision_tl.training.build import build_data, preprocess_overrides
+from vision_tl.training.build import build_data
 
 pytestmark = pytest.mark.unit
 
@@ -34,17 +34,7 @@ def test_bf16_features_are_a_separate_entry_close_to_fp32(tmp_path: Path) -> Non
     model = build_model({"backbone": {"name": "resnet18"}}, 3, pretrained=False).eval()
     stores = {}
     for precision in ("fp32", "bf16"):
-        keys = {
-            "root": str(root),
-            "num_workers": 0,
-            "image_size": 32,
-            "augment": "none",
-            "feature_precision": precision,
-            "cache": str(tmp_path / "cache"),
-        }
-        data = build_data(keys)
-        dm = data.datamodule(model.preprocess.resolve(preprocess_overrides(keys, data.source)))
-        cached = build_features(data.feature_spec, dm, model, torch.device("cpu"))
+        cached = eval_features(root, model, tmp_path / "cache", feature_precision=precision)
         assert cached.precision == precision and cached.hits == {"eval": False}
         stores[precision] = cached.tensors("train", train=False)[0]
     assert not torch.equal(stores["fp32"], stores["bf16"])  # bf16 really ran
@@ -53,9 +43,7 @@ def test_bf16_features_are_a_separate_entry_close_to_fp32(tmp_path: Path) -> Non
 
     # predict/eval take the same path: bf16 backbone, fp32 head, probabilities that agree
     files = sorted(str(p) for p in (root / "val").rglob("*.png"))
-    probs = {
-        p: Predictor(model, dm.preprocess, precision=p).predict(files).probs
-        for p in ("fp32", "bf16")
-    }
+    pre = model.preprocess.resolve({"image_size": 32})  # as the cache's data keys give it
+    probs = {p: Predictor(model, pre, precision=p).predict(files).probs for p in ("fp32", "bf16")}
     assert probs["bf16"].dtype == torch.float32
     torch.testing.assert_close(probs["bf16"], probs["fp32"], atol=0.05, rtol=0)

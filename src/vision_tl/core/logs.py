@@ -121,10 +121,25 @@ def torchscript_deprecation_ignored() -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def nncf_quiet() -> Iterator[None]:
+    """Inside: NNCF logs warnings only (its INFO lines and progress bars, one per
+    statistics pass, drown the run log)."""
+    with quiet_loggers("nncf"):
+        yield
+
+
+@contextlib.contextmanager
 def onnx_export_quiet() -> Iterator[None]:
     """Inside: onnx_ir and onnxscript log warnings only; their INFO lines (one per
     optimisation pass of an ONNX export) drown the run log."""
-    chatty = [logging.getLogger(name) for name in ("onnx_ir", "onnxscript")]
+    with quiet_loggers("onnx_ir", "onnxscript"):
+        yield
+
+
+@contextlib.contextmanager
+def quiet_loggers(*names: str) -> Iterator[None]:
+    """Inside: the loggers `names` log warnings only."""
+    chatty = [logging.getLogger(name) for name in names]
     levels = [logger.level for logger in chatty]
     for logger in chatty:
         logger.setLevel(logging.WARNING)

@@ -199,6 +199,11 @@ def map_inputs(fn: Callable[[torch.Tensor], torch.Tensor], x: Inputs) -> Inputs:
     return tuple(fn(t) for t in x) if isinstance(x, list | tuple) else fn(x)
 
 
+def as_batches(x: Inputs) -> tuple[torch.Tensor, ...]:
+    """A batch, or a per-member tuple of batches, as a tuple (one entry per model input)."""
+    return tuple(x) if isinstance(x, list | tuple) else (x,)
+
+
 def to_channels_last(x: torch.Tensor) -> torch.Tensor:
     """channels_last runs convolutions ~1.6x faster on CPU (oneDNN) and on tensor cores."""
     return x.contiguous(memory_format=torch.channels_last)

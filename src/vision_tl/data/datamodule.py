@@ -105,7 +105,9 @@ class DataSettings:
         def given(*keys: str) -> dict[str, Any]:
             return {k: data[k] for k in keys if data.get(k) is not None}
 
-        features = given("feature_views", "feature_precision", "feature_batch_size")
+        features = given(
+            "feature_views", "feature_precision", "feature_batch_size", "feature_engine"
+        )
         features = {k.removeprefix("feature_"): v for k, v in features.items()}
         if data.get("feature_cache") is not None:
             features["mode"] = data["feature_cache"]

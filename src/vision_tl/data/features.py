@@ -16,7 +16,6 @@ loaded whole, so memory does not grow with the number of images.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -33,10 +32,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 
+from vision_tl.core.engines import Runner, compile_forward, resolve_engine, weights_digest
 from vision_tl.core.errors import ConfigError
 from vision_tl.core.io import file_lock
 from vision_tl.core.runtime import (
-    backbone_precision,
     feature_batch_size,
     folded_copy,
     inference_copy,
@@ -45,10 +44,10 @@ from vision_tl.core.runtime import (
 from vision_tl.core.signals import stop_if_signalled
 from vision_tl.data.augment import (
     Inputs,
+    as_batches,
     eval_transform,
     map_inputs,
     normalize_batch,
-    to_channels_last,
 )
 from vision_tl.data.dataset import ImageListDataset
 from vision_tl.data.decode import error_line
@@ -65,13 +64,14 @@ class FeatureSettings:
     """`data.feature_cache` (`mode`: auto caches when it can, on makes a bypass an error,
     off never caches), `data.feature_views` (augmented views per training image; 0 with a
     random preset bypasses the cache), `data.feature_precision` (the backbone's while
-    extracting) and `data.feature_batch_size` (None: 8 on a CPU, else max(32, the
-    training batch))."""
+    extracting), `data.feature_batch_size` (None: 8 on a CPU, else max(32, the
+    training batch)) and `data.feature_engine` (who runs the backbone: `core.engines`)."""
 
     mode: str = "auto"
     views: int = 4
     precision: str = "auto"
     batch_size: int | None = None
+    engine: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -88,17 +88,6 @@ class FeatureSpec:
         if augment_random and self.settings.views < 1:
             return f"data.augment={augment} with data.feature_views=0 augments every epoch"
         return None
-
-
-def weights_digest(module: nn.Module) -> str:
-    """SHA-256 of every tensor in `module.state_dict()`: the weights' true identity,
-    whatever file, tag or random seed they came from."""
-    digest = hashlib.sha256()
-    for key, value in sorted(module.state_dict().items()):
-        tensor = value.detach().cpu().contiguous().reshape(-1)
-        digest.update(f"{key}:{tensor.dtype}:{tuple(value.shape)}".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 @dataclass
@@ -275,7 +264,7 @@ class Rows:
 
 
 def _extract(
-    model: nn.Module,
+    model: Runner,
     images: ImageListDataset,
     preprocess: AnyPreprocess,
     views: int,
@@ -287,13 +276,14 @@ def _extract(
     seed: int = 0,
     rows: Rows | None = None,
 ) -> tuple[int, dict[str, str]]:
-    """Write `model.features` of every image (per view) to `out/features.f32`.
+    """Write the features `model` (a compiled `features` pass) gives every image (per
+    view) to `out/features.f32`.
 
     Each image is decoded once for all its views; view `v` of image `i` is drawn from
     `view_seed(seed, v, i)` (`i`: its place in its entry's whole list, `rows`). `images`
     yields uint8 crops (a tuple of per-member crops for an ensemble whose members need
     different preprocessing); they are normalised here, a batch at a time. The backbone
-    runs in `precision` (`bf16`: autocast); rows are stored as float32.
+    runs on its engine in its precision; rows are stored as float32.
     """
     rows = rows or Rows.all(len(images))
     n = rows.stride
@@ -313,10 +303,9 @@ def _extract(
             for i, reason in errors:
                 failed.setdefault(images.samples[i][0], reason)
             for view, x in enumerate(batches):
-                with torch.inference_mode(), backbone_precision(precision, device):
+                with torch.inference_mode():
                     x = map_inputs(lambda t: t.to(device, non_blocking=True), x)
-                    x = map_inputs(to_channels_last, normalize_batch(x, preprocess))
-                    feats = model.features(x).float().cpu()
+                    feats = model(*as_batches(normalize_batch(x, preprocess))).float().cpu()
                 dim = feats.shape[1]
                 for row, i in zip(feats.numpy(), indices, strict=True):
                     os.pwrite(fd, row.tobytes(), (view * n + rows.write_at[i]) * dim * 4)
@@ -339,9 +328,10 @@ def load_or_build(
     seed: int = 0,
     seed_at: Sequence[int] | None = None,
     reuse: FeatureStore | None = None,
+    engine: str = "torch",
 ) -> tuple[FeatureStore, bool]:
-    """The entry for `spec` and `seed`, computed now (the backbone in `precision`, random
-    views drawn from `seed`) if absent; returns (store, was it a hit).
+    """The entry for `spec` and `seed`, computed now (the backbone on `engine` in
+    `precision`, random views drawn from `seed`) if absent; returns (store, was it a hit).
 
     `seed_at`: each image's index in the whole list its views are drawn from (a subset's
     entry). `reuse`: an entry of some of the same images, drawn the same way, whose rows
@@ -364,16 +354,17 @@ def load_or_build(
                 views,
                 final,
             )
-            # An inference copy (in fp32, BatchNorms folded into their convolutions),
-            # channels_last: convolutions run ~1.6x faster on CPU (oneDNN) and tensor cores.
+            # An inference copy (in fp32, BatchNorms folded into their convolutions), run
+            # by the engine (eager: channels_last, ~1.6x faster on CPU and tensor cores).
             keys = [key for key, _ in images.samples]
             reused = reuse.index() if reuse is not None else {}
             todo = [i for i, key in enumerate(keys) if key not in reused]
             seeds = seed_at if seed_at is not None else range(len(keys))
             dim, failed = (reuse.dim if reuse is not None else 0), {}
             if todo:
-                fast = inference_copy(model, precision)
-                fast = fast.to(device, memory_format=torch.channels_last)
+                fast = compile_forward(
+                    inference_copy(model, precision), engine, precision, device, "features"
+                )
                 subset = (
                     images
                     if len(todo) == len(keys)
@@ -505,7 +496,9 @@ def build_features(
     `dm.bad_file_log`.
     """
     pre, settings = dm.preprocess, spec.settings
+    engine = resolve_engine(settings.engine, device)
     precision = resolve_precision(settings.precision, device)
+    precision = precision if precision in engine.precisions else "fp32"
     base: dict[str, Any] = {
         "version": CACHE_VERSION,
         "backbones": [{"name": b.name, "weights": weights_digest(b)} for b in model.backbones()],
@@ -513,6 +506,7 @@ def build_features(
         "decode": {"resize_cache": bool(dm.resize_cache)},
         "source": dm.source.name,
         "precision": precision,
+        "engine": engine.name,
     }
     extractor = model
     if teacher is not None:
@@ -541,6 +535,7 @@ def build_features(
             workers,
             precision,
             seed,
+            engine=engine.name,
             **kw,
         )
 
@@ -582,12 +577,13 @@ def build_features(
         f"{len(train_store.files)} training images"
     )
     log.info(
-        "Feature cache: %s %d images, %d features each (backbone in %s), %s; the backbone "
+        "Feature cache: %s %d images, %d features each (backbone in %s on %s), %s; the backbone "
         "does not run during training (%s)",
         "reusing" if all(hits.values()) else "built",
         len(every_key),
         eval_store.dim,
         precision,
+        engine.name,
         described,
         eval_store.directory.parent,
     )

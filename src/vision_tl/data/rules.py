@@ -8,6 +8,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from vision_tl.core.engines import ENGINE_RULE
 from vision_tl.core.runtime import PRECISIONS
 from vision_tl.core.validate import (
     FLAG,
@@ -99,6 +100,7 @@ RULES = register_rules(
             "data.feature_cache": one_of(*FEATURE_CACHE),
             "data.feature_views": integer(0),
             "data.feature_precision": one_of(*PRECISIONS),
+            "data.feature_engine": ENGINE_RULE,
             "data.feature_batch_size": or_null(
                 integer(1), "8 on a CPU, else max(32, data.batch_size)"
             ),

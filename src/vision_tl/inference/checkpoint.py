@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from vision_tl.core.errors import ConfigError
-from vision_tl.data.preprocess import AnyPreprocess
+from vision_tl.core.io import read_json
+from vision_tl.data.preprocess import AnyPreprocess, EnsemblePreprocess, Preprocess
 from vision_tl.models.classifier import Classifier
 from vision_tl.training.binary import OperatingPoint
 from vision_tl.training.task import load_task
@@ -54,3 +56,49 @@ def check_class_names(ckpt: Sequence[str], data: Sequence[str], where: str) -> N
         raise ConfigError(
             f"class list mismatch: the checkpoint has {list(ckpt)} but {where} has {list(data)}"
         )
+
+
+@dataclass
+class ExportedModel:
+    """A folder written by `python -m vision_tl.export`, as its `model.json` describes it:
+    the model file, the engine and precision it runs in, and what a checkpoint would give."""
+
+    file: Path
+    class_names: list[str]
+    preprocess: AnyPreprocess
+    engine: str  # auto: any installed engine that reads the file
+    precision: str  # fp32, bf16 (where native), int8
+    temperature: float
+    card: dict[str, Any]
+
+
+def load_export(folder: str | Path | None) -> ExportedModel:
+    """Read an export folder's `model.json` (one-line errors for a missing or foreign one)."""
+    if not folder:
+        raise ConfigError("model_path is required: a folder written by python -m vision_tl.export")
+    root = Path(folder).expanduser()
+    card_path = root / "model.json"
+    if not card_path.is_file():
+        raise ConfigError(f"model_path={root}: no model.json (not an export folder)")
+    card = read_json(card_path)
+    if not isinstance(card, dict) or "file" not in card or "class_names" not in card:
+        raise ConfigError(f"{card_path}: not a vision_tl export card (no file or class_names)")
+    file = root / str(card["file"])
+    if not file.is_file():
+        raise ConfigError(f"model_path={root}: the model file {card['file']} is missing")
+    if "inputs" in card:
+        preprocess: AnyPreprocess = EnsemblePreprocess(
+            tuple(Preprocess.from_dict(entry) for entry in card["inputs"])
+        )
+    else:
+        preprocess = Preprocess.from_dict(card)
+    needs = card.get("runtime") or {}
+    return ExportedModel(
+        file,
+        [str(c) for c in card["class_names"]],
+        preprocess,
+        str(needs.get("engine", "auto")),
+        str(needs.get("precision", "fp32")),
+        float(card.get("temperature") or 1.0),
+        card,
+    )

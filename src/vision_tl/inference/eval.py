@@ -240,6 +240,8 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
         "manifest": cfg.data.get("manifest"),
         "tta": OmegaConf.to_container(cfg.tta),
         "temperature": predictor.temperature,
+        "engine": predictor.engine,
+        "precision": predictor.precision,
         "images_per_s": round(result.images_per_second, 2),
     }
     if len(loaded.class_names) == 2:

@@ -11,24 +11,60 @@ ensemble whose members need different preprocessing takes one such batch per mem
 from __future__ import annotations
 
 import logging
+import random
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from omegaconf import DictConfig
 from torch import nn
+from torch.utils.data import DataLoader
 
+from vision_tl.core.engines import (
+    ENGINES,
+    Forward,
+    Runner,
+    engine_for_file,
+    export_onnx,
+    openvino_model,
+    to_numpy,
+)
 from vision_tl.core.errors import ConfigError
 from vision_tl.core.io import write_json
-from vision_tl.core.logs import onnx_export_quiet, torchscript_deprecation_ignored
+from vision_tl.core.logs import nncf_quiet, torchscript_deprecation_ignored
 from vision_tl.core.validate import did_you_mean
+from vision_tl.data.augment import as_batches, map_inputs, normalize_batch
 from vision_tl.data.preprocess import AnyPreprocess, EnsemblePreprocess, Preprocess, per_member
 from vision_tl.inference.checkpoint import LoadedModel, load_checkpoint
+from vision_tl.inference.predictor import ImageFiles, ViewTransform, collate_views, collect_inputs
 
 log = logging.getLogger(__name__)
 
-FORMATS = {"onnx": "model.onnx", "torchscript": "model.pt"}
+FORMATS = {
+    "onnx": "model.onnx",
+    "torchscript": "model.pt",
+    "openvino": "model.xml",
+    "onnx_int8": "model.int8.onnx",
+}
+# What each format needs to run (model.json's `runtime`): the engine (auto: OpenVINO where
+# installed, else ONNX Runtime), the precision it computes in, the packages.
+RUNTIMES: dict[str, dict[str, Any]] = {
+    "onnx": {"engine": "auto", "precision": "fp32", "packages": ["onnxruntime or openvino"]},
+    "torchscript": {"engine": "torch", "precision": "fp32", "packages": ["torch"]},
+    "openvino": {
+        "engine": "openvino",
+        "precision": "auto",
+        "packages": ["openvino>=2025.1"],
+        "note": "auto: bf16 where the CPU has it natively (AVX512-BF16, AMX), else f32",
+    },
+    "onnx_int8": {
+        "engine": "auto",
+        "precision": "int8",
+        "packages": ["openvino or onnxruntime"],
+        "note": "QDQ INT8 (NNCF post-training quantization); fast on CPUs with VNNI",
+    },
+}
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 
 
@@ -51,88 +87,93 @@ def example_inputs(pre: AnyPreprocess, batch: int = 2, seed: int = 0) -> tuple[t
     return tuple(example_input(size, batch, seed + i) for i, size in enumerate(sizes))
 
 
-class PerMemberInputs(nn.Module):
-    """The ensemble with one positional input per member, as exporters trace it."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        return self.model(list(inputs))
+def exportable(model: nn.Module, pre: AnyPreprocess) -> Forward:
+    """The model with one positional input per model input, as exporters trace it."""
+    return Forward(model).eval()
 
 
-def exportable(model: nn.Module, pre: AnyPreprocess) -> nn.Module:
-    return PerMemberInputs(model).eval() if isinstance(pre, EnsemblePreprocess) else model
-
-
-def export_onnx(
-    model: nn.Module,
-    x: torch.Tensor | tuple[torch.Tensor, ...],
-    path: Path,
-    opset: int | None = None,
-    names: list[str] | None = None,
-) -> int:
-    """Export with the dynamo exporter, batch axis dynamic (one batch size for every
-    input), weights inside the file.
-
-    Returns the opset the file declares.
-    """
-    import onnx
-
-    inputs = x if isinstance(x, tuple) else (x,)
-    batch = torch.export.Dim("batch")
-    dynamic = tuple({0: batch} for _ in inputs)
-    if isinstance(model, PerMemberInputs):  # one `*inputs` argument holds every input
-        dynamic = (dynamic,)
-    with onnx_export_quiet():
-        torch.onnx.export(
-            model,
-            inputs,
-            path,
-            input_names=names or [INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            opset_version=opset,
-            dynamic_shapes=dynamic,
-            external_data=False,
-            verbose=False,
-        )
-    graph = onnx.load(str(path), load_external_data=False)
-    return next(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx"))
-
-
-def export_torchscript(
-    model: nn.Module, x: torch.Tensor | tuple[torch.Tensor, ...], path: Path
-) -> None:
+def export_torchscript(model: nn.Module, x: tuple[torch.Tensor, ...], path: Path) -> None:
     """Trace to TorchScript (deprecated upstream, but loadable from C++ and plain torch)."""
     with torchscript_deprecation_ignored():
         traced = torch.jit.trace(model, x)
         torch.jit.save(traced, str(path))
 
 
-def run_file(
-    path: Path, fmt: str, x: torch.Tensor | tuple[torch.Tensor, ...], names: list[str] | None = None
-) -> np.ndarray:
-    """Logits of the exported file, through onnxruntime or `torch.jit.load`."""
-    inputs = x if isinstance(x, tuple) else (x,)
-    if fmt == "onnx":
-        import onnxruntime as ort
+def export_openvino(model: Forward, x: tuple[torch.Tensor, ...], path: Path) -> None:
+    """OpenVINO IR (`model.xml` + `model.bin`, float32 weights: the runtime picks bf16
+    where the CPU has it)."""
+    import openvino as ov
 
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        feed = {n: t.numpy() for n, t in zip(names or [INPUT_NAME], inputs, strict=True)}
-        return session.run([OUTPUT_NAME], feed)[0]
-    with torchscript_deprecation_ignored():
-        module = torch.jit.load(str(path), map_location="cpu")
-    with torch.no_grad():
-        return module(*inputs).numpy()
+    ov.save_model(openvino_model(model, x), str(path), compress_to_fp16=False)
 
 
-def max_abs_difference(model: nn.Module, path: Path, fmt: str, pre: AnyPreprocess) -> float:
+def image_batches(
+    files: Sequence[Path], pre: AnyPreprocess, batch_size: int = 8
+) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Normalised eval-transform batches of `files` (one tensor per model input), decoded
+    as `predict` decodes them; unreadable files are skipped."""
+    images = ImageFiles(files, pre, ViewTransform(pre))
+    loader = DataLoader(images, batch_size=batch_size, collate_fn=collate_views)
+    for views, _, _ in loader:
+        if views is not None:
+            flat = map_inputs(lambda t: t.flatten(0, 1), views)
+            yield as_batches(normalize_batch(flat, pre))
+
+
+def quantize_onnx(source: Path, target: Path, batches: list[tuple[torch.Tensor, ...]]) -> None:
+    """Post-training INT8 quantization (NNCF, QDQ nodes) of an ONNX file, calibrated on
+    `batches`: weights per channel, activations from the calibration statistics."""
+    import nncf
+    import onnx
+
+    model = onnx.load(str(source))
+    names = [i.name for i in model.graph.input]
+    feeds = [dict(zip(names, to_numpy(b), strict=True)) for b in batches]
+    with nncf_quiet():
+        quantized = nncf.quantize(model, nncf.Dataset(feeds), subset_size=len(feeds))
+    onnx.save(quantized, str(target))
+
+
+def max_abs_difference(model: nn.Module, runner: Runner, pre: AnyPreprocess) -> float:
     """Largest |exported - PyTorch| logit on a batch of another size than the traced one."""
     x = example_inputs(pre, batch=3, seed=1)
     with torch.no_grad():
-        expected = exportable(model, pre)(*x).numpy()
-    return float(np.abs(run_file(path, fmt, x, input_names(pre)) - expected).max())
+        expected = exportable(model, pre)(*x)
+    return float((runner(*x) - expected).abs().max())
+
+
+def labelled(files: Sequence[Path], names: Sequence[str], classes: Sequence[str]) -> list[int]:
+    """Each file's class from its folder's name (`val/ants/1.jpg` is `ants`); -1 when the
+    folder is not a class."""
+    place = {c: i for i, c in enumerate(classes)}
+    return [place.get(Path(n).parent.name, -1) for n in names]
+
+
+def agreement(
+    model: nn.Module,
+    runner: Runner,
+    pre: AnyPreprocess,
+    files: Sequence[Path],
+    labels: Sequence[int] | None = None,
+) -> dict[str, Any]:
+    """Top-1 agreement of the exported model with PyTorch (float32) on real images, and
+    each one's accuracy where the images' labels are known."""
+    reference = Forward(model).eval()
+    ours, theirs = [], []
+    for x in image_batches(files, pre):
+        with torch.no_grad():
+            theirs.append(reference(*x).argmax(1))
+        ours.append(runner(*x).argmax(1))
+    a, b = torch.cat(ours), torch.cat(theirs)
+    report: dict[str, Any] = {
+        "images": len(a),
+        "top1_agreement": round(float((a == b).float().mean()), 4),
+    }
+    if labels is not None and len(labels) == len(a) and min(labels, default=-1) >= 0:
+        target = torch.tensor(list(labels))
+        report["acc_exported"] = round(float((a == target).float().mean()), 4)
+        report["acc_pytorch_fp32"] = round(float((b == target).float().mean()), 4)
+    return report
 
 
 RECIPES = {  # by `Preprocess.resize_mode`
@@ -184,8 +225,70 @@ def model_card(loaded: LoadedModel, fmt: str, file: str, opset: int | None) -> d
         "softmax": "not applied: divide the logits by temperature, then apply softmax over "
         "the class axis for calibrated probabilities",
         "temperature": loaded.temperature,
+        "runtime": RUNTIMES[fmt],
         "checkpoint": str(loaded.path),
     }
+
+
+def calibration_files(cfg: DictConfig) -> list[Path]:
+    """`calibration.input`'s images (training images: a folder, file or CSV as predict's
+    `input`), `calibration.size` of them drawn with a fixed seed."""
+    source = (cfg.get("calibration") or {}).get("input")
+    if not source:
+        raise ConfigError(
+            "format=onnx_int8 needs calibration.input=DIR: a few hundred training images"
+        )
+    files = collect_inputs(source).files
+    size = int((cfg.get("calibration") or {}).get("size") or 300)
+    return sorted(random.Random(0).sample(files, min(size, len(files))))
+
+
+def write_model(
+    fmt: str, model: nn.Module, pre: AnyPreprocess, path: Path, cfg: DictConfig
+) -> int | None:
+    """Write `model` in `fmt` at `path`; returns the ONNX opset (None for other formats)."""
+    x, names = example_inputs(pre), input_names(pre)
+    if fmt == "torchscript":
+        export_torchscript(exportable(model, pre), x, path)
+        return None
+    if fmt == "openvino":
+        export_openvino(exportable(model, pre), x, path)
+        return None
+    if fmt == "onnx":
+        return export_onnx(exportable(model, pre), x, path, cfg.get("opset"), names, OUTPUT_NAME)
+    files = calibration_files(cfg)
+    fp32 = path.with_name("model.fp32.tmp.onnx")
+    try:
+        opset = export_onnx(exportable(model, pre), x, fp32, cfg.get("opset"), names, OUTPUT_NAME)
+        batches = list(image_batches(files, pre))
+        if not batches:
+            raise ConfigError(f"calibration.input: none of the {len(files)} images could be read")
+        log.info("Quantizing to INT8, calibrated on %d images", sum(len(b[0]) for b in batches))
+        quantize_onnx(fp32, path, batches)
+    finally:
+        fp32.unlink(missing_ok=True)
+    return opset
+
+
+def verify(card: dict[str, Any], loaded: LoadedModel, runner: Runner, cfg: DictConfig) -> None:
+    """The parity report in `card`: max_abs_diff to PyTorch (float formats), and on real
+    images (`verify_input`, else the calibration images) top-1 agreement and, for a
+    folder whose subfolders are class names, each one's accuracy."""
+    fmt, model, pre = card["format"], loaded.model, loaded.preprocess
+    if fmt != "onnx_int8":
+        diff = max_abs_difference(model, runner, pre)
+        card["max_abs_diff"] = diff
+        if diff > float(cfg.tolerance):
+            log.warning("exported logits differ from PyTorch by up to %.2e", diff)
+    source = cfg.get("verify_input")
+    if source:
+        inputs = collect_inputs(source)
+        labels = labelled(inputs.files, inputs.names, loaded.class_names)
+        card["parity"] = agreement(model, runner, pre, inputs.files, labels)
+    elif fmt == "onnx_int8":
+        card["parity"] = agreement(model, runner, pre, calibration_files(cfg))
+    if "parity" in card:
+        log.info("Parity with PyTorch (float32): %s", card["parity"])
 
 
 def run_export(cfg: DictConfig) -> dict[str, Any]:
@@ -195,24 +298,20 @@ def run_export(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(
             f"format={fmt}: one of {', '.join(FORMATS)}{did_you_mean(fmt, list(FORMATS))}"
         )
+    needs = RUNTIMES[fmt]["engine"]
+    if needs != "auto" and not ENGINES.get(needs).installed():
+        raise ConfigError(f"format={fmt} needs the {needs} package (pip install {needs})")
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     loaded = load_checkpoint(cfg.get("ckpt_path"))
-    pre = loaded.preprocess
     model = loaded.model.cpu().eval()
     path = out / FORMATS[fmt]
-    x = example_inputs(pre)
-    opset = None
-    if fmt == "onnx":
-        opset = export_onnx(exportable(model, pre), x, path, cfg.get("opset"), input_names(pre))
-    else:
-        export_torchscript(exportable(model, pre), x, path)
+    opset = write_model(fmt, model, loaded.preprocess, path, cfg)
     card = model_card(loaded, fmt, path.name, opset)
     if cfg.get("verify", True):
-        diff = max_abs_difference(model, path, fmt, pre)
-        card["max_abs_diff"] = diff
-        if diff > float(cfg.tolerance):
-            log.warning("exported logits differ from PyTorch by up to %.2e", diff)
+        engine = engine_for_file(path, card["runtime"]["engine"])
+        precision = "fp32" if fmt != "onnx_int8" else card["runtime"]["precision"]
+        verify(card, loaded, engine.load(path, precision), cfg)
     write_json(out / "model.json", card)
     log.info("Wrote %s and %s", path, out / "model.json")
     return card

@@ -9,12 +9,14 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
+from vision_tl.core.errors import ConfigError
 from vision_tl.core.io import write_csv
-from vision_tl.inference.checkpoint import load_checkpoint
+from vision_tl.inference.checkpoint import load_checkpoint, load_export
 from vision_tl.inference.predictor import (
     collect_inputs,
     predictions_frame,
     predictor_from_config,
+    predictor_from_export,
     write_unreadable,
 )
 from vision_tl.inference.submission import submission_frame, submission_settings
@@ -26,14 +28,26 @@ def run_predict(cfg: DictConfig) -> pd.DataFrame:
     """Write `predictions.csv` (and `submission.csv`, `unreadable.csv`) into the run dir."""
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    loaded = load_checkpoint(cfg.get("ckpt_path"))
+    if cfg.get("model_path"):  # an exported model (python -m vision_tl.export)
+        if cfg.get("ckpt_path"):
+            raise ConfigError("give ckpt_path or model_path, not both")
+        exported = load_export(cfg.model_path)
+        predictor = predictor_from_export(exported, cfg)
+        class_names, source = exported.class_names, exported.file
+    else:
+        loaded = load_checkpoint(cfg.get("ckpt_path"))
+        predictor = predictor_from_config(loaded, cfg)
+        class_names, source = loaded.class_names, loaded.path
     inputs = collect_inputs(cfg.get("input"))
-    log.info("Predicting %d image(s) from %s with %s", len(inputs.files), cfg.input, loaded.path)
-    result = predictor_from_config(loaded, cfg).predict(inputs.files)
+    log.info("Predicting %d image(s) from %s with %s", len(inputs.files), cfg.input, source)
+    result = predictor.predict(inputs.files)
+    log.info(
+        "Engine %s (%s), batch %d", predictor.engine, predictor.precision, predictor.batch_size
+    )
     frame = predictions_frame(
         [inputs.names[i] for i in result.indices],
         result.probs,
-        loaded.class_names,
+        class_names,
         top_k=cfg.get("top_k", 3),
         reject_threshold=cfg.get("reject_threshold"),
         unknown_label=cfg.get("unknown_label", "unknown"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
+from vision_tl.core.engines import ENGINE_RULE
 from vision_tl.core.runtime import PRECISIONS
 from vision_tl.core.validate import (
     FLAG,
@@ -23,7 +24,9 @@ from vision_tl.core.validate import (
 RULES = register_rules(
     Rules(
         {
-            "batch_size": integer(1),
+            "batch_size": or_null(integer(1), "the engine's fastest on this device"),
+            "inference.engine": ENGINE_RULE,
+            "calibration.size": integer(1),
             "num_workers": WORKERS,
             "precision": one_of(*PRECISIONS),
             "top_k": integer(1),

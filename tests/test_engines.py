@@ -1,0 +1,210 @@
+"""Inference engines (`core.engines`): each installed engine computes what eager PyTorch
+computes; the switch is checked before any work; exports to OpenVINO IR and INT8 run back
+through `predict`; the feature cache through the fast engine equals eager."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from conftest import TINY, make_image_folder
+from helpers.data import eval_features
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from torch import nn
+
+from vision_tl.core.config import config_dir
+from vision_tl.core.engines import ENGINES, compile_forward, resolve_engine
+from vision_tl.core.errors import ConfigError
+from vision_tl.core.validate import validate
+from vision_tl.inference.export import run_export
+from vision_tl.inference.predict import run_predict
+from vision_tl.models import build_model
+from vision_tl.training.train import run_training
+
+# Engines pyproject.toml lists: under CI a missing one is a failure, not a skip.
+LISTED = {"openvino": "openvino", "onnxruntime": "onnxruntime"}
+
+
+def require(package: str) -> None:
+    """Import `package`; skip without it, except under CI=true, where it must be there."""
+    try:
+        importlib.import_module(package)
+    except ImportError:
+        if os.environ.get("CI") == "true":
+            raise
+        pytest.skip(f"{package} is not installed")
+
+
+class Tiny(nn.Module):
+    """Conv, BatchNorm, depthwise conv, pool, linear: the layers the real backbones use."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU6(),
+            nn.Conv2d(8, 8, 3, padding=1, groups=8),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
+        self.head = nn.Linear(8, 3)
+        self.body[1].running_mean.uniform_(-0.5, 0.5)
+        self.body[1].running_var.uniform_(0.5, 2.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("name", ENGINES.names())
+def test_every_engine_computes_what_eager_pytorch_does(name: str) -> None:
+    if name in LISTED:
+        require(LISTED[name])
+    model = Tiny().eval()
+    runner = compile_forward(model, name, "fp32", torch.device("cpu"))
+    for batch in (3, 1, 5):  # the batch axis stays free after the first compile
+        x = torch.randn(batch, 3, 24, 24)
+        with torch.no_grad():
+            expected = model(x)
+        got = runner(x)
+        assert got.dtype == torch.float32 and got.shape == expected.shape
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    assert runner.engine == name and runner.precision == "fp32"
+
+
+@pytest.mark.unit
+def test_auto_is_openvino_on_a_cpu_and_eager_on_a_gpu() -> None:
+    require("openvino")
+    assert resolve_engine("auto", torch.device("cpu")).name == "openvino"
+    assert resolve_engine("auto", torch.device("cuda")).name == "torch"
+    with pytest.raises(ConfigError, match=r"^inference\.engine=openvino runs on the CPU only"):
+        resolve_engine("openvino", torch.device("cuda"))
+    with pytest.raises(ConfigError, match=r"unknown inference engine 'tensorrt'; available: "):
+        resolve_engine("tensorrt", torch.device("cpu"))
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("key", "value", "line"),
+    [
+        ("inference.engine", "openvno", "inference.engine=openvno: one of auto, onnxruntime"),
+        ("data.feature_engine", "tvm", "data.feature_engine=tvm: one of auto, onnxruntime"),
+        ("batch_size", 0, "batch_size=0: a positive integer, or null"),
+    ],
+)
+def test_a_wrong_engine_is_one_line_before_any_work(key: str, value: object, line: str) -> None:
+    cfg = OmegaConf.create({})
+    OmegaConf.update(cfg, key, value, force_add=True)
+    with pytest.raises(ConfigError) as caught:
+        validate(cfg)
+    message = str(caught.value)
+    assert message.startswith(line) and "\n" not in message
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def compose_entry(name: str, overrides: list[str], output_dir: Path):
+    with initialize_config_dir(version_base="1.3", config_dir=str(config_dir())):
+        return compose(name, overrides=[*overrides, f"paths.output_dir={output_dir}"])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny resnet18 fine-tuned a few steps on generated images (48 px), and its data."""
+    base = tmp_path_factory.mktemp("engines")
+    root = make_image_folder(base / "data", per_class=6, size=56)
+    quick = [
+        *TINY,
+        "data.image_size=48",
+        "trainer.max_epochs=1",
+        "test=false",
+        "logger=none",
+        "callbacks.learning_rate_monitor=null",
+        "callbacks.last_checkpoint=null",
+        f"data.root={root}",
+    ]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VISION_TL_CACHE", str(base / "cache"))
+        run_training(compose_entry("train", quick, base / "run"))
+    return {"ckpt": base / "run" / "checkpoints" / "best.ckpt", "root": root}
+
+
+def predictions(ckpt_or_model: str, input_dir: Path, out: Path, *extra: str) -> pd.DataFrame:
+    cfg = compose_entry(
+        "predict", [ckpt_or_model, f"input={input_dir}", "num_workers=0", *extra], out
+    )
+    return run_predict(cfg)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("fmt", ["openvino", "onnx_int8"])
+def test_export_round_trip_and_predict_from_the_exported_folder(
+    fmt: str, trained: dict[str, Path], tmp_path: Path
+) -> None:
+    require("openvino")
+    if fmt == "onnx_int8":
+        require("nncf")
+    val = trained["root"] / "val"
+    keys = [f"ckpt_path={trained['ckpt']}", f"format={fmt}", f"verify_input={val}"]
+    keys.append(f"calibration.input={trained['root'] / 'train'}")
+    card = run_export(compose_entry("export", keys, tmp_path / "export"))
+    written = json.loads((tmp_path / "export" / "model.json").read_text())
+    assert written["runtime"] == card["runtime"] and card["runtime"]["packages"]
+    parity = card["parity"]
+    assert parity["images"] == 18 and {"acc_exported", "acc_pytorch_fp32"} <= set(parity)
+    if fmt == "openvino":
+        assert (tmp_path / "export" / "model.xml").is_file()
+        assert (tmp_path / "export" / "model.bin").is_file()
+        assert card["max_abs_diff"] < 1e-3 and parity["top1_agreement"] == 1.0
+    else:
+        assert card["runtime"]["precision"] == "int8" and "max_abs_diff" not in card
+        assert parity["top1_agreement"] >= 0.8
+    eager = predictions(
+        f"ckpt_path={trained['ckpt']}", val, tmp_path / "eager", "inference.engine=torch"
+    )
+    exported = predictions(f"model_path={tmp_path / 'export'}", val, tmp_path / "exported")
+    assert list(exported.path) == list(eager.path)
+    agree = (exported.top1_label == eager.top1_label).mean()
+    assert agree == pytest.approx(parity["top1_agreement"], abs=1 / 18 + 1e-9)
+    if fmt == "openvino":
+        assert (exported.prob_cat - eager.prob_cat).abs().max() < 0.02  # bf16 where native
+
+
+@pytest.mark.integration
+def test_predict_on_each_engine_agrees_with_eager(trained: dict[str, Path], tmp_path: Path) -> None:
+    require("openvino")
+    val = trained["root"] / "val"
+    ckpt = f"ckpt_path={trained['ckpt']}"
+    eager = predictions(ckpt, val, tmp_path / "torch", "inference.engine=torch")
+    for name in ("openvino",):  # onnxruntime: the unit test above (its export costs ~8 s)
+        frame = predictions(
+            ckpt, val, tmp_path / name, f"inference.engine={name}", "precision=fp32"
+        )
+        assert (frame.prob_cat - eager.prob_cat).abs().max() < 1e-4, name
+    with pytest.raises(ConfigError, match=r"model_path=.*no model\.json"):
+        predictions(f"model_path={tmp_path}", val, tmp_path / "none")
+
+
+@pytest.mark.integration
+def test_the_feature_cache_through_openvino_equals_eager(tmp_path: Path) -> None:
+    require("openvino")
+    root = make_image_folder(tmp_path / "data", per_class=4, size=40)
+    model = build_model({"backbone": {"name": "resnet18"}}, 3, pretrained=False).eval()
+    rows = {}
+    for engine in ("torch", "openvino"):
+        cached = eval_features(
+            root, model, tmp_path / "cache", feature_precision="fp32", feature_engine=engine
+        )
+        assert not cached.hits["eval"], "each engine has its own entry"
+        rows[engine] = cached.tensors("train", train=False)[0]
+    assert rows["torch"].shape == (1, 12, 512)
+    torch.testing.assert_close(rows["openvino"], rows["torch"], atol=1e-4, rtol=1e-4)
