@@ -34,10 +34,17 @@ def test_bf16_features_are_a_separate_entry_close_to_fp32(tmp_path: Path) -> Non
     model = build_model({"backbone": {"name": "resnet18"}}, 3, pretrained=False).eval()
     stores = {}
     for precision in ("fp32", "bf16"):
-        cached = eval_features(root, model, tmp_path / "cache", feature_precision=precision)
+        cached = eval_features(
+            root, model, tmp_path / "cache", feature_precision=precision, feature_engine="torch"
+        )
         assert cached.precision == precision and cached.hits == {"eval": False}
         stores[precision] = cached.tensors("train", train=False)[0]
     assert not torch.equal(stores["fp32"], stores["bf16"])  # bf16 really ran
+    if not native_bf16(torch.device("cpu")):  # OpenVINO would run f32: the entry says so
+        on_openvino = eval_features(
+            root, model, tmp_path / "ov", feature_precision="bf16", feature_engine="openvino"
+        )
+        assert on_openvino.precision == "fp32"
     cosine = torch.nn.functional.cosine_similarity(stores["fp32"][0], stores["bf16"][0])
     assert cosine.min() > 0.99
 

@@ -53,6 +53,12 @@ def test_short_run_writes_checkpoints_metrics_and_tensorboard(
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert (run_dir / "config.yaml").read_text().count(str(image_folder)) >= 1
 
+    history = pd.read_csv(run_dir / "history.csv")
+    assert list(history.epoch) == [0, 1, 2]
+    for row in history.itertuples():  # every epoch's accuracies with their intervals
+        assert [row.val_acc_lo, row.val_acc_hi] == wilson_interval(row.val_acc, 24)
+        assert [row.train_acc_lo, row.train_acc_hi] == wilson_interval(row.train_acc, 24)
+
     split = pd.read_csv(run_dir / "split.csv")
     assert list(split.columns) == ["path", "label", "split"]
     assert split.split.value_counts().to_dict() == {"train": 24, "val": 24, "test": 24}

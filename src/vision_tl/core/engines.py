@@ -33,7 +33,12 @@ from vision_tl.core.config import cache_dir
 from vision_tl.core.errors import ConfigError
 from vision_tl.core.logs import onnx_export_quiet
 from vision_tl.core.registry import Registry
-from vision_tl.core.runtime import available_cpus, backbone_precision, resolve_precision
+from vision_tl.core.runtime import (
+    available_cpus,
+    backbone_precision,
+    native_bf16,
+    resolve_precision,
+)
 from vision_tl.core.validate import Allowed
 
 log = logging.getLogger(__name__)
@@ -330,6 +335,11 @@ class OpenVINOEngine(Engine):
     name = "openvino"
     package = "openvino"
     suffixes = (".xml", ".onnx")
+
+    def __init__(self) -> None:
+        # bf16 only where the CPU computes it: elsewhere OpenVINO quietly runs f32, and the
+        # cache key and metrics must say what ran.
+        self.precisions = ("bf16", "fp32") if native_bf16(torch.device("cpu")) else ("fp32",)
 
     def compile(
         self,

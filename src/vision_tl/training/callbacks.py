@@ -20,6 +20,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from vision_tl.core.errors import ConfigError
 from vision_tl.core.io import write_csv
+from vision_tl.core.stats import wilson_interval
 from vision_tl.core.shims import stop_fit_as_on_sigterm
 from vision_tl.core.signals import Interrupted, pending
 from vision_tl.data.datamodule import Augmentation, ImageDataModule
@@ -244,13 +245,25 @@ class EpochHistory(L.Callback):
     TensorBoard; a resumed run keeps the rows of the epochs it already did.
     """
 
-    COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr")
+    COLUMNS = (
+        "epoch",
+        "train_loss",
+        "train_acc",
+        "train_acc_lo",
+        "train_acc_hi",
+        "val_loss",
+        "val_acc",
+        "val_acc_lo",
+        "val_acc_hi",
+        "lr",
+    )
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.rows: dict[int, dict[str, float]] = {}
         self._loss_sum = 0.0
         self._count = 0
+        self._val_count = 0
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.path.exists() and trainer.ckpt_path:
@@ -278,17 +291,40 @@ class EpochHistory(L.Callback):
             self._loss_sum += float(loss.detach()) * size
             self._count += size
 
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._val_count = 0
+
+    def on_validation_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._val_count += len(batch[1])
+
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or trainer.fast_dev_run:
             return
         metrics = trainer.callback_metrics
         train_acc = getattr(pl_module, "train_acc", None)
+        train = float(train_acc.compute()) if train_acc is not None else math.nan
+        val = float(metrics["val/acc"]) if "val/acc" in metrics else math.nan
+        # Each accuracy with its 95% Wilson interval over the images it counted (all ranks).
+        train_ci = wilson_interval(train, self._count * trainer.world_size) or [math.nan] * 2
+        val_ci = wilson_interval(val, self._val_count * trainer.world_size) or [math.nan] * 2
         row = {
             "epoch": trainer.current_epoch,
             "train_loss": self._loss_sum / self._count if self._count else math.nan,
-            "train_acc": float(train_acc.compute()) if train_acc is not None else math.nan,
+            "train_acc": train,
+            "train_acc_lo": train_ci[0],
+            "train_acc_hi": train_ci[1],
             "val_loss": float(metrics["val/loss"]) if "val/loss" in metrics else math.nan,
-            "val_acc": float(metrics["val/acc"]) if "val/acc" in metrics else math.nan,
+            "val_acc": val,
+            "val_acc_lo": val_ci[0],
+            "val_acc_hi": val_ci[1],
             "lr": trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else math.nan,
         }
         self.rows[trainer.current_epoch] = row
