@@ -54,6 +54,11 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
     p for p in (str(OFFLINE), os.environ.get("PYTHONPATH")) if p
 )
 network_guard.install()
+# Engines: the suite's commands predict a few tiny images per process, where converting
+# the network for OpenVINO costs more than it saves, and spies count eager forwards.
+# `auto` runs eager here (core.engines.SITE_ENGINE); tests/test_engines.py runs every
+# engine by name and `auto` with the variable removed.
+os.environ.setdefault("VISION_TL_ENGINE", "torch")
 
 
 TIERS = ("unit", "integration", "slow")

@@ -131,7 +131,9 @@ def test_transforms_apply_size_and_normalisation() -> None:
     assert out.shape == (3, 24, 24) and out.dtype == torch.uint8
     expected = (torch.tensor([255, 128, 0]) / 255 - 0.5) / 0.25
     torch.testing.assert_close(normalize_batch(out[None], pre)[0, :, 12, 12], expected)
-    with pytest.raises(ConfigError, match="unknown augment 'mixup'; available: documents, flip_crop"):
+    with pytest.raises(
+        ConfigError, match="unknown augment 'mixup'; available: documents, flip_crop"
+    ):
         train_transform(pre, "mixup")
 
 

@@ -81,7 +81,11 @@ def test_every_engine_computes_what_eager_pytorch_does(name: str) -> None:
 
 
 @pytest.mark.unit
-def test_auto_is_openvino_on_a_cpu_and_eager_on_a_gpu() -> None:
+def test_auto_is_openvino_on_a_cpu_and_eager_on_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VISION_TL_ENGINE", "onnxruntime")  # a site's choice for auto
+    assert resolve_engine("auto", torch.device("cpu")).name == "onnxruntime"
+    assert resolve_engine("auto", torch.device("cuda")).name == "torch"
+    monkeypatch.delenv("VISION_TL_ENGINE")
     require("openvino")
     assert resolve_engine("auto", torch.device("cpu")).name == "openvino"
     assert resolve_engine("auto", torch.device("cuda")).name == "torch"
@@ -89,6 +93,30 @@ def test_auto_is_openvino_on_a_cpu_and_eager_on_a_gpu() -> None:
         resolve_engine("openvino", torch.device("cuda"))
     with pytest.raises(ConfigError, match=r"unknown inference engine 'tensorrt'; available: "):
         resolve_engine("tensorrt", torch.device("cpu"))
+
+
+class _Antialiased(nn.Module):
+    """A network OpenVINO's converter has no rule for (antialiased bilinear resizing)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        small = nn.functional.interpolate(x, scale_factor=0.5, mode="bilinear", antialias=True)
+        return small.mean((2, 3))
+
+
+@pytest.mark.unit
+def test_auto_runs_eager_what_openvino_cannot_convert_and_a_named_engine_says_so(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    require("openvino")
+    monkeypatch.delenv("VISION_TL_ENGINE")
+    x = torch.rand(3, 3, 16, 16)
+    runner = compile_forward(_Antialiased(), "auto", "fp32", torch.device("cpu"))
+    torch.testing.assert_close(runner(x), _Antialiased()(x))
+    assert runner.engine == "torch"
+    assert "inference.engine=auto: openvino cannot run this network" in caplog.text
+    named = compile_forward(_Antialiased(), "openvino", "fp32", torch.device("cpu"))
+    with pytest.raises(Exception, match="upsample"):
+        named(x)
 
 
 @pytest.mark.unit

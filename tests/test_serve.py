@@ -351,10 +351,36 @@ def test_serve_options_are_checked_before_any_work() -> None:
 
 
 def test_model_path_and_missing_checkpoint_are_one_line_errors(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="exported models are served once"):
+    with pytest.raises(ConfigError, match=r"no model\.json \(not an export folder\)"):
         build_scorer({"model_path": str(tmp_path)})
+    with pytest.raises(ConfigError, match="give ckpt_path or model_path, not both"):
+        build_scorer({"model_path": str(tmp_path), "ckpt_path": "x.ckpt"})
     with pytest.raises(ConfigError, match="ckpt_path is required"):
         build_scorer({"ckpt_path": None})
+
+
+@pytest.mark.integration
+def test_an_export_folder_is_served_as_predict_runs_it(
+    ckpt: Path, good: Path, tmp_path: Path
+) -> None:
+    """`model_path=EXPORT`: the scorer runs the exported file and answers what
+    `predict model_path=EXPORT` writes for the same images."""
+    from vision_tl.inference.export import run_export
+
+    export = tmp_path / "export"
+    run_export(compose_entry("export", [f"ckpt_path={ckpt}", "format=onnx"], export))
+    scorer = build_scorer({"model_path": str(export), "serve": {"max_batch_size": 4}})
+    assert scorer.info["model"].endswith(".onnx") and "checkpoint" not in scorer.info
+    files = sorted(good.glob("*.png"))
+    probs = scorer.probabilities([scorer.decode(f.read_bytes()) for f in files])
+    frame = run_predict(
+        compose_entry("predict", [f"model_path={export}", f"input={good}"], tmp_path / "p")
+    ).set_index("path")
+    answers = scorer.answers([f.name for f in files], probs.numpy())
+    for file, answer in zip(files, answers, strict=True):
+        row = frame.loc[file.name]
+        assert answer.label == row.label
+        assert answer.confidence == pytest.approx(row.confidence, abs=1e-5)
 
 
 def test_a_missing_serve_extra_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -30,8 +30,8 @@ import torch
 from torch import nn
 
 from vision_tl.core.config import cache_dir
-from vision_tl.core.errors import ConfigError
-from vision_tl.core.logs import onnx_export_quiet
+from vision_tl.core.errors import ConfigError, error_line
+from vision_tl.core.logs import onnx_export_quiet, root_level_kept
 from vision_tl.core.registry import Registry
 from vision_tl.core.runtime import (
     available_cpus,
@@ -44,6 +44,8 @@ from vision_tl.core.validate import Allowed
 log = logging.getLogger(__name__)
 
 AUTO = "auto"
+# What `auto` means on this machine, when set (see `resolve_engine`).
+SITE_ENGINE = "VISION_TL_ENGINE"
 
 
 class Runner(Protocol):
@@ -101,9 +103,14 @@ ENGINE_RULE = Allowed(
 
 
 def resolve_engine(name: str, device: torch.device) -> Engine:
-    """The engine `name` stands for on `device`: `auto` is OpenVINO on a CPU where it is
-    installed, else PyTorch; a named engine must be installed, and only PyTorch runs on
-    a GPU."""
+    """The engine `name` stands for on `device`: `auto` is the site's `$VISION_TL_ENGINE`
+    when set (a machine where conversion does not pay, such as a CI runner that predicts
+    a few images per process), else OpenVINO on a CPU where it is installed, else
+    PyTorch; a named engine must be installed, and only PyTorch runs on a GPU."""
+    if name == AUTO and os.environ.get(SITE_ENGINE, AUTO) in ENGINES.names():
+        name = os.environ[SITE_ENGINE]
+        if device.type != "cpu":
+            return ENGINES.get("torch")()
     if name == AUTO:
         if device.type == "cpu" and ENGINES.get("openvino").installed():
             return ENGINES.get("openvino")()
@@ -414,12 +421,18 @@ class LazyRunner:
     no engine is built for an empty input and no caller needs to know the input sizes."""
 
     def __init__(
-        self, engine: Engine, module: nn.Module, precision: str, device: torch.device
+        self,
+        engine: Engine,
+        module: nn.Module,
+        precision: str,
+        device: torch.device,
+        fallback: bool = False,
     ) -> None:
         self.chosen, self.module, self.device = engine, module, device
-        resolved = resolve_precision(precision, device)
+        self.requested = resolve_precision(precision, device)
         self.engine = engine.name
-        self.precision = resolved if resolved in engine.precisions else "fp32"
+        self.precision = self.requested if self.requested in engine.precisions else "fp32"
+        self.fallback = fallback  # `auto` chose the engine: a network it cannot convert runs eager
         self.runner: Runner | None = None
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
@@ -427,7 +440,25 @@ class LazyRunner:
             # A batch of 2 keeps the batch axis free (an exporter specialises a size of 1).
             examples = tuple(t[:1].detach().float().cpu().expand(2, *t.shape[1:]) for t in inputs)
             examples = tuple(t.contiguous() for t in examples)
-            self.runner = self.chosen.compile(self.module, examples, self.precision, self.device)
+            try:
+                with root_level_kept():
+                    self.runner = self.chosen.compile(
+                        self.module, examples, self.precision, self.device
+                    )
+            except Exception as err:
+                if not self.fallback or self.chosen.name == "torch":
+                    raise
+                log.warning(
+                    "inference.engine=auto: %s cannot run this network (%s); running it on "
+                    "torch (eager PyTorch)",
+                    self.chosen.name,
+                    error_line(err),
+                )
+                self.chosen = ENGINES.get("torch")()
+                self.engine = self.chosen.name
+                self.runner = self.chosen.compile(
+                    self.module, examples, self.requested, self.device
+                )
             self.precision = self.runner.precision
             self.module = None  # the runner holds what it needs
         return self.runner(*inputs)
@@ -444,4 +475,5 @@ def compile_forward(
     first batch; `module` is an inference copy the caller prepared (BatchNorms folded as
     its precision wants). An unknown or missing engine fails here, before any work."""
     chosen = resolve_engine(engine, device)
-    return LazyRunner(chosen, Forward(module, method).eval(), precision, device)
+    fallback = engine == AUTO
+    return LazyRunner(chosen, Forward(module, method).eval(), precision, device, fallback)

@@ -137,6 +137,18 @@ def onnx_export_quiet() -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def root_level_kept() -> Iterator[None]:
+    """Inside: a converter may change the root logger's level (OpenVINO's PyTorch frontend
+    leaves it at ERROR after a failed conversion, which silenced every later line of the
+    run); it is put back on the way out."""
+    level = logging.root.level
+    try:
+        yield
+    finally:
+        logging.root.setLevel(level)
+
+
+@contextlib.contextmanager
 def quiet_loggers(*names: str) -> Iterator[None]:
     """Inside: the loggers `names` log warnings only."""
     chatty = [logging.getLogger(name) for name in names]

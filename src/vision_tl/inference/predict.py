@@ -33,11 +33,12 @@ def run_predict(cfg: DictConfig) -> pd.DataFrame:
             raise ConfigError("give ckpt_path or model_path, not both")
         exported = load_export(cfg.model_path)
         predictor = predictor_from_export(exported, cfg)
-        class_names, source = exported.class_names, exported.file
+        class_names, source, operating_point = exported.class_names, exported.file, None
     else:
         loaded = load_checkpoint(cfg.get("ckpt_path"))
         predictor = predictor_from_config(loaded, cfg)
         class_names, source = loaded.class_names, loaded.path
+        operating_point = loaded.operating_point
     inputs = collect_inputs(cfg.get("input"))
     log.info("Predicting %d image(s) from %s with %s", len(inputs.files), cfg.input, source)
     result = predictor.predict(inputs.files)
@@ -51,7 +52,7 @@ def run_predict(cfg: DictConfig) -> pd.DataFrame:
         top_k=cfg.get("top_k", 3),
         reject_threshold=cfg.get("reject_threshold"),
         unknown_label=cfg.get("unknown_label", "unknown"),
-        operating_point=loaded.operating_point if cfg.get("apply_operating_point", True) else None,
+        operating_point=operating_point if cfg.get("apply_operating_point", True) else None,
     )
     write_csv(frame, out / "predictions.csv", index=False, float_format="%.6g")
     write, template = submission_settings(cfg.get("submission"))
@@ -60,7 +61,7 @@ def run_predict(cfg: DictConfig) -> pd.DataFrame:
         if len(set(ids)) < len(ids):
             log.warning("submission.csv has duplicate ids (same file stem in several folders)")
         submission = submission_frame(
-            ids, list(frame["label"]), result.probs, loaded.class_names, template
+            ids, list(frame["label"]), result.probs, class_names, template
         )
         write_csv(submission, out / "submission.csv", index=False)
     write_unreadable(out / "unreadable.csv", inputs.names, result.unreadable)

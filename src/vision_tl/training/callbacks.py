@@ -20,9 +20,9 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from vision_tl.core.errors import ConfigError
 from vision_tl.core.io import write_csv
-from vision_tl.core.stats import wilson_interval
 from vision_tl.core.shims import stop_fit_as_on_sigterm
 from vision_tl.core.signals import Interrupted, pending
+from vision_tl.core.stats import wilson_interval
 from vision_tl.data.datamodule import Augmentation, ImageDataModule
 from vision_tl.data.decode import error_line
 from vision_tl.data.features import CachedFeatures, FeatureSpec, build_features

@@ -1,8 +1,8 @@
 """Image bytes in, calibrated class probabilities out: what `serve` runs for each upload,
 on the decode path and the `Predictor` that `predict` uses, so both give one answer.
 
-`build_scorer(cfg)` is the one place a served model is made: a checkpoint today; an
-exported model (`model_path=`) plugs in here once the fast inference engines land.
+`build_scorer(cfg)` is the one place a served model is made: a checkpoint (`ckpt_path=`)
+or an export folder (`model_path=`, run by the engine its `model.json` names).
 """
 
 from __future__ import annotations
@@ -22,8 +22,14 @@ from torch.utils.data import default_collate
 
 from vision_tl.core.errors import ConfigError, error_line
 from vision_tl.data.decode import ImageTooLarge, ReadLimits, too_large
-from vision_tl.inference.checkpoint import load_checkpoint
-from vision_tl.inference.predictor import Predictor, predictions_frame, predictor_from_config
+from vision_tl.inference.checkpoint import load_checkpoint, load_export
+from vision_tl.inference.predictor import (
+    Predictor,
+    engine_setting,
+    predictions_frame,
+    predictor_from_config,
+    predictor_from_export,
+)
 
 # One image's views as they travel from the HTTP process to the model's: uint8 arrays
 # [V, C, S, S] (one per member for an ensemble whose members need different pixels).
@@ -179,17 +185,14 @@ def file_digest(path: Path) -> str:
 
 
 def build_scorer(cfg: DictConfig | dict[str, Any]) -> Scorer:
-    """The scorer an entry config describes (`ckpt_path`, `precision`, `calibrate`,
-    `top_k`, `reject_threshold`, `data.max_image_pixels`, `serve.*`): the one place a
-    served model is made."""
+    """The scorer an entry config describes (`ckpt_path` or an export folder's
+    `model_path`, `precision`, `calibrate`, `inference.engine`, `top_k`,
+    `reject_threshold`, `data.max_image_pixels`, `serve.*`): the one place a served model
+    is made."""
     cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
-    if cfg.get("model_path"):
-        raise ConfigError(
-            f"model_path={cfg.model_path}: exported models are served once the fast "
-            "inference engines land; serve the checkpoint with ckpt_path=CKPT"
-        )
+    if cfg.get("model_path") and cfg.get("ckpt_path"):
+        raise ConfigError("give ckpt_path or model_path, not both")
     serve = cfg.get("serve") or {}
-    loaded = load_checkpoint(cfg.get("ckpt_path"))
     max_body = int(serve.get("max_body_bytes") or ReadLimits().max_file_bytes)
     data = cfg.get("data") or {}
     predictor_cfg = OmegaConf.create(
@@ -200,6 +203,7 @@ def build_scorer(cfg: DictConfig | dict[str, Any]) -> Scorer:
             "tta": OmegaConf.to_container(cfg.tta) if cfg.get("tta") else {},
             "precision": cfg.get("precision", "auto"),
             "calibrate": cfg.get("calibrate", True),
+            "inference": {"engine": engine_setting(cfg)},
             "progress": False,
             "data": {
                 "max_file_bytes": max_body,
@@ -207,13 +211,27 @@ def build_scorer(cfg: DictConfig | dict[str, Any]) -> Scorer:
             },
         }
     )
-    predictor = predictor_from_config(loaded, predictor_cfg)
+    if cfg.get("model_path"):  # an export folder (python -m vision_tl.export)
+        exported = load_export(cfg.model_path)
+        predictor = predictor_from_export(exported, predictor_cfg)
+        class_names, preprocess = exported.class_names, exported.preprocess
+        described = {"model": str(exported.file), "backbones": exported.card.get("backbones")}
+        version = file_digest(exported.file)
+    else:
+        loaded = load_checkpoint(cfg.get("ckpt_path"))
+        predictor = predictor_from_config(loaded, predictor_cfg)
+        class_names, preprocess = loaded.class_names, loaded.preprocess
+        described = {
+            "checkpoint": str(loaded.path),
+            "backbones": [b.name for b in loaded.model.backbones()],
+        }
+        version = file_digest(loaded.path)
     info = {
-        "classes": loaded.class_names,
-        "preprocessing": loaded.preprocess.to_dict(),
-        "version": file_digest(loaded.path),
-        "checkpoint": str(loaded.path),
-        "backbones": [b.name for b in loaded.model.backbones()],
+        "classes": class_names,
+        "preprocessing": preprocess.to_dict(),
+        "version": version,
+        **described,
+        "engine": predictor.engine,
         "precision": predictor.precision,
         "device": str(predictor.device),
         "temperature": predictor.temperature,
@@ -230,7 +248,7 @@ def build_scorer(cfg: DictConfig | dict[str, Any]) -> Scorer:
     }
     return Scorer(
         predictor,
-        loaded.class_names,
+        class_names,
         info,
         min_side=info["limits"]["min_side"],
         top_k=info["top_k"],
