@@ -174,7 +174,7 @@ def predictions(ckpt_or_model: str, input_dir: Path, out: Path, *extra: str) -> 
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("fmt", ["openvino", "onnx_int8"])
+@pytest.mark.parametrize("fmt", ["openvino", pytest.param("onnx_int8", marks=pytest.mark.slow)])
 def test_export_round_trip_and_predict_from_the_exported_folder(
     fmt: str, trained: dict[str, Path], tmp_path: Path
 ) -> None:

@@ -195,7 +195,7 @@ def test_predict_refuses_an_image_above_the_pixel_limit_as_training_does(hostile
     assert "big.png" not in set(_rows(hostile.run / "predictions.csv")["path"])
 
 
-@pytest.mark.integration
+@pytest.mark.slow
 def test_eval_and_audit_write_a_name_that_is_not_utf8_escaped(hostile: Hostile) -> None:
     """Was: a traceback (UnicodeEncodeError) from eval and from audit."""
     assert hostile.result.returncode == 0, output(hostile.result)[-3000:]
@@ -321,7 +321,7 @@ def interrupted_lines(result: subprocess.CompletedProcess) -> list[str]:
     return [line for line in output(result).splitlines() if "interrupted by SIG" in line]
 
 
-@pytest.mark.integration
+@pytest.mark.slow
 def test_sigterm_stops_a_run_with_a_checkpoint_and_slurm_resubmission_resumes_it(
     tmp_path: Path,
 ) -> None:
@@ -351,7 +351,7 @@ def test_sigterm_stops_a_run_with_a_checkpoint_and_slurm_resubmission_resumes_it
     assert status["status"] == "done" and status["attempts"] == 2
 
 
-@pytest.mark.integration
+@pytest.mark.slow
 def test_sigterm_to_a_sweep_records_the_job_writes_the_summary_and_exits_non_zero(
     tmp_path: Path,
 ) -> None:
@@ -455,7 +455,7 @@ def test_a_disk_full_from_the_start_fails_in_one_line_naming_the_run_and_leaves_
         assert not list((run / "checkpoints").glob("*")), list((run / "checkpoints").iterdir())
 
 
-@pytest.mark.integration
+@pytest.mark.slow
 def test_a_disk_that_fills_mid_run_keeps_the_previous_checkpoint_loadable(
     hostile: Hostile, tmp_path: Path
 ) -> None:

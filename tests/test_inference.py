@@ -244,7 +244,7 @@ def timm_ckpt(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     return _train(data_root, tmp_path_factory.mktemp("timm"), timm)
 
 
-@pytest.mark.integration
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["ensemble_ckpt", "timm_ckpt"])
 def test_onnx_parity_for_an_ensemble_and_a_timm_model(
     which: str, request: pytest.FixtureRequest, tmp_path: Path

@@ -161,7 +161,7 @@ def test_worker_processes_share_one_journal_study_and_its_cap(tmp_path: Path) ->
     assert sorted(int(p.name) for p in tmp_path.iterdir() if p.name.isdigit()) == list(range(6))
 
 
-@pytest.mark.integration
+@pytest.mark.slow
 def test_a_killed_workers_trial_is_retried_by_the_other(tmp_path: Path) -> None:
     storage = f"sqlite:///{tmp_path}/s.db"
     hanging = _start(storage, 4, str(tmp_path), True, 1)

@@ -106,7 +106,7 @@ def test_grid_sweep_one_dir_per_job_and_summary(sweep_data: Path, tmp_path: Path
     assert row["best_val_acc"] == pytest.approx(history["val_acc"].max())
 
 
-@pytest.mark.integration
+@pytest.mark.slow
 def test_optuna_study_persists_in_sqlite_and_two_workers_share_it(
     sweep_data: Path, tmp_path: Path
 ) -> None:
@@ -160,7 +160,7 @@ def test_optuna_study_persists_in_sqlite_and_two_workers_share_it(
     assert _decodes(sweep_dir / "optuna_importances.png")
 
 
-@pytest.mark.integration
+@pytest.mark.slow
 def test_interrupted_sweep_resumes_without_redoing_finished_jobs(
     sweep_data: Path, tmp_path: Path
 ) -> None:
@@ -200,7 +200,7 @@ def test_interrupted_sweep_resumes_without_redoing_finished_jobs(
     assert "resuming from" in (second / "train.log").read_text()
 
 
-@pytest.mark.integration
+@pytest.mark.slow
 def test_failing_job_is_recorded_and_ddp_lp_ft_job_finishes_under_joblib(
     sweep_data: Path, tmp_path: Path
 ) -> None:
