@@ -173,8 +173,13 @@ def predictions(ckpt_or_model: str, input_dir: Path, out: Path, *extra: str) -> 
     return run_predict(cfg)
 
 
-@pytest.mark.integration
-@pytest.mark.parametrize("fmt", ["openvino", pytest.param("onnx_int8", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "fmt",
+    [
+        pytest.param("openvino", marks=pytest.mark.integration),
+        pytest.param("onnx_int8", marks=pytest.mark.slow),
+    ],
+)
 def test_export_round_trip_and_predict_from_the_exported_folder(
     fmt: str, trained: dict[str, Path], tmp_path: Path
 ) -> None:
