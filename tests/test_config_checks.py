@@ -173,8 +173,21 @@ BAD_INPUTS = {
 }
 
 
-@pytest.mark.integration
-def test_each_bad_input_exits_1_with_one_error_line_and_no_metrics(tmp_path: Path) -> None:
+# Through the command line in the default tier: one mistake the pre-Hydra check catches and
+# those only the model or the data reveal (every rule is also checked in-process above).
+AT_RUN_TIME = ["typo_in_a_key", "too_many_stages", "missing_data_root", "unknown_backbone"]
+
+
+@pytest.mark.parametrize(
+    "names",
+    [
+        pytest.param(AT_RUN_TIME, marks=pytest.mark.integration, id="at-run-time"),
+        pytest.param(list(BAD_INPUTS), marks=pytest.mark.slow, id="all"),
+    ],
+)
+def test_each_bad_input_exits_1_with_one_error_line_and_no_metrics(
+    names: list[str], tmp_path: Path
+) -> None:
     def run(name: str) -> tuple[str, subprocess.CompletedProcess]:
         overrides, _ = BAD_INPUTS[name]
         run_dir = (
@@ -186,7 +199,7 @@ def test_each_bad_input_exits_1_with_one_error_line_and_no_metrics(tmp_path: Pat
         return name, run_cli(args, cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
 
     with ThreadPoolExecutor(2) as pool:
-        results = dict(pool.map(run, BAD_INPUTS))
+        results = dict(pool.map(run, names))
     for name, result in results.items():
         expected = BAD_INPUTS[name][1]
         errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]

@@ -48,7 +48,7 @@ def test_teacher_sees_the_student_batch_at_its_own_size_and_statistics() -> None
     torch.testing.assert_close(seen[0], (resized - t_mean) / t_std, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.integration
+@pytest.mark.slow
 def test_distillation_caches_teacher_logits_for_fixed_views_and_runs_it_otherwise(
     compose_train, image_folder: Path, tmp_path: Path
 ) -> None:

@@ -155,7 +155,7 @@ def test_experiment_trains(compose_train, image_folder: Path, tmp_path: Path, na
     assert (tmp_path / "metrics.json").exists()
 
 
-@pytest.mark.integration
+@pytest.mark.slow
 def test_competition_recipe_writes_predictions_for_the_unlabeled_test_folder(
     compose_train, tmp_path: Path
 ) -> None:

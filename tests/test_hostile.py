@@ -268,7 +268,7 @@ def edited_predict(hostile: Hostile) -> tuple[Path, subprocess.CompletedProcess]
     return root / "run", result
 
 
-@pytest.mark.integration
+@pytest.mark.slow
 def test_dev_zero_a_fifo_and_a_folder_in_a_predict_csv_are_listed_in_bounded_time_and_memory(
     edited_predict: tuple[Path, subprocess.CompletedProcess],
 ) -> None:
@@ -443,7 +443,7 @@ def _assert_one_line_naming(result: subprocess.CompletedProcess, run: Path) -> N
     assert not [p for p in run.rglob("*") if p.name.endswith(".tmp") or p.name.startswith("tmp")]
 
 
-@pytest.mark.integration
+@pytest.mark.slow
 def test_a_disk_full_from_the_start_fails_in_one_line_naming_the_run_and_leaves_no_checkpoint(
     hostile: Hostile, tmp_path: Path
 ) -> None:
@@ -473,7 +473,7 @@ def test_a_disk_that_fills_mid_run_keeps_the_previous_checkpoint_loadable(
 # ------------------------------------------------------------------ the sweep report
 
 
-@pytest.mark.integration
+@pytest.mark.slow
 def test_report_escapes_hostile_folder_names_and_skips_damaged_jobs(tmp_path: Path) -> None:
     """Was: raw HTML from folder names in summary.md; `KeyError: 'val_acc'` on a truncated
     history.csv, and no summary."""

@@ -140,7 +140,7 @@ def _start(*args) -> multiprocessing.Process:
     return process
 
 
-@pytest.mark.integration
+@pytest.mark.slow
 def test_worker_processes_share_one_journal_study_and_its_cap(tmp_path: Path) -> None:
     """Two workers on one Journal file (SQLite: tests/test_sweep.py, through the command
     line): 6 trials, 6 numbers, 6 job folders, none run twice."""

@@ -9,6 +9,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
 from conftest import OFFLINE, REPO
 
 from vision_tl.core.config import config_dir
@@ -25,6 +26,7 @@ def test_checkout_uses_the_top_level_conf() -> None:
     assert (config_dir() / "train.yaml").is_file()
 
 
+@pytest.mark.slow
 def test_wheel_ships_the_configs(tmp_path: Path) -> None:
     subprocess.run(
         offline_pip(

@@ -101,7 +101,7 @@ def _stripes(horizontal: bool, seed: int, size: int) -> Image.Image:
     return Image.fromarray(pixels)
 
 
-@pytest.mark.integration
+@pytest.mark.slow
 def test_learns_where_only_shape_separates_the_classes(compose_train, tmp_path: Path) -> None:
     """Colour says nothing about the class here: a broken resize, crop or layout cannot pass."""
     root = tmp_path / "stripes"
@@ -167,7 +167,7 @@ def test_auto_class_weights_reach_the_loss(compose_train, tmp_path: Path) -> Non
     assert spy["class_weights"] == pytest.approx([w * scale for w in inverse])  # [0.5, 1.5]
 
 
-@pytest.mark.integration
+@pytest.mark.slow
 def test_precision_asked_is_the_precision_used(
     compose_train, image_folder: Path, tmp_path: Path
 ) -> None:
