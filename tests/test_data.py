@@ -169,6 +169,7 @@ def _digest(root: Path) -> str:
     return h.hexdigest()
 
 
+@pytest.mark.integration
 def test_builtin_shapes_dataset_is_deterministic_and_generated_once(
     tmp_path: Path, session_cache: Path
 ) -> None:

@@ -63,7 +63,7 @@ class Tiny(nn.Module):
         return self.head(self.body(x))
 
 
-@pytest.mark.unit
+@pytest.mark.integration
 @pytest.mark.parametrize("name", ENGINES.names())
 def test_every_engine_computes_what_eager_pytorch_does(name: str) -> None:
     if name in LISTED:

@@ -77,6 +77,7 @@ def _datamodule(
     return data.datamodule(pre), data.feature_spec
 
 
+@pytest.mark.integration
 def test_cached_features_equal_the_backbone_on_images(image_folder: Path) -> None:
     task = _task()
     dm, spec = _datamodule(image_folder, task, augment="none")
@@ -128,6 +129,7 @@ def test_ensemble_heads_run_on_concatenated_member_features(fusion: str) -> None
         torch.testing.assert_close(model.classify_features(features), model(x))
 
 
+@pytest.mark.integration
 def test_augmented_views_and_clear_bypasses(
     image_folder: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -305,6 +307,7 @@ def test_ensemble_probe_with_augmented_views_trains_from_the_cache(
     assert spy["backbone_calls"] > 0, "the spy sees the members when they do run"
 
 
+@pytest.mark.integration
 def test_a_views_subset_gives_the_rows_the_whole_split_would_and_lends_them(
     image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -16,9 +16,9 @@ from vision_tl.inference.predictor import Predictor
 from vision_tl.models import build_model
 from vision_tl.training.build import build_data
 
-pytestmark = pytest.mark.unit
 
 
+@pytest.mark.unit
 def test_auto_is_bf16_only_where_it_runs_natively() -> None:
     cpu = torch.device("cpu")
     assert resolve_precision("auto", cpu) == ("bf16" if native_bf16(cpu) else "fp32")
@@ -29,6 +29,7 @@ def test_auto_is_bf16_only_where_it_runs_natively() -> None:
         build_data({"root": "x", "feature_precision": "half"})
 
 
+@pytest.mark.integration
 def test_bf16_features_are_a_separate_entry_close_to_fp32(tmp_path: Path) -> None:
     root = make_image_folder(tmp_path / "data", per_class=3)
     model = build_model({"backbone": {"name": "resnet18"}}, 3, pretrained=False).eval()
