@@ -17,7 +17,6 @@ from vision_tl.models import build_model
 from vision_tl.training.build import build_data
 
 
-
 @pytest.mark.unit
 def test_auto_is_bf16_only_where_it_runs_natively() -> None:
     cpu = torch.device("cpu")
