@@ -128,6 +128,7 @@ def test_every_finetune_policy_sets_a_trainable_head(mode: str) -> None:
     assert backbone_trains == (policy.cache_bypass_reason() is not None)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name", DATASETS.names())
 def test_every_builtin_dataset_generates_a_trainable_folder(name: str, session_cache: Path) -> None:
     keys = {"builtin": name, "cache": str(session_cache)}
@@ -194,6 +195,7 @@ def test_the_workplace_cycle_tool_agrees() -> None:
     assert out.strip().splitlines()[-1].startswith("cycles=0 "), out
 
 
+@pytest.mark.integration
 def test_models_and_preprocessing_import_without_the_training_stack() -> None:
     code = (
         "import sys, vision_tl.models, vision_tl.data.preprocess, vision_tl.core.io\n"

@@ -57,6 +57,7 @@ def test_timm_failed_download_names_url_and_cache_path() -> None:
     assert timm_cache_path("tf_efficientnet_lite0") in message
 
 
+@pytest.mark.integration
 def test_local_state_dict_and_safetensors(tmp_path: Path) -> None:
     state = _random_resnet18_state()
     torch.save(state, tmp_path / "w.pth")
@@ -77,6 +78,7 @@ def test_lightning_checkpoint_loads_into_a_bare_backbone(tmp_path: Path) -> None
     torch.testing.assert_close(backbone.body.conv1.weight, trained.body.conv1.weight)
 
 
+@pytest.mark.integration
 def test_mismatched_weights_file_is_a_clear_error(tmp_path: Path) -> None:
     import torchvision
 
