@@ -97,6 +97,7 @@ def test_cached_features_equal_the_backbone_on_images(image_folder: Path) -> Non
     assert prepare_features((dm, spec), task).hits == {"eval": True}
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(("requested", "expected"), [(None, 8), (5, 5)])
 def test_feature_cache_batches_are_small_on_a_cpu_unless_asked(
     image_folder: Path, requested: int | None, expected: int, monkeypatch: pytest.MonkeyPatch

@@ -141,6 +141,7 @@ def _probe_heads(
         )
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("optimizer", "task_options"),
     [
@@ -194,6 +195,7 @@ def test_every_searched_l2_penalty_regularises_the_default_probe_head() -> None:
         assert by_l2[-1] <= 0.5 * by_l2[0], (lr, by_l2)
 
 
+@pytest.mark.integration
 def test_the_probe_penalty_is_the_loss_s_not_the_optimizer_s_decay() -> None:
     """The probe's L2 penalty is in the loss and the optimizer's own weight decay is off:
     AdamW configured with a large decoupled decay trains exactly the heads AdamW without

@@ -146,7 +146,7 @@ def test_per_member_preprocessing_round_trips_and_old_single_form_loads() -> Non
     assert resolved.members[1].mean == (0.5, 0.5, 0.5)
 
 
-@pytest.mark.unit
+@pytest.mark.integration
 @pytest.mark.parametrize("fusion, head", [("logits", None), ("mean", None), ("features", "linear")])
 def test_member_scores_are_each_members_share_of_the_fused_prediction(
     fusion: str, head: str | None
