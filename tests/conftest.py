@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -168,6 +171,20 @@ def compose_train() -> Callable[..., DictConfig]:
             return compose("train", overrides=[*overrides, f"paths.output_dir={output_dir}"])
 
     return _compose
+
+
+def browser_check(page: Path, png: Path, *args: str, timeout: int = 120) -> dict:
+    """Open `page` in headless Chromium through `bench/audit_browser.py` (a screenshot in
+    `png`, `args` such as `--click SEL`) and return what it reports of the rendered page."""
+    result = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "audit_browser.py"), str(page), str(png), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(result.stdout)
 
 
 def run_cli(

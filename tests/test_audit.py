@@ -6,14 +6,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import REPO, SHARED_WEIGHTS, TINY, run_cli
+from conftest import SHARED_WEIGHTS, TINY, browser_check, run_cli
 from PIL import Image, ImageDraw
 
 from vision_tl.training.train import run_training
@@ -189,19 +187,6 @@ def test_page_renders_in_headless_chromium(audited, tmp_path: Path) -> None:
     """The real browser loads the page and decodes every thumbnail."""
     _, out, _ = audited
     png = tmp_path / "audit.png"
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "bench" / "audit_browser.py"),
-            str(out / "audit.html"),
-            str(png),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    checks = json.loads(result.stdout)
+    checks = browser_check(out / "audit.html", png)
     assert checks["images"] >= 10 and checks["loaded"] == checks["images"]
     assert checks["title"] == "Dataset audit" and png.stat().st_size > 10_000

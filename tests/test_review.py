@@ -3,17 +3,14 @@ thumbnail decodes, and clicking a confusion-matrix count shows the images it cou
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import TINY, compose_entry, make_image_folder
+from conftest import TINY, browser_check, compose_entry, make_image_folder
 
 from vision_tl.inference.eval import run_eval
 from vision_tl.training.train import run_training
@@ -63,24 +60,15 @@ def test_clicking_a_confusion_count_shows_its_images_in_chromium(
     true, predicted = (wrong.iloc[0] if len(wrong) else frame.iloc[0])[["true_label", "top1_label"]]
     cell = f"cell-{classes.index(true)}-{classes.index(predicted)}"
     count = int(((frame.true_label == true) & (frame.top1_label == predicted)).sum())
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "bench" / "audit_browser.py"),
-            str(reviewed / "review.html"),
-            str(tmp_path / "review.png"),
-            "--click",
-            f'a[href="#{cell}"]',
-            "--after-png",
-            str(tmp_path / "cell.png"),
-        ],
-        capture_output=True,
-        text=True,
+    seen = browser_check(
+        reviewed / "review.html",
+        tmp_path / "review.png",
+        "--click",
+        f'a[href="#{cell}"]',
+        "--after-png",
+        str(tmp_path / "cell.png"),
         timeout=180,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
     )
-    assert result.returncode == 0, result.stderr[-2000:]
-    seen = json.loads(result.stdout)
     assert seen["title"] == "Review" and seen["images"] == len(frame) + 2 * 4
     assert seen["loaded"] == seen["images"], "every thumbnail and overlay decodes"
     assert seen["clicked"] and seen["visible"] == [cell], "only the clicked cell's images"
