@@ -36,6 +36,8 @@ ENTRY_POINTS = {
     "audit",
     "select",
     "serve",
+    "discover",
+    "suggest",
 }
 PACKAGE = REPO / "src" / "vision_tl"
 LAYERS = ("core", "data", "models", "training", "inference", "sweeps")

@@ -31,6 +31,8 @@ PACKAGE = REPO / "src" / "vision_tl"
 PLACEHOLDERS = {
     "DIR": "images",
     "IMAGES": "images",
+    "POOL": "images",
+    "UNKNOWN_DIR": "images",
     "/path/to/images": "images",
     "../shared/datasets/hymenoptera": "images",
     "~/.cache/vision_tl/datasets/shapes-v1/test": "images",

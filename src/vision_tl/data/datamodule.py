@@ -165,6 +165,11 @@ def load_catalog(source: Source, settings: DataSettings) -> Catalog:
     return catalog
 
 
+def log_skipped(key: str, reason: str) -> None:
+    """A file outside the catalog that cannot be read is skipped with one warning."""
+    log.warning("skipped %s: %s", key, reason)
+
+
 class ImageDataModule(L.LightningDataModule):
     """Batches of a `Catalog`'s splits, opened by its `Source` with the resolved `preprocess`.
 
@@ -311,6 +316,22 @@ class ImageDataModule(L.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
             collate_fn=collate,
             **kwargs,
+        )
+
+    def eval_loader(self, samples: str | list[tuple[str, int]]) -> DataLoader:
+        """Eval-transform batches of a split (its cached features while they are served) or
+        of other (file, label) pairs, always decoded from the files (open-set examples)."""
+        if isinstance(samples, str):
+            return self._loader(samples, train=False)
+        reader = Reader(self.source, self.preprocess, {key: key for key, _ in samples})
+        dataset = ImageListDataset(
+            samples, reader, eval_transform(self.preprocess), on_error=log_skipped
+        )
+        return DataLoader(
+            dataset,
+            batch_size=self.loading.batch_size,
+            num_workers=min(self.loading.workers, 2),
+            collate_fn=collate_skipping_none,
         )
 
     def normalize(self, x: Inputs) -> Inputs:

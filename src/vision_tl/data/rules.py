@@ -81,6 +81,7 @@ RULES = register_rules(
             "data.source": registered(_sources, extra=("auto",)),
             "data.root": or_null(path("folder"), "the built-in smoke-test set"),
             "data.manifest": or_null(path("file"), "class folders"),
+            "data.unlabeled": or_null(path("path"), "no unlabelled images"),
             "data.batch_size": integer(1),
             "data.num_workers": WORKERS,
             "data.val_fraction": FRACTION,

@@ -12,6 +12,7 @@ from vision_tl.core.io import read_json
 from vision_tl.data.preprocess import AnyPreprocess, EnsemblePreprocess, Preprocess
 from vision_tl.models.classifier import Classifier
 from vision_tl.training.binary import OperatingPoint
+from vision_tl.training.openset import OpenSet
 from vision_tl.training.task import load_task
 
 
@@ -29,6 +30,8 @@ class LoadedModel:
     temperature: float = 1.0
     # A two-class threshold fitted on val (`training.binary.OperatingPoint`), or None.
     operating_point: OperatingPoint | None = None
+    # The open-set detector fitted after training (`training.openset.OpenSet`), or None.
+    open_set: OpenSet | None = None
 
 
 def load_checkpoint(ckpt_path: str | Path | None) -> LoadedModel:
@@ -47,6 +50,7 @@ def load_checkpoint(ckpt_path: str | Path | None) -> LoadedModel:
         task.feature_precision,
         task.temperature,
         OperatingPoint.from_dict(task.operating_point),
+        OpenSet.from_dict(task.open_set),
     )
 
 
@@ -70,6 +74,8 @@ class ExportedModel:
     precision: str  # fp32, bf16 (where native), int8
     temperature: float
     card: dict[str, Any]
+    open_set: OpenSet | None = None  # a logit-only score and its threshold
+    operating_point: OperatingPoint | None = None
 
 
 def load_export(folder: str | Path | None) -> ExportedModel:
@@ -101,4 +107,6 @@ def load_export(folder: str | Path | None) -> ExportedModel:
         str(needs.get("precision", "fp32")),
         float(card.get("temperature") or 1.0),
         card,
+        OpenSet.from_dict(card.get("open_set")),
+        OperatingPoint.from_dict(card.get("operating_point")),
     )

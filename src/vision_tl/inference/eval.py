@@ -36,12 +36,25 @@ from vision_tl.core.stats import format_interval, wilson_interval, with_interval
 from vision_tl.core.validate import did_you_mean
 from vision_tl.data.decode import ReadLimits, load_rgb
 from vision_tl.data.source import SPLITS
+from vision_tl.data.unlabeled import list_images
 from vision_tl.inference.checkpoint import LoadedModel, check_class_names, load_checkpoint
 from vision_tl.inference.explain import explain
-from vision_tl.inference.predictor import predictions_frame, predictor_from_config, write_unreadable
+from vision_tl.inference.predictor import (
+    Predictions,
+    predictions_frame,
+    predictor_from_config,
+    write_unreadable,
+)
 from vision_tl.inference.review_page import write_review
 from vision_tl.training.binary import binary_metrics, write_curves
 from vision_tl.training.build import build_data
+from vision_tl.training.openset import (
+    SCORES,
+    OpenSet,
+    open_set_metrics,
+    plot_risk_coverage,
+    risk_coverage,
+)
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +193,53 @@ def two_class_report(
     return report
 
 
+def open_set_report(
+    loaded: LoadedModel,
+    known: Predictions,
+    target: torch.Tensor,
+    unknown: Predictions,
+    temperature: float,
+    out: Path,
+) -> dict[str, Any]:
+    """Known images against `unknown=DIR`'s: AUROC and FPR at 95% TPR by the checkpoint's
+    open-set score (the top probability when it has none), the same for every score kind
+    it can compute, the shares kept and rejected at the fitted threshold, and
+    `open_set_risk_coverage.png`."""
+    if not unknown.indices:
+        raise ConfigError("unknown: none of its images could be read")
+    detector = loaded.open_set or OpenSet("msp", {})
+    kinds = [k for k in SCORES if k != "knn" or detector.bank is not None]
+    correct_known = known.probs.argmax(1) == target
+    correct = torch.cat([correct_known, torch.zeros(len(unknown.indices), dtype=torch.bool)])
+    report: dict[str, Any] = {"open_set_score": detector.kind, "num_unknown": len(unknown.indices)}
+    curves = {}
+    for kind in kinds:
+        inside = detector.scores(known.features, known.logits, temperature, kind)  # type: ignore[arg-type]
+        outside = detector.scores(unknown.features, unknown.logits, temperature, kind)  # type: ignore[arg-type]
+        measured = open_set_metrics(inside, outside)
+        report.update({f"{name}_{kind}": value for name, value in measured.items()})
+        if kind == detector.kind:
+            report.update(measured)
+            if kind in detector.thresholds:
+                report["open_set_threshold"] = detector.threshold
+                report["open_set_known_kept"] = float(
+                    (inside >= detector.threshold).double().mean()
+                )
+                report["open_set_unknown_rejected"] = float(
+                    (outside < detector.threshold).double().mean()
+                )
+        curves[kind] = risk_coverage(torch.cat([inside, outside]), correct)
+    plot_risk_coverage(curves, out / "open_set_risk_coverage.png")
+    log.info(
+        "Open set (%s score) on %d unknown image(s): AUROC %.4f, FPR at 95%% TPR %.4f",
+        detector.kind,
+        len(unknown.indices),
+        report["open_set_auroc"],
+        report["open_set_fpr95"],
+    )
+    return report
+
+
 def run_eval(cfg: DictConfig) -> dict[str, Any]:
     """Write metrics, per-class and per-image CSVs and two PNGs into the run dir."""
     out = Path(cfg.paths.output_dir)
@@ -194,7 +254,9 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     log.info("Evaluating %s on %d %s image(s) from %s", loaded.path, len(keys), split, where)
 
     predictor = predictor_from_config(loaded, cfg)
-    result = predictor.predict(keys, source.reader(loaded.preprocess))
+    unknown_spec = cfg.get("unknown")
+    unknown_files = list_images(unknown_spec, "unknown") if unknown_spec else []
+    result = predictor.predict(keys, source.reader(loaded.preprocess), bool(unknown_files))
     write_unreadable(out / "unreadable.csv", names, result.unreadable)
     if not result.indices:
         raise ConfigError(f"none of the {len(keys)} {split} image(s) of {where} could be read")
@@ -246,6 +308,9 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     }
     if len(loaded.class_names) == 2:
         metrics.update(two_class_report(probs, target, loaded, cfg, out))
+    if unknown_files:
+        unknown = predictor.predict(unknown_files, keep_outputs=True)
+        metrics.update(open_set_report(loaded, result, target, unknown, predictor.temperature, out))
     metrics = with_intervals(metrics, {})  # `num_images` is every accuracy's n here
     write_json(out / "metrics.json", metrics)
     review = cfg.get("review") or {}

@@ -225,6 +225,9 @@ def model_card(loaded: LoadedModel, fmt: str, file: str, opset: int | None) -> d
         "softmax": "not applied: divide the logits by temperature, then apply softmax over "
         "the class axis for calibrated probabilities",
         "temperature": loaded.temperature,
+        # Fitted on val after training: predict applies them to this file's logits.
+        "open_set": loaded.open_set.card() if loaded.open_set is not None else None,
+        "operating_point": loaded.operating_point.as_dict() if loaded.operating_point else None,
         "runtime": RUNTIMES[fmt],
         "checkpoint": str(loaded.path),
     }

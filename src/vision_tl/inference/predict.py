@@ -33,15 +33,28 @@ def run_predict(cfg: DictConfig) -> pd.DataFrame:
             raise ConfigError("give ckpt_path or model_path, not both")
         exported = load_export(cfg.model_path)
         predictor = predictor_from_export(exported, cfg)
-        class_names, source, operating_point = exported.class_names, exported.file, None
+        class_names, source = exported.class_names, exported.file
+        operating_point, open_set = exported.operating_point, exported.open_set
     else:
         loaded = load_checkpoint(cfg.get("ckpt_path"))
         predictor = predictor_from_config(loaded, cfg)
         class_names, source = loaded.class_names, loaded.path
-        operating_point = loaded.operating_point
+        operating_point, open_set = loaded.operating_point, loaded.open_set
+    if not cfg.get("apply_open_set", True):
+        open_set = None
     inputs = collect_inputs(cfg.get("input"))
     log.info("Predicting %d image(s) from %s with %s", len(inputs.files), cfg.input, source)
-    result = predictor.predict(inputs.files)
+    result = predictor.predict(inputs.files, keep_outputs=open_set is not None)
+    scores = None
+    if open_set is not None and result.logits is not None:
+        scores = open_set.scores(result.features, result.logits, predictor.temperature)
+        log.info(
+            "Open set: %d of %d image(s) score below the fitted %s threshold %.4f: unknown",
+            int((scores < open_set.threshold).sum()),
+            len(scores),
+            open_set.kind,
+            open_set.threshold,
+        )
     log.info(
         "Engine %s (%s), batch %d", predictor.engine, predictor.precision, predictor.batch_size
     )
@@ -53,6 +66,8 @@ def run_predict(cfg: DictConfig) -> pd.DataFrame:
         reject_threshold=cfg.get("reject_threshold"),
         unknown_label=cfg.get("unknown_label", "unknown"),
         operating_point=operating_point if cfg.get("apply_operating_point", True) else None,
+        open_set_scores=scores,
+        open_set_threshold=None if open_set is None else open_set.threshold,
     )
     write_csv(frame, out / "predictions.csv", index=False, float_format="%.6g")
     write, template = submission_settings(cfg.get("submission"))

@@ -180,6 +180,9 @@ class Predictions:
     indices: list[int]
     unreadable: list[tuple[int, str]] = field(default_factory=list)
     seconds: float = 0.0
+    # With `keep_outputs`: mean logits, and backbone features (None for an exported model).
+    logits: torch.Tensor | None = None
+    features: torch.Tensor | None = None
 
     @property
     def images_per_second(self) -> float:
@@ -273,32 +276,53 @@ class Predictor:
         """A classifier's backbone runs on the engine in `precision` and its head in
         float32, as the feature cache and training ran them; any other module runs whole
         on the engine."""
+        return self.outputs(x)[0]
+
+    def outputs(self, x: Inputs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(logits, backbone features): features only for a classifier (None for an
+        exported model, whose file ends in logits)."""
         out = self.runner(*as_batches(x))
         if self.head is None:
-            return out.float()
-        return self.head.classify_features(out.float().to(self.device))
+            return out.float(), None
+        features = out.float().to(self.device)
+        return self.head.classify_features(features), features
 
     @torch.inference_mode()
     def probabilities(self, views: Inputs) -> torch.Tensor:
         """[B, V, C, H, W] views (one such batch per member for an `EnsemblePreprocess`) ->
         [B, classes] probabilities averaged over views (and flips)."""
+        return self.view_outputs(views)[0]
+
+    @torch.inference_mode()
+    def view_outputs(self, views: Inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Probabilities averaged over views (and flips), and the logits and features
+        averaged the same way (what the open-set scores read)."""
         batch, num_views = (views if isinstance(views, torch.Tensor) else views[0]).shape[:2]
         x = map_inputs(lambda t: t.to(self.device, non_blocking=True).flatten(0, 1), views)
         x = normalize_batch(x, self.preprocess)
         if self.hflip:
             x = map_inputs(lambda t: torch.cat([t, t.flip(-1)]), x)
-        logits = self.logits(x).float()
+        logits, features = self.outputs(x)
+        logits = logits.float()
         probs = (logits / self.temperature).softmax(1)
-        return probs.view(-1, batch, num_views, probs.shape[1]).mean(dim=(0, 2))
+
+        def mean(t: torch.Tensor) -> torch.Tensor:
+            return t.view(-1, batch, num_views, t.shape[1]).mean(dim=(0, 2))
+
+        return mean(probs), mean(logits), None if features is None else mean(features)
 
     def predict(
-        self, files: Sequence[str | Path], reader: Callable[[Any], torch.Tensor] | None = None
+        self,
+        files: Sequence[str | Path],
+        reader: Callable[[Any], torch.Tensor] | None = None,
+        keep_outputs: bool = False,
     ) -> Predictions:
-        """Probabilities of `files` (or of a source's keys, opened by `reader`)."""
+        """Probabilities of `files` (or of a source's keys, opened by `reader`); with
+        `keep_outputs`, their mean logits and backbone features too."""
         from rich.progress import Progress
 
         loader = self.loader(files, reader)
-        chunks: list[torch.Tensor] = []
+        chunks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
         indices: list[int] = []
         unreadable: list[tuple[int, str]] = []
         start = time.perf_counter()
@@ -309,13 +333,23 @@ class Predictor:
                     log.warning("cannot read %s: %s", printable(str(files[i])), reason)
                 unreadable += bad
                 if views is not None:
-                    chunks.append(self.probabilities(views).cpu())
+                    probs, logits, features = self.view_outputs(views)
+                    if keep_outputs:
+                        features = None if features is None else features.cpu()
+                        chunks.append((probs.cpu(), logits.cpu(), features))
+                    else:
+                        chunks.append((probs.cpu(), probs[:0].cpu(), None))
                     indices += index.tolist()
                 bar.advance(task, len(index) + len(bad))
         seconds = time.perf_counter() - start
-        num_classes = chunks[0].shape[1] if chunks else 0
-        probs = torch.cat(chunks) if chunks else torch.empty(0, num_classes)
-        return Predictions(probs, indices, unreadable, seconds)
+        num_classes = chunks[0][0].shape[1] if chunks else 0
+        probs = torch.cat([c[0] for c in chunks]) if chunks else torch.empty(0, num_classes)
+        result = Predictions(probs, indices, unreadable, seconds)
+        if keep_outputs:
+            result.logits = torch.cat([c[1] for c in chunks]) if chunks else probs.clone()
+            has_features = chunks and chunks[0][2] is not None
+            result.features = torch.cat([c[2] for c in chunks]) if has_features else None
+        return result
 
 
 def predictor_from_config(loaded: LoadedModel, cfg: DictConfig) -> Predictor:
@@ -388,11 +422,15 @@ def predictions_frame(
     reject_threshold: float | None = None,
     unknown_label: str = "unknown",
     operating_point: OperatingPoint | None = None,
+    open_set_scores: torch.Tensor | None = None,
+    open_set_threshold: float | None = None,
 ) -> pd.DataFrame:
     """One row per image: path, label, confidence, top-k labels and probs, `prob_<class>`.
 
     With a binary `operating_point`, `label` is the positive class when its probability
-    reaches the fitted threshold (the top-k columns stay the most probable classes)."""
+    reaches the fitted threshold (the top-k columns stay the most probable classes). With
+    open-set scores, an `open_set_score` column, and `label` is `unknown_label` where the
+    score is below `open_set_threshold`."""
     classes = list(class_names)
     k = max(1, min(int(top_k), len(classes)))
     top_probs, top_idx = probs.topk(k, dim=1)
@@ -403,11 +441,16 @@ def predictions_frame(
     if reject_threshold is not None:
         rejected = (confidence < float(reject_threshold)).tolist()
         labels = [unknown_label if r else label for label, r in zip(labels, rejected, strict=True)]
+    if open_set_scores is not None and open_set_threshold is not None:
+        rejected = (open_set_scores < open_set_threshold).tolist()
+        labels = [unknown_label if r else label for label, r in zip(labels, rejected, strict=True)]
     columns: dict[str, Any] = {
         "path": list(names),
         "label": labels,
         "confidence": confidence.numpy(),
     }
+    if open_set_scores is not None:
+        columns["open_set_score"] = open_set_scores.numpy()
     for j in range(k):
         columns[f"top{j + 1}_label"] = [classes[i] for i in top_idx[:, j].tolist()]
         columns[f"top{j + 1}_prob"] = top_probs[:, j].numpy()

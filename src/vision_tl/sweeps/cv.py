@@ -116,7 +116,7 @@ def fold_config(cfg: DictConfig, fold_dir: Path) -> DictConfig:
     return run
 
 
-def _finished(fold_cfg: DictConfig, fold_dir: Path) -> dict[str, Any] | None:
+def finished_run(fold_cfg: DictConfig, fold_dir: Path) -> dict[str, Any] | None:
     """A fold's metrics when it already finished with this exact config (a rerun after a
     stop continues with the next fold)."""
     metrics = read_json(fold_dir / "metrics.json")
@@ -221,7 +221,7 @@ def run_cv(cfg: DictConfig, train: TrainFn, predict: Any = None) -> dict[str, An
         fold_dir = out / f"fold_{k}"
         run_cfg = fold_config(cfg, fold_dir)
         source = FoldSource(data.source, catalog)
-        metrics = _finished(run_cfg, fold_dir)
+        metrics = finished_run(run_cfg, fold_dir)
         if metrics is None:
             log.info("Fold %d/%d: %d train, %d val images", k + 1, folds, *_sizes(catalog))
             metrics = train(run_cfg, source=source)

@@ -20,6 +20,7 @@ from torchmetrics.functional.classification import multiclass_calibration_error
 
 from vision_tl.training.binary import fit_operating_point
 from vision_tl.training.checkpoints import save_checkpoint
+from vision_tl.training.openset import OpenSetSettings, fit_for_run, open_set_report
 
 log = logging.getLogger(__name__)
 
@@ -99,16 +100,18 @@ def store_calibration(path: str | Path, fitted: dict[str, Any]) -> None:
 
 def val_logits(
     trainer: L.Trainer, task: Any, datamodule: L.LightningDataModule, ckpt_path: str | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The val split's logits and labels of `ckpt_path` (the task's current weights when
-    None), from one `trainer.validate` pass with the task collecting instead of logging."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The val split's logits, labels and backbone features of `ckpt_path` (the task's
+    current weights when None; the task holds these weights afterwards), from one
+    `trainer.validate` pass with the task collecting instead of logging."""
     with task.collecting_val_logits() as chunks:
         trainer.validate(
             task, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True, verbose=False
         )
     if not chunks:
-        return torch.empty(0, len(task.class_names)), torch.empty(0, dtype=torch.long)
-    return torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])
+        empty = torch.empty(0, len(task.class_names))
+        return empty, torch.empty(0, dtype=torch.long), torch.empty(0, 0)
+    return tuple(torch.cat([c[i] for c in chunks]) for i in range(3))  # type: ignore[return-value]
 
 
 def calibrate_run(
@@ -118,10 +121,13 @@ def calibrate_run(
     best_path: str | None,
     checkpoints: list[str],
     operating: dict[str, Any] | None = None,
+    open_set: OpenSetSettings | None = None,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """Fit T on the best checkpoint's val logits and store it in every checkpoint given;
     with two classes and a target in `operating` (`operating_point.*`), the threshold that
-    meets it on the calibrated val probabilities too.
+    meets it on the calibrated val probabilities too; with an `open_set` score, the
+    open-set detector (`training.openset`) of the best weights.
 
     With several processes each holds a share of val; rather than gather them, the run
     keeps T = 1 and says so (calibrate afterwards with a single-process run if needed)."""
@@ -131,7 +137,7 @@ def calibrate_run(
             trainer.world_size,
         )
         return uncalibrated_report()
-    logits, target = val_logits(trainer, task, datamodule, best_path or None)
+    logits, target, features = val_logits(trainer, task, datamodule, best_path or None)
     report = calibration_report(logits.float(), target)
     if len(target) == 0:
         log.warning("Calibration skipped: the val split gave no logits; temperature stays 1.0")
@@ -165,6 +171,22 @@ def calibrate_run(
             )
             fitted["operating_point"] = point.as_dict()
             report = {**report, "operating_point": point.as_dict()}
+    if open_set is not None and open_set.score is not None:
+        device = trainer.strategy.root_device
+        temperature = float(report["temperature"])
+        detector = fit_for_run(
+            open_set, task.model, datamodule, (logits, features), temperature, device, seed
+        )
+        if detector is not None:
+            fitted["open_set"] = detector.as_dict()
+            report = {**report, "open_set": open_set_report(detector)}
+            log.info(
+                "Open set: %s score, unknown below %.4f (keeps %.0f%% of %d known val images)",
+                detector.kind,
+                detector.threshold,
+                100 * detector.tpr,
+                len(target),
+            )
     for path in checkpoints:
         store_calibration(path, fitted)
     log.info(

@@ -101,6 +101,16 @@ def _one_target(cfg: DictConfig) -> list[str]:
     return []
 
 
+def _semi_pool(cfg: DictConfig) -> list[str]:
+    """Pseudo-labelling needs images without labels."""
+    if select(cfg, "semi.method") not in (MISSING, None) and select(cfg, "data.unlabeled") in (
+        MISSING,
+        None,
+    ):
+        return ["semi=pseudo_label needs data.unlabeled=DIR (a folder or CSV of unlabelled images)"]
+    return []
+
+
 FINETUNE_RULES = Rules(
     {
         "finetune.backbone_lr_mult": number(ge=0),
@@ -169,11 +179,26 @@ RULES = register_rules(
             # binary operating point (`training.binary`)
             "operating_point.target_precision": or_null(number(gt=0, le=1), "none"),
             "operating_point.target_recall": or_null(number(gt=0, le=1), "none"),
+            # open set (`training.openset`)
+            "open_set.score": or_null(one_of("knn", "energy", "msp"), "none fitted"),
+            "open_set.tpr": Allowed(lambda v: is_number(v) and 0 < v < 1, "a number > 0 and < 1"),
+            "open_set.k": integer(1),
+            "open_set.bank_size": integer(1),
+            "open_set.unknown": or_null(path("path"), "none"),
+            # pseudo-labelling (`sweeps.pseudo_label`)
+            "semi.teacher": or_null(path("file"), "round 0's best checkpoint"),
+            "semi.rounds": integer(1),
+            "semi.quantile": PROBABILITY,
+            "semi.min_confidence": Allowed(
+                lambda v: is_number(v) and 0 < v < 1, "a number > 0 and < 1"
+            ),
+            "semi.max_ratio": number(gt=0),
+            "semi.exclude_unknown": FLAG,
             # distillation
             "distill.teacher": or_null(path("file"), "no distillation"),
             "distill.temperature": number(gt=0),
             "distill.alpha": PROBABILITY,
         },
-        checks=(_open_ended, _one_target),
+        checks=(_open_ended, _one_target, _semi_pool),
     )
 )

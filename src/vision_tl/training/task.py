@@ -146,6 +146,8 @@ class ClassificationTask(L.LightningModule):
         self.temperature = 1.0
         # The binary operating point fitted on val (`training.binary`), when one was asked.
         self.operating_point: dict[str, Any] | None = None
+        # The open-set detector a loaded checkpoint carries (`training.openset`), or None.
+        self.open_set: dict[str, Any] | None = None
         # A `training.distill.Distillation` (the teacher), set by `run_training`; not saved.
         self.distill: Any = None
 
@@ -233,9 +235,11 @@ class ClassificationTask(L.LightningModule):
         self.distill = distillation
 
     @contextlib.contextmanager
-    def collecting_val_logits(self) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
-        """Inside, validation collects (logits, labels) into the yielded list instead of
-        logging metrics (calibration's one pass over val)."""
+    def collecting_val_logits(
+        self,
+    ) -> Iterator[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
+        """Inside, validation collects (logits, labels, backbone features) into the yielded
+        list instead of logging metrics (calibration's and the open-set fit's pass)."""
         self.collected = []
         try:
             yield self.collected
@@ -294,7 +298,10 @@ class ClassificationTask(L.LightningModule):
         if self.collected is not None:
             x, y = batch
             if len(y):
-                self.collected.append((self._logits(x).float().cpu(), y.cpu()))
+                x = split_teacher(x)[0]
+                features = x if self.feature_inputs else self.model.features(x)
+                logits = self.model.classify_features(features).float().cpu()
+                self.collected.append((logits, y.cpu(), features.float().cpu()))
             return
         self._eval_step(batch, self.val_metrics)
 
@@ -514,6 +521,7 @@ class ClassificationTask(L.LightningModule):
         self.feature_precision = meta.get("feature_precision", self.feature_precision)
         self.temperature = float(meta.get("temperature", 1.0))
         self.operating_point = meta.get("operating_point")
+        self.open_set = meta.get("open_set")
         if meta.get("val_acc_best") is not None:
             self.val_acc_best(torch.tensor(meta["val_acc_best"]))
         self.finetune.resume(self.model, int(checkpoint.get("epoch", 0)))

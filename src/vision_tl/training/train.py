@@ -44,6 +44,7 @@ from vision_tl.training.checkpoints import with_atomic_checkpoints
 from vision_tl.training.distill import build_distillation, distill_report
 from vision_tl.training.distributed import use_hydra_rank_command
 from vision_tl.training.finetune import Stage, build_finetune
+from vision_tl.training.openset import OpenSetSettings
 from vision_tl.training.recipes import TimeBudget, build_ema, find_lr, lr_find_skip_reason
 from vision_tl.training.task import ClassificationTask, check_resume
 
@@ -363,7 +364,16 @@ def _fit(
         last_path = getattr(latest, "best_model_path", "") or ""
         saved = [p for p in dict.fromkeys((best_path, last_path)) if p and Path(p).is_file()]
         operating = OmegaConf.to_container(cfg.get("operating_point") or {}, resolve=True)
-        calibration = calibrate_run(trainer, task, datamodule, best_path or None, saved, operating)
+        calibration = calibrate_run(
+            trainer,
+            task,
+            datamodule,
+            best_path or None,
+            saved,
+            operating,
+            OpenSetSettings.from_config(cfg.get("open_set")),
+            int(cfg.get("seed") or 0),
+        )
         if cfg.get("test") and datamodule.has_test:
             best = best_path or None
             trainer.test(task, datamodule=datamodule, ckpt_path=best, weights_only=True)

@@ -1,0 +1,328 @@
+"""Open-set recognition: a score that says how much an image looks like the known classes,
+and a threshold fitted on data, so `predict` can answer `unknown` instead of forcing one of
+the trained classes onto an image of something else.
+
+Scores (higher = more known), one registered function each:
+- `msp`: the top calibrated softmax probability (Hendrycks & Gimpel, 2017), the baseline;
+- `energy`: `logsumexp(logits)` (Liu et al., NeurIPS 2020), from logits alone, so an
+  exported model applies it too;
+- `knn`: the cosine similarity to the k-th nearest training feature (Sun et al., ICML 2022),
+  from a bank of L2-normalised training features the checkpoint carries.
+
+The threshold keeps `tpr` of the known val images (they never trained the model or the
+bank); with examples of unknown images, the one that best separates them (largest TPR -
+FPR) among those keeping at least `tpr`. All scores are fitted at once (they are cheap),
+the chosen one decides, and the logit-only ones travel in an export's card.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torchmetrics.functional.classification import binary_auroc, binary_roc
+
+from vision_tl.core.errors import ConfigError
+from vision_tl.core.registry import Registry
+from vision_tl.data.augment import map_inputs
+from vision_tl.data.features import split_teacher
+from vision_tl.data.unlabeled import list_images
+
+# (features, logits, temperature, detector) -> [N] scores, higher = more like the known classes.
+ScoreFn = Callable[[torch.Tensor | None, torch.Tensor, float, "OpenSet"], torch.Tensor]
+SCORES: Registry[ScoreFn] = Registry("open-set score")
+# Scores computed from the logits alone: what an exported model (logits only) can apply.
+LOGIT_SCORES = ("energy", "msp")
+
+
+@SCORES.register("msp")
+def max_softmax(features: Any, logits: torch.Tensor, temperature: float, det: Any) -> torch.Tensor:
+    return (logits.double() / temperature).softmax(1).amax(1).float()
+
+
+@SCORES.register("energy")
+def energy(features: Any, logits: torch.Tensor, temperature: float, det: Any) -> torch.Tensor:
+    return torch.logsumexp(logits.double(), dim=1).float()
+
+
+@SCORES.register("knn")
+def knn(features: Any, logits: torch.Tensor, temperature: float, det: Any) -> torch.Tensor:
+    if features is None or det.bank is None:
+        raise ConfigError("open_set.score=knn needs backbone features and the training bank")
+    return knn_similarity(features, det.bank, det.k)
+
+
+def knn_similarity(
+    features: torch.Tensor, bank: torch.Tensor, k: int, chunk: int = 1024
+) -> torch.Tensor:
+    """Cosine similarity of each row of `features` to its k-th nearest row of `bank`."""
+    bank = F.normalize(bank.float(), dim=1)
+    k = max(1, min(int(k), len(bank)))
+    out = []
+    for rows in features.float().split(chunk):
+        sims = F.normalize(rows, dim=1) @ bank.T
+        out.append(sims.topk(k, dim=1).values[:, -1])
+    return torch.cat(out) if out else torch.empty(0)
+
+
+@dataclass
+class OpenSet:
+    """`kind`'s score, and `thresholds` per score kind (images scoring below are unknown);
+    `bank`: L2-normalised training features for `knn`; `fitted_on`: what chose them."""
+
+    kind: str
+    thresholds: dict[str, float]
+    tpr: float = 0.95
+    k: int = 1
+    bank: torch.Tensor | None = None
+    fitted_on: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def threshold(self) -> float:
+        return self.thresholds[self.kind]
+
+    def scores(
+        self,
+        features: torch.Tensor | None,
+        logits: torch.Tensor,
+        temperature: float = 1.0,
+        kind: str | None = None,
+    ) -> torch.Tensor:
+        """Each image's score (higher = more known) by `kind` (default: this detector's)."""
+        return SCORES.get(kind or self.kind)(features, logits, temperature, self)
+
+    def unknown(
+        self, features: torch.Tensor | None, logits: torch.Tensor, temperature: float = 1.0
+    ) -> torch.Tensor:
+        """True where an image scores below the fitted threshold."""
+        return self.scores(features, logits, temperature) < self.threshold
+
+    def as_dict(self) -> dict[str, Any]:
+        """What the checkpoint stores (the bank as a float16 tensor)."""
+        bank = None if self.bank is None else self.bank.to(torch.float16)
+        return {
+            "kind": self.kind,
+            "thresholds": dict(self.thresholds),
+            "tpr": self.tpr,
+            "k": self.k,
+            "bank": bank,
+            "fitted_on": dict(self.fitted_on),
+        }
+
+    def card(self) -> dict[str, Any] | None:
+        """The entry an export's `model.json` carries: this detector when its score needs
+        only logits, else the best logit-only score fitted beside it."""
+        kind = self.kind if self.kind in LOGIT_SCORES else self.fitted_on.get("logit_kind")
+        if kind not in self.thresholds:
+            return None
+        return {"kind": kind, "threshold": self.thresholds[kind], "tpr": self.tpr}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> OpenSet | None:
+        if not data:
+            return None
+        if "thresholds" not in data:  # an export card: one logit-only score
+            kind = str(data["kind"])
+            return cls(kind, {kind: float(data["threshold"])}, float(data.get("tpr", 0.95)))
+        bank = data.get("bank")
+        return cls(
+            str(data["kind"]),
+            {str(k): float(v) for k, v in data["thresholds"].items()},
+            float(data.get("tpr", 0.95)),
+            int(data.get("k", 1)),
+            None if bank is None else torch.as_tensor(bank).float(),
+            dict(data.get("fitted_on") or {}),
+        )
+
+
+def bank_of(features: torch.Tensor, size: int, seed: int = 0) -> torch.Tensor:
+    """At most `size` training features, L2-normalised (a seeded random subset beyond it)."""
+    if len(features) > size:
+        generator = torch.Generator().manual_seed(seed)
+        features = features[torch.randperm(len(features), generator=generator)[:size]]
+    return F.normalize(features.float(), dim=1)
+
+
+def threshold_at_tpr(known: torch.Tensor, tpr: float) -> float:
+    """The score that keeps at least `tpr` of `known` (scores at or above it are known)."""
+    if not 0 < tpr < 1:
+        raise ConfigError(f"open_set.tpr={tpr}: a number > 0 and < 1")
+    ordered = known.double().sort(descending=True).values
+    keep = min(len(ordered), max(1, int(torch.ceil(torch.tensor(tpr * len(ordered))))))
+    return float(ordered[keep - 1])
+
+
+def best_separating(known: torch.Tensor, unknown: torch.Tensor, tpr: float) -> float:
+    """Among thresholds keeping at least `tpr` of `known`, the one with the largest TPR - FPR."""
+    floor = threshold_at_tpr(known, tpr)
+    candidates = torch.cat([known, unknown]).double().unique()
+    candidates = candidates[candidates <= floor]
+    if len(candidates) == 0:
+        return floor
+    kept = (known.double()[None, :] >= candidates[:, None]).double().mean(1)
+    passed = (unknown.double()[None, :] >= candidates[:, None]).double().mean(1)
+    return float(candidates[(kept - passed).argmax()])
+
+
+def fit_open_set(
+    kind: str,
+    val_features: torch.Tensor,
+    val_logits: torch.Tensor,
+    train_features: torch.Tensor,
+    temperature: float = 1.0,
+    tpr: float = 0.95,
+    k: int = 1,
+    bank_size: int = 4096,
+    unknown: tuple[torch.Tensor, torch.Tensor] | None = None,
+    seed: int = 0,
+) -> OpenSet:
+    """A detector whose thresholds keep `tpr` of the known val images, for every score kind
+    (`unknown`: (features, logits) of example unknown images to separate from them)."""
+    SCORES.get(kind)  # an unknown name fails here, in one line
+    detector = OpenSet(kind, {}, tpr, k, bank_of(train_features, bank_size, seed))
+    for name in SCORES:
+        known = detector.scores(val_features, val_logits, temperature, name)
+        if unknown is None:
+            detector.thresholds[name] = threshold_at_tpr(known, tpr)
+        else:
+            other = detector.scores(*unknown, temperature, name)
+            detector.thresholds[name] = best_separating(known, other, tpr)
+    detector.fitted_on = {
+        "val_images": len(val_logits),
+        "bank_images": len(detector.bank) if detector.bank is not None else 0,
+        "unknown_images": 0 if unknown is None else len(unknown[1]),
+        "logit_kind": "energy",
+    }
+    return detector
+
+
+# --------------------------------------------------------------------------- after a run
+
+
+@dataclass(frozen=True)
+class OpenSetSettings:
+    """`open_set.*`: the score that decides (`score`, null: none fitted), the share of known
+    val images kept (`tpr`), the k of `knn`, how many training features the checkpoint
+    keeps (`bank_size`) and a folder or CSV of example unknown images (`unknown`)."""
+
+    score: str | None = "knn"
+    tpr: float = 0.95
+    k: int = 1
+    bank_size: int = 4096
+    unknown: str | None = None
+
+    @classmethod
+    def from_config(cls, node: Mapping[str, Any] | None) -> OpenSetSettings:
+        node = dict(node or {})
+        nullable = ("score", "unknown")
+        fields = [k for k in cls.__dataclass_fields__ if k in node]
+        return cls(**{k: node[k] for k in fields if node[k] is not None or k in nullable})
+
+
+@torch.inference_mode()
+def outputs(
+    model: Any, datamodule: Any, samples: str | list[tuple[str, int]], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits, labels, features) of a split or of other files, with `model`'s weights: the
+    cached features while the datamodule serves them, else the images through the backbone."""
+    served = isinstance(samples, str) and datamodule.features is not None
+    model = model.to(device).eval()
+    chunks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    for x, y in datamodule.eval_loader(samples):
+        if len(y) == 0:
+            continue
+        if served:
+            features = split_teacher(x)[0].to(device).float()
+        else:
+            x = datamodule.normalize(map_inputs(lambda t: t.to(device), x))
+            features = model.features(x).float()
+        logits = model.classify_features(features).float()
+        chunks.append((logits.cpu(), y.cpu(), features.cpu()))
+    if not chunks:
+        return torch.empty(0, 0), torch.empty(0, dtype=torch.long), torch.empty(0, 0)
+    return tuple(torch.cat(parts) for parts in zip(*chunks, strict=True))  # type: ignore[return-value]
+
+
+def fit_for_run(
+    settings: OpenSetSettings,
+    model: Any,
+    datamodule: Any,
+    val: tuple[torch.Tensor, torch.Tensor],
+    temperature: float,
+    device: torch.device,
+    seed: int = 0,
+) -> OpenSet | None:
+    """The run's detector from its best weights (`model`) and their val (logits, features):
+    thresholds on val, the bank from train, separated from `settings.unknown`'s images
+    when given. None when no score is asked for or a split gave nothing."""
+    val_logits, val_features = val
+    if settings.score is None or len(val_logits) == 0:
+        return None
+    _, _, train_features = outputs(model, datamodule, "train", device)
+    if len(train_features) == 0:
+        return None
+    unknown = None
+    if settings.unknown:
+        files = [(f, -1) for f in list_images(settings.unknown, "open_set.unknown")]
+        logits, _, features = outputs(model, datamodule, files, device)
+        unknown = (features, logits) if len(logits) else None
+    return fit_open_set(
+        settings.score,
+        val_features,
+        val_logits,
+        train_features,
+        temperature,
+        settings.tpr,
+        settings.k,
+        settings.bank_size,
+        unknown,
+        seed,
+    )
+
+
+def open_set_report(detector: OpenSet) -> dict[str, Any]:
+    """What metrics.json says of a fitted detector (everything but the bank)."""
+    return {k: v for k, v in detector.as_dict().items() if k != "bank"} | {
+        "threshold": detector.threshold
+    }
+
+
+# --------------------------------------------------------------------------- how well it works
+
+
+def open_set_metrics(known: torch.Tensor, unknown: torch.Tensor) -> dict[str, float]:
+    """AUROC of known vs unknown by score, and the FPR on unknown at 95% TPR on known."""
+    scores = torch.cat([known, unknown]).double()
+    target = torch.cat([torch.ones(len(known)), torch.zeros(len(unknown))]).long()
+    auroc = float(binary_auroc(scores, target))
+    fpr, tpr, _ = binary_roc(scores, target)
+    fpr95 = float(fpr[tpr >= 0.95].min()) if bool((tpr >= 0.95).any()) else 1.0
+    return {"open_set_auroc": auroc, "open_set_fpr95": fpr95}
+
+
+def risk_coverage(scores: torch.Tensor, correct: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Coverage (share of images answered, most known-looking first) against risk (share of
+    the answered that are wrong: an unknown image or a misclassified known one)."""
+    order = scores.double().argsort(descending=True)
+    wrong = (~correct.bool())[order].double()
+    answered = torch.arange(1, len(order) + 1, dtype=torch.float64)
+    return (answered / len(order)).tolist(), (wrong.cumsum(0) / answered).tolist()
+
+
+def plot_risk_coverage(curves: dict[str, tuple[list[float], list[float]]], path: Path) -> None:
+    """One risk-coverage line per score kind (lower is better), saved as a PNG."""
+    import matplotlib.pyplot as plt
+
+    from vision_tl.core.plots import save_figure
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for name, (coverage, risk) in curves.items():
+        ax.plot(coverage, risk, label=name)
+    ax.set(xlabel="coverage (share answered)", ylabel="risk (share answered wrongly)")
+    ax.set_title("Risk-coverage: known and unknown images")
+    ax.legend()
+    save_figure(fig, path)
