@@ -10,6 +10,7 @@ files are logged and left out. Keys are file paths, so any source's reader opens
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -25,8 +26,8 @@ log = logging.getLogger(__name__)
 
 def list_images(spec: str | Path | None, key: str) -> list[str]:
     """The image files a folder holds (recursively) or a CSV's `path` column names, as
-    absolute paths, sorted and without repeats; a one-line `ConfigError` naming `key` when
-    there is nothing to read."""
+    absolute paths (links kept as named), sorted and without repeats; a one-line
+    `ConfigError` naming `key` when there is nothing to read."""
     if not spec:
         raise ConfigError(f"{key} is required: a folder of images or a CSV with a path column")
     where = Path(str(spec)).expanduser()
@@ -39,7 +40,7 @@ def list_images(spec: str | Path | None, key: str) -> list[str]:
         files = [str(where.parent / p) for p in frame["path"] if p]
     else:
         raise ConfigError(f"{key}={where}: not a folder or a CSV file")
-    files = sorted({str(Path(f).resolve()) for f in files})
+    files = sorted({str(Path(f).absolute()) for f in files})
     if not files:
         raise ConfigError(f"{key}={where}: holds no image files")
     return files
@@ -56,8 +57,8 @@ def unlabeled_pool(
     never enter val or test, nor count twice in train). One-line errors for an empty pool
     and for a pool that is only the labelled images again."""
     files = list_images(spec, key)
-    known = {str(Path(k).resolve()) for k in labelled}
-    fresh = [f for f in files if f not in known]
+    known = {os.path.realpath(k) for k in labelled}  # a link to a labelled image is labelled
+    fresh = [f for f in files if os.path.realpath(f) not in known]
     if not fresh:
         raise ConfigError(
             f"{key}={spec}: every image in it is already labelled (in train, val or test); "

@@ -180,7 +180,7 @@ RULES = register_rules(
             "operating_point.target_precision": or_null(number(gt=0, le=1), "none"),
             "operating_point.target_recall": or_null(number(gt=0, le=1), "none"),
             # open set (`training.openset`)
-            "open_set.score": or_null(one_of("knn", "energy", "msp"), "none fitted"),
+            "open_set.score": or_null(one_of("knn_msp", "knn", "energy", "msp"), "none fitted"),
             "open_set.tpr": Allowed(lambda v: is_number(v) and 0 < v < 1, "a number > 0 and < 1"),
             "open_set.k": integer(1),
             "open_set.bank_size": integer(1),
@@ -188,11 +188,11 @@ RULES = register_rules(
             # pseudo-labelling (`sweeps.pseudo_label`)
             "semi.teacher": or_null(path("file"), "round 0's best checkpoint"),
             "semi.rounds": integer(1),
-            "semi.quantile": PROBABILITY,
+            "semi.quantile": or_null(PROBABILITY, "off"),
             "semi.min_confidence": Allowed(
                 lambda v: is_number(v) and 0 < v < 1, "a number > 0 and < 1"
             ),
-            "semi.max_ratio": number(gt=0),
+            "semi.max_ratio": or_null(number(gt=0), "no cap"),
             "semi.exclude_unknown": FLAG,
             # distillation
             "distill.teacher": or_null(path("file"), "no distillation"),
