@@ -74,7 +74,7 @@ def baseline_server(ckpt: str, port: int) -> None:
     @app.post("/predict")
     async def predict(request: Request) -> JSONResponse:
         [(name, data)] = await read_uploads(request, scorer.limits.max_file_bytes, 1)
-        probs = scorer.probabilities([scorer.decode(data)]).numpy()
+        probs = scorer.rows([scorer.decode(data)]).numpy()
         return JSONResponse({"predictions": [a.to_dict() for a in scorer.answers([name], probs)]})
 
     @app.get("/health")

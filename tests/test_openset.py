@@ -18,6 +18,7 @@ from vision_tl.core.errors import ConfigError
 from vision_tl.data.unlabeled import list_images, unlabeled_pool
 from vision_tl.inference.checkpoint import load_checkpoint
 from vision_tl.inference.discover import cluster
+from vision_tl.inference.serving.scorer import build_scorer
 from vision_tl.inference.suggest import cluster_margin, margins
 from vision_tl.sweeps.pseudo_label import class_thresholds, select
 from vision_tl.training.openset import (
@@ -221,6 +222,18 @@ def test_unknown_images_are_flagged_measured_grouped_and_skipped_by_suggest(
     assert flagged[colour.isin(UNKNOWN)].mean() >= 0.9
     assert flagged[colour.isin(KNOWN)].mean() <= 0.25
     assert "open_set_score" in frame.columns
+    scorer = build_scorer({"ckpt_path": str(ckpt), "serve": {"max_batch_size": 8}})
+    files = sorted(planted["pool"].rglob("*.png"))
+    answers = scorer.answers(
+        [f.name for f in files], scorer.rows([scorer.decode(f.read_bytes()) for f in files]).numpy()
+    )
+    served = {
+        f.relative_to(planted["pool"]).as_posix(): a.label
+        for f, a in zip(files, answers, strict=True)
+    }
+    assert served == dict(
+        zip(frame["path"], frame["label"], strict=True)
+    )  # serve answers as predict
 
     out = tmp_path / "eval"
     done = run_cli(

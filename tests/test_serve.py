@@ -372,7 +372,7 @@ def test_an_export_folder_is_served_as_predict_runs_it(
     scorer = build_scorer({"model_path": str(export), "serve": {"max_batch_size": 4}})
     assert scorer.info["model"].endswith(".onnx") and "checkpoint" not in scorer.info
     files = sorted(good.glob("*.png"))
-    probs = scorer.probabilities([scorer.decode(f.read_bytes()) for f in files])
+    probs = scorer.rows([scorer.decode(f.read_bytes()) for f in files])
     frame = run_predict(
         compose_entry("predict", [f"model_path={export}", f"input={good}"], tmp_path / "p")
     ).set_index("path")

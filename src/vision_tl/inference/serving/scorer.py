@@ -30,6 +30,7 @@ from vision_tl.inference.predictor import (
     predictor_from_config,
     predictor_from_export,
 )
+from vision_tl.training.openset import OpenSet
 
 # One image's views as they travel from the HTTP process to the model's: uint8 arrays
 # [V, C, S, S] (one per member for an ensemble whose members need different pixels).
@@ -71,7 +72,8 @@ class Answer:
 class Scorer:
     """Decode an upload as `predict` decodes a file (`Preprocess.read` within the read
     limits, then the predictor's views), score a batch of such views with the
-    `Predictor`, and answer as `predict` writes its rows (top-k, `reject_threshold`).
+    `Predictor`, and answer as `predict` writes its rows (top-k, `reject_threshold`, the
+    open-set threshold the model carries unless `apply_open_set=false`).
 
     Uploads are refused before any pixel is decoded when the header says the image is
     smaller than `min_side` on a side or has more pixels than `limits.max_pixels`.
@@ -86,8 +88,10 @@ class Scorer:
         top_k: int = 3,
         reject_threshold: float | None = None,
         unknown_label: str = "unknown",
+        open_set: OpenSet | None = None,
     ) -> None:
         self.predictor = predictor
+        self.open_set = open_set
         self.class_names = list(class_names)
         self.info = info
         self.min_side = int(min_side)
@@ -134,25 +138,36 @@ class Scorer:
             return tuple(v.numpy() for v in views)
         return views.numpy()
 
-    def probabilities(self, batch: Sequence[Views]) -> torch.Tensor:
-        """[B, classes] calibrated probabilities of `batch` (one entry per image)."""
+    def rows(self, batch: Sequence[Views]) -> torch.Tensor:
+        """One row per image of `batch`: its calibrated class probabilities, then, when the
+        model has an open-set detector, its open-set score (what `answers` reads)."""
         tensors = [
             tuple(torch.from_numpy(v) for v in views)
             if isinstance(views, tuple)
             else torch.from_numpy(views)
             for views in batch
         ]
-        return self.predictor.probabilities(default_collate(tensors)).cpu()
+        probs, logits, features = self.predictor.view_outputs(default_collate(tensors))
+        if self.open_set is None:
+            return probs.cpu()
+        scores = self.open_set.scores(features, logits, self.predictor.temperature)
+        return torch.cat([probs, scores.to(probs)[:, None]], dim=1).cpu()
 
-    def answers(self, names: Sequence[str | None], probs: np.ndarray) -> list[Answer]:
-        """One answer per image, with the columns `predict` writes for it."""
+    def answers(self, names: Sequence[str | None], rows: np.ndarray) -> list[Answer]:
+        """One answer per image (`rows` from `rows`), with the columns `predict` writes."""
+        values = torch.as_tensor(rows, dtype=torch.float32)
+        probs, scores = values[:, : len(self.class_names)], None
+        if self.open_set is not None:
+            scores = values[:, len(self.class_names)]
         frame = predictions_frame(
             [name or "" for name in names],
-            torch.as_tensor(probs, dtype=torch.float32),
+            probs,
             self.class_names,
             top_k=self.top_k,
             reject_threshold=self.reject_threshold,
             unknown_label=self.unknown_label,
+            open_set_scores=scores,
+            open_set_threshold=None if self.open_set is None else self.open_set.threshold,
         )
         k = sum(1 for c in frame.columns if c.endswith("_label") and c.startswith("top"))
         answers = []
@@ -163,8 +178,7 @@ class Scorer:
                     name=name,
                     label=str(row["label"]),
                     confidence=confidence,
-                    unknown=self.reject_threshold is not None
-                    and confidence < self.reject_threshold,
+                    unknown=row["label"] == self.unknown_label,
                     top_k=[
                         (str(row[f"top{j}_label"]), float(row[f"top{j}_prob"]))
                         for j in range(1, k + 1)
@@ -217,6 +231,7 @@ def build_scorer(cfg: DictConfig | dict[str, Any]) -> Scorer:
         class_names, preprocess = exported.class_names, exported.preprocess
         described = {"model": str(exported.file), "backbones": exported.card.get("backbones")}
         version = file_digest(exported.file)
+        open_set = exported.open_set
     else:
         loaded = load_checkpoint(cfg.get("ckpt_path"))
         predictor = predictor_from_config(loaded, predictor_cfg)
@@ -226,6 +241,9 @@ def build_scorer(cfg: DictConfig | dict[str, Any]) -> Scorer:
             "backbones": [b.name for b in loaded.model.backbones()],
         }
         version = file_digest(loaded.path)
+        open_set = loaded.open_set
+    if not cfg.get("apply_open_set", True):
+        open_set = None
     info = {
         "classes": class_names,
         "preprocessing": preprocess.to_dict(),
@@ -238,6 +256,9 @@ def build_scorer(cfg: DictConfig | dict[str, Any]) -> Scorer:
         "tta": {"hflip": predictor.hflip, "crops": predictor.transform.crops},
         "top_k": int(cfg.get("top_k", 3)),
         "reject_threshold": cfg.get("reject_threshold"),
+        "open_set": None
+        if open_set is None
+        else {"kind": open_set.kind, "threshold": open_set.threshold},
         "unknown_label": str(cfg.get("unknown_label", "unknown")),
         "limits": {
             "max_body_bytes": max_body,
@@ -254,4 +275,5 @@ def build_scorer(cfg: DictConfig | dict[str, Any]) -> Scorer:
         top_k=info["top_k"],
         reject_threshold=info["reject_threshold"],
         unknown_label=info["unknown_label"],
+        open_set=open_set,
     )

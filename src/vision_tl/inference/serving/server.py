@@ -62,6 +62,7 @@ SCORER_KEYS = (
     "tta",
     "top_k",
     "reject_threshold",
+    "apply_open_set",
     "unknown_label",
     "data",
     "serve",
@@ -157,7 +158,7 @@ class UploadSpec(LitSpec):
         return results  # type: ignore[return-value]
 
     async def score(self, views: list[Views]) -> np.ndarray:
-        """Queue each image for the model's process; its probabilities, in order."""
+        """Queue each image for the model's process; its rows (`Scorer.rows`), in order."""
         uids = [str(uuid.uuid4()) for _ in views]
         events = []
         for uid, item in zip(uids, views, strict=True):
@@ -201,7 +202,7 @@ class PageMiddleware:
 
 class ClassifierAPI(litserve.LitAPI):
     """The model's process: its own scorer (built from `config` in `setup`), and the
-    probabilities of a batch of decoded images."""
+    rows (probabilities, and the open-set score) of a batch of decoded images."""
 
     def __init__(self, config: dict[str, Any], **options: Any) -> None:
         super().__init__(**options)
@@ -220,8 +221,8 @@ class ClassifierAPI(litserve.LitAPI):
     def predict(self, x: Any, **kwargs: Any) -> Any:
         assert self.scorer is not None, "setup() builds the scorer"
         if self.max_batch_size > 1:
-            return self.scorer.probabilities(x).numpy()
-        return self.scorer.probabilities([x]).numpy()[0]
+            return self.scorer.rows(x).numpy()
+        return self.scorer.rows([x]).numpy()[0]
 
     def encode_response(self, output: Any, **kwargs: Any) -> Any:
         return output

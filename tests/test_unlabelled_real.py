@@ -1,0 +1,92 @@
+"""Unlabelled images and unknown classes on real photos (../shared vehicles6, EfficientNet-Lite0
+weights): a pool where pseudo-labels must help, and an open-set score that must beat the
+top probability on classes never trained on."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+from conftest import SHARED, SHARED_WEIGHTS, run_cli
+
+VEHICLES = SHARED / "datasets" / "vehicles6"
+KNOWN = ("bike", "car", "pickup", "truck")
+UNKNOWN = ("juggernaut", "minibus")
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not (VEHICLES.is_dir() and SHARED_WEIGHTS.is_file()), reason="../shared absent"
+    ),
+]
+
+
+def _link(files: list[Path], folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        (folder / f.name).symlink_to(f)
+
+
+@pytest.fixture(scope="module")
+def few_labels(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """10 labelled photos per known class, 100 val; a pool of 150 more per known class and
+    100 per unknown class; 100 other photos per unknown class to measure the open set."""
+    root = tmp_path_factory.mktemp("vehicles")
+    rng = random.Random(0)
+    for cls in (*KNOWN, *UNKNOWN):
+        files = sorted((VEHICLES / cls).iterdir())
+        rng.shuffle(files)
+        if cls in UNKNOWN:
+            _link(files[:100], root / "pool" / cls)
+            _link(files[100:200], root / "unknown" / cls)
+        else:
+            _link(files[:10], root / "data" / "train" / cls)
+            _link(files[10:110], root / "data" / "val" / cls)
+            _link(files[110:260], root / "pool" / cls)
+    return {"data": root / "data", "pool": root / "pool", "unknown": root / "unknown"}
+
+
+def test_pseudo_labels_help_a_ten_shot_probe_and_the_open_set_beats_the_top_probability(
+    few_labels: dict[str, Path], tmp_path: Path
+) -> None:
+    run = tmp_path / "semi"
+    done = run_cli(
+        [
+            "vision_tl.train",
+            f"data.root={few_labels['data']}",
+            "model.backbone.name=timm/tf_efficientnet_lite0",
+            f"model.backbone.weights_path={SHARED_WEIGHTS}",
+            "finetune=linear_probe",
+            "logger=none",
+            "semi=pseudo_label",
+            f"data.unlabeled={few_labels['pool']}",
+            f"hydra.run.dir={run}",
+        ],
+        cwd=tmp_path,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    semi = json.loads((run / "metrics.json").read_text())["semi"]
+    used = semi["rounds"][1]
+    assert used["used"] >= 40 and min(used["used_per_class"].values()) > 0
+    assert semi["val_acc_with"] > semi["val_acc_without"]
+
+    out = tmp_path / "eval"
+    done = run_cli(
+        [
+            "vision_tl.eval",
+            f"ckpt_path={run / 'round_0' / 'checkpoints' / 'best.ckpt'}",
+            f"data.root={few_labels['data']}",
+            f"unknown={few_labels['unknown']}",
+            "review.write=false",
+            f"hydra.run.dir={out}",
+        ],
+        cwd=tmp_path,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    measured = json.loads((out / "metrics.json").read_text())
+    assert measured["open_set_auroc"] > measured["open_set_auroc_msp"] + 0.05
+    assert measured["open_set_known_kept"] >= 0.9
