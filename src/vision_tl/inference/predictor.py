@@ -13,7 +13,7 @@ from typing import Any
 
 import pandas as pd
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision.transforms import v2
@@ -374,6 +374,24 @@ def engine_setting(cfg: DictConfig) -> str:
     return str((cfg.get("inference") or {}).get("engine") or "auto")
 
 
+def run_settings(cfg: DictConfig) -> DictConfig:
+    """A predict config for a training config's images: its batch size, loader workers
+    and read limits, on the best device, without a progress bar (cross-validation's
+    out-of-fold predictions, a pseudo-labelling teacher)."""
+    return OmegaConf.create(
+        {
+            "batch_size": int(cfg.data.batch_size),
+            "num_workers": cfg.data.get("num_workers"),
+            "device": "auto",
+            "progress": False,
+            "data": {
+                "max_file_bytes": cfg.data.get("max_file_bytes"),
+                "max_image_pixels": cfg.data.get("max_image_pixels"),
+            },
+        }
+    )
+
+
 def loading_settings(cfg: DictConfig) -> dict[str, Any]:
     """The Predictor's settings an entry config gives for any model: device, batch,
     workers, TTA, progress bar and read limits."""
@@ -449,13 +467,13 @@ def predictions_frame(
         "label": labels,
         "confidence": confidence.numpy(),
     }
-    if open_set_scores is not None:
-        columns["open_set_score"] = open_set_scores.numpy()
     for j in range(k):
         columns[f"top{j + 1}_label"] = [classes[i] for i in top_idx[:, j].tolist()]
         columns[f"top{j + 1}_prob"] = top_probs[:, j].numpy()
     for c, name in enumerate(classes):
         columns[f"prob_{name}"] = probs[:, c].numpy()
+    if open_set_scores is not None:  # last: the columns before keep their places
+        columns["open_set_score"] = open_set_scores.numpy()
     return pd.DataFrame(columns)
 
 

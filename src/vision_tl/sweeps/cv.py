@@ -134,23 +134,12 @@ def out_of_fold(
     """The fold's held-out images predicted by the fold's best checkpoint (calibrated by
     its temperature): a frame of rows, and their log-probabilities and labels."""
     from vision_tl.inference.checkpoint import load_checkpoint
-    from vision_tl.inference.predictor import predictor_from_config
+    from vision_tl.inference.predictor import predictor_from_config, run_settings
 
     loaded = load_checkpoint(ckpt)
-    settings = OmegaConf.create(
-        {
-            "batch_size": int(cfg.data.batch_size),
-            "num_workers": cfg.data.get("num_workers"),
-            "device": "auto",
-            "progress": False,
-            "data": {
-                "max_file_bytes": cfg.data.get("max_file_bytes"),
-                "max_image_pixels": cfg.data.get("max_image_pixels"),
-            },
-        }
-    )
     keys = [key for key, _ in samples]
-    result = predictor_from_config(loaded, settings).predict(keys, source.reader(loaded.preprocess))
+    predictor = predictor_from_config(loaded, run_settings(cfg))
+    result = predictor.predict(keys, source.reader(loaded.preprocess))
     classes = loaded.class_names
     target = torch.tensor([samples[i][1] for i in result.indices])
     probs = result.probs

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 
 from vision_tl.core.errors import ConfigError
 from vision_tl.core.io import write_json
@@ -34,7 +34,7 @@ from vision_tl.data.decode import ReadLimits
 from vision_tl.data.source import Catalog, Source
 from vision_tl.data.unlabeled import unlabeled_pool
 from vision_tl.inference.checkpoint import LoadedModel, load_checkpoint
-from vision_tl.inference.predictor import Predictor, predictor_from_config
+from vision_tl.inference.predictor import Predictor, predictor_from_config, run_settings
 from vision_tl.sweeps.cv import FoldSource, finished_run
 from vision_tl.training.build import build_data
 
@@ -89,22 +89,6 @@ def select(
         cap = max(1, int(max_ratio * float(np.median([len(r) for r in passing]))))
         passing = [rows[:cap] for rows in passing]
     return [(int(r), c) for c, rows in enumerate(passing) for r in rows]
-
-
-def teacher_settings(cfg: DictConfig) -> DictConfig:
-    """What the teacher's predictor reads: the run's batch, workers and read limits."""
-    return OmegaConf.create(
-        {
-            "batch_size": int(cfg.data.batch_size),
-            "num_workers": cfg.data.get("num_workers"),
-            "device": "auto",
-            "progress": False,
-            "data": {
-                "max_file_bytes": cfg.data.get("max_file_bytes"),
-                "max_image_pixels": cfg.data.get("max_image_pixels"),
-            },
-        }
-    )
 
 
 def label_pool(
@@ -185,7 +169,7 @@ def run_pseudo_label(cfg: DictConfig, train: TrainFn) -> dict[str, Any]:
     teacher = semi.get("teacher") or _best(metrics)
     for r in range(1, rounds + 1):
         loaded = load_checkpoint(teacher)
-        predictor = predictor_from_config(loaded, teacher_settings(cfg))
+        predictor = predictor_from_config(loaded, run_settings(cfg))
         pseudo, decided = label_pool(loaded, predictor, data.source, catalog, pool, selection)
         log.info(
             "Pseudo-labels round %d: %d pool images join training (%s); %d called unknown",
