@@ -223,7 +223,7 @@ def test_each_augmented_view_depends_on_its_image_and_view_only(
         np.testing.assert_allclose(rows[1][view, i], expected.numpy(), rtol=1e-6)
 
 
-@pytest.mark.integration
+@pytest.mark.slow  # 18 s: moved out of the suite's 10-minute budget
 def test_linear_probe_reuses_the_cache_and_a_change_invalidates_it(
     compose_train,
     image_folder: Path,

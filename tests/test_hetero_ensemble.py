@@ -205,7 +205,7 @@ def test_probe_caches_features_per_member_and_reports_each_member(probe_run: Pat
         assert entry["key"]["preprocess"] == metrics["preprocess"]
 
 
-@pytest.mark.integration
+@pytest.mark.slow  # 16 s: moved out of the suite's 10-minute budget
 def test_eval_predict_explain_and_onnx_export(
     probe_run: Path, data_root: Path, tmp_path: Path
 ) -> None:

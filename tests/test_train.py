@@ -418,7 +418,7 @@ def test_cli_contract_with_ensemble_and_prefilled_weights_cache(
     assert not (tmp_path / "outputs").exists(), "hydra.run.dir must hold the whole run"
 
 
-@pytest.mark.integration
+@pytest.mark.slow  # 9 s: moved out of the suite's 10-minute budget
 def test_same_seed_same_run(compose_train, image_folder: Path, tmp_path: Path) -> None:
     overrides = [*TINY, f"data.root={image_folder}", "test=false", "seed=7"]
     runs = [run_training(compose_train(overrides, tmp_path / name)) for name in ("a", "b")]
