@@ -39,10 +39,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import REPO, SHARED, WEIGHTS
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-WEIGHTS = SHARED / "weights" / "tf_efficientnet_lite0.in1k.safetensors"
 VEHICLES = SHARED / "datasets" / "vehicles6"
 LITE0 = [
     "model.backbone.name=timm/tf_efficientnet_lite0",

@@ -37,6 +37,14 @@ TINY = [
     "data.image_size=32",
     "model.pretrained=false",
 ]
+# The converged linear probe alone (the early-stopped recipe has tests of its own), short.
+QUICK_PROBE = [
+    "finetune=linear_probe",
+    "finetune.epochs=3",
+    "finetune.folds=2",
+    "finetune.batch_size=8",
+    "finetune.short_epochs=0",
+]
 # One epoch of two batches, no test, logger or extra checkpoint: a checkpoint, fast.
 QUICK_TRAIN = [
     *TINY,

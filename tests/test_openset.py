@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import TINY, _draw, run_cli
+from conftest import QUICK_PROBE, TINY, _draw, run_cli
 from sklearn.metrics import adjusted_rand_score
 
 from vision_tl.core.cli import check_command_line
@@ -35,14 +35,7 @@ from vision_tl.training.train import run_training
 # Colours `_draw` paints by label: 0 red, 1 green, 2 blue, 3 yellow.
 KNOWN = {"red": 0, "green": 1}
 UNKNOWN = {"blue": 2, "yellow": 3}
-PROBE = [
-    "finetune=linear_probe",
-    "finetune.epochs=3",
-    "finetune.folds=2",
-    "finetune.batch_size=8",
-    "finetune.short_epochs=0",
-    "logger=none",
-]
+PROBE = [*QUICK_PROBE, "logger=none"]
 
 
 def draw_folder(root: Path, colours: dict[str, int], per_class: int, seed: int) -> Path:

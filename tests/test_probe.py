@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, make_image_folder
+from conftest import QUICK_PROBE, TINY, make_image_folder
 from helpers.intervals import accuracies_without_interval
 
 from vision_tl.inference.checkpoint import load_checkpoint
@@ -16,14 +16,7 @@ from vision_tl.training.train import run_training
 
 pytestmark = pytest.mark.integration
 
-# The converged recipe alone (the early-stopped one has tests of its own).
-PROBE = [
-    "finetune=linear_probe",
-    "finetune.epochs=3",
-    "finetune.folds=2",
-    "finetune.batch_size=8",
-    "finetune.short_epochs=0",
-]
+PROBE = QUICK_PROBE
 SPY = ["+callbacks.spy._target_=helpers.spies.RunSpy"]
 
 

@@ -27,13 +27,12 @@ log = logging.getLogger(__name__)
 @dataclass
 class Pool:
     """The readable pool images (`files`, reported as `names`) with the checkpoint's
-    calibrated probabilities, features, open-set scores and flags (True: unknown)."""
+    calibrated probabilities, features and open-set flags (True: unknown)."""
 
     files: list[Path]
     names: list[str]
     probs: torch.Tensor
     features: torch.Tensor
-    scores: torch.Tensor | None
     unknown: torch.Tensor
 
     def __len__(self) -> int:
@@ -46,7 +45,6 @@ class Pool:
             [self.names[i] for i in rows],
             self.probs[rows],
             self.features[rows],
-            None if self.scores is None else self.scores[rows],
             self.unknown[rows],
         )
 
@@ -86,9 +84,7 @@ def run_pool(
     detector (a predict run's unknown rows are all flagged already)."""
     inputs, flagged = pool_inputs(cfg.get("input"), str(cfg.get("unknown_label", "unknown")))
     log.info("Reading %d pool image(s) from %s", len(inputs.files), cfg.get("input"))
-    result = predictor.predict(inputs.files, keep_outputs=True)
-    for index, reason in result.unreadable:
-        log.warning("skipped %s: %s", inputs.names[index], reason)
+    result = predictor.predict(inputs.files, keep_outputs=True)  # warns of unreadable files
     if not result.indices:
         raise ConfigError(f"input={cfg.get('input')}: none of its images could be read")
     if result.features is None:
@@ -96,13 +92,11 @@ def run_pool(
     files = [inputs.files[i] for i in result.indices]
     names = [inputs.names[i] for i in result.indices]
     detector = loaded.open_set
-    scores = None
     if flagged:
         unknown = torch.ones(len(files), dtype=torch.bool)
     elif detector is not None:
         assert result.logits is not None
-        scores = detector.scores(result.features, result.logits, predictor.temperature)
-        unknown = scores < detector.threshold
+        unknown = detector.unknown(result.features, result.logits, predictor.temperature)
     elif need_flags:
         raise ConfigError(
             f"{loaded.path}: has no open-set threshold (trained with open_set.score=null); "
@@ -110,4 +104,4 @@ def run_pool(
         )
     else:
         unknown = torch.zeros(len(files), dtype=torch.bool)
-    return Pool(files, names, result.probs, result.features, scores, unknown)
+    return Pool(files, names, result.probs, result.features, unknown)

@@ -322,7 +322,9 @@ class Predictor:
         from rich.progress import Progress
 
         loader = self.loader(files, reader)
-        chunks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
+        chunks: list[torch.Tensor] = []
+        kept_logits: list[torch.Tensor] = []
+        kept_features: list[torch.Tensor] = []
         indices: list[int] = []
         unreadable: list[tuple[int, str]] = []
         start = time.perf_counter()
@@ -334,21 +336,20 @@ class Predictor:
                 unreadable += bad
                 if views is not None:
                     probs, logits, features = self.view_outputs(views)
+                    chunks.append(probs.cpu())
                     if keep_outputs:
-                        features = None if features is None else features.cpu()
-                        chunks.append((probs.cpu(), logits.cpu(), features))
-                    else:
-                        chunks.append((probs.cpu(), probs[:0].cpu(), None))
+                        kept_logits.append(logits.cpu())
+                        if features is not None:
+                            kept_features.append(features.cpu())
                     indices += index.tolist()
                 bar.advance(task, len(index) + len(bad))
         seconds = time.perf_counter() - start
-        num_classes = chunks[0][0].shape[1] if chunks else 0
-        probs = torch.cat([c[0] for c in chunks]) if chunks else torch.empty(0, num_classes)
+        num_classes = chunks[0].shape[1] if chunks else 0
+        probs = torch.cat(chunks) if chunks else torch.empty(0, num_classes)
         result = Predictions(probs, indices, unreadable, seconds)
         if keep_outputs:
-            result.logits = torch.cat([c[1] for c in chunks]) if chunks else probs.clone()
-            has_features = chunks and chunks[0][2] is not None
-            result.features = torch.cat([c[2] for c in chunks]) if has_features else None
+            result.logits = torch.cat(kept_logits) if kept_logits else probs.clone()
+            result.features = torch.cat(kept_features) if kept_features else None
         return result
 
 

@@ -20,7 +20,7 @@ from torchmetrics.functional.classification import multiclass_calibration_error
 
 from vision_tl.training.binary import fit_operating_point
 from vision_tl.training.checkpoints import save_checkpoint
-from vision_tl.training.openset import OpenSetSettings, fit_for_run, open_set_report
+from vision_tl.training.openset import OpenSetSettings, detector_summary, fit_for_run
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +179,7 @@ def calibrate_run(
         )
         if detector is not None:
             fitted["open_set"] = detector.as_dict()
-            report = {**report, "open_set": open_set_report(detector)}
+            report = {**report, "open_set": detector_summary(detector)}
             log.info(
                 "Open set: %s score, unknown below %.4f (keeps %.0f%% of %d known val images)",
                 detector.kind,

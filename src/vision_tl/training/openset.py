@@ -306,7 +306,7 @@ def fit_for_run(
     )
 
 
-def open_set_report(detector: OpenSet) -> dict[str, Any]:
+def detector_summary(detector: OpenSet) -> dict[str, Any]:
     """What metrics.json says of a fitted detector (everything but the bank)."""
     return {k: v for k, v in detector.as_dict().items() if k != "bank"} | {
         "threshold": detector.threshold
