@@ -51,6 +51,7 @@ PLACEHOLDERS = {
     "outputs/tour_sweep": "folder",
     "SHARED/sweep": "folder",
     "SHARED": "folder",
+    "SHARED/RUN": "new",
     "OUT": "new",
     "RUN_DIR": "new",
     "NAME": "new",
@@ -102,21 +103,25 @@ def _strip_comment(line: str) -> str:
 
 
 def _commands(line: str) -> list[list[str]]:
-    """The `python -m vision_tl.<command> ...` argument lists on one shell line (comments
-    stripped; `a && b` gives both)."""
+    """The `... -m vision_tl.<command> ...` argument lists on one shell line (comments
+    stripped; `a && b` gives both), whatever starts the module: `python`, `srun python`,
+    `torchrun --nnodes=2 ...`, `NODE_RANK=I python`."""
     if "vision_tl." not in line:
         return []
     words = shlex.split(line, comments=True)
     found, current = [], []
     for word in [*words, "&&"]:
         if word in ("&&", "||", ";", "|"):
-            if (
-                len(current) >= 3
-                and Path(current[0]).name.startswith("python")
-                and current[1] == "-m"
-                and current[2].startswith("vision_tl.")
-            ):
-                found.append(current[2:])
+            module = next(
+                (
+                    i + 1
+                    for i in range(len(current) - 1)
+                    if current[i] == "-m" and current[i + 1].startswith("vision_tl.")
+                ),
+                None,
+            )
+            if module is not None:
+                found.append(current[module:])
             current = []
         else:
             current.append(word)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from vision_tl.core.launch import rank_suffix
+
 _PACKAGE_DIR = Path(__file__).resolve().parents[1]
 
 
@@ -63,3 +65,11 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("vtl.cache_dir", lambda: str(cache_dir()))
     if not OmegaConf.has_resolver("vtl.run_name"):
         OmegaConf.register_new_resolver("vtl.run_name", run_name, use_cache=True)
+    if not OmegaConf.has_resolver("vtl.rank_suffix"):
+        # One log file per process of a multi-process job (`core.launch.rank_suffix`).
+        OmegaConf.register_new_resolver("vtl.rank_suffix", rank_suffix)
+    if not OmegaConf.has_resolver("vtl.rank_zero"):
+        # `value` on global rank 0, else null (files only rank 0 writes, e.g. Hydra's .hydra/).
+        OmegaConf.register_new_resolver(
+            "vtl.rank_zero", lambda value, devices=1: None if rank_suffix(devices) else value
+        )

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from vision_tl.core.config import cache_dir
 from vision_tl.core.errors import ConfigError
+from vision_tl.core.launch import from_rank_zero
 from vision_tl.core.runtime import available_cpus
 from vision_tl.core.validate import check_values
 from vision_tl.data.augment import (
@@ -127,7 +128,7 @@ class DataSettings:
 def load_catalog(source: Source, settings: DataSettings) -> Catalog:
     """The source's catalog, checked (`on_bad_image=fail`), split (a stratified val split
     when the data has none) and described in the log: what every command reads."""
-    catalog = source.catalog()
+    catalog = from_rank_zero(source.catalog)  # one scan per job, not one per rank
     where = source.describe()
     if catalog.bad and settings.checks.on_bad_image == "fail":
         shown = "; ".join(f"{b.path} ({b.reason})" for b in catalog.bad[:3])

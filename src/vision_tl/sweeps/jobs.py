@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import socket
@@ -29,6 +30,15 @@ from omegaconf import DictConfig, open_dict
 from vision_tl.core.config import slurm_job
 from vision_tl.core.errors import ConfigError, error_line, find_user_error
 from vision_tl.core.io import read_json
+from vision_tl.core.launch import (
+    HANDOFF_ENV,
+    Launch,
+    adopt,
+    all_agree,
+    from_rank_zero,
+    join,
+    launch_from_trainer,
+)
 from vision_tl.core.signals import Interrupted
 from vision_tl.sweeps.report import write_report
 from vision_tl.sweeps.status import read_status, write_status
@@ -155,11 +165,7 @@ def _root_cause(err: BaseException) -> BaseException:
 
 
 def _is_multirun_job() -> bool:
-    if not HydraConfig.initialized():
-        return False
-    from lightning.fabric.utilities.rank_zero import rank_zero_only
-
-    return HydraConfig.get().mode == RunMode.MULTIRUN and rank_zero_only.rank == 0
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def _is_slurm_run() -> bool:
@@ -169,74 +175,125 @@ def _is_slurm_run() -> bool:
     job = slurm_job()
     if not HydraConfig.initialized() or job is None:
         return False
-    from lightning.fabric.utilities.rank_zero import rank_zero_only
-
     name = Path(HydraConfig.get().runtime.output_dir).name
-    return name.startswith(f"slurm-{job}-") and rank_zero_only.rank == 0
+    return name.startswith(f"slurm-{job}-")
+
+
+def _handed_decision(launch: Launch) -> dict[str, Any] | None:
+    """What rank 0 decided for this job, when Lightning started this process as one of
+    its local ranks (rank 0's environment carries it, `HANDOFF_ENV`)."""
+    text = os.environ.get(HANDOFF_ENV)
+    if launch.launcher != "lightning" or launch.main or not text:
+        return None
+    return json.loads(text)
+
+
+def _decide(cfg: DictConfig, job_dir: Path, overrides: list[str], multirun: bool) -> dict[str, Any]:
+    """Skip, resume or start the job in `job_dir`, from its files alone (`job_status.json`,
+    `metrics.json`, `checkpoints/last.ckpt`): made on rank 0 and sent to every rank, so all
+    of them make the same one."""
+    previous = read_status(job_dir)
+    decision: dict[str, Any] = {"error": None, "skip": None, "ckpt_path": None}
+    decision["attempt"] = int((previous or {}).get("attempts", 0)) + 1
+    decision["previous"] = (previous or {}).get("status")
+    if previous and previous.get("overrides") != overrides:
+        where = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+        decision["error"] = (
+            f"{job_dir} holds a job with other overrides ({previous.get('overrides')}); "
+            f"use a new {where}"
+        )
+        return decision
+    finished = read_json(job_dir / "metrics.json")
+    if previous and previous.get("status") in ("done", "pruned") and finished is not None:
+        decision["skip"] = finished
+        return decision
+    last = job_dir / "checkpoints" / "last.ckpt"
+    if previous and last.exists() and cfg.get("ckpt_path") is None:
+        decision["ckpt_path"] = str(last)
+    return decision
 
 
 def run_job(cfg: DictConfig, work: Callable[[DictConfig], dict[str, Any]]) -> dict[str, Any]:
     """Run `work(cfg)` (a training run); inside a multirun, make it skippable, resumable
     and contained: a failure is recorded and returned, never raised. A single run in a
-    SLURM batch job is skippable and resumable the same way (a requeued job resumes from
-    its `last.ckpt`), and its failures are raised as usual. On SIGTERM or SIGINT the job
-    is recorded as interrupted (a sweep also writes its summary so far) and the
+    SLURM batch job, and a run of several processes that its launcher started (torchrun,
+    srun, `NODE_RANK`), are skippable and resumable the same way (a requeued or rerun job
+    resumes from its `last.ckpt`), and their failures are raised as usual. Every rank
+    makes rank 0's decision; only rank 0 writes the job's files. On SIGTERM or SIGINT the
+    job is recorded as interrupted (a sweep also writes its summary so far) and the
     `Interrupted` goes on up, so the command ends with one line and status 128 + signal."""
+    launch = launch_from_trainer(cfg.trainer)
+    adopt(launch)
     multirun = _is_multirun_job()
-    if not multirun and not _is_slurm_run():
+    handed = _handed_decision(launch)
+    if not (multirun or launch.external or handed is not None or _is_slurm_run()):
         with isolated_job(parallel_jobs=1):
             return work(cfg)
+    hydra_cfg = HydraConfig.get()
+    with isolated_job(_parallel_jobs(hydra_cfg) if multirun else 1):
+        if join(launch, str(cfg.trainer.get("accelerator", "auto"))):
+            log.info("Process group open before training: this is %s", launch.describe())
+        return _tracked_job(cfg, work, launch, multirun, handed)
 
+
+def _tracked_job(
+    cfg: DictConfig,
+    work: Callable[[DictConfig], dict[str, Any]],
+    launch: Launch,
+    multirun: bool,
+    handed: dict[str, Any] | None,
+) -> dict[str, Any]:
     hydra_cfg = HydraConfig.get()
     job_dir = Path(hydra_cfg.runtime.output_dir)
+    all_agree(
+        str(job_dir.absolute()),
+        "the run folder: give every node the same hydra.run.dir, on a file system they share",
+    )
     overrides = list(hydra_cfg.overrides.task)
-    previous = read_status(job_dir)
-    if previous and previous.get("overrides") != overrides:
-        where = "hydra.sweep.dir" if multirun else "hydra.run.dir"
-        message = (
-            f"{job_dir} holds a job with other overrides ({previous.get('overrides')}); "
-            f"use a new {where}"
-        )
+    decision = handed or from_rank_zero(lambda: _decide(cfg, job_dir, overrides, multirun))
+    if launch.launcher == "lightning" and launch.main:  # the local ranks Lightning starts
+        os.environ[HANDOFF_ENV] = json.dumps(decision)
+    if decision["error"]:
         if not multirun:
-            raise ConfigError(message)
-        log.error("Job %s not run: %s", job_dir.name, message)
-        return {"status": "failed", "error": message}
-    metrics_file = job_dir / "metrics.json"
-    finished = read_json(metrics_file)
-    if previous and previous.get("status") in ("done", "pruned") and finished is not None:
+            raise ConfigError(decision["error"])
+        log.error("Job %s not run: %s", job_dir.name, decision["error"])
+        return {"status": "failed", "error": decision["error"]}
+    if decision["skip"] is not None:
         log.info("Job %s finished in an earlier run: skipping it", job_dir.name)
-        return {**finished, "skipped": True}
-
-    last = job_dir / "checkpoints" / "last.ckpt"
-    if previous and last.exists() and cfg.get("ckpt_path") is None:
+        return {**decision["skip"], "skipped": True}
+    if decision["ckpt_path"]:
         with open_dict(cfg):
-            cfg.ckpt_path = str(last)
-        log.info("Job %s was %s: resuming from %s", job_dir.name, previous.get("status"), last)
+            cfg.ckpt_path = decision["ckpt_path"]
+        log.info(
+            "Job %s was %s: resuming from %s", job_dir.name, decision["previous"], cfg.ckpt_path
+        )
 
-    attempt = int((previous or {}).get("attempts", 0)) + 1
-    write_status(
-        job_dir,
+    def record(**fields: Any) -> None:
+        if launch.main:
+            write_status(job_dir, **fields)
+
+    record(
         status="running",
         overrides=overrides,
-        attempts=attempt,
+        attempts=decision["attempt"],
         host=socket.gethostname(),
         pid=os.getpid(),
+        world_size=launch.world_size,
         started=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         error=None,
     )
     sweep_dir = Path(str(hydra_cfg.sweep.dir))
     try:
         if multirun:
-            with isolated_job(_parallel_jobs(hydra_cfg)), pinned_gpu(cfg, sweep_dir):
+            with pinned_gpu(cfg, sweep_dir):
                 metrics = work(cfg)
         else:
-            with isolated_job(parallel_jobs=1):
-                metrics = work(cfg)
+            metrics = work(cfg)
     except Exception as err:
         user_error = find_user_error(err)
         root = _root_cause(err)
         message = str(user_error) if user_error else f"{type(root).__name__}: {root}"
-        write_status(job_dir, status="failed", error=message.splitlines()[0] if message else "")
+        record(status="failed", error=message.splitlines()[0] if message else "")
         if not multirun:
             raise
         if user_error:
@@ -245,20 +302,20 @@ def run_job(cfg: DictConfig, work: Callable[[DictConfig], dict[str, Any]]) -> di
             log.exception("Job %s failed", job_dir.name)
         return {"status": "failed", "error": message}
     except Interrupted as stop:
-        write_status(job_dir, status="interrupted")
-        if multirun:
+        record(status="interrupted")
+        if multirun and launch.main:
             stop.sweep_dir, stop.job = str(sweep_dir), job_dir.name
             _report_so_far(sweep_dir, cfg.get("optimized_metric"))
         raise
     except BaseException:
-        write_status(job_dir, status="interrupted")
+        record(status="interrupted")
         raise
     metric = metrics.get(cfg.get("optimized_metric") or "best_val_acc")
     pruned = metrics.get("pruned_epoch")
     if pruned is not None:  # an Optuna trial its pruner stopped: finished, not failed
-        write_status(job_dir, status="pruned", metric=metric, pruned_epoch=pruned)
+        record(status="pruned", metric=metric, pruned_epoch=pruned)
     else:
-        write_status(job_dir, status="done", metric=metric)
+        record(status="done", metric=metric)
     return metrics
 
 

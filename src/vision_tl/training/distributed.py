@@ -4,17 +4,23 @@ Lightning starts ranks 1..N-1 by re-running the command line. Under Hydra that c
 may be a whole multirun (`-m`, or `hparams_search=` with `hydra.mode: MULTIRUN`), and
 a fresh `${now:...}` run dir: ranks would start sweeps of their own or write into new
 folders, and rank 0 would wait for them forever. The command below re-runs the job's
-own overrides as a single run in the job's output dir, writing no Hydra files.
+own overrides as a single run in the job's output dir, writing no Hydra files (its log
+is `train_rank<R>.log`: `conf/train.yaml` names it).
+
+Under SLURM, requeueing has one owner: the job's own resume (`sweeps.jobs`, with
+submitit's requeue when Hydra's submitit launcher runs it), never Lightning's too.
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_original_cwd
 
+from vision_tl.core.launch import Launch
 from vision_tl.core.shims import replace_hydra_subprocess_cmd
 
 
@@ -30,10 +36,19 @@ def rank_command(local_rank: int, module: str = "vision_tl.train") -> tuple[Sequ
         "hydra.mode=RUN",
         f'hydra.run.dir="{output_dir}"',
         "hydra.output_subdir=null",
-        f"hydra.job.name={hydra_cfg.job.name}_rank{local_rank}",
         "hydra/hydra_logging=none",
     ]
     return command, get_original_cwd()
+
+
+def cluster_plugins(launch: Launch) -> list[Any]:
+    """Trainer plugins for the cluster `launch` runs on: under SLURM, Lightning's SLURM
+    environment with its auto-requeue off (submitit, or the requeued batch script, owns it)."""
+    if launch.launcher != "slurm":
+        return []
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    return [SLURMEnvironment(auto_requeue=False)]
 
 
 def use_hydra_rank_command() -> None:

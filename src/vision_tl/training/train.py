@@ -6,7 +6,6 @@ import contextlib
 import copy
 import logging
 import math
-import os
 import signal
 import threading
 import time
@@ -25,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vision_tl.core.errors import ConfigError
 from vision_tl.core.io import write_csv, write_json, write_text
+from vision_tl.core.launch import launch_from_trainer
 from vision_tl.core.logs import quiet_third_party
 from vision_tl.core.signals import Interrupted, pending, safe_points, stop_if_signalled
 from vision_tl.core.stats import format_interval, with_intervals
@@ -42,7 +42,7 @@ from vision_tl.training.callbacks import (
 )
 from vision_tl.training.checkpoints import with_atomic_checkpoints
 from vision_tl.training.distill import build_distillation, distill_report
-from vision_tl.training.distributed import use_hydra_rank_command
+from vision_tl.training.distributed import cluster_plugins, use_hydra_rank_command
 from vision_tl.training.finetune import Stage, build_finetune
 from vision_tl.training.openset import OpenSetSettings
 from vision_tl.training.recipes import TimeBudget, build_ema, find_lr, lr_find_skip_reason
@@ -220,7 +220,7 @@ def fit_device(trainer: dict[str, Any]) -> torch.device:
     exists (the feature cache runs the backbone there): under DDP each process's own GPU."""
     accelerator = str(trainer.get("accelerator", "auto"))
     if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cuda", launch_from_trainer(trainer).local_rank)
     return torch.device("cpu")
 
 
@@ -337,7 +337,10 @@ def _fit(
         cfg.trainer,
         callbacks=[*callbacks, *ours],
         logger=loggers,
-        plugins=with_atomic_checkpoints(cfg.trainer.get("plugins")),
+        plugins=[
+            *with_atomic_checkpoints(cfg.trainer.get("plugins")),
+            *cluster_plugins(launch_from_trainer(cfg.trainer)),
+        ],
         **length,
     )
 
