@@ -344,3 +344,59 @@ def test_a_views_subset_gives_the_rows_the_whole_split_would_and_lends_them(
     expected = np.fromfile(fresh.train_store.data_file, np.float32)
     np.testing.assert_allclose(rows, expected, rtol=1e-5, atol=1e-5)
     assert whole.train_store.directory.name == fresh.train_store.directory.name, "one entry"
+
+
+@pytest.mark.integration
+def test_two_ranks_share_an_extraction_and_write_the_rows_of_one_process(
+    image_folder: Path, tmp_path: Path
+) -> None:
+    """Each rank runs the backbone on its share only (the images seen add up to one
+    process's), and the assembled entry is byte for byte the one-process entry."""
+    import socket
+    import subprocess
+    import sys
+
+    from helpers.feature_ranks import VIEWS, build
+
+    files = sorted((image_folder / "train").rglob("*.png"))
+    single, seen = build(image_folder / "train", tmp_path / "one")
+    assert seen == len(files) * VIEWS
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    script = Path(__file__).parent / "helpers" / "feature_ranks.py"
+    args = [str(port), str(image_folder / "train"), str(tmp_path / "two"), str(tmp_path)]
+    ranks = [
+        subprocess.Popen([sys.executable, str(script), str(rank), "2", *args], text=True)
+        for rank in (0, 1)
+    ]
+    try:
+        assert [p.wait(timeout=120) for p in ranks] == [0, 0]
+    finally:
+        for process in ranks:
+            process.kill()
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert reports[0]["data_file"] == reports[1]["data_file"]
+    shares = [r["seen"] for r in reports]
+    assert sum(shares) == len(files) * VIEWS and min(shares) > 0, shares
+    two = Path(reports[0]["data_file"])
+    assert two.read_bytes() == Path(single).read_bytes()
+    assert sorted(p.name for p in two.parent.iterdir()) == ["features.f32", "meta.json"]
+
+
+@pytest.mark.unit
+def test_the_search_holds_a_bounded_stratified_share_of_a_large_split() -> None:
+    from types import SimpleNamespace
+
+    from vision_tl.data.features import CachedFeatures
+    from vision_tl.training.probe import _capped
+
+    train = [(f"img{i:05d}", 0 if i < 9000 else 1) for i in range(10000)]
+    stores = SimpleNamespace(views=4)
+    features = CachedFeatures(stores, stores, {"train": train, "val": train[:5]})
+    capped = _capped(features, max_rows=5000, folds=3)
+    kept = capped.samples["train"]
+    assert len(kept) * 5 <= 5000 + 2 * 3  # rounding per class
+    assert sum(label for _, label in kept) / len(kept) == pytest.approx(0.1, abs=0.01)
+    assert set(kept) <= set(train) and capped.samples["val"] == train[:5]
+    assert _capped(features, max_rows=50000, folds=3) is features

@@ -348,3 +348,67 @@ def test_both_ranks_killed_at_epoch_2_resume_there(tmp_path: Path) -> None:
     assert [r.returncode for r in rerun] == [0, 0]
     for result in rerun:
         assert "finished in an earlier run: skipping it" in result.stdout
+
+
+@pytest.mark.unit
+def test_a_claim_file_makes_the_next_job_wait_without_flock(tmp_path: Path) -> None:
+    import threading
+    import time
+
+    from vision_tl.core.io import claim
+
+    path, order = tmp_path / "entry.claim", []
+
+    def second() -> None:
+        with claim(path, poll=0.01):
+            order.append("second")
+
+    with claim(path):
+        waiting = threading.Thread(target=second)
+        waiting.start()
+        time.sleep(0.3)
+        order.append("first done")
+        assert path.exists()
+    waiting.join(timeout=10)
+    assert order == ["first done", "second"]
+    assert not path.exists()
+
+
+@pytest.mark.unit
+def test_a_stale_claim_of_a_dead_job_is_broken_and_not_taken_back(tmp_path: Path) -> None:
+    import time
+
+    from vision_tl.core.io import claim
+
+    path = tmp_path / "entry.claim"
+    path.write_text("otherhost 1234 dead\n")
+    old = time.time() - 600
+    os.utime(path, (old, old))
+    start = time.monotonic()
+    with claim(path, stale_after=120, poll=0.01):
+        assert time.monotonic() - start < 5
+        assert "otherhost" not in path.read_text()
+        path.write_text("a job that broke ours\n")  # ours went stale and was taken
+    assert path.read_text() == "a job that broke ours\n", "the other job's claim stays"
+
+
+@pytest.mark.slow
+def test_a_linear_probe_on_two_nodes_shares_its_extraction(tmp_path: Path) -> None:
+    data = make_image_folder(tmp_path / "data", per_class=10, size=32)
+    run = tmp_path / "run"
+    args = [
+        *RUN,
+        f"data.root={data}",
+        "finetune=linear_probe",
+        "finetune.epochs=3",
+        "finetune.folds=2",
+        "finetune.short_epochs=0",
+        f"hydra.run.dir={run}",
+    ]
+    results = _ranks(_two_nodes("torchrun", args, _free_port()), cwd=tmp_path)
+    assert [r.returncode for r in results] == [0, 0], results[0].stdout[-3000:]
+    log = (run / "train.log").read_text()
+    assert "2 ranks sharing the work" in log
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["probe"]["recipe"] == "converged"
+    _assert_one_writer(run)

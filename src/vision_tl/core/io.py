@@ -11,6 +11,9 @@
   not UTF-8 as `str` with surrogate escapes, which no UTF-8 text file accepts; they are
   written with the undecodable bytes as `\\xNN`, and the real path is kept for reading.
 - A JSON file is read tolerantly (`read_json`): missing, half-written or damaged is None.
+- Work that several jobs may start at once is claimed with a file (`claim`), not a lock:
+  it works on file systems without `flock` (Lustre without its mount option, some NFS),
+  and the claim of a job that died is broken once it goes stale.
 """
 
 from __future__ import annotations
@@ -20,8 +23,11 @@ import io
 import json
 import os
 import secrets
+import socket
 import stat
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -195,3 +201,63 @@ def file_lock(path: str | Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+# A claim not refreshed for this long belongs to a process that died: it may be broken.
+CLAIM_STALE_S = 120.0
+
+
+def _claim_age(path: Path) -> float | None:
+    try:
+        return time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        return None
+
+
+@contextlib.contextmanager
+def claim(
+    path: str | Path, stale_after: float = CLAIM_STALE_S, poll: float = 0.2
+) -> Iterator[None]:
+    """Hold the claim file `path` for the block, waiting while another process holds it.
+
+    The claim is created with `O_EXCL` (atomic on local and network file systems, no
+    `flock` needed) and its mtime refreshed every `stale_after / 4` s by a thread while the
+    block runs. A claim not refreshed for `stale_after` s is broken: renamed away first,
+    so of two processes that find it stale only one breaks it. The block's caller checks,
+    once it holds the claim, whether another process finished the work meanwhile."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    token = f"{socket.gethostname()} {os.getpid()} {secrets.token_hex(4)}\n"
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            age = _claim_age(path)
+            if age is not None and age > stale_after:
+                aside = path.with_name(f"{path.name}.stale.{secrets.token_hex(4)}")
+                with contextlib.suppress(FileNotFoundError):
+                    os.rename(path, aside)
+                    os.unlink(aside)
+            else:
+                time.sleep(poll)
+            continue
+        with os.fdopen(fd, "w") as handle:
+            handle.write(token)
+        break
+    stop = threading.Event()
+
+    def refresh() -> None:
+        while not stop.wait(stale_after / 4):
+            with contextlib.suppress(OSError):
+                os.utime(path)
+
+    beat = threading.Thread(target=refresh, daemon=True)
+    beat.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        beat.join()
+        with contextlib.suppress(OSError):
+            if path.read_text() == token:  # still ours: not broken as stale meanwhile
+                path.unlink()

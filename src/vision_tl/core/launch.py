@@ -231,6 +231,34 @@ def grouped() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def group_rank() -> tuple[int, int]:
+    """(rank, world size) in the open process group; (0, 1) without one."""
+    if not grouped():
+        return 0, 1
+    import torch.distributed as dist
+
+    return dist.get_rank(), dist.get_world_size()
+
+
+def gathered(compute: Callable[[], T]) -> list[T]:
+    """Every rank's `compute()`, in rank order, on every rank (`[compute()]` without a
+    group). An exception on any rank is raised on all of them, so none waits forever."""
+    if not grouped():
+        return [compute()]
+    import torch.distributed as dist
+
+    try:
+        mine: tuple[str, Any] = ("ok", compute())
+    except Exception as err:  # sent on, then raised on every rank
+        mine = ("error", err)
+    values: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, mine)
+    for kind, value in values:
+        if kind == "error":
+            raise value
+    return [value for _, value in values]
+
+
 def from_rank_zero(compute: Callable[[], T]) -> T:
     """`compute()` on global rank 0, its result sent to every other rank of the open process
     group (pickled); without one, `compute()` here. Rank 0's exception reaches every rank,

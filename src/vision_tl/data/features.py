@@ -8,9 +8,12 @@ validation then read rows, so later epochs and every job of a sweep cost only th
 An entry is keyed by the backbones' names and a digest of their weights, the
 preprocessing and decoding settings, the transform (eval, or augmentation + number of
 views) and the file list with sizes and mtimes: any change makes a new entry. Entries are
-written to a temporary folder and renamed, under a file lock, so parallel sweep jobs
-compute each entry once and share it. Rows are read with `pread`, never memory-mapped or
-loaded whole, so memory does not grow with the number of images.
+written to a temporary folder and renamed, under a claim file (`core.io.claim`: no
+`flock` needed), so parallel sweep jobs compute each entry once and share it. The ranks of
+a multi-process job build an entry together: each extracts its share of the images into a
+part of its own, and rank 0 assembles the parts (rows identical to a one-process build).
+Rows are read with `pread`, never memory-mapped or loaded whole, so memory does not grow
+with the number of images.
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from vision_tl.core.engines import Runner, compile_forward, resolve_engine, weights_digest
 from vision_tl.core.errors import ConfigError
-from vision_tl.core.io import file_lock
+from vision_tl.core.io import claim
+from vision_tl.core.launch import from_rank_zero, gathered, group_rank
 from vision_tl.core.runtime import (
     feature_batch_size,
     folded_copy,
@@ -275,9 +279,11 @@ def _extract(
     precision: str = "fp32",
     seed: int = 0,
     rows: Rows | None = None,
+    filename: str = "features.f32",
 ) -> tuple[int, dict[str, str]]:
     """Write the features `model` (a compiled `features` pass) gives every image (per
-    view) to `out/features.f32`.
+    view) to `out/<filename>`, each row at its place in the whole entry; returns (the
+    feature width, 0 when no image decoded; the images that failed, with the reason).
 
     Each image is decoded once for all its views; view `v` of image `i` is drawn from
     `view_seed(seed, v, i)` (`i`: its place in its entry's whole list, `rows`). `images`
@@ -296,7 +302,7 @@ def _extract(
         collate_fn=_collate,
         pin_memory=device.type == "cuda",
     )
-    with open(out / "features.f32", "wb") as handle, torch.random.fork_rng(devices=[]):
+    with open(out / filename, "wb") as handle, torch.random.fork_rng(devices=[]):
         fd = handle.fileno()
         for batches, indices, errors in loader:
             stop_if_signalled()  # SIGTERM/SIGINT in a fit: the unfinished entry is removed
@@ -309,8 +315,6 @@ def _extract(
                 dim = feats.shape[1]
                 for row, i in zip(feats.numpy(), indices, strict=True):
                     os.pwrite(fd, row.tobytes(), (view * n + rows.write_at[i]) * dim * 4)
-    if dim == 0:
-        raise ConfigError("no image could be decoded for the feature cache")
     return dim, failed
 
 
@@ -340,75 +344,160 @@ def load_or_build(
     key = digest(spec)
     final = root / key
     root.mkdir(parents=True, exist_ok=True)
-    if (final / "meta.json").is_file():
+    if from_rank_zero((final / "meta.json").is_file):
         return FeatureStore.open(final), True
-    with file_lock(root / f"{key}.lock"):
-        if (final / "meta.json").is_file():  # another job computed it while we waited
+    rank, _ = group_rank()
+    with contextlib.ExitStack() as held:
+        if rank == 0:  # for the whole job: its other ranks follow rank 0
+            held.enter_context(claim(root / f"{key}.claim"))
+
+        def start_entry() -> str | None:  # None: another job finished it while we waited
+            if (final / "meta.json").is_file():
+                return None
+            return tempfile.mkdtemp(prefix=f".{key}-", dir=root)
+
+        tmp = from_rank_zero(start_entry)
+        if tmp is None:
             return FeatureStore.open(final), True
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
         try:
-            start = time.perf_counter()
-            log.info(
-                "Feature cache: computing features of %d images x %d view(s) into %s",
-                len(images),
-                views,
-                final,
-            )
-            # An inference copy (in fp32, BatchNorms folded into their convolutions), run
-            # by the engine (eager: channels_last, ~1.6x faster on CPU and tensor cores).
-            keys = [key for key, _ in images.samples]
-            reused = reuse.index() if reuse is not None else {}
-            todo = [i for i, key in enumerate(keys) if key not in reused]
-            seeds = seed_at if seed_at is not None else range(len(keys))
-            dim, failed = (reuse.dim if reuse is not None else 0), {}
-            if todo:
-                fast = compile_forward(
-                    inference_copy(model, precision), engine, precision, device, "features"
-                )
-                subset = (
-                    images
-                    if len(todo) == len(keys)
-                    else ImageListDataset(
-                        [images.samples[i] for i in todo], images.reader, images.transform
-                    )
-                )
-                rows = Rows(todo, [seeds[i] for i in todo], len(keys))
-                dim, failed = _extract(
-                    fast,
-                    subset,
-                    preprocess,
-                    views,
-                    tmp,
-                    device,
-                    batch_size,
-                    num_workers,
-                    precision,
-                    seed,
-                    rows,
-                )
-                del fast
-            if reused:
-                _copy_rows(reuse, reused, keys, views, tmp / "features.f32")
-                wanted = set(keys)
-                failed = {**{k: v for k, v in reuse.failed.items() if k in wanted}, **failed}
-            meta = {
-                "key": spec,
-                "files": keys,
-                "views": views,
-                "dim": dim,
-                "failed": failed,
-                "seconds": round(time.perf_counter() - start, 3),
-            }
-            (tmp / "meta.json").write_text(json.dumps(meta))
-            try:
-                os.rename(tmp, final)
-            except OSError:  # without a lock (Windows), another job may have finished first
-                if not (final / "meta.json").is_file():
-                    raise
-            log.info("Feature cache: done in %.1f s", meta["seconds"])
+            job = _Extraction(
+                model, images, preprocess, views, device, batch_size, num_workers, precision,
+                seed, seed_at, reuse, engine,
+            )  # fmt: skip
+            _build_entry(Path(tmp), final, spec, job)
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
     return FeatureStore.open(final), False
+
+
+@dataclass(frozen=True)
+class _Extraction:
+    """What an entry is computed from (`load_or_build`'s arguments)."""
+
+    model: nn.Module
+    images: ImageListDataset
+    preprocess: AnyPreprocess
+    views: int
+    device: torch.device
+    batch_size: int
+    num_workers: int
+    precision: str
+    seed: int = 0
+    seed_at: Sequence[int] | None = None
+    reuse: FeatureStore | None = None
+    engine: str = "torch"
+
+
+def _build_entry(tmp: Path, final: Path, spec: dict[str, Any], job: _Extraction) -> None:
+    """Compute the entry into `tmp` and rename it to `final`: this rank extracts every
+    `world`-th image still to do into its own part; rank 0 then assembles the parts, adds
+    the rows `reuse` lends, writes `meta.json` last and renames."""
+    start = time.perf_counter()
+    images, views, reuse = job.images, job.views, job.reuse
+    rank, world = group_rank()
+    keys = [key for key, _ in images.samples]
+    reused = reuse.index() if reuse is not None else {}
+    todo = [i for i, key in enumerate(keys) if key not in reused]
+    seeds = job.seed_at if job.seed_at is not None else range(len(keys))
+    mine = todo[rank::world]
+    part = "features.f32" if world == 1 else f"part-{rank}.f32"
+    if rank == 0:
+        log.info(
+            "Feature cache: computing features of %d images x %d view(s) into %s%s",
+            len(images),
+            views,
+            final,
+            f", {world} ranks sharing the work" if world > 1 else "",
+        )
+
+    def extract() -> tuple[int, dict[str, str]]:
+        if not mine:
+            return 0, {}
+        # An inference copy (in fp32, BatchNorms folded into their convolutions), run by
+        # the engine (eager: channels_last, ~1.6x faster on CPU and tensor cores).
+        fast = compile_forward(
+            inference_copy(job.model, job.precision),
+            job.engine,
+            job.precision,
+            job.device,
+            "features",
+        )
+        subset = (
+            images
+            if len(mine) == len(keys)
+            else ImageListDataset(
+                [images.samples[i] for i in mine], images.reader, images.transform
+            )
+        )
+        rows = Rows(mine, [seeds[i] for i in mine], len(keys))
+        return _extract(
+            fast,
+            subset,
+            job.preprocess,
+            views,
+            tmp,
+            job.device,
+            job.batch_size,
+            job.num_workers,
+            job.precision,
+            job.seed,
+            rows,
+            part,
+        )
+
+    parts = gathered(extract)
+    dim = max([reuse.dim if reuse is not None else 0, *(d for d, _ in parts)])
+    if dim == 0:
+        raise ConfigError("no image could be decoded for the feature cache")
+    failed = {k: v for _, f in parts for k, v in f.items()}
+
+    def finish() -> None:
+        if world > 1:
+            shares = [todo[r::world] for r in range(world)]
+            _assemble(tmp, shares, views, len(keys), dim)
+        if reused:
+            _copy_rows(reuse, reused, keys, views, tmp / "features.f32")
+            wanted = set(keys)
+            kept = {k: v for k, v in reuse.failed.items() if k in wanted}
+            failed.update({k: v for k, v in kept.items() if k not in failed})
+        meta = {
+            "key": spec,
+            "files": keys,
+            "views": views,
+            "dim": dim,
+            "failed": failed,
+            "seconds": round(time.perf_counter() - start, 3),
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        try:
+            os.rename(tmp, final)
+        except OSError:  # a claim broken as stale: the other job finished first
+            if not (final / "meta.json").is_file():
+                raise
+        log.info("Feature cache: done in %.1f s", meta["seconds"])
+
+    from_rank_zero(finish)
+
+
+def _assemble(tmp: Path, shares: list[list[int]], views: int, n: int, dim: int) -> None:
+    """Copy each rank's rows (its `shares[r]`, at their places in `part-<r>.f32`) into
+    `features.f32`, a block of rows at a time, removing each part once copied."""
+    out = np.memmap(tmp / "features.f32", np.float32, "w+", shape=(views, n, dim))
+    for rank, share in enumerate(shares):
+        path = tmp / f"part-{rank}.f32"
+        if not share:
+            continue
+        os.truncate(path, views * n * dim * 4)  # a part ends at its last row: extend it
+        part = np.memmap(path, np.float32, "r", shape=(views, n, dim))
+        index = np.asarray(share, dtype=np.int64)
+        for begin in range(0, len(index), 65536):
+            block = index[begin : begin + 65536]
+            out[:, block] = part[:, block]
+        del part
+        path.unlink()
+    out.flush()
+    del out
 
 
 def _copy_rows(

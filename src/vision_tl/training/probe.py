@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import itertools
 import logging
 import math
@@ -42,6 +43,7 @@ from sklearn.model_selection import StratifiedKFold
 from torch.utils.data import BatchSampler
 
 from vision_tl.core.errors import ConfigError
+from vision_tl.core.launch import from_rank_zero
 from vision_tl.data.features import CachedFeatures
 from vision_tl.data.samplers import ViewSampler, train_sampler
 from vision_tl.models.classifier import Classifier
@@ -75,6 +77,9 @@ class ProbeGrid:
     folds: int
     short: ShortRecipe | None = None
     views_subset: int = 0
+    # Rows (images x (1 + views)) the search holds in memory at most: past it, it runs on a
+    # stratified subset of the training split (250k rows of 1,280 floats: 1.3 GB).
+    max_rows: int = 250_000
 
 
 @dataclass
@@ -371,6 +376,24 @@ def _options(features: CachedFeatures, views: str | None) -> tuple[dict[str, tor
     return options, (x_eval, y)
 
 
+def _capped(features: CachedFeatures, max_rows: int, folds: int) -> CachedFeatures:
+    """`features` with its training split cut to a stratified subset when its rows (every
+    image's eval view and its augmented views) would exceed `max_rows` in memory."""
+    train = features.samples["train"]
+    per_image = 1 + (features.train_store.views if features.train_store is not None else 0)
+    if len(train) * per_image <= max_rows:
+        return features
+    keep = set(stratified_subset(train, max_rows // per_image, folds))
+    log.info(
+        "Probe search on a stratified %d of the %d training images (%d rows at most in memory)",
+        len(keep),
+        len(train),
+        max_rows,
+    )
+    samples = {**features.samples, "train": [s for s in train if s[0] in keep]}
+    return dataclasses.replace(features, samples=samples)
+
+
 def search_probe(
     task: Any,
     features: CachedFeatures,
@@ -385,6 +408,7 @@ def search_probe(
     and which recipe trains the head."""
     start = time.perf_counter()
     columns = features.teacher_columns
+    features = _capped(features, grid.max_rows, grid.folds)
     options, (x_eval, y) = _options(features, views)
     folds = _folds(y, grid.folds, len(task.class_names))
     settings = list(itertools.product(grid.lrs, grid.l2s))
@@ -525,7 +549,8 @@ def decide_views(
     the whole split only when they win there by more than one standard error. Returns the
     decision and its evidence."""
     start = time.perf_counter()
-    result = search_probe(task, subset, grid, batch_size, sampler_kind)
+    # Rank 0 searches, the other ranks of a job take its result (`core.launch`).
+    result = from_rank_zero(lambda: search_probe(task, subset, grid, batch_size, sampler_kind))
     best = {
         name: max(c["holdout_acc"] for c in result.candidates if c["views"] == name)
         for name in ("augmented", "eval")
