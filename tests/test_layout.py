@@ -28,6 +28,7 @@ from vision_tl.training.task import ClassificationTask
 CONF = config_dir()
 ENTRY_POINTS = {
     "train",
+    "shard",
     "eval",
     "predict",
     "explain",
@@ -57,6 +58,19 @@ GROUPS = sorted({str(p.parent.relative_to(CONF)) for p in CONF.rglob("*/*.yaml")
 GROUP_OPTIONS = [(group, name) for group in GROUPS for name in _options(group)]
 
 
+def _tiny_shards(tmp_path: Path) -> Path:
+    from conftest import make_image_folder
+
+    from vision_tl.data.shards import ShardSettings, write_shards
+    from vision_tl.training.build import build_data
+
+    folder = make_image_folder(tmp_path / "images", per_class=2, size=16)
+    data = build_data({"root": str(folder)})
+    settings = ShardSettings(str(tmp_path / "shards"))
+    write_shards(data.source, data.catalog, settings, "fingerprint")
+    return tmp_path / "shards"
+
+
 @pytest.mark.integration  # builds every full-size network
 @pytest.mark.parametrize(("group", "name"), GROUP_OPTIONS, ids=lambda v: str(v))
 def test_every_config_option_composes_and_builds(group: str, name: str, tmp_path: Path) -> None:
@@ -64,6 +78,8 @@ def test_every_config_option_composes_and_builds(group: str, name: str, tmp_path
     manifest = tmp_path / "labels.csv"  # for data=manifest; the other sources ignore it
     manifest.write_text("path,label\n")
     data_keys = [f"data.root={tmp_path}", f"data.manifest={manifest}"]
+    if (group, name) == ("data", "shards"):  # a real shard set of a few images
+        data_keys.append(f"data.shards={_tiny_shards(tmp_path)}")
     cfg = _compose([f"{group}={name}", *data_keys, f"paths.output_dir={tmp_path}"])
     if group in ("data", "experiment"):
         data = OmegaConf.to_container(cfg.data, resolve=True)

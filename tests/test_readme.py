@@ -52,6 +52,7 @@ PLACEHOLDERS = {
     "SHARED/sweep": "folder",
     "SHARED": "folder",
     "SHARED/RUN": "new",
+    "SHARDS": "folder",
     "OUT": "new",
     "RUN_DIR": "new",
     "NAME": "new",

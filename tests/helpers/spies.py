@@ -107,3 +107,20 @@ class RunSpy(L.Callback):
             "bn_stats_moved": any("running" in k for k in changed),
             "backbone_weights_moved": any(k.endswith("weight") for k in changed),
         }
+
+
+class SamplesSpy(L.Callback):
+    """Write `samples_rank<R>.json` into the run dir: the keys of the training samples
+    this rank reads in each epoch (from its loader's sampler, as the loader will read)."""
+
+    def __init__(self) -> None:
+        self.epochs: list[list[str]] = []
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        loader = trainer.train_dataloader
+        keys = [key for key, _ in loader.dataset.samples]
+        self.epochs.append([keys[i] for i in loader.sampler])
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        out = Path(trainer.default_root_dir) / f"samples_rank{trainer.global_rank}.json"
+        out.write_text(json.dumps(self.epochs))

@@ -93,6 +93,9 @@ def quiet_third_party() -> None:
     for handler in logging.getLogger().handlers:
         if not any(isinstance(f, _PrintableLines) for f in handler.filters):
             handler.addFilter(_PrintableLines())
+    # LitData (shards) logs its cache budget at INFO each time a split's dataset opens; its
+    # warnings stay.
+    logging.getLogger("litdata").setLevel(logging.WARNING)
     # Lightning's rank-zero messages (rank_zero_info) come from this logger.
     rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     if not any(isinstance(f, _DropLines) for f in rank_zero.filters):

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
@@ -81,6 +82,13 @@ RULES = register_rules(
             "data.source": registered(_sources, extra=("auto",)),
             "data.root": or_null(path("folder"), "the built-in smoke-test set"),
             "data.manifest": or_null(path("file"), "class folders"),
+            "data.shards": or_null(
+                Allowed(
+                    lambda v: str(v).startswith("s3://") or Path(str(v)).expanduser().is_dir(),
+                    "a folder written by python -m vision_tl.shard, or s3://BUCKET/PREFIX",
+                ),
+                "no shards",
+            ),
             "data.unlabeled": or_null(path("path"), "no unlabelled images"),
             "data.batch_size": integer(1),
             "data.num_workers": WORKERS,

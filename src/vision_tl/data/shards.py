@@ -1,0 +1,342 @@
+"""LitData shards of a catalog: one streaming dataset per split, written by
+`python -m vision_tl.shard` and read by the `shards` source (`data.shards=DIR|s3://...`).
+
+A shard set is a folder (local, shared, or an `s3://` prefix):
+
+    meta.json            written last: the commit marker (classes, counts, the source's
+                         fingerprint, how images were decoded)
+    split.csv            every image and its split, as a folder run writes it
+    bad_files.csv        what the scan refused, and why
+    index/<split>.csv    row i: the source path and label of sample i of <split>
+    <split>/             LitData chunks + index.json of that split, in catalog order
+
+The split is the one a folder run draws (the same scan, `data.val_fraction`, `data.seed`),
+so a shard run trains on exactly the folder run's images. A plain upright RGB (or
+grayscale) JPEG keeps its bytes and decodes exactly as from the folder; anything else is
+decoded as training decodes it (EXIF orientation, alpha on the background, CMYK, 16-bit),
+downsized to `max_side` when larger, and stored re-encoded (JPEG for JPEG sources, PNG
+for the rest). S3 is reached through boto3's own configuration (`AWS_ENDPOINT_URL` and the
+credentials variables for an S3-compatible store).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import shutil
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from vision_tl.core.errors import ConfigError
+from vision_tl.core.io import read_limited, write_bytes
+from vision_tl.data.decode import EXIF_ORIENTATION, ReadLimits, load_rgb, open_image
+from vision_tl.data.source import SPLITS, Catalog, Source
+
+log = logging.getLogger(__name__)
+
+SHARD_VERSION = 1
+META = "meta.json"
+
+
+def litdata() -> Any:
+    """The `litdata` package, or a one-line error naming the extra that installs it."""
+    try:
+        import litdata as module
+    except ImportError:
+        raise ConfigError(
+            'shards need LitData: pip install -e ".[scale]" (or pip install litdata)'
+        ) from None
+    return module
+
+
+def is_remote(location: str) -> bool:
+    return str(location).startswith("s3://")
+
+
+def join(location: str, *names: str) -> str:
+    return "/".join([str(location).rstrip("/"), *names])
+
+
+class Place:
+    """The small files of a shard set, on a local path or under an `s3://` prefix."""
+
+    def __init__(self, location: str | Path) -> None:
+        self.location = str(location)
+
+    def _s3(self, name: str) -> tuple[Any, str, str]:
+        import boto3
+
+        bucket, _, prefix = self.location[len("s3://") :].partition("/")
+        key = "/".join(p for p in (prefix.strip("/"), name) if p)
+        return boto3.client("s3"), bucket, key
+
+    def read(self, name: str) -> bytes | None:
+        """The file's bytes, or None when it is not there."""
+        if not is_remote(self.location):
+            path = Path(self.location) / name
+            return path.read_bytes() if path.is_file() else None
+        client, bucket, key = self._s3(name)
+        try:
+            return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        except client.exceptions.NoSuchKey:
+            return None
+        except client.exceptions.NoSuchBucket:
+            raise ConfigError(f"{self.location}: no such bucket") from None
+
+    def write(self, name: str, data: bytes) -> None:
+        if not is_remote(self.location):
+            path = Path(self.location) / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_bytes(path, data)
+            return
+        client, bucket, key = self._s3(name)
+        client.put_object(Bucket=bucket, Key=key, Body=data)
+
+    def remove_tree(self, name: str) -> None:
+        """Remove a split's unfinished chunks (a conversion killed midway)."""
+        if not is_remote(self.location):
+            shutil.rmtree(Path(self.location) / name, ignore_errors=True)
+            return
+        client, bucket, key = self._s3(name)
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key + "/")
+        for page in pages:
+            objects = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+            if objects:
+                client.delete_objects(Bucket=bucket, Delete={"Objects": objects})
+
+
+def read_meta(location: str | Path) -> dict[str, Any]:
+    """A complete shard set's `meta.json`; a one-line error when there is none."""
+    data = Place(location).read(META)
+    if data is None:
+        raise ConfigError(
+            f"data.shards={location}: no {META} there (not a shard set, or its conversion "
+            "has not finished: run python -m vision_tl.shard again)"
+        )
+    meta = json.loads(data)
+    if meta.get("version") != SHARD_VERSION:
+        raise ConfigError(
+            f"data.shards={location}: shard format {meta.get('version')}, this vision_tl reads "
+            f"{SHARD_VERSION}: convert again"
+        )
+    return meta
+
+
+@dataclass(frozen=True)
+class ShardDecode:
+    """How images that do not keep their bytes are stored: alpha composited on
+    `background`, the longer side cut to `max_side` (None: kept), JPEG at `quality`."""
+
+    background: tuple[int, int, int] = (255, 255, 255)
+    max_side: int | None = None
+    quality: int = 95
+
+
+def _plain_jpeg(image: Image.Image) -> bool:
+    return (
+        image.format == "JPEG"
+        and image.mode in ("RGB", "L")
+        and image.getexif().get(EXIF_ORIENTATION, 1) in (1, None)
+    )
+
+
+def encode_file(path: str, decode: ShardDecode, limits: ReadLimits) -> bytes:
+    """The bytes a shard stores for the image at `path` (see the module docstring)."""
+    with open_image(path, limits) as image:
+        keep = _plain_jpeg(image) and (
+            decode.max_side is None or max(image.size) <= decode.max_side
+        )
+        source_format = image.format
+    if keep:
+        with open(path, "rb") as handle:
+            return read_limited(handle, limits.max_file_bytes)
+    rgb = load_rgb(path, decode.background, None, limits)
+    if decode.max_side is not None and max(rgb.size) > decode.max_side:
+        rgb.thumbnail((decode.max_side, decode.max_side), Image.Resampling.LANCZOS)
+    out = io.BytesIO()
+    if source_format in ("JPEG", "MPO"):
+        rgb.save(out, "JPEG", quality=decode.quality)
+    else:
+        rgb.save(out, "PNG")
+    return out.getvalue()
+
+
+@dataclass(frozen=True)
+class Encoder:
+    """Sample `i` of one split as LitData stores it (picklable for its worker processes):
+    the image's bytes, its label and its place in the split. A file that fails now (it
+    passed the scan) is stored empty and refused, with its reason, when read."""
+
+    files: Sequence[str]
+    labels: Sequence[int]
+    decode: ShardDecode
+    limits: ReadLimits
+
+    def __call__(self, index: int) -> dict[str, Any]:
+        try:
+            data = encode_file(self.files[index], self.decode, self.limits)
+        except Exception as err:  # stored, then reported as a bad sample by the reader
+            log.warning("%s: %s", self.files[index], err)
+            data = b""
+        return {"image": data, "label": int(self.labels[index]), "index": int(index)}
+
+
+def split_files(source: Source, catalog: Catalog, split: str) -> tuple[list[str], list[int]]:
+    """The files and labels of `split`, in catalog order; a source without files cannot
+    be sharded (a one-line error)."""
+    files, labels = [], []
+    for key, label in catalog.samples.get(split, []):
+        path = source.file(key)
+        if path is None:
+            raise ConfigError(f"{source.describe()} has no files to shard")
+        files.append(path)
+        labels.append(label)
+    return files, labels
+
+
+def write_split(
+    place: Place,
+    split: str,
+    encoder: Encoder,
+    workers: int,
+    chunk_bytes: str,
+) -> bool:
+    """Convert one split into `<place>/<split>/` with LitData (in order: sample i is the
+    split's i-th image); False when a finished conversion is there already."""
+    optimize = litdata().optimize
+    if place.read(f"{split}/index.json") is not None:
+        log.info("Shards: %s already converted, kept", split)
+        return False
+    place.remove_tree(split)  # a conversion killed midway starts this split again
+    optimize(
+        fn=encoder,
+        inputs=list(range(len(encoder.files))),
+        output_dir=join(place.location, split),
+        chunk_bytes=chunk_bytes,
+        num_workers=max(1, min(workers, len(encoder.files))),
+        reorder_files=False,
+        keep_data_ordered=True,
+        start_method="fork",
+        verbose=False,
+    )
+    return True
+
+
+def shard_meta(
+    catalog: Catalog, fingerprint: str, decode: ShardDecode, describe: str
+) -> dict[str, Any]:
+    return {
+        "version": SHARD_VERSION,
+        "classes": catalog.class_names,
+        "counts": {s: len(catalog.samples[s]) for s in SPLITS if catalog.samples.get(s)},
+        "class_counts": {s: catalog.class_counts(s) for s in SPLITS if catalog.samples.get(s)},
+        "fingerprint": fingerprint,
+        "source": describe,
+        "decode": asdict(decode),
+    }
+
+
+@dataclass(frozen=True)
+class ShardSettings:
+    """`shard.*`: where, how many processes, chunk size, decoding of re-encoded images,
+    and the part of a conversion split over machines (`part` of `parts`, or `merge`)."""
+
+    out: str
+    workers: int = 1
+    chunk_bytes: str = "64MB"
+    decode: ShardDecode = ShardDecode()
+    parts: int = 1
+    part: int | None = None
+    merge: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.out:
+            raise ConfigError("shard.out is required: a folder, or s3://BUCKET/PREFIX")
+        if self.parts < 1:
+            raise ConfigError(f"shard.parts={self.parts}: at least 1")
+        if self.part is not None and not 0 <= self.part < self.parts:
+            raise ConfigError(f"shard.part={self.part}: one of 0..{self.parts - 1} (shard.parts)")
+        if self.merge and self.parts < 2:
+            raise ConfigError("shard.merge=true joins shard.parts >= 2 parts")
+
+
+def _limits(source: Source) -> ReadLimits:
+    """The read limits the source applies (`data.max_file_bytes`, `data.max_image_pixels`)."""
+    limits = getattr(source, "limits", None)
+    return limits if isinstance(limits, ReadLimits) else ReadLimits()
+
+
+def _share(n: int, part: int, parts: int) -> range:
+    """The contiguous share of `n` samples that part `part` of `parts` converts."""
+    return range(n * part // parts, n * (part + 1) // parts)
+
+
+def write_shards(
+    source: Source, catalog: Catalog, settings: ShardSettings, fingerprint: str
+) -> dict[str, Any]:
+    """Convert `catalog` (as a run would train on it) into shards at `settings.out`: every
+    split, or this machine's part of each, or the merge of the parts; the index, split and
+    bad-file CSVs, then `meta.json` last. Finished splits (or parts) are kept when the
+    command runs again after a kill. Returns what was written (`meta.json`'s content)."""
+    import pandas as pd
+
+    root = Place(settings.out)
+    if root.read(META) is not None:
+        log.info("Shards: %s is complete already (%s there)", settings.out, META)
+        return json.loads(root.read(META) or b"{}")
+    splits = [s for s in SPLITS if catalog.samples.get(s)]
+    meta = shard_meta(catalog, fingerprint, settings.decode, source.describe())
+    if settings.part is not None:  # this machine's share, in parts/<part>/
+        place = Place(join(settings.out, "parts", str(settings.part)))
+        for split in splits:
+            files, labels = split_files(source, catalog, split)
+            share = _share(len(files), settings.part, settings.parts)
+            encoder = Encoder([files[i] for i in share], [labels[i] for i in share],
+                              settings.decode, _limits(source))  # fmt: skip
+            write_split(place, split, encoder, settings.workers, settings.chunk_bytes)
+        part = {**meta, "part": settings.part, "parts": settings.parts}
+        place.write("part.json", json.dumps(part, indent=2).encode())
+        log.info(
+            "Shards: part %d of %d written to %s", settings.part, settings.parts, place.location
+        )
+        return part
+    if settings.merge:
+        _merge_parts(root, splits, meta, settings.parts)
+    else:
+        for split in splits:
+            files, labels = split_files(source, catalog, split)
+            encoder = Encoder(files, labels, settings.decode, _limits(source))
+            write_split(root, split, encoder, settings.workers, settings.chunk_bytes)
+    for split in splits:
+        files, labels = split_files(source, catalog, split)
+        frame = pd.DataFrame({"path": [source.name_of(k) for k, _ in catalog.samples[split]],
+                              "file": files, "label": labels})  # fmt: skip
+        root.write(f"index/{split}.csv", frame.to_csv(index=False).encode())
+    root.write("split.csv", catalog.to_frame().to_csv(index=False).encode())
+    bad = pd.DataFrame([(b.path, b.reason) for b in catalog.bad], columns=["path", "reason"])
+    root.write("bad_files.csv", bad.to_csv(index=False).encode())
+    root.write(META, json.dumps(meta, indent=2).encode())  # last: the set is complete
+    log.info("Shards: %s written to %s", meta["counts"], settings.out)
+    return meta
+
+
+def _merge_parts(root: Place, splits: list[str], meta: dict[str, Any], parts: int) -> None:
+    """Join `parts` machines' parts (each from the same scan and split) into `root`."""
+    merge_datasets = litdata().merge_datasets
+    dirs = [join(root.location, "parts", str(p)) for p in range(parts)]
+    for part, location in enumerate(dirs):
+        data = Place(location).read("part.json")
+        if data is None:
+            raise ConfigError(f"shard.merge: part {part} is not finished ({location}/part.json)")
+        if json.loads(data)["fingerprint"] != meta["fingerprint"]:
+            raise ConfigError(f"shard.merge: part {part} was converted from other data")
+    for split in splits:
+        if root.read(f"{split}/index.json") is not None:
+            continue
+        root.remove_tree(split)
+        merge_datasets([join(d, split) for d in dirs], join(root.location, split))

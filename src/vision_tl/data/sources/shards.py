@@ -1,0 +1,128 @@
+"""LitData shards written by `python -m vision_tl.shard` (`data.shards=DIR|s3://...`)."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, overload
+
+import numpy as np
+import torch
+
+from vision_tl.core.errors import ConfigError
+from vision_tl.data.decode import ReadLimits
+from vision_tl.data.preprocess import AnyPreprocess
+from vision_tl.data.scan import BadFile
+from vision_tl.data.shards import Place, is_remote, join, litdata, read_meta
+from vision_tl.data.source import Catalog, Source, digest, register_source
+
+
+class ShardSamples(Sequence[tuple[str, int]]):
+    """The (key, label) pairs of one split, made on demand from a label array: no Python
+    object per sample is kept, whatever the split's size. Keys are `<split>/<i>`."""
+
+    def __init__(self, split: str, labels: np.ndarray) -> None:
+        self.split = split
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @overload
+    def __getitem__(self, index: int) -> tuple[str, int]: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[tuple[str, int]]: ...
+    def __getitem__(self, index: int | slice) -> Any:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return f"{self.split}/{index}", int(self.labels[index])
+
+    def __iter__(self) -> Iterator[tuple[str, int]]:
+        for index, label in enumerate(self.labels.tolist()):
+            yield f"{self.split}/{index}", label
+
+
+@register_source("shards")
+class ShardSource(Source):
+    """A shard set: no scan (it ran when the shards were written), classes and counts from
+    `meta.json`, each sample read from its split's LitData dataset by index (a remote
+    set's chunks are downloaded once, on first touch, into `cache_root/shards/`)."""
+
+    def __init__(self, location: str, cache_root: Path, limits: ReadLimits | None = None) -> None:
+        self.location = str(location).rstrip("/")
+        self.cache_root = cache_root
+        self.limits = limits or ReadLimits()
+        self.meta = read_meta(self.location)
+        self._datasets: dict[str, Any] = {}
+        self._names: dict[str, list[str]] = {}
+
+    @classmethod
+    def from_config(cls, data: Mapping[str, Any], cache_root: Path) -> ShardSource:
+        if not data.get("shards"):
+            raise ConfigError("data.source=shards needs data.shards=DIR or s3://BUCKET/PREFIX")
+        location = str(data["shards"])
+        if not is_remote(location):
+            location = str(Path(location).expanduser().absolute())
+        return cls(location, cache_root, ReadLimits.from_config(data))
+
+    def __getstate__(self) -> dict[str, Any]:  # loader workers open their own datasets
+        return {**self.__dict__, "_datasets": {}, "_names": {}}
+
+    def _index(self, split: str) -> Any:
+        import pandas as pd
+
+        data = Place(self.location).read(f"index/{split}.csv")
+        if data is None:
+            raise ConfigError(f"data.shards={self.location}: index/{split}.csv is missing")
+        return pd.read_csv(io.BytesIO(data), keep_default_na=False)
+
+    def catalog(self) -> Catalog:
+        samples: dict[str, Sequence[tuple[str, int]]] = {}
+        for split in self.meta["counts"]:
+            labels = self._index(split)["label"].to_numpy(dtype=np.int64)
+            samples[split] = ShardSamples(split, labels)
+        bad_csv = Place(self.location).read("bad_files.csv")
+        bad = []
+        if bad_csv:
+            import pandas as pd
+
+            frame = pd.read_csv(io.BytesIO(bad_csv), keep_default_na=False)
+            bad = [
+                BadFile(str(p), str(r)) for p, r in zip(frame["path"], frame["reason"], strict=True)
+            ]
+        return Catalog(list(self.meta["classes"]), samples, bad=bad)  # type: ignore[arg-type]
+
+    def dataset(self, split: str) -> Any:
+        """The split's LitData dataset, opened once per process."""
+        if split not in self._datasets:
+            cache = None
+            if is_remote(self.location):
+                cache = str(self.cache_root / "shards" / digest(self.location) / split)
+            dataset = litdata().StreamingDataset(join(self.location, split), cache_dir=cache)
+            self._datasets[split] = dataset
+        return self._datasets[split]
+
+    def open(self, key: str, preprocess: AnyPreprocess) -> torch.Tensor:
+        split, _, index = key.rpartition("/")
+        sample = self.dataset(split)[int(index)]
+        if not len(sample["image"]):
+            raise ValueError("stored empty: it could not be read when the shards were written")
+        return preprocess.read(io.BytesIO(bytes(sample["image"])), self.limits)
+
+    def signature(self, keys: Sequence[str]) -> str:
+        return digest([self.meta["fingerprint"], self.meta["decode"], digest(list(keys))])
+
+    def describe(self) -> str:
+        return f"data.shards {self.location}"
+
+    def name_of(self, key: str) -> str:
+        """The source file the sample was made from (its split's index)."""
+        split, _, index = key.rpartition("/")
+        if split not in self._names:
+            self._names[split] = self._index(split)["path"].astype(str).tolist()
+        return self._names[split][int(index)]

@@ -1,0 +1,217 @@
+"""LitData shards: `vision_tl.shard` writes a folder's split as streaming datasets, and a
+run from them trains on exactly the folder run's images, locally or from S3."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import (
+    HYMENOPTERA,
+    QUICK_PROBE,
+    QUICK_TRAIN,
+    SHARED_WEIGHTS,
+    TINY,
+    _draw,
+    make_image_folder,
+)
+from PIL import Image
+
+from vision_tl.core.errors import ConfigError
+from vision_tl.data.decode import ReadLimits
+from vision_tl.data.preprocess import Preprocess
+from vision_tl.data.shards import ShardDecode, ShardSettings, encode_file, write_shards
+from vision_tl.data.sources import source_name
+from vision_tl.data.sources.shards import ShardSamples, ShardSource
+from vision_tl.training.build import build_data
+from vision_tl.training.train import run_training
+
+HELPERS = Path(__file__).parent / "helpers"
+
+
+def _shard(data: dict, out: str | Path, **settings) -> dict:
+    """Convert as `python -m vision_tl.shard` does (its worker, in this process)."""
+    built = build_data(data)
+    fingerprint = built.source.signature(built.catalog.all_keys())
+    decode = ShardDecode(max_side=settings.pop("max_side", None))
+    options = ShardSettings(str(out), workers=1, decode=decode, **settings)
+    return write_shards(built.source, built.catalog, options, fingerprint)
+
+
+@pytest.mark.unit
+def test_shard_samples_hold_labels_not_a_python_object_per_sample() -> None:
+    samples = ShardSamples("val", np.array([2, 0, 1], dtype=np.int64))
+    assert len(samples) == 3 and samples[1] == ("val/1", 0) and samples[-1] == ("val/2", 1)
+    assert list(samples) == [("val/0", 2), ("val/1", 0), ("val/2", 1)]
+    assert samples[1:] == [("val/1", 0), ("val/2", 1)]
+    with pytest.raises(IndexError):
+        samples[3]
+    assert source_name({"shards": "s3://b/p", "root": "x"}) == "shards"
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"out": ""}, "shard.out is required"),
+        ({"out": "x", "parts": 2, "part": 2}, r"shard.part=2: one of 0..1"),
+        ({"out": "x", "merge": True}, "shard.parts >= 2"),
+    ],
+)
+def test_shard_settings_that_cannot_work_are_one_line(settings: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        ShardSettings(**settings)
+
+
+@pytest.mark.unit
+def test_plain_jpegs_keep_their_bytes_and_the_rest_decode_as_training_does(
+    tmp_path: Path,
+) -> None:
+    pre, limits = Preprocess(input_size=32, resize_size=36), ReadLimits()
+    plain = tmp_path / "plain.jpg"
+    _draw(0, 1, 64).save(plain, quality=90)
+    assert encode_file(str(plain), ShardDecode(), limits) == plain.read_bytes()
+    rotated = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90: stored upright, as training decodes it
+    _draw(1, 2, 64).crop((0, 0, 64, 48)).save(rotated, exif=exif, quality=90)
+    stored = encode_file(str(rotated), ShardDecode(), limits)
+    assert Image.open(io.BytesIO(stored)).size == (48, 64)
+    alpha = tmp_path / "alpha.png"
+    _draw(2, 3, 300, mode="RGBA").save(alpha)
+    stored = encode_file(str(alpha), ShardDecode(), limits)
+    assert torch.equal(pre.read(io.BytesIO(stored)), pre.read(alpha)), "PNG: lossless"
+    small = encode_file(str(alpha), ShardDecode(max_side=100), limits)
+    assert Image.open(io.BytesIO(small)).size == (100, 100)
+
+
+@pytest.mark.integration
+def test_a_run_from_shards_trains_on_the_folder_runs_images(compose_train, tmp_path: Path) -> None:
+    data = make_image_folder(tmp_path / "data", per_class=6, size=32)
+    meta = _shard({"root": str(data), "num_workers": 0}, tmp_path / "shards")
+    assert meta["counts"] == {"train": 18, "val": 18} and meta["classes"] == ["cat", "dog", "fox"]
+    results = {}
+    for name, source in (
+        ("folder", f"data.root={data}"),
+        ("shards", f"data.shards={tmp_path / 'shards'}"),
+    ):
+        cfg = compose_train([*QUICK_TRAIN, source, "model.pretrained=false"], tmp_path / name)
+        results[name] = run_training(cfg)
+    assert results["shards"]["best_val_acc"] == results["folder"]["best_val_acc"]
+    folder, shards = (tmp_path / n / "checkpoints" / "best.ckpt" for n in ("folder", "shards"))
+    a, b = (torch.load(p, weights_only=True)["state_dict"] for p in (folder, shards))
+    assert all(torch.equal(a[k], b[k]) for k in a), "the same images in the same order"
+    split = pd.read_csv(tmp_path / "shards" / "index" / "val.csv")
+    assert split["path"].str.startswith("val/").all() and len(split) == 18
+
+
+@pytest.mark.integration
+def test_a_killed_conversion_resumes_and_parts_merge_into_the_same_set(tmp_path: Path) -> None:
+    data = {"root": str(make_image_folder(tmp_path / "data", per_class=5, size=32))}
+    whole = tmp_path / "whole"
+    _shard(data, whole)
+    # A conversion killed while writing val: train finished, val half-written, no meta.json.
+    killed = tmp_path / "killed"
+    _shard(data, killed)
+    (killed / "meta.json").unlink()
+    (killed / "val" / "index.json").unlink()
+    (killed / "val" / "chunk-0-0.bin").write_bytes(b"cut short")
+    train_chunks = {p.name: p.stat().st_mtime_ns for p in (killed / "train").iterdir()}
+    _shard(data, killed)
+    assert {p.name: p.stat().st_mtime_ns for p in (killed / "train").iterdir()} == train_chunks
+    # Two machines convert a part each, then one merges.
+    parts = tmp_path / "parts"
+    for part in (0, 1):
+        _shard(data, parts, parts=2, part=part)
+    assert not (parts / "meta.json").exists()
+    _shard(data, parts, parts=2, merge=True)
+    pre = Preprocess(input_size=32, resize_size=36)
+    sources = [ShardSource(str(p), tmp_path / "cache") for p in (whole, killed, parts)]
+    catalogs = [s.catalog() for s in sources]
+    for split in ("train", "val"):
+        expected = list(catalogs[0].samples[split])
+        assert all(list(c.samples[split]) == expected for c in catalogs[1:])
+        for key, _ in expected:
+            first = sources[0].open(key, pre)
+            assert all(torch.equal(s.open(key, pre), first) for s in sources[1:]), key
+
+
+@pytest.mark.slow
+def test_two_ranks_read_disjoint_samples_for_two_epochs_from_s3(tmp_path: Path) -> None:
+    from helpers.s3 import s3_server
+    from test_launch import _assert_one_writer, _free_port, _ranks, _two_nodes
+
+    data = make_image_folder(tmp_path / "data", per_class=8, size=32)
+    with s3_server(tmp_path / "s3") as env:
+        _shard({"root": str(data)}, "s3://shards/set")
+        run = tmp_path / "run"
+        args = [
+            *TINY,
+            "trainer=ddp",
+            "model.backbone.name=timm/test_efficientnet",
+            "logger=none",
+            "test=false",
+            "data.shards=s3://shards/set",
+            "+callbacks.samples._target_=spies.SamplesSpy",
+            f"hydra.run.dir={run}",
+        ]
+        cache = tmp_path / "cache"
+        commands = _two_nodes("node_rank", args, _free_port(), VISION_TL_CACHE=str(cache), **env)
+        results = _ranks(commands, cwd=tmp_path)
+    assert [r.returncode for r in results] == [0, 0], results[0].stdout[-3000:]
+    _assert_one_writer(run)
+    assert json.loads((run / "metrics.json").read_text())["world_size"] == 2
+    ranks = [json.loads((run / f"samples_rank{r}.json").read_text()) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 2, "two epochs"
+    for epoch in (0, 1):
+        first, second = set(ranks[0][epoch]), set(ranks[1][epoch])
+        assert not first & second and len(first) == len(second)
+        assert first | second == {f"train/{i}" for i in range(24)}
+    assert ranks[0][0] != ranks[0][1], "reshuffled each epoch"
+    assert list(cache.glob("shards/*/train/**/index.json")), "read from S3 through the cache"
+
+
+@pytest.mark.slow
+def test_hymenoptera_from_shards_equals_the_folder_and_eval_reproduces_it(
+    compose_train, tmp_path: Path
+) -> None:
+    """The Done-when of the shards: probe and fine-tune (lite0 weights) reach the same val
+    accuracy from shards as from the folder; eval on the shard run agrees."""
+    from conftest import compose_entry
+
+    from vision_tl.inference.eval import run_eval
+
+    shards = tmp_path / "shards"
+    _shard({"root": str(HYMENOPTERA)}, shards)
+    weights = [
+        "model.backbone.name=timm/tf_efficientnet_lite0",
+        f"model.backbone.weights_path={SHARED_WEIGHTS}",
+        "logger=none",
+    ]
+    recipes = {
+        "probe": QUICK_PROBE,
+        "finetune": ["finetune=full", "trainer.max_epochs=1", "data.image_size=128"],
+    }
+    for recipe, extra in recipes.items():
+        accs = {}
+        for name, source in (
+            ("folder", f"data.root={HYMENOPTERA}"),
+            ("shards", f"data.shards={shards}"),
+        ):
+            cfg = compose_train([*weights, *extra, source], tmp_path / recipe / name)
+            accs[name] = run_training(cfg)["best_val_acc"]
+        assert accs["shards"] == accs["folder"], (recipe, accs)
+    best = tmp_path / "probe" / "shards" / "checkpoints" / "best.ckpt"
+    cfg = compose_entry(
+        "eval", [f"ckpt_path={best}", f"data.shards={shards}", "split=val"], tmp_path / "eval"
+    )
+    metrics = run_eval(cfg)
+    probe = json.loads((tmp_path / "probe" / "shards" / "metrics.json").read_text())
+    assert metrics["acc"] == pytest.approx(probe["best_val_acc"], abs=1e-6)
+    assert os.path.getsize(tmp_path / "eval" / "predictions.csv") > 0
