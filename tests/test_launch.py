@@ -263,7 +263,7 @@ def _assert_one_writer(run: Path) -> None:
     assert sorted(p.name for p in run.glob("*.log")) == ["train.log", "train_rank1.log"]
 
 
-@pytest.mark.integration
+@pytest.mark.slow  # 11 s; the two-rank feature extraction (test_features) runs in the suite
 def test_two_nodes_by_hand_with_node_rank(tmp_path: Path) -> None:
     data = make_image_folder(tmp_path / "data", per_class=6, size=32)
     run = tmp_path / "run"

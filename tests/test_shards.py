@@ -215,3 +215,42 @@ def test_hymenoptera_from_shards_equals_the_folder_and_eval_reproduces_it(
     probe = json.loads((tmp_path / "probe" / "shards" / "metrics.json").read_text())
     assert metrics["acc"] == pytest.approx(probe["best_val_acc"], abs=1e-6)
     assert os.path.getsize(tmp_path / "eval" / "predictions.csv") > 0
+
+
+@pytest.mark.slow
+def test_a_streamed_run_stopped_mid_epoch_resumes_at_its_place_in_the_stream(
+    tmp_path: Path,
+) -> None:
+    """data.stream=true: SIGTERM during epoch 1's first batch saves the loader's place in
+    last.ckpt; the resumed run trains on the rest of epoch 1 only, so epoch 1 sees as many
+    samples over both attempts as epoch 0 did."""
+    from conftest import run_cli
+
+    data = make_image_folder(tmp_path / "data", per_class=16, size=32)
+    _shard({"root": str(data)}, tmp_path / "shards")
+    run = tmp_path / "run"
+    args = [
+        "vision_tl.train",
+        *TINY,
+        "data.num_workers=2",
+        "model.backbone.name=timm/test_efficientnet",
+        "logger=none",
+        "test=false",
+        f"data.shards={tmp_path / 'shards'}",
+        "data.stream=true",
+        "+callbacks.seen._target_=spies.SeenSpy",
+        "+callbacks.term._target_=faults.SignalAtEpoch",
+        "+callbacks.term.epoch=1",
+        f"hydra.run.dir={run}",
+    ]
+    env = {"PYTHONPATH": os.pathsep.join([str(HELPERS), os.environ.get("PYTHONPATH", "")])}
+    stopped = run_cli(args, cwd=tmp_path, env={**env, "VISION_TL_TEST_SIGNAL": "TERM"})
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    last = run / "checkpoints" / "last.ckpt"
+    state = torch.load(last, weights_only=True)
+    assert state["loops"]["fit_loop"]["state_dict"]["combined_loader"], "the loader's place"
+    resumed = run_cli([*args, f"ckpt_path={last}"], cwd=tmp_path, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    seen = pd.read_json(run / "seen.jsonl", lines=True).groupby("epoch")["n"].sum()
+    assert seen[0] == seen[1] > 0, seen.to_dict()
+    assert list(pd.read_csv(run / "history.csv")["epoch"]) == [0, 1]

@@ -23,6 +23,7 @@ def _shard(cfg: DictConfig) -> dict:
         parts=node["parts"],
         part=node["part"],
         merge=node["merge"],
+        seed=int(cfg.data.seed),
     )
     data = build_data(cfg.data)  # the scan and the seeded split a training run makes
     fingerprint = data.source.signature(data.catalog.all_keys())

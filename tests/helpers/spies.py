@@ -53,7 +53,9 @@ class RunSpy(L.Callback):
             "group_lrs": [g.get("initial_lr", g["lr"]) for g in trainer.optimizers[0].param_groups],
             "group_weight_decays": [g["weight_decay"] for g in trainer.optimizers[0].param_groups],
             "logit_layers_abs_max": max(
-                float(p.abs().max()) for m in pl_module.model.logit_layers() for p in m.parameters()
+                float(p.detach().abs().max())
+                for m in pl_module.model.logit_layers()
+                for p in m.parameters()
             ),
             "backbone_trainable": sum(p.requires_grad for p in backbone_params),
             "backbone_tensors": len(backbone_params),
@@ -124,3 +126,15 @@ class SamplesSpy(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         out = Path(trainer.default_root_dir) / f"samples_rank{trainer.global_rank}.json"
         out.write_text(json.dumps(self.epochs))
+
+
+class SeenSpy(L.Callback):
+    """Append `{"epoch", "n"}` to `seen.jsonl` in the run dir after every training batch:
+    what each epoch trained on, across an interrupted run and its resume."""
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, i: int
+    ) -> None:
+        line = json.dumps({"epoch": trainer.current_epoch, "n": len(batch[1])})
+        with open(Path(trainer.default_root_dir) / "seen.jsonl", "a") as handle:
+            handle.write(line + "\n")

@@ -54,6 +54,7 @@ class Loading:
     batch_size: int = 32
     num_workers: int | None = None
     sampler: str = "shuffle"
+    stream: bool = False  # training batches streamed in the source's chunk order (shards)
 
     @property
     def workers(self) -> int:
@@ -116,7 +117,7 @@ class DataSettings:
         if data.get("crop_scale") is not None:
             augment["crop_scale"] = tuple(float(v) for v in data["crop_scale"])
         return cls(
-            loading=Loading(**given("batch_size", "num_workers", "sampler")),
+            loading=Loading(**given("batch_size", "num_workers", "sampler", "stream")),
             augment=Augmentation(**augment),
             checks=FileChecks(**given("on_bad_image", "max_failed_fraction")),
             features=FeatureSettings(**features),
@@ -300,6 +301,16 @@ class ImageDataModule(L.LightningDataModule):
             workers = self.loading.workers
             collate = collate_skipping_none
         batch_size = batch_size or self.loading.batch_size
+        if train and self.features is None and self.loading.stream:
+            if self.loading.sampler != "shuffle":
+                raise ConfigError(
+                    f"data.stream=true shuffles as it streams: data.sampler="
+                    f"{self.loading.sampler} needs random access (data.stream=false)"
+                )
+            transform = self.augment.train_transform(self.preprocess)
+            return self.source.stream(
+                split, self.preprocess, transform, batch_size, workers, self.bad_file_log
+            )
         sampler: Sampler[int] | None = None
         if train and not self.source.iterable:
             sampler = train_sampler(self.loading.sampler, labels, len(self.class_names))

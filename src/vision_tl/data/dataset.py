@@ -26,7 +26,9 @@ class ImageListDataset(Dataset):
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
         on_error: Callable[[str, str], None] | None = None,
     ) -> None:
-        self.samples = list(samples)
+        # A sequence stays as it is: a shard split's pairs are made on demand, and a list
+        # of a million tuples would be copied into every loader worker.
+        self.samples = samples if isinstance(samples, Sequence) else list(samples)
         self.reader = reader
         self.transform = transform
         self.on_error = on_error

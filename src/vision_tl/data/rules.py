@@ -119,6 +119,7 @@ RULES = register_rules(
             "data.draft": FLAG,
             "data.resize_mode": or_null(one_of(*RESIZE_MODES), "crop"),
             "data.resize_cache": FLAG,
+            "data.stream": FLAG,
         },
         checks=(_crop_after_resize,),
     )

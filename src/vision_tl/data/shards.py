@@ -7,8 +7,10 @@ A shard set is a folder (local, shared, or an `s3://` prefix):
                          fingerprint, how images were decoded)
     split.csv            every image and its split, as a folder run writes it
     bad_files.csv        what the scan refused, and why
-    index/<split>.csv    row i: the source path and label of sample i of <split>
-    <split>/             LitData chunks + index.json of that split, in catalog order
+    index/<split>.csv    row i: the source path, file, label and stored position of the
+                         split's i-th image
+    <split>/             LitData chunks + index.json of that split, in a seeded shuffled
+                         order (every chunk mixes the classes; `position` in the index)
 
 The split is the one a folder run draws (the same scan, `data.val_fraction`, `data.seed`),
 so a shard run trains on exactly the folder run's images. A plain upright RGB (or
@@ -176,6 +178,7 @@ class Encoder:
     labels: Sequence[int]
     decode: ShardDecode
     limits: ReadLimits
+    positions: Sequence[int]  # each sample's place in its split's catalog order
 
     def __call__(self, index: int) -> dict[str, Any]:
         try:
@@ -183,7 +186,28 @@ class Encoder:
         except Exception as err:  # stored, then reported as a bad sample by the reader
             log.warning("%s: %s", self.files[index], err)
             data = b""
-        return {"image": data, "label": int(self.labels[index]), "index": int(index)}
+        return {
+            "image": data,
+            "label": int(self.labels[index]),
+            "index": int(self.positions[index]),
+        }
+
+
+def shard_order(n: int, seed: int) -> list[int]:
+    """The catalog positions in the order a split's shards store them: a seeded shuffle,
+    so every chunk mixes the classes (a catalog lists them class by class) and streaming
+    in chunk order draws mixed batches."""
+    import numpy as np
+
+    return np.random.default_rng(seed).permutation(n).tolist()
+
+
+def _encoder(
+    files: list[str], labels: list[int], order: Sequence[int], decode: ShardDecode, source: Source
+) -> Encoder:
+    return Encoder(
+        [files[i] for i in order], [labels[i] for i in order], decode, _limits(source), order
+    )
 
 
 def split_files(source: Source, catalog: Catalog, split: str) -> tuple[list[str], list[int]]:
@@ -206,8 +230,8 @@ def write_split(
     workers: int,
     chunk_bytes: str,
 ) -> bool:
-    """Convert one split into `<place>/<split>/` with LitData (in order: sample i is the
-    split's i-th image); False when a finished conversion is there already."""
+    """Convert one split into `<place>/<split>/` with LitData, in the encoder's order;
+    False when a finished conversion is there already."""
     optimize = litdata().optimize
     if place.read(f"{split}/index.json") is not None:
         log.info("Shards: %s already converted, kept", split)
@@ -253,6 +277,7 @@ class ShardSettings:
     parts: int = 1
     part: int | None = None
     merge: bool = False
+    seed: int = 0  # the order samples are stored in (`shard_order`)
 
     def __post_init__(self) -> None:
         if not self.out:
@@ -295,9 +320,9 @@ def write_shards(
         place = Place(join(settings.out, "parts", str(settings.part)))
         for split in splits:
             files, labels = split_files(source, catalog, split)
-            share = _share(len(files), settings.part, settings.parts)
-            encoder = Encoder([files[i] for i in share], [labels[i] for i in share],
-                              settings.decode, _limits(source))  # fmt: skip
+            order = shard_order(len(files), settings.seed)
+            share = [order[i] for i in _share(len(files), settings.part, settings.parts)]
+            encoder = _encoder(files, labels, share, settings.decode, source)
             write_split(place, split, encoder, settings.workers, settings.chunk_bytes)
         part = {**meta, "part": settings.part, "parts": settings.parts}
         place.write("part.json", json.dumps(part, indent=2).encode())
@@ -310,12 +335,16 @@ def write_shards(
     else:
         for split in splits:
             files, labels = split_files(source, catalog, split)
-            encoder = Encoder(files, labels, settings.decode, _limits(source))
+            order = shard_order(len(files), settings.seed)
+            encoder = _encoder(files, labels, order, settings.decode, source)
             write_split(root, split, encoder, settings.workers, settings.chunk_bytes)
     for split in splits:
         files, labels = split_files(source, catalog, split)
+        position = [0] * len(files)
+        for stored, index in enumerate(shard_order(len(files), settings.seed)):
+            position[index] = stored
         frame = pd.DataFrame({"path": [source.name_of(k) for k, _ in catalog.samples[split]],
-                              "file": files, "label": labels})  # fmt: skip
+                              "file": files, "label": labels, "position": position})  # fmt: skip
         root.write(f"index/{split}.csv", frame.to_csv(index=False).encode())
     root.write("split.csv", catalog.to_frame().to_csv(index=False).encode())
     bad = pd.DataFrame([(b.path, b.reason) for b in catalog.bad], columns=["path", "reason"])

@@ -152,6 +152,19 @@ class Source(ABC):
         """Preprocessing the data itself implies (a generated set's native size)."""
         return {}
 
+    def stream(
+        self,
+        split: str,
+        preprocess: AnyPreprocess,
+        transform: Callable[[torch.Tensor], Any],
+        batch_size: int,
+        workers: int,
+        on_error: Callable[[str, str], None],
+    ) -> Any:
+        """A loader that streams `split` in the source's own order, shuffled as it goes,
+        whose position a checkpoint keeps (`data.stream=true`); few sources can."""
+        raise ConfigError(f"data.stream=true: {self.describe()} cannot stream; use data.shards")
+
     def reader(self, preprocess: AnyPreprocess) -> Reader:
         """A picklable key -> uint8 image function for loaders and their workers."""
         return Reader(self, preprocess)

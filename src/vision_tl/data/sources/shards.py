@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, overload
 
@@ -11,7 +12,8 @@ import numpy as np
 import torch
 
 from vision_tl.core.errors import ConfigError
-from vision_tl.data.decode import ReadLimits
+from vision_tl.data.dataset import collate_skipping_none
+from vision_tl.data.decode import ReadLimits, error_line
 from vision_tl.data.preprocess import AnyPreprocess
 from vision_tl.data.scan import BadFile
 from vision_tl.data.shards import Place, is_remote, join, litdata, read_meta
@@ -19,8 +21,9 @@ from vision_tl.data.source import Catalog, Source, digest, register_source
 
 
 class ShardSamples(Sequence[tuple[str, int]]):
-    """The (key, label) pairs of one split, made on demand from a label array: no Python
-    object per sample is kept, whatever the split's size. Keys are `<split>/<i>`."""
+    """The (key, label) pairs of one split in catalog order, made on demand from a label
+    array: no Python object per sample is kept, whatever the split's size. Keys are
+    `<split>/<i>` (`i`: the place in the catalog; the index CSV says where it is stored)."""
 
     def __init__(self, split: str, labels: np.ndarray) -> None:
         self.split = split
@@ -47,6 +50,29 @@ class ShardSamples(Sequence[tuple[str, int]]):
             yield f"{self.split}/{index}", label
 
 
+@dataclass(frozen=True)
+class StreamItem:
+    """A streamed sample (LitData's dict) as a transformed uint8 image and its label; a
+    sample that will not decode is reported to `on_error` and dropped (None)."""
+
+    split: str
+    preprocess: AnyPreprocess
+    transform: Callable[[torch.Tensor], Any]
+    limits: ReadLimits
+    on_error: Callable[[str, str], None]
+
+    def __call__(self, sample: dict[str, Any]) -> tuple[Any, int] | None:
+        try:
+            if not len(sample["image"]):
+                raise ValueError("stored empty: unreadable when the shards were written")
+            image = self.preprocess.read(io.BytesIO(bytes(sample["image"])), self.limits)
+            return self.transform(image), int(sample["label"])
+        except Exception as err:
+            key = f"{self.split}/{sample.get('index')}"
+            self.on_error(key, f"failed during training ({error_line(err)})")
+            return None
+
+
 @register_source("shards")
 class ShardSource(Source):
     """A shard set: no scan (it ran when the shards were written), classes and counts from
@@ -60,6 +86,7 @@ class ShardSource(Source):
         self.meta = read_meta(self.location)
         self._datasets: dict[str, Any] = {}
         self._names: dict[str, list[str]] = {}
+        self._positions: dict[str, np.ndarray] = {}
 
     @classmethod
     def from_config(cls, data: Mapping[str, Any], cache_root: Path) -> ShardSource:
@@ -73,19 +100,21 @@ class ShardSource(Source):
     def __getstate__(self) -> dict[str, Any]:  # loader workers open their own datasets
         return {**self.__dict__, "_datasets": {}, "_names": {}}
 
-    def _index(self, split: str) -> Any:
+    def _index(self, split: str, columns: Sequence[str]) -> Any:
+        """`columns` of the split's index (only those: paths are read when named)."""
         import pandas as pd
 
         data = Place(self.location).read(f"index/{split}.csv")
         if data is None:
             raise ConfigError(f"data.shards={self.location}: index/{split}.csv is missing")
-        return pd.read_csv(io.BytesIO(data), keep_default_na=False)
+        return pd.read_csv(io.BytesIO(data), usecols=list(columns), keep_default_na=False)
 
     def catalog(self) -> Catalog:
         samples: dict[str, Sequence[tuple[str, int]]] = {}
         for split in self.meta["counts"]:
-            labels = self._index(split)["label"].to_numpy(dtype=np.int64)
-            samples[split] = ShardSamples(split, labels)
+            index = self._index(split, ["label", "position"])
+            samples[split] = ShardSamples(split, index["label"].to_numpy(dtype=np.int64))
+            self._positions[split] = index["position"].to_numpy(dtype=np.int64)
         bad_csv = Place(self.location).read("bad_files.csv")
         bad = []
         if bad_csv:
@@ -109,10 +138,46 @@ class ShardSource(Source):
 
     def open(self, key: str, preprocess: AnyPreprocess) -> torch.Tensor:
         split, _, index = key.rpartition("/")
-        sample = self.dataset(split)[int(index)]
+        if split not in self._positions:
+            index = self._index(split, ["position"])
+            self._positions[split] = index["position"].to_numpy(dtype=np.int64)
+        sample = self.dataset(split)[int(self._positions[split][int(index)])]
         if not len(sample["image"]):
             raise ValueError("stored empty: it could not be read when the shards were written")
         return preprocess.read(io.BytesIO(bytes(sample["image"])), self.limits)
+
+    def stream(
+        self,
+        split: str,
+        preprocess: AnyPreprocess,
+        transform: Callable[[torch.Tensor], Any],
+        batch_size: int,
+        workers: int,
+        on_error: Callable[[str, str], None],
+    ) -> Any:
+        """LitData's loader over the split: chunks and their samples shuffled each epoch
+        (seeded by the run), each rank and worker a disjoint equal share, its position part
+        of the checkpoint (Lightning saves a stateful loader's state)."""
+        ld = litdata()
+        cache = None
+        if is_remote(self.location):
+            cache = str(self.cache_root / "shards" / digest(self.location) / f"{split}-stream")
+        item = StreamItem(split, preprocess, transform, self.limits, on_error)
+        dataset = ld.StreamingDataset(
+            join(self.location, split),
+            cache_dir=cache,
+            shuffle=True,
+            drop_last=True,
+            seed=int(torch.initial_seed() % 2**31),
+            transform=item,
+        )
+        return ld.StreamingDataLoader(
+            dataset,
+            batch_size=batch_size,
+            num_workers=workers,
+            collate_fn=collate_skipping_none,
+            persistent_workers=workers > 0,
+        )
 
     def signature(self, keys: Sequence[str]) -> str:
         return digest([self.meta["fingerprint"], self.meta["decode"], digest(list(keys))])
@@ -124,5 +189,5 @@ class ShardSource(Source):
         """The source file the sample was made from (its split's index)."""
         split, _, index = key.rpartition("/")
         if split not in self._names:
-            self._names[split] = self._index(split)["path"].astype(str).tolist()
+            self._names[split] = self._index(split, ["path"])["path"].astype(str).tolist()
         return self._names[split][int(index)]

@@ -1,0 +1,176 @@
+"""Shards against the folder they were made from, at 10k, 100k and 1M samples (issue 31).
+
+For each size: a folder of tiny JPEGs (hard links to one 32x32 image per class: the same
+number of paths, files and decodes as a real folder, without 1M inodes), then
+
+- `scan_s`: one cold pre-flight scan (empty verdict cache), and `shard_s`: the whole
+  `vision_tl.shard` conversion (its own cold scan included), side by side;
+- start-up to the first training batch in a fresh process (imports included), from the
+  folder (verdicts cached: a rerun) and from the shards, with the process's peak RSS,
+  loader workers included;
+- loader throughput over the first `--batches` batches, the same decode and transforms.
+
+    python bench/shards.py --sizes 10000 100000 1000000 --work /tmp/shard_bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import emit
+
+CLASSES = 10
+
+FIRST_BATCH = r"""
+import json, os, sys, time, threading, builtins
+start = time.time()
+LATENCY = float(sys.argv[3]) / 1000
+if LATENCY:  # every open of an image or chunk file waits, as a remote file system would
+    _open, _os_open = builtins.open, os.open
+    def slow(path):
+        if str(path).endswith((".jpg", ".bin")):
+            time.sleep(LATENCY)
+    def patched_open(file, *a, **k):
+        slow(file); return _open(file, *a, **k)
+    def patched_os_open(path, *a, **k):
+        slow(path); return _os_open(path, *a, **k)
+    builtins.open, os.open = patched_open, patched_os_open
+import psutil
+from vision_tl.training.build import build_data
+from vision_tl.data.preprocess import Preprocess
+peak = 0
+def sample():
+    global peak
+    me = psutil.Process()
+    while True:
+        try:
+            rss = me.memory_info().rss + sum(c.memory_info().rss for c in me.children(True))
+        except psutil.Error:
+            continue
+        peak = max(peak, rss)
+        time.sleep(0.05)
+threading.Thread(target=sample, daemon=True).start()
+keys = json.loads(sys.argv[1])
+data = build_data(keys)
+dm = data.datamodule(Preprocess(input_size=32, resize_size=36))
+loader = dm.train_dataloader()
+it = iter(loader)
+next(it)
+first = time.time() - start
+t = time.time(); n = 0
+for _ in range(int(sys.argv[2])):
+    x, y = next(it); n += len(y)
+rate = n / (time.time() - t)
+time.sleep(0.2)
+print(json.dumps({"first_batch_s": round(first, 2), "images_per_s": round(rate, 1),
+                  "peak_rss_mb": round(peak / 2**20, 1)}))
+"""
+
+
+def make_folder(root: Path, n: int) -> Path:
+    """`n` paths in `CLASSES` class folders, each a hard link to its class's one JPEG."""
+    from PIL import Image
+
+    if (root / "done").exists():
+        return root
+    shutil.rmtree(root, ignore_errors=True)
+    for c in range(CLASSES):
+        folder = root / f"class{c}"
+        folder.mkdir(parents=True)
+        source = folder / "img0.jpg"
+        Image.new("RGB", (32, 32), (25 * c, 255 - 25 * c, 128)).save(source, quality=90)
+        for i in range(1, n // CLASSES):
+            os.link(source, folder / f"img{i}.jpg")
+    (root / "done").write_text("")
+    return root
+
+
+def first_batch(keys: dict, batches: int, latency_ms: float = 0.0) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-c", FIRST_BATCH, json.dumps(keys), str(batches), str(latency_ms)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
+    parser.add_argument("--work", type=Path, default=Path("/tmp/shard_bench"))
+    parser.add_argument("--batches", type=int, default=100)
+    parser.add_argument("--latency-ms", type=float, default=5.0)
+    args = parser.parse_args()
+    from vision_tl.core.runtime import available_cpus
+    from vision_tl.data.shards import ShardSettings, write_shards
+    from vision_tl.training.build import build_data
+
+    results = []
+    for n in args.sizes:
+        folder = make_folder(args.work / f"folder_{n}", n)
+        caches = args.work / f"cache_{n}"
+        shutil.rmtree(caches, ignore_errors=True)
+        start = time.perf_counter()
+        build_data({"root": str(folder), "cache": str(caches / "scan")})
+        scan_s = time.perf_counter() - start
+        out = args.work / f"shards_{n}"
+        shutil.rmtree(out, ignore_errors=True)
+        start = time.perf_counter()
+        data = build_data({"root": str(folder), "cache": str(caches / "shard")})
+        settings = ShardSettings(str(out), workers=available_cpus())
+        write_shards(data.source, data.catalog, settings, "bench")
+        shard_s = time.perf_counter() - start
+        loading = {"num_workers": 2, "batch_size": 64, "image_size": 32}
+        folder_run = first_batch(
+            {"root": str(folder), "cache": str(caches / "scan"), **loading}, args.batches
+        )
+        shard_keys = {"shards": str(out), "cache": str(caches / "read"), **loading}
+        shard_run = first_batch(shard_keys, args.batches)
+        stream_run = first_batch({**shard_keys, "stream": True}, args.batches)
+        folder_keys = {"root": str(folder), "cache": str(caches / "scan"), **loading}
+        slow_folder = first_batch(folder_keys, args.batches // 4, args.latency_ms)
+        slow_stream = first_batch(
+            {**shard_keys, "stream": True}, args.batches // 4, args.latency_ms
+        )
+        row = {
+            "samples": n,
+            "scan_s": round(scan_s, 2),
+            "shard_s": round(shard_s, 2),
+            "shard_over_scan": round(shard_s / scan_s, 3),
+            "folder": folder_run,
+            "shards": shard_run,
+            "stream": stream_run,
+            "throughput_ratio": round(shard_run["images_per_s"] / folder_run["images_per_s"], 3),
+            "stream_throughput_ratio": round(
+                stream_run["images_per_s"] / folder_run["images_per_s"], 3
+            ),
+            f"latency_{args.latency_ms:g}ms": {
+                "folder_images_per_s": slow_folder["images_per_s"],
+                "stream_images_per_s": slow_stream["images_per_s"],
+                "ratio": round(slow_stream["images_per_s"] / slow_folder["images_per_s"], 3),
+            },
+        }
+        print(json.dumps(row), flush=True)
+        results.append(row)
+    base = results[0]["shards"]["peak_rss_mb"]
+    emit(
+        "shards",
+        {
+            "rows": results,
+            "shard_rss_growth": {
+                r["samples"]: round(r["shards"]["peak_rss_mb"] / base - 1, 4) for r in results
+            },
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()
