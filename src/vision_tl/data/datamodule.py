@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -289,17 +289,6 @@ class ImageDataModule(L.LightningDataModule):
         )
 
     def _loader(self, split: str, train: bool, batch_size: int | None = None) -> DataLoader:
-        dataset: Dataset
-        if self.features is not None:
-            dataset, views = self.features.dataset(split, train)
-            labels = dataset.labels.tolist()
-            workers = 0  # reading rows is cheaper than starting worker processes
-            collate = None
-        else:
-            dataset, views = self.image_dataset(split, train), 1
-            labels = [label for _, label in dataset.samples]
-            workers = self.loading.workers
-            collate = collate_skipping_none
         batch_size = batch_size or self.loading.batch_size
         if train and self.features is None and self.loading.stream:
             if self.loading.sampler != "shuffle":
@@ -309,8 +298,28 @@ class ImageDataModule(L.LightningDataModule):
                 )
             transform = self.augment.train_transform(self.preprocess)
             return self.source.stream(
-                split, self.preprocess, transform, batch_size, workers, self.bad_file_log
+                split,
+                self.preprocess,
+                transform,
+                batch_size,
+                self.loading.workers,
+                self.bad_file_log,
             )
+        dataset: Dataset
+        labels: Sequence[int]
+        if self.features is not None:
+            dataset, views = self.features.dataset(split, train)
+            labels = dataset.labels.tolist()
+            workers = 0  # reading rows is cheaper than starting worker processes
+            collate = None
+        else:
+            dataset, views = self.image_dataset(split, train), 1
+            # Only class-balanced sampling reads the labels: no list of a million of them
+            # for plain shuffling.
+            weighted = train and self.loading.sampler != "shuffle"
+            labels = [label for _, label in dataset.samples] if weighted else range(len(dataset))
+            workers = self.loading.workers
+            collate = collate_skipping_none
         sampler: Sampler[int] | None = None
         if train and not self.source.iterable:
             sampler = train_sampler(self.loading.sampler, labels, len(self.class_names))

@@ -8,7 +8,7 @@ A shard set is a folder (local, shared, or an `s3://` prefix):
     split.csv            every image and its split, as a folder run writes it
     bad_files.csv        what the scan refused, and why
     index/<split>.csv    row i: the source path, file, label and stored position of the
-                         split's i-th image
+                         split's i-th image (`.npz`: the labels and positions a run reads)
     <split>/             LitData chunks + index.json of that split, in a seeded shuffled
                          order (every chunk mixes the classes; `position` in the index)
 
@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
 from vision_tl.core.errors import ConfigError
@@ -197,8 +198,6 @@ def shard_order(n: int, seed: int) -> list[int]:
     """The catalog positions in the order a split's shards store them: a seeded shuffle,
     so every chunk mixes the classes (a catalog lists them class by class) and streaming
     in chunk order draws mixed batches."""
-    import numpy as np
-
     return np.random.default_rng(seed).permutation(n).tolist()
 
 
@@ -346,6 +345,11 @@ def write_shards(
         frame = pd.DataFrame({"path": [source.name_of(k) for k, _ in catalog.samples[split]],
                               "file": files, "label": labels, "position": position})  # fmt: skip
         root.write(f"index/{split}.csv", frame.to_csv(index=False).encode())
+        arrays = io.BytesIO()  # what a run reads: two int32 columns, not the paths
+        np.savez(
+            arrays, label=np.asarray(labels, np.int32), position=np.asarray(position, np.int32)
+        )
+        root.write(f"index/{split}.npz", arrays.getvalue())
     root.write("split.csv", catalog.to_frame().to_csv(index=False).encode())
     bad = pd.DataFrame([(b.path, b.reason) for b in catalog.bad], columns=["path", "reason"])
     root.write("bad_files.csv", bad.to_csv(index=False).encode())

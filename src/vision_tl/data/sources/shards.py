@@ -100,21 +100,23 @@ class ShardSource(Source):
     def __getstate__(self) -> dict[str, Any]:  # loader workers open their own datasets
         return {**self.__dict__, "_datasets": {}, "_names": {}}
 
-    def _index(self, split: str, columns: Sequence[str]) -> Any:
-        """`columns` of the split's index (only those: paths are read when named)."""
-        import pandas as pd
-
-        data = Place(self.location).read(f"index/{split}.csv")
+    def _index(self, split: str, suffix: str = "npz") -> bytes:
+        """The split's index: `npz` (labels and positions, what a run reads) or `csv`
+        (with the source paths, read only to name samples in outputs)."""
+        data = Place(self.location).read(f"index/{split}.{suffix}")
         if data is None:
-            raise ConfigError(f"data.shards={self.location}: index/{split}.csv is missing")
-        return pd.read_csv(io.BytesIO(data), usecols=list(columns), keep_default_na=False)
+            raise ConfigError(f"data.shards={self.location}: index/{split}.{suffix} is missing")
+        return data
+
+    def _arrays(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        with np.load(io.BytesIO(self._index(split))) as arrays:
+            return arrays["label"], arrays["position"]
 
     def catalog(self) -> Catalog:
         samples: dict[str, Sequence[tuple[str, int]]] = {}
         for split in self.meta["counts"]:
-            index = self._index(split, ["label", "position"])
-            samples[split] = ShardSamples(split, index["label"].to_numpy(dtype=np.int64))
-            self._positions[split] = index["position"].to_numpy(dtype=np.int64)
+            labels, self._positions[split] = self._arrays(split)
+            samples[split] = ShardSamples(split, labels)
         bad_csv = Place(self.location).read("bad_files.csv")
         bad = []
         if bad_csv:
@@ -139,8 +141,7 @@ class ShardSource(Source):
     def open(self, key: str, preprocess: AnyPreprocess) -> torch.Tensor:
         split, _, index = key.rpartition("/")
         if split not in self._positions:
-            index = self._index(split, ["position"])
-            self._positions[split] = index["position"].to_numpy(dtype=np.int64)
+            self._positions[split] = self._arrays(split)[1]
         sample = self.dataset(split)[int(self._positions[split][int(index)])]
         if not len(sample["image"]):
             raise ValueError("stored empty: it could not be read when the shards were written")
@@ -189,5 +190,8 @@ class ShardSource(Source):
         """The source file the sample was made from (its split's index)."""
         split, _, index = key.rpartition("/")
         if split not in self._names:
-            self._names[split] = self._index(split, ["path"])["path"].astype(str).tolist()
+            import pandas as pd
+
+            frame = pd.read_csv(io.BytesIO(self._index(split, "csv")), usecols=["path"])
+            self._names[split] = frame["path"].astype(str).tolist()
         return self._names[split][int(index)]
