@@ -291,7 +291,7 @@ def test_linear_probe_reuses_the_cache_and_a_change_invalidates_it(
     assert run("other_backbone", "model.backbone.name=mobilenet_v2")[1] == "built"
 
 
-@pytest.mark.integration
+@pytest.mark.slow  # 6 s: views and ensembles each have tests in the suite
 def test_ensemble_probe_with_augmented_views_trains_from_the_cache(
     compose_train, image_folder: Path, tmp_path: Path
 ) -> None:

@@ -254,3 +254,38 @@ def test_a_streamed_run_stopped_mid_epoch_resumes_at_its_place_in_the_stream(
     seen = pd.read_json(run / "seen.jsonl", lines=True).groupby("epoch")["n"].sum()
     assert seen[0] == seen[1] > 0, seen.to_dict()
     assert list(pd.read_csv(run / "history.csv")["epoch"]) == [0, 1]
+
+
+@pytest.mark.integration
+def test_a_file_that_breaks_after_the_scan_is_a_logged_skip_when_read(tmp_path: Path) -> None:
+    """Stored empty at conversion, then refused with its reason by reads by index and by
+    the stream, through the same `on_error` as a bad file; the other samples load."""
+    from vision_tl.data.augment import eval_transform
+    from vision_tl.data.dataset import ImageListDataset
+    from vision_tl.data.sources.shards import StreamItem
+
+    folder = make_image_folder(tmp_path / "data", per_class=3, size=32)
+    built = build_data({"root": str(folder)})
+    broken = folder / "train" / "dog" / "dog_1.png"
+    broken.write_bytes(b"not an image any more")  # after the scan, before the conversion
+    settings = ShardSettings(str(tmp_path / "shards"), workers=1)
+    write_shards(built.source, built.catalog, settings, "fingerprint")
+    source = ShardSource(str(tmp_path / "shards"), tmp_path / "cache")
+    catalog = source.catalog()
+    pre = Preprocess(input_size=32, resize_size=36)
+    errors: list[tuple[str, str]] = []
+    images = ImageListDataset(
+        catalog.samples["train"],
+        source.reader(pre),
+        eval_transform(pre),
+        on_error=lambda *e: errors.append(e),
+    )
+    loaded = [images[i] for i in range(len(images))]
+    ((key, reason),) = errors
+    assert source.name_of(key) == "train/dog/dog_1.png" and "stored empty" in reason
+    assert sum(item is None for item in loaded) == 1
+    item = StreamItem("train", pre, eval_transform(pre), ReadLimits(), lambda *e: errors.append(e))
+    position = int(key.split("/")[1])
+    dataset = source.dataset("train")
+    stored = next(dataset[i] for i in range(len(dataset)) if dataset[i]["index"] == position)
+    assert item(stored) is None and "stored empty" in errors[-1][1]
