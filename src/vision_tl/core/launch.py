@@ -99,6 +99,19 @@ class Launch:
         return f"rank {self.rank} of {self.world_size} (node {self.node_rank}, {self.launcher})"
 
 
+def _launched() -> Launch | None:
+    """The `Launch` torchrun's or SLURM's variables describe (None: neither started this
+    process), unchecked."""
+    if os.environ.get("TORCHELASTIC_RUN_ID") is not None:
+        rank, world = _int("RANK"), _int("WORLD_SIZE", 1)
+        node = _int("GROUP_RANK", _int("NODE_RANK"))
+        return Launch("torchrun", rank, world, _int("LOCAL_RANK"), node)
+    if _slurm_launched():
+        rank, world = _int("SLURM_PROCID"), _int("SLURM_NTASKS", 1)
+        return Launch("slurm", rank, world, _int("SLURM_LOCALID"), _int("SLURM_NODEID"))
+    return None
+
+
 def detect_launch(num_nodes: int = 1, devices: Any = 1, accelerator: str = "auto") -> Launch:
     """This process's `Launch` from the launcher's variables, checked against the trainer's
     `num_nodes` x `devices`: a task count that does not match is a one-line error (it
@@ -106,31 +119,17 @@ def detect_launch(num_nodes: int = 1, devices: Any = 1, accelerator: str = "auto
     per_node = device_count(devices, accelerator)
     expected = int(num_nodes) * per_node
     asked = f"trainer.num_nodes={num_nodes} x trainer.devices={per_node} = {expected}"
-    if os.environ.get("TORCHELASTIC_RUN_ID") is not None:
-        launch = Launch(
-            "torchrun",
-            _int("RANK"),
-            _int("WORLD_SIZE", 1),
-            _int("LOCAL_RANK"),
-            _int("GROUP_RANK", _int("NODE_RANK")),
-        )
-        if launch.world_size != expected:
+    launch = _launched()
+    if launch is not None:
+        started = launch.world_size
+        if started != expected and launch.launcher == "torchrun":
             raise ConfigError(
-                f"torchrun started {launch.world_size} processes but {asked}: make "
+                f"torchrun started {started} processes but {asked}: make "
                 "--nnodes x --nproc-per-node match them"
             )
-        return launch
-    if _slurm_launched():
-        launch = Launch(
-            "slurm",
-            _int("SLURM_PROCID"),
-            _int("SLURM_NTASKS", 1),
-            _int("SLURM_LOCALID"),
-            _int("SLURM_NODEID"),
-        )
-        if launch.world_size != expected:
+        if started != expected:
             raise ConfigError(
-                f"SLURM started {launch.world_size} tasks but {asked}: set --nodes to "
+                f"SLURM started {started} tasks but {asked}: set --nodes to "
                 "trainer.num_nodes and --ntasks-per-node to trainer.devices"
             )
         return launch
@@ -160,10 +159,9 @@ def launch_from_trainer(trainer: Any) -> Launch:
 def rank_suffix(devices: Any = 1) -> str:
     """`_rank<R>` for every process but global rank 0 (one log file per rank), from the
     launcher's variables alone (Hydra resolves it before any config is checked)."""
-    if os.environ.get("TORCHELASTIC_RUN_ID") is not None:
-        rank = _int("RANK")
-    elif _slurm_launched():
-        rank = _int("SLURM_PROCID")
+    launched = _launched()
+    if launched is not None:
+        rank = launched.rank
     else:
         try:
             per_node = device_count(devices, "cpu")
@@ -283,12 +281,7 @@ def from_rank_zero(compute: Callable[[], T]) -> T:
 def all_agree(value: Any, what: str) -> None:
     """A one-line error on every rank when the ranks of the open group hold different
     `value`s (a run folder each rank resolved itself, a config)."""
-    if not grouped():
-        return
-    import torch.distributed as dist
-
-    values: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(values, value)
+    values = gathered(lambda: value)
     if any(v != values[0] for v in values):
         shown = ", ".join(f"rank {r}: {v}" for r, v in enumerate(values[:4]))
         raise ConfigError(f"the ranks disagree on {what} ({shown})")

@@ -157,6 +157,16 @@ def load_rgb(
         return to_rgb(image, background)
 
 
+def plain_jpeg(image: Image.Image) -> bool:
+    """An upright RGB or grayscale JPEG: its bytes decode straight to the pixels a run uses
+    (torchvision's decoder here; a shard keeps them as they are)."""
+    return (
+        image.format == "JPEG"
+        and image.mode in ("RGB", "L")
+        and image.getexif().get(EXIF_ORIENTATION, 1) in (1, None)
+    )
+
+
 def decode(
     path: str | Path | BinaryIO,
     background: tuple[int, int, int] = (255, 255, 255),
@@ -181,12 +191,7 @@ def decode(
     with opened as handle:
         with Image.open(handle) as image:
             limits.check_size(image.size)
-            fast = (
-                image.format == "JPEG"
-                and image.mode in ("RGB", "L")
-                and not (min_side and min(image.size) >= 2 * min_side)
-                and image.getexif().get(EXIF_ORIENTATION, 1) in (1, None)
-            )
+            fast = plain_jpeg(image) and not (min_side and min(image.size) >= 2 * min_side)
         if fast:
             handle.seek(0)
             data = bytearray(read_limited(handle, limits.max_file_bytes))

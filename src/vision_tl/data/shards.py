@@ -37,7 +37,7 @@ from PIL import Image
 
 from vision_tl.core.errors import ConfigError
 from vision_tl.core.io import read_limited, write_bytes
-from vision_tl.data.decode import EXIF_ORIENTATION, ReadLimits, load_rgb, open_image
+from vision_tl.data.decode import ReadLimits, load_rgb, open_image, plain_jpeg
 from vision_tl.data.source import SPLITS, Catalog, Source
 
 log = logging.getLogger(__name__)
@@ -140,20 +140,10 @@ class ShardDecode:
     quality: int = 95
 
 
-def _plain_jpeg(image: Image.Image) -> bool:
-    return (
-        image.format == "JPEG"
-        and image.mode in ("RGB", "L")
-        and image.getexif().get(EXIF_ORIENTATION, 1) in (1, None)
-    )
-
-
 def encode_file(path: str, decode: ShardDecode, limits: ReadLimits) -> bytes:
     """The bytes a shard stores for the image at `path` (see the module docstring)."""
     with open_image(path, limits) as image:
-        keep = _plain_jpeg(image) and (
-            decode.max_side is None or max(image.size) <= decode.max_side
-        )
+        keep = plain_jpeg(image) and (decode.max_side is None or max(image.size) <= decode.max_side)
         source_format = image.format
     if keep:
         with open(path, "rb") as handle:
@@ -194,24 +184,37 @@ class Encoder:
         }
 
 
-def shard_order(n: int, seed: int) -> list[int]:
+def shard_order(n: int, seed: int) -> np.ndarray:
     """The catalog positions in the order a split's shards store them: a seeded shuffle,
     so every chunk mixes the classes (a catalog lists them class by class) and streaming
     in chunk order draws mixed batches."""
-    return np.random.default_rng(seed).permutation(n).tolist()
+    return np.random.default_rng(seed).permutation(n)
 
 
-def _encoder(
-    files: list[str], labels: list[int], order: Sequence[int], decode: ShardDecode, source: Source
-) -> Encoder:
-    return Encoder(
-        [files[i] for i in order], [labels[i] for i in order], decode, _limits(source), order
-    )
+@dataclass(frozen=True)
+class SplitLayout:
+    """One split's files and labels in catalog order, and the order its shards store them."""
+
+    files: list[str]
+    labels: list[int]
+    order: np.ndarray
+
+    def encoder(self, stored: slice, decode: ShardDecode, limits: ReadLimits) -> Encoder:
+        """The encoder of the stored samples `stored` (all, or a machine's part)."""
+        order = self.order[stored].tolist()
+        files, labels = [self.files[i] for i in order], [self.labels[i] for i in order]
+        return Encoder(files, labels, decode, limits, order)
+
+    def positions(self) -> np.ndarray:
+        """Where each catalog image is stored: the order's inverse."""
+        position = np.empty(len(self.order), np.int32)
+        position[self.order] = np.arange(len(self.order), dtype=np.int32)
+        return position
 
 
-def split_files(source: Source, catalog: Catalog, split: str) -> tuple[list[str], list[int]]:
-    """The files and labels of `split`, in catalog order; a source without files cannot
-    be sharded (a one-line error)."""
+def split_layout(source: Source, catalog: Catalog, split: str, seed: int) -> SplitLayout:
+    """`split`'s files and labels, in catalog order, and its stored order; a source
+    without files cannot be sharded (a one-line error)."""
     files, labels = [], []
     for key, label in catalog.samples.get(split, []):
         path = source.file(key)
@@ -219,7 +222,7 @@ def split_files(source: Source, catalog: Catalog, split: str) -> tuple[list[str]
             raise ConfigError(f"{source.describe()} has no files to shard")
         files.append(path)
         labels.append(label)
-    return files, labels
+    return SplitLayout(files, labels, shard_order(len(files), seed))
 
 
 def write_split(
@@ -295,9 +298,9 @@ def _limits(source: Source) -> ReadLimits:
     return limits if isinstance(limits, ReadLimits) else ReadLimits()
 
 
-def _share(n: int, part: int, parts: int) -> range:
-    """The contiguous share of `n` samples that part `part` of `parts` converts."""
-    return range(n * part // parts, n * (part + 1) // parts)
+def _share(n: int, part: int, parts: int) -> slice:
+    """The contiguous share of `n` stored samples that part `part` of `parts` converts."""
+    return slice(n * part // parts, n * (part + 1) // parts)
 
 
 def write_shards(
@@ -310,18 +313,19 @@ def write_shards(
     import pandas as pd
 
     root = Place(settings.out)
-    if root.read(META) is not None:
+    done = root.read(META)
+    if done is not None:
         log.info("Shards: %s is complete already (%s there)", settings.out, META)
-        return json.loads(root.read(META) or b"{}")
+        return json.loads(done)
     splits = [s for s in SPLITS if catalog.samples.get(s)]
+    layouts = {s: split_layout(source, catalog, s, settings.seed) for s in splits}
     meta = shard_meta(catalog, fingerprint, settings.decode, source.describe())
+    limits = _limits(source)
     if settings.part is not None:  # this machine's share, in parts/<part>/
         place = Place(join(settings.out, "parts", str(settings.part)))
-        for split in splits:
-            files, labels = split_files(source, catalog, split)
-            order = shard_order(len(files), settings.seed)
-            share = [order[i] for i in _share(len(files), settings.part, settings.parts)]
-            encoder = _encoder(files, labels, share, settings.decode, source)
+        for split, layout in layouts.items():
+            share = _share(len(layout.files), settings.part, settings.parts)
+            encoder = layout.encoder(share, settings.decode, limits)
             write_split(place, split, encoder, settings.workers, settings.chunk_bytes)
         part = {**meta, "part": settings.part, "parts": settings.parts}
         place.write("part.json", json.dumps(part, indent=2).encode())
@@ -332,23 +336,17 @@ def write_shards(
     if settings.merge:
         _merge_parts(root, splits, meta, settings.parts)
     else:
-        for split in splits:
-            files, labels = split_files(source, catalog, split)
-            order = shard_order(len(files), settings.seed)
-            encoder = _encoder(files, labels, order, settings.decode, source)
+        for split, layout in layouts.items():
+            encoder = layout.encoder(slice(None), settings.decode, limits)
             write_split(root, split, encoder, settings.workers, settings.chunk_bytes)
-    for split in splits:
-        files, labels = split_files(source, catalog, split)
-        position = [0] * len(files)
-        for stored, index in enumerate(shard_order(len(files), settings.seed)):
-            position[index] = stored
+    for split, layout in layouts.items():
+        position = layout.positions()
         frame = pd.DataFrame({"path": [source.name_of(k) for k, _ in catalog.samples[split]],
-                              "file": files, "label": labels, "position": position})  # fmt: skip
+                              "file": layout.files, "label": layout.labels,
+                              "position": position})  # fmt: skip
         root.write(f"index/{split}.csv", frame.to_csv(index=False).encode())
         arrays = io.BytesIO()  # what a run reads: two int32 columns, not the paths
-        np.savez(
-            arrays, label=np.asarray(labels, np.int32), position=np.asarray(position, np.int32)
-        )
+        np.savez(arrays, label=np.asarray(layout.labels, np.int32), position=position)
         root.write(f"index/{split}.npz", arrays.getvalue())
     root.write("split.csv", catalog.to_frame().to_csv(index=False).encode())
     bad = pd.DataFrame([(b.path, b.reason) for b in catalog.bad], columns=["path", "reason"])

@@ -405,7 +405,20 @@ def search_probe(
     """Choose the probe by k-fold cross-validation on the training split of `features`
     (its val split is never read): the converged probe's LR and L2 penalty, the
     early-stopped recipe's epoch (`grid.short`), the views (`views`: only that option),
-    and which recipe trains the head."""
+    and which recipe trains the head. In a job of several ranks, rank 0 searches and the
+    others take its result (`core.launch`)."""
+    args = (task, features, grid, batch_size, sampler_kind, views)
+    return from_rank_zero(lambda: _search(*args))
+
+
+def _search(
+    task: Any,
+    features: CachedFeatures,
+    grid: ProbeGrid,
+    batch_size: int,
+    sampler_kind: str,
+    views: str | None,
+) -> ProbeResult:
     start = time.perf_counter()
     columns = features.teacher_columns
     features = _capped(features, grid.max_rows, grid.folds)
@@ -549,8 +562,7 @@ def decide_views(
     the whole split only when they win there by more than one standard error. Returns the
     decision and its evidence."""
     start = time.perf_counter()
-    # Rank 0 searches, the other ranks of a job take its result (`core.launch`).
-    result = from_rank_zero(lambda: search_probe(task, subset, grid, batch_size, sampler_kind))
+    result = search_probe(task, subset, grid, batch_size, sampler_kind)
     best = {
         name: max(c["holdout_acc"] for c in result.candidates if c["views"] == name)
         for name in ("augmented", "eval")

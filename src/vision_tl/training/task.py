@@ -24,7 +24,6 @@ from torchmetrics.classification import (
 )
 
 from vision_tl.core.errors import ConfigError
-from vision_tl.core.launch import from_rank_zero
 from vision_tl.core.shims import set_last_lr
 from vision_tl.data.features import CachedFeatures, split_teacher
 from vision_tl.data.preprocess import AnyPreprocess, load_preprocess, per_member
@@ -211,10 +210,7 @@ class ClassificationTask(L.LightningModule):
         search's result and the features to serve (without the augmented views when the
         eval view won)."""
         zero_logit_layers(self.model)
-        # Rank 0 searches, the other ranks of a job take its result (`core.launch`).
-        result = from_rank_zero(
-            lambda: search_probe(self, features, plan.grid, plan.batch_size, sampler, views)
-        )
+        result = search_probe(self, features, plan.grid, plan.batch_size, sampler, views)
         result.views_decision = decision
         if result.recipe == "converged":  # its penalty is in the loss (`penalise_head`)
             self._optimizer_overrides = {"lr": result.lr, "weight_decay": 0.0}

@@ -128,12 +128,16 @@ class ShardSource(Source):
             ]
         return Catalog(list(self.meta["classes"]), samples, bad=bad)  # type: ignore[arg-type]
 
+    def _chunk_cache(self, name: str) -> str | None:
+        """Where a remote set's chunks are downloaded (None: a local set is read in place)."""
+        if not is_remote(self.location):
+            return None
+        return str(self.cache_root / "shards" / digest(self.location) / name)
+
     def dataset(self, split: str) -> Any:
         """The split's LitData dataset, opened once per process."""
         if split not in self._datasets:
-            cache = None
-            if is_remote(self.location):
-                cache = str(self.cache_root / "shards" / digest(self.location) / split)
+            cache = self._chunk_cache(split)
             dataset = litdata().StreamingDataset(join(self.location, split), cache_dir=cache)
             self._datasets[split] = dataset
         return self._datasets[split]
@@ -160,9 +164,7 @@ class ShardSource(Source):
         (seeded by the run), each rank and worker a disjoint equal share, its position part
         of the checkpoint (Lightning saves a stateful loader's state)."""
         ld = litdata()
-        cache = None
-        if is_remote(self.location):
-            cache = str(self.cache_root / "shards" / digest(self.location) / f"{split}-stream")
+        cache = self._chunk_cache(f"{split}-stream")
         item = StreamItem(split, preprocess, transform, self.limits, on_error)
         dataset = ld.StreamingDataset(
             join(self.location, split),
