@@ -154,6 +154,9 @@ def test_augmented_views_and_clear_bypasses(
     assert sorted(i % 24 for i in drawn) == list(range(24)) and max(drawn) < 72
     first, second = train[5][0], train[24 + 5][0]
     assert not torch.equal(first, second), "each view is a different augmentation"
+    batch = [70, 5, 29, 0, 53, 5]  # the DataLoader's batched read: any views, any order
+    for (row, label), k in zip(train.__getitems__(batch), batch, strict=True):
+        assert torch.equal(row, train[k][0]) and label == train[k][1]
     reseeded = prepare_features(
         _datamodule(image_folder, task, augment="flip_crop", feature_views=3, seed=43), task
     )

@@ -28,7 +28,7 @@ from vision_tl.data.decode import ReadLimits
 from vision_tl.data.preprocess import Preprocess
 from vision_tl.data.shards import ShardDecode, ShardSettings, encode_file, write_shards
 from vision_tl.data.sources import source_name
-from vision_tl.data.sources.shards import ShardSamples, ShardSource
+from vision_tl.data.sources.shards import LocalChunks, ShardSamples, ShardSource
 from vision_tl.training.build import build_data
 from vision_tl.training.train import run_training
 
@@ -140,6 +140,24 @@ def test_a_killed_conversion_resumes_and_parts_merge_into_the_same_set(tmp_path:
         for key, _ in expected:
             first = sources[0].open(key, pre)
             assert all(torch.equal(s.open(key, pre), first) for s in sources[1:]), key
+    # A local set is read straight from its chunk files: every row as LitData reads it.
+    import litdata
+
+    assert len(list((parts / "train").glob("chunk-*.bin"))) >= 2, "rows in several chunks"
+    for source, place in zip(sources, (whole, killed, parts), strict=True):
+        for split in ("train", "val"):
+            chunks = source.dataset(split)
+            assert isinstance(chunks, LocalChunks)
+            theirs = litdata.StreamingDataset(str(place / split), batch_decode=0)
+            assert len(chunks) == len(theirs)
+            for i in range(len(theirs)):
+                row, want = chunks[i], theirs[i]
+                assert bytes(row["image"]) == bytes(want["image"])
+                assert (row["label"], row["index"]) == (want["label"], want["index"])
+    index = json.loads((whole / "train" / "index.json").read_text())
+    index["config"]["compression"] = "zstd"
+    (whole / "train" / "index.json").write_text(json.dumps(index))
+    assert LocalChunks.open(whole / "train") is None, "another layout is left to LitData"
 
 
 @pytest.mark.slow

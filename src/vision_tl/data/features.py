@@ -178,7 +178,21 @@ class FeatureDataset(Dataset):
         view, index = divmod(int(item), len(self.rows))
         offset = (view * self.stride + int(self.rows[index])) * self.row_bytes
         data = os.pread(self._fd, self.row_bytes, offset)
-        row = torch.frombuffer(bytearray(data), dtype=torch.float32)
+        return self._item(torch.frombuffer(bytearray(data), dtype=torch.float32), index)
+
+    def __getitems__(self, items: Sequence[int]) -> list[tuple[Any, int]]:
+        """A batch of items read together (the DataLoader asks for a whole batch): one
+        gather from the mapped file in row order, instead of one `pread` per row."""
+        views, index = np.divmod(np.asarray(items, dtype=np.int64), len(self.rows))
+        stored = views * self.stride + self.rows[index]
+        order = np.argsort(stored, kind="stable")
+        table = np.memmap(self.path, np.float32, "r").reshape(-1, self.row_bytes // 4)
+        block = np.empty((len(stored), table.shape[1]), np.float32)
+        block[order] = table[stored[order]]
+        rows = torch.from_numpy(block)
+        return [self._item(rows[k], int(i)) for k, i in enumerate(index)]
+
+    def _item(self, row: torch.Tensor, index: int) -> tuple[Any, int]:
         if self.split_at is not None:  # (backbone features, teacher logits) of this view
             pair = {"features": row[: self.split_at], "teacher": row[self.split_at :]}
             return pair, int(self.labels[index])

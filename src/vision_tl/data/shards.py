@@ -27,7 +27,7 @@ import io
 import json
 import logging
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,7 @@ import numpy as np
 from PIL import Image
 
 from vision_tl.core.errors import ConfigError
-from vision_tl.core.io import read_limited, write_bytes
+from vision_tl.core.io import open_regular, read_limited, write_bytes
 from vision_tl.data.decode import ReadLimits, load_rgb, open_image, plain_jpeg
 from vision_tl.data.source import SPLITS, Catalog, Source
 
@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 
 SHARD_VERSION = 1
 META = "meta.json"
+# Samples per work item handed to a conversion worker.
+ENCODE_BLOCK = 512
 
 
 def litdata() -> Any:
@@ -142,13 +144,14 @@ class ShardDecode:
 
 def encode_file(path: str, decode: ShardDecode, limits: ReadLimits) -> bytes:
     """The bytes a shard stores for the image at `path` (see the module docstring)."""
-    with open_image(path, limits) as image:
+    with open_regular(path, limits.max_file_bytes) as handle:  # the file is read once
+        data = read_limited(handle, limits.max_file_bytes)
+    with open_image(io.BytesIO(data), limits) as image:
         keep = plain_jpeg(image) and (decode.max_side is None or max(image.size) <= decode.max_side)
         source_format = image.format
     if keep:
-        with open(path, "rb") as handle:
-            return read_limited(handle, limits.max_file_bytes)
-    rgb = load_rgb(path, decode.background, None, limits)
+        return data
+    rgb = load_rgb(io.BytesIO(data), decode.background, None, limits)
     if decode.max_side is not None and max(rgb.size) > decode.max_side:
         rgb.thumbnail((decode.max_side, decode.max_side), Image.Resampling.LANCZOS)
     out = io.BytesIO()
@@ -171,7 +174,13 @@ class Encoder:
     limits: ReadLimits
     positions: Sequence[int]  # each sample's place in its split's catalog order
 
-    def __call__(self, index: int) -> dict[str, Any]:
+    def __call__(self, block: tuple[int, int]) -> Iterator[dict[str, Any]]:
+        """The samples `block[0]` to `block[1]` (exclusive): LitData hands its workers
+        blocks, not single samples, which costs a queue message per block."""
+        for index in range(*block):
+            yield self.sample(index)
+
+    def sample(self, index: int) -> dict[str, Any]:
         try:
             data = encode_file(self.files[index], self.decode, self.limits)
         except Exception as err:  # stored, then reported as a bad sample by the reader
@@ -239,12 +248,13 @@ def write_split(
         log.info("Shards: %s already converted, kept", split)
         return False
     place.remove_tree(split)  # a conversion killed midway starts this split again
+    n = len(encoder.files)
     optimize(
         fn=encoder,
-        inputs=list(range(len(encoder.files))),
+        inputs=[(i, min(i + ENCODE_BLOCK, n)) for i in range(0, n, ENCODE_BLOCK)],
         output_dir=join(place.location, split),
         chunk_bytes=chunk_bytes,
-        num_workers=max(1, min(workers, len(encoder.files))),
+        num_workers=max(1, min(workers, -(-n // ENCODE_BLOCK))),
         reorder_files=False,
         keep_data_ordered=True,
         start_method="fork",
