@@ -174,13 +174,19 @@ def main() -> None:
             build_data({"root": str(folder), "cache": str(caches / cache)})
             return time.perf_counter() - start
 
-        def shard(folder: Path = folder, caches: Path = caches, out: Path = out) -> float:
+        writes: list[float] = []
+
+        def shard(
+            folder: Path = folder, caches: Path = caches, out: Path = out, writes: list = writes
+        ) -> float:
             shutil.rmtree(caches / "shard", ignore_errors=True)
             shutil.rmtree(out, ignore_errors=True)
             start = time.perf_counter()
             data = build_data({"root": str(folder), "cache": str(caches / "shard")})
+            scanned = time.perf_counter()
             settings = ShardSettings(str(out), workers=available_cpus())
             write_shards(data.source, data.catalog, settings, "bench")
+            writes.append(round(time.perf_counter() - scanned, 2))
             return time.perf_counter() - start
 
         # scan, shard, shard, scan: a slow spell of this shared machine hits both alike
@@ -206,6 +212,7 @@ def main() -> None:
             "shard_s": round(shard_s, 2),
             "scan_runs_s": [round(x, 2) for x in scans],
             "shard_runs_s": [round(x, 2) for x in shards],
+            "shard_write_runs_s": writes,  # each shard run's conversion after its scan
             "shard_over_scan": round(shard_s / scan_s, 3),
             "folder": folder_run,
             "shards": shard_run,
