@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -25,7 +26,14 @@ from omegaconf import OmegaConf
 
 from vision_tl.core.config import register_resolvers
 from vision_tl.core.errors import ConfigError
-from vision_tl.core.launch import Launch, detect_launch, from_rank_zero, rank_suffix
+from vision_tl.core.launch import (
+    LOCAL_HANDOFF_ENV,
+    Launch,
+    detect_launch,
+    from_rank_zero,
+    local_handoff,
+    rank_suffix,
+)
 from vision_tl.sweeps.jobs import _decide
 from vision_tl.sweeps.status import write_status
 from vision_tl.training.distributed import cluster_plugins
@@ -156,6 +164,30 @@ def test_slurm_requeue_has_one_owner() -> None:
 @pytest.mark.unit
 def test_without_a_process_group_rank_zeros_work_is_done_here() -> None:
     assert from_rank_zero(lambda: 41 + 1) == 42
+
+
+@pytest.mark.unit
+def test_local_ranks_lightning_starts_take_rank_zeros_result(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in (*LAUNCH_VARS, LOCAL_HANDOFF_ENV):
+        monkeypatch.delenv(name, raising=False)
+    calls = []
+
+    def scan(value: str) -> Callable[[], dict]:
+        return lambda: calls.append(value) or {"scanned by": value}
+
+    with local_handoff(Launch("single")):  # one process: nothing to hand over
+        assert LOCAL_HANDOFF_ENV not in os.environ
+    with local_handoff(Launch("lightning", 0, 2)):
+        folder = Path(os.environ[LOCAL_HANDOFF_ENV])
+        assert from_rank_zero(scan("rank 0"), handoff="catalog") == {"scanned by": "rank 0"}
+        monkeypatch.setenv("LOCAL_RANK", "1")  # a local rank Lightning started
+        assert from_rank_zero(scan("rank 1"), handoff="catalog") == {"scanned by": "rank 0"}
+        assert from_rank_zero(scan("rank 1"), handoff="other") == {"scanned by": "rank 1"}
+        assert from_rank_zero(scan("rank 1")) == {"scanned by": "rank 1"}
+    assert calls == ["rank 0", "rank 1", "rank 1"]
+    assert not folder.exists() and LOCAL_HANDOFF_ENV not in os.environ
 
 
 @pytest.mark.unit
@@ -303,6 +335,10 @@ def test_every_launcher_trains_the_weights_of_one_node_with_two_devices(tmp_path
     )
     assert single[0].returncode == 0, single[0].stdout[-3000:]
     reference = _last_weights(one_node)
+    # The local rank Lightning started took rank 0's scan instead of scanning again.
+    handed = "The catalog rank 0 made, not made again here"
+    assert handed in (one_node / "train_rank1.log").read_text()
+    assert handed not in (one_node / "train.log").read_text()
     for how in ("torchrun", "node_rank", "slurm"):
         run = tmp_path / how
         args = [*base, f"hydra.run.dir={run}"]

@@ -14,20 +14,31 @@ Lightning's cluster environments do, in Lightning's order:
 When every process of the job was started by its launcher (`Launch.external`), `join`
 opens the job's process group before the Trainer (Lightning then uses it), so rank 0 can
 make a decision or scan the data once and send the result to every other rank
-(`from_rank_zero`).
+(`from_rank_zero`). The local ranks Lightning starts itself (`trainer.devices > 1` on one
+node) meet only once training begins; rank 0 leaves its results for them in a private
+folder they find through its environment (`local_handoff`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import logging
 import os
-from collections.abc import Callable, Sequence
+import pickle
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 from vision_tl.core.errors import ConfigError
+from vision_tl.core.io import write_bytes
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 # Lightning's default process-group timeout (lightning.fabric.plugins.collectives).
 GROUP_TIMEOUT = datetime.timedelta(minutes=30)
@@ -257,12 +268,54 @@ def gathered(compute: Callable[[], T]) -> list[T]:
     return [value for _, value in values]
 
 
-def from_rank_zero(compute: Callable[[], T]) -> T:
-    """`compute()` on global rank 0, its result sent to every other rank of the open process
-    group (pickled); without one, `compute()` here. Rank 0's exception reaches every rank,
-    so no rank waits for a result that will not come."""
-    if not grouped():
+# The folder where rank 0 leaves results for the local ranks Lightning starts.
+LOCAL_HANDOFF_ENV = "VISION_TL_LOCAL_HANDOFF"
+
+
+@contextlib.contextmanager
+def local_handoff(launch: Launch) -> Iterator[None]:
+    """While rank 0 of a job whose other ranks Lightning starts runs, a private folder
+    (named in its environment, which they inherit) where `from_rank_zero(...,
+    handoff=NAME)` leaves its results for them; removed afterwards. Elsewhere, nothing."""
+    if launch.launcher != "lightning" or not launch.main or launch.world_size < 2:
+        yield
+        return
+    folder = tempfile.mkdtemp(prefix="vision_tl_handoff_")
+    previous = os.environ.get(LOCAL_HANDOFF_ENV)
+    os.environ[LOCAL_HANDOFF_ENV] = folder
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(LOCAL_HANDOFF_ENV, None)
+        else:
+            os.environ[LOCAL_HANDOFF_ENV] = previous
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _handed(handoff: str, compute: Callable[[], T]) -> T:
+    """Without a process group: rank 0's result from the handoff folder on a local rank
+    Lightning started, else `compute()` (left there for them on rank 0)."""
+    folder = os.environ.get(LOCAL_HANDOFF_ENV)
+    if not folder:
         return compute()
+    path = Path(folder) / f"{handoff}.pkl"
+    if _int("LOCAL_RANK") > 0 and path.is_file():
+        log.info("The %s rank 0 made, not made again here", handoff)
+        return pickle.loads(path.read_bytes())
+    value = compute()
+    if _int("LOCAL_RANK") == 0:
+        write_bytes(path, pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))
+    return value
+
+
+def from_rank_zero(compute: Callable[[], T], handoff: str | None = None) -> T:
+    """`compute()` on global rank 0, its result sent to every other rank of the open process
+    group (pickled); without one, `compute()` here, or with `handoff` (a name) rank 0's
+    result on the local ranks Lightning starts (`local_handoff`). Rank 0's exception reaches
+    every rank, so no rank waits for a result that will not come."""
+    if not grouped():
+        return _handed(handoff, compute) if handoff else compute()
     import torch.distributed as dist
 
     box: list[Any] = [None]

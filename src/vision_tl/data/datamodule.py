@@ -129,7 +129,7 @@ class DataSettings:
 def load_catalog(source: Source, settings: DataSettings) -> Catalog:
     """The source's catalog, checked (`on_bad_image=fail`), split (a stratified val split
     when the data has none) and described in the log: what every command reads."""
-    catalog = from_rank_zero(source.catalog)  # one scan per job, not one per rank
+    catalog = from_rank_zero(source.catalog, handoff="catalog")  # one scan per job
     where = source.describe()
     if catalog.bad and settings.checks.on_bad_image == "fail":
         shown = "; ".join(f"{b.path} ({b.reason})" for b in catalog.bad[:3])

@@ -38,6 +38,7 @@ from vision_tl.core.launch import (
     from_rank_zero,
     join,
     launch_from_trainer,
+    local_handoff,
 )
 from vision_tl.core.signals import Interrupted
 from vision_tl.sweeps.report import write_report
@@ -227,10 +228,10 @@ def run_job(cfg: DictConfig, work: Callable[[DictConfig], dict[str, Any]]) -> di
     multirun = _is_multirun_job()
     handed = _handed_decision(launch)
     if not (multirun or launch.external or handed is not None or _is_slurm_run()):
-        with isolated_job(parallel_jobs=1):
+        with isolated_job(parallel_jobs=1), local_handoff(launch):
             return work(cfg)
     hydra_cfg = HydraConfig.get()
-    with isolated_job(_parallel_jobs(hydra_cfg) if multirun else 1):
+    with isolated_job(_parallel_jobs(hydra_cfg) if multirun else 1), local_handoff(launch):
         if join(launch, str(cfg.trainer.get("accelerator", "auto"))):
             log.info("Process group open before training: this is %s", launch.describe())
         return _tracked_job(cfg, work, launch, multirun, handed)
