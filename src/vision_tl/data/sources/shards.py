@@ -123,7 +123,7 @@ class LocalChunks:
         if chunk not in self._fds:
             path = self.directory / self.files[chunk]
             count = int(self.starts[chunk + 1] - self.starts[chunk])
-            self._offsets[chunk] = np.fromfile(path, "<u4", count + 1, offset=4).astype(np.int64)
+            self._offsets[chunk] = np.fromfile(path, "<u4", count + 1, offset=4)
             self._fds[chunk] = os.open(path, os.O_RDONLY)
         return self._fds[chunk], self._offsets[chunk]
 
