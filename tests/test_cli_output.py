@@ -35,7 +35,7 @@ def messages(output: str) -> list[str]:
     return lines
 
 
-@pytest.mark.integration
+@pytest.mark.slow  # 12 s; the unit tests below hold the log's rules in the suite
 def test_a_training_run_prints_each_line_once_and_nothing_false(tmp_path: Path) -> None:
     root = make_image_folder(tmp_path / "data", per_class=6)
     # TINY, but with the model summary a user sees; test=false: the best checkpoint is
