@@ -84,7 +84,7 @@ def test_predictions_follow_the_operating_point_not_the_argmax() -> None:
     assert frame.top1_label.tolist() == ["ants", "ants", "bees"]
 
 
-@pytest.mark.integration
+@pytest.mark.slow  # out of the suite for its 10-minute budget; run with -m slow
 def test_a_binary_run_stores_its_threshold_and_eval_and_predict_use_it(tmp_path: Path) -> None:
     root = make_image_folder(tmp_path / "data", classes=tuple(CLASSES), per_class=8)
     quiet = ["logger=none", "callbacks.learning_rate_monitor=null", "trainer.max_epochs=1"]

@@ -105,7 +105,7 @@ def _compose(name: str, overrides: list[str], out: Path) -> DictConfig:
         return compose(name, overrides=[*overrides, f"paths.output_dir={out}"])
 
 
-@pytest.mark.integration
+@pytest.mark.slow  # out of the suite for its 10-minute budget; run with -m slow
 def test_run_stores_the_temperature_and_eval_and_predict_apply_it(tmp_path: Path) -> None:
     root = make_image_folder(tmp_path / "data", per_class=6, splits=("train", "val"))
     quiet = ["logger=none", "callbacks.learning_rate_monitor=null", "trainer.max_epochs=1"]

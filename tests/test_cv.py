@@ -34,7 +34,7 @@ PROBE = [
 ]
 
 
-@pytest.mark.integration
+@pytest.mark.slow  # out of the suite for its 10-minute budget; run with -m slow
 def test_probe_cv_writes_folds_oof_summary_and_an_exact_fold_ensemble(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -289,7 +289,7 @@ def test_lp_ft_fine_tune_phase_trains_everything_and_batchnorm_as_asked(batchnor
     assert all(m.weight.requires_grad for m in norms), "affine weights train either way"
 
 
-@pytest.mark.integration
+@pytest.mark.slow  # out of the suite for its 10-minute budget; run with -m slow
 def test_lp_ft_starts_from_the_linear_probe_run_then_trains_everything(
     compose_train, image_folder: Path, tmp_path: Path
 ) -> None:

@@ -185,7 +185,7 @@ def test_a_killed_workers_trial_is_retried_by_the_other(tmp_path: Path) -> None:
     assert len(retry) == 1 and retry[0].params == trials[killed].params
 
 
-@pytest.mark.integration
+@pytest.mark.slow  # out of the suite for its 10-minute budget; run with -m slow
 def test_pruned_and_failed_trials_are_recorded_and_the_study_goes_on(
     optuna_data: Path, tmp_path: Path
 ) -> None:

@@ -106,7 +106,7 @@ def test_documents_preset_never_mirrors() -> None:
         assert columns[red].mean() + 30 < columns[blue].mean(), "red stays on the left"
 
 
-@pytest.mark.integration
+@pytest.mark.slow  # out of the suite for its 10-minute budget; run with -m slow
 def test_pad_mode_through_training_eval_predict_and_onnx_export(tmp_path: Path) -> None:
     root = card_folder(tmp_path / "data")
     data = datamodule(root=str(root), image_size=48, resize_mode="pad", num_workers=0)
