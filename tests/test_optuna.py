@@ -7,6 +7,9 @@ import json
 import multiprocessing
 import os
 import signal
+import socket
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,6 +26,7 @@ from optuna.trial import TrialState
 
 from vision_tl.core.cli import check_command_line
 from vision_tl.core.errors import ConfigError
+from vision_tl.sweeps import study as study_module
 from vision_tl.sweeps.optuna_sweeper import OptunaWorker, search_space, tally
 from vision_tl.sweeps.status import read_status
 from vision_tl.sweeps.study import PRUNERS, StudySettings, build_pruner, open_storage
@@ -159,6 +163,48 @@ def test_worker_processes_share_one_journal_study_and_its_cap(tmp_path: Path) ->
     assert sorted(t.number for t in trials) == list(range(6))
     assert all(t.state == TrialState.COMPLETE for t in trials)
     assert sorted(int(p.name) for p in tmp_path.iterdir() if p.name.isdigit()) == list(range(6))
+
+
+# Optuna's own gRPC storage proxy in front of a SQLite file, as a user starts one.
+GRPC_SERVER = """
+import sys
+from optuna.storages import get_storage, run_grpc_proxy_server
+run_grpc_proxy_server(get_storage(sys.argv[1]), host="127.0.0.1", port=int(sys.argv[2]))
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.integration
+def test_a_worker_keeps_its_study_behind_a_grpc_proxy(tmp_path: Path) -> None:
+    """`storage=grpc://HOST:PORT`: the worker's trials pass through a real proxy server on
+    loopback into the database behind it; no server there is a one-line error."""
+    database, port = f"sqlite:///{tmp_path}/behind.db", _free_port()
+    server = subprocess.Popen([sys.executable, "-c", GRPC_SERVER, database, str(port)])
+    try:
+        _worker(f"grpc://127.0.0.1:{port}", 3, str(tmp_path), False, 0)
+    finally:
+        server.kill()
+        server.wait(30)
+    trials = optuna.load_study(study_name="shared", storage=database).get_trials()
+    assert sorted(t.number for t in trials) == [0, 1, 2]
+    assert all(t.state == TrialState.COMPLETE and -16 <= t.value <= 0 for t in trials)
+    assert sorted(int(p.name) for p in tmp_path.iterdir() if p.name.isdigit()) == [0, 1, 2]
+
+
+def test_no_grpc_proxy_at_the_address_is_a_one_line_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(study_module, "GRPC_READY_S", 0.2)
+    settings = StudySettings.from_config(
+        {"study_name": "s", "storage": f"grpc://127.0.0.1:{_free_port()}"}
+    )
+    with pytest.raises(ConfigError, match=r"^hydra\.sweeper\.storage=grpc://.*no gRPC storage"):
+        open_storage(settings)
 
 
 @pytest.mark.slow

@@ -177,6 +177,10 @@ def open_storage(settings: StudySettings) -> Any:
         ) from None
 
 
+# How long a worker waits for the gRPC storage proxy to answer before a one-line error.
+GRPC_READY_S = 30.0
+
+
 def _grpc_proxy(url: str) -> Any:
     """Optuna's gRPC storage proxy client (needs grpcio, Optuna's `grpc` extra)."""
     import optuna
@@ -188,12 +192,19 @@ def _grpc_proxy(url: str) -> Any:
     if proxy is None:
         raise ConfigError(f"hydra.sweeper.storage={url}: this Optuna has no gRPC storage proxy")
     try:
-        return proxy(host=host, port=int(port))
+        client = proxy(host=host, port=int(port))
+        client.wait_server_ready(timeout=GRPC_READY_S)
     except ImportError as err:
         raise ConfigError(
             f"hydra.sweeper.storage={url}: the gRPC proxy needs grpcio "
             f"(pip install 'optuna[grpc]'): {err}"
         ) from None
+    except ConnectionError:
+        raise ConfigError(
+            f"hydra.sweeper.storage={url}: no gRPC storage proxy answered in {GRPC_READY_S:g} s "
+            "(start one with optuna.storages.run_grpc_proxy_server)"
+        ) from None
+    return client
 
 
 def load_study(settings: StudySettings) -> tuple[optuna.Study, Any] | None:
