@@ -73,7 +73,7 @@ def run(cmd: list[str], env: dict[str, str] | None = None) -> float:
     return seconds
 
 
-def default_probe(root: Path, seed: int, work: Path) -> dict:
+def default_probe(root: Path, seed: int, work: Path, overrides: list[str]) -> dict:
     run_dir = work / "runs" / f"{root.name}-{seed}"
     cache = work / "caches" / f"{root.name}-{seed}-{time.time_ns()}"  # cold
     seconds = run(
@@ -89,6 +89,7 @@ def default_probe(root: Path, seed: int, work: Path) -> dict:
             "callbacks.rich_progress_bar=null",
             "+trainer.enable_progress_bar=false",
             f"hydra.run.dir={run_dir}",
+            *overrides,
         ],
         env={"VISION_TL_CACHE": str(cache)},
     )
@@ -130,6 +131,9 @@ def main() -> None:
     parser.add_argument("--sets", nargs="+", default=["hymenoptera", "vehicles6", "vehicles6_x4"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[42, 1, 2])
     parser.add_argument("--work", type=Path, default=Path("/tmp/vtl_probe_scale"))
+    parser.add_argument(
+        "--override", nargs="*", default=[], help="more overrides of the default run (a variant)"
+    )
     args = parser.parse_args()
     roots = {
         "hymenoptera": SHARED / "datasets" / "hymenoptera",
@@ -141,7 +145,7 @@ def main() -> None:
         root = roots[name] or enlarged_vehicles(args.work)
         rows = []
         for seed in args.seeds:
-            mine = default_probe(root, seed, args.work)
+            mine = default_probe(root, seed, args.work, args.override)
             theirs = careful(mine["split_csv"], seed)
             rows.append({"seed": seed, "default": mine, "careful": theirs})
             print(json.dumps({"set": name, **rows[-1]}), flush=True)
