@@ -1,9 +1,11 @@
 """Inference engines: who runs a frozen network's forward pass over a batch of images.
 
 `torch` is PyTorch eager (BatchNorms folded in fp32, channels_last, bf16 autocast where the
-CPU runs it natively); `openvino` converts the module once (through `torch.export`, ~3 s
-for EfficientNet-Lite0 against ~12 s through tracing), keeps the converted model on disk
-keyed by its weights, and compiles it for the CPU in bf16 or f32; `onnxruntime` runs it
+CPU runs it natively); `openvino` converts the module once (through `torch.export`: for
+EfficientNet-Lite0 ~3 s against ~12 s through tracing on the AVX-512 CPU it was chosen on;
+11-12 s against 5.3 s on an AVX2 CPU with torch 2.14 and OpenVINO 2026.4, most of it
+OpenVINO's `run_decompositions` over the dynamic batch axis), keeps the converted model on
+disk keyed by its weights, and compiles it for the CPU in bf16 or f32; `onnxruntime` runs it
 from ONNX (float32 only on a CPU). `auto` is OpenVINO on a CPU where it is installed (on
 the 2-core CPU this project measures on it ran EfficientNet-Lite0 2-4x faster than eager
 PyTorch and ONNX Runtime, in every precision), else PyTorch. Adding an engine is one
@@ -292,7 +294,8 @@ class OpenVINORunner:
 
 def openvino_model(module: nn.Module, examples: tuple[torch.Tensor, ...]) -> Any:
     """`module` (a `Forward`) as an OpenVINO model with a dynamic batch axis, through
-    `torch.export` (4x faster to convert than tracing)."""
+    `torch.export` (tracing is deprecated in torch; which one converts faster has differed
+    between machines, see the module's docstring)."""
     import openvino as ov
 
     with torch.no_grad():
