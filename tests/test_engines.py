@@ -19,7 +19,14 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from vision_tl.core.config import config_dir
-from vision_tl.core.engines import ENGINES, compile_forward, resolve_engine
+from vision_tl.core.engines import (
+    ENGINES,
+    Forward,
+    compile_forward,
+    converted_cache,
+    resolve_engine,
+    used_weights_digest,
+)
 from vision_tl.core.errors import ConfigError
 from vision_tl.core.validate import validate
 from vision_tl.inference.export import run_export
@@ -241,3 +248,47 @@ def test_the_feature_cache_through_openvino_equals_eager(tmp_path: Path) -> None
         rows[engine] = cached.tensors("train", train=False)[0]
     assert rows["torch"].shape == (1, 12, 512)
     torch.testing.assert_close(rows["openvino"], rows["torch"], atol=1e-4, rtol=1e-4)
+
+
+TINY_NET = {"backbone": {"name": "timm/test_efficientnet"}}
+
+
+class _ReadsAChildsWeight(nn.Module):
+    """A forward that reads its child's weight without calling the child."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 3)
+        self.unused = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.proj.weight) * 2
+
+
+@pytest.mark.unit
+def test_the_conversion_key_covers_the_weights_a_pass_reads_and_no_others() -> None:
+    """A probe's head changes with every seed and class count; its backbone's converted
+    model is keyed by the backbone alone, so a later run reuses the conversion. The
+    classifying pass, which reads the head, is keyed by it too."""
+    require("openvino")
+    torch.manual_seed(0)
+    a = build_model(TINY_NET, 3, pretrained=False).eval()
+    b = build_model(TINY_NET, 5, pretrained=False).eval()
+    b.backbone.load_state_dict(a.backbone.state_dict())
+    x = (torch.rand(2, 3, 32, 32),)
+    assert converted_cache(Forward(a, "features"), x) == converted_cache(Forward(b, "features"), x)
+    c = build_model(TINY_NET, 3, pretrained=False).eval()
+    c.backbone.load_state_dict(a.backbone.state_dict())
+    assert converted_cache(Forward(a, "forward"), x) != converted_cache(Forward(c, "forward"), x)
+    with torch.no_grad():
+        c.backbone.body.conv_stem.weight[0, 0, 0, 0] += 1
+    assert converted_cache(Forward(a, "features"), x) != converted_cache(Forward(c, "features"), x)
+
+    module, y = _ReadsAChildsWeight(), (torch.rand(2, 4),)
+    before = used_weights_digest(module, y)
+    with torch.no_grad():
+        module.unused.weight += 1
+    assert used_weights_digest(module, y) == before
+    with torch.no_grad():
+        module.proj.weight += 1
+    assert used_weights_digest(module, y) != before

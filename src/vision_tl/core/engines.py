@@ -162,6 +162,49 @@ def weights_digest(module: nn.Module) -> str:
     return digest.hexdigest()
 
 
+class _Touched(torch.overrides.TorchFunctionMode):
+    """The ids of every tensor a forward pass hands to a torch function or operator."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ids: set[int] = set()
+
+    def _note(self, value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            self.ids.add(id(value))
+        elif isinstance(value, list | tuple):
+            for item in value:
+                self._note(item)
+        elif isinstance(value, dict):
+            for item in value.values():
+                self._note(item)
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        self._note(args)
+        self._note(kwargs)
+        return func(*args, **kwargs)
+
+
+def used_weights_digest(module: nn.Module, examples: tuple[torch.Tensor, ...]) -> str:
+    """SHA-256 of the parameters and buffers that `module` computes with on `examples`:
+    what a conversion of it holds. A classifier's head, which its `features` pass never
+    reads, leaves the key of its backbone's conversion unchanged (a probe's head differs
+    with every seed and class count; the converted backbone does not)."""
+    touched = _Touched()
+    with torch.no_grad(), touched:
+        module(*examples)
+    digest = hashlib.sha256()
+    named = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+    for key, value in sorted(named.items()):
+        if id(value) not in touched.ids:
+            continue
+        tensor = value.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{key}:{tensor.dtype}:{tuple(value.shape)}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 class Forward(nn.Module):
     """`model`'s `method` (`forward`, `features`) as a module with one positional input
     per model input, as exporters trace it (an ensemble with per-member preprocessing
@@ -304,12 +347,13 @@ def openvino_model(module: nn.Module, examples: tuple[torch.Tensor, ...]) -> Any
 
 
 def converted_cache(module: nn.Module, examples: tuple[torch.Tensor, ...]) -> Path:
-    """Where `module`'s converted OpenVINO model is kept: keyed by its weights, the
-    input shapes and the versions that made it."""
+    """Where `module`'s converted OpenVINO model is kept: keyed by the weights it computes
+    with, the input shapes and the versions that made it."""
     import openvino as ov
 
     shapes = [tuple(t.shape[1:]) for t in examples]
-    key = f"{weights_digest(module)}:{type(module).__name__}:{shapes}:{ov.__version__}"
+    weights = used_weights_digest(module, examples)
+    key = f"{weights}:{type(module).__name__}:{shapes}:{ov.__version__}"
     key += f":{torch.__version__}:{getattr(module, 'method', '')}"
     name = hashlib.sha256(key.encode()).hexdigest()[:32]
     return cache_dir() / "engines" / "openvino" / name / "model.xml"
