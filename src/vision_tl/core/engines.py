@@ -5,11 +5,11 @@ CPU runs it natively); `openvino` converts the module once (through `torch.expor
 EfficientNet-Lite0 ~3 s against ~12 s through tracing on the AVX-512 CPU it was chosen on;
 11-12 s against 5.3 s on an AVX2 CPU with torch 2.14 and OpenVINO 2026.4, most of it
 OpenVINO's `run_decompositions` over the dynamic batch axis), keeps the converted model on
-disk keyed by its weights, and compiles it for the CPU in bf16 or f32; `onnxruntime` runs it
-from ONNX (float32 only on a CPU). `auto` is OpenVINO on a CPU where it is installed (on
-the 2-core CPU this project measures on it ran EfficientNet-Lite0 2-4x faster than eager
-PyTorch and ONNX Runtime, in every precision), else PyTorch. Adding an engine is one
-registered class.
+disk keyed by the weights it computes with, and compiles it for the CPU in bf16 or f32;
+`onnxruntime` runs it from ONNX (float32 only on a CPU). `auto` is OpenVINO on a CPU where
+it is installed (on the 2-core CPU this project measures on it ran EfficientNet-Lite0 2-4x
+faster than eager PyTorch and ONNX Runtime, in every precision), else PyTorch. Adding an
+engine is one registered class.
 
 The engines live in `core` because the feature cache (`data`), `eval`, `predict` and the
 server all use them.
@@ -151,15 +151,20 @@ def compute_threads() -> int:
     return available_cpus()
 
 
-def weights_digest(module: nn.Module) -> str:
-    """SHA-256 of every tensor in `module.state_dict()`: the weights' true identity,
-    whatever file, tag or random seed they came from."""
+def _tensors_digest(named: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of named tensors: each one's name, dtype, shape and bytes, in name order."""
     digest = hashlib.sha256()
-    for key, value in sorted(module.state_dict().items()):
+    for key, value in sorted(named.items()):
         tensor = value.detach().cpu().contiguous().reshape(-1)
         digest.update(f"{key}:{tensor.dtype}:{tuple(value.shape)}".encode())
         digest.update(tensor.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def weights_digest(module: nn.Module) -> str:
+    """SHA-256 of every tensor in `module.state_dict()`: the weights' true identity,
+    whatever file, tag or random seed they came from."""
+    return _tensors_digest(module.state_dict())
 
 
 class _Touched(torch.overrides.TorchFunctionMode):
@@ -194,15 +199,8 @@ def used_weights_digest(module: nn.Module, examples: tuple[torch.Tensor, ...]) -
     touched = _Touched()
     with torch.no_grad(), touched:
         module(*examples)
-    digest = hashlib.sha256()
     named = {**dict(module.named_parameters()), **dict(module.named_buffers())}
-    for key, value in sorted(named.items()):
-        if id(value) not in touched.ids:
-            continue
-        tensor = value.detach().cpu().contiguous().reshape(-1)
-        digest.update(f"{key}:{tensor.dtype}:{tuple(value.shape)}".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    return _tensors_digest({k: v for k, v in named.items() if id(v) in touched.ids})
 
 
 class Forward(nn.Module):
