@@ -355,20 +355,17 @@ def test_two_ranks_share_an_extraction_and_write_the_rows_of_one_process(
 ) -> None:
     """Each rank runs the backbone on its share only (the images seen add up to one
     process's), and the assembled entry is byte for byte the one-process entry."""
-    import socket
     import subprocess
     import sys
 
     from helpers.feature_ranks import VIEWS, build
+    from helpers.net import free_port
 
     files = sorted((image_folder / "train").rglob("*.png"))
     single, seen = build(image_folder / "train", tmp_path / "one")
     assert seen == len(files) * VIEWS
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     script = Path(__file__).parent / "helpers" / "feature_ranks.py"
-    args = [str(port), str(image_folder / "train"), str(tmp_path / "two"), str(tmp_path)]
+    args = [str(free_port()), str(image_folder / "train"), str(tmp_path / "two"), str(tmp_path)]
     ranks = [
         subprocess.Popen([sys.executable, str(script), str(rank), "2", *args], text=True)
         for rank in (0, 1)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -21,6 +20,7 @@ import pandas as pd
 import pytest
 import torch
 from conftest import TINY, make_image_folder
+from helpers.net import free_port
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from omegaconf import OmegaConf
 
@@ -207,12 +207,6 @@ def test_skip_and_resume_are_decided_from_the_job_files(tmp_path: Path) -> None:
     assert _decide(cfg, job, ["a=1"], multirun=False)["skip"] == {"best_val_acc": 0.5}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
     path = os.pathsep.join(p for p in (str(HELPERS), env.get("PYTHONPATH")) if p)
@@ -300,7 +294,7 @@ def test_two_nodes_by_hand_with_node_rank(tmp_path: Path) -> None:
     data = make_image_folder(tmp_path / "data", per_class=6, size=32)
     run = tmp_path / "run"
     args = [*RUN, f"data.root={data}", f"hydra.run.dir={run}"]
-    commands = _two_nodes("node_rank", args, _free_port())
+    commands = _two_nodes("node_rank", args, free_port())
     caches = [tmp_path / "cache0", tmp_path / "cache1"]  # each rank's own cache folder
     for (_, env, _), cache in zip(commands, caches, strict=True):
         env["VISION_TL_CACHE"] = str(cache)
@@ -342,7 +336,7 @@ def test_every_launcher_trains_the_weights_of_one_node_with_two_devices(tmp_path
     for how in ("torchrun", "node_rank", "slurm"):
         run = tmp_path / how
         args = [*base, f"hydra.run.dir={run}"]
-        results = _ranks(_two_nodes(how, args, _free_port()), cwd=tmp_path)
+        results = _ranks(_two_nodes(how, args, free_port()), cwd=tmp_path)
         assert [r.returncode for r in results] == [0, 0], (how, results[0].stdout[-3000:])
         assert json.loads((run / "metrics.json").read_text())["world_size"] == 2
         _assert_one_writer(run)
@@ -364,13 +358,13 @@ def test_both_ranks_killed_at_epoch_2_resume_there(tmp_path: Path) -> None:
         "+callbacks.kill.epoch=2",
         f"hydra.run.dir={run}",
     ]
-    port = _free_port()
+    port = free_port()
     killed = _ranks(_two_nodes("torchrun", args, port, VISION_TL_TEST_KILL="1"), cwd=tmp_path)
     assert all(r.returncode != 0 for r in killed)
     assert json.loads((run / "job_status.json").read_text())["status"] == "running"
     assert not (run / "metrics.json").exists()
 
-    results = _ranks(_two_nodes("torchrun", args, _free_port()), cwd=tmp_path)
+    results = _ranks(_two_nodes("torchrun", args, free_port()), cwd=tmp_path)
     assert [r.returncode for r in results] == [0, 0], results[0].stdout[-3000:]
     for log in ("train.log", "train_rank1.log"):
         assert "resuming from" in (run / log).read_text(), log
@@ -380,7 +374,7 @@ def test_both_ranks_killed_at_epoch_2_resume_there(tmp_path: Path) -> None:
     assert status["status"] == "done" and status["attempts"] == 2
     assert json.loads((run / "metrics.json").read_text())["epochs"] == 4
 
-    rerun = _ranks(_two_nodes("torchrun", args, _free_port()), cwd=tmp_path)
+    rerun = _ranks(_two_nodes("torchrun", args, free_port()), cwd=tmp_path)
     assert [r.returncode for r in rerun] == [0, 0]
     for result in rerun:
         assert "finished in an earlier run: skipping it" in result.stdout
@@ -441,7 +435,7 @@ def test_a_linear_probe_on_two_nodes_shares_its_extraction(tmp_path: Path) -> No
         "finetune.short_epochs=0",
         f"hydra.run.dir={run}",
     ]
-    results = _ranks(_two_nodes("torchrun", args, _free_port()), cwd=tmp_path)
+    results = _ranks(_two_nodes("torchrun", args, free_port()), cwd=tmp_path)
     assert [r.returncode for r in results] == [0, 0], results[0].stdout[-3000:]
     log = (run / "train.log").read_text()
     assert "2 ranks sharing the work" in log

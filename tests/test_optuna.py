@@ -7,7 +7,6 @@ import json
 import multiprocessing
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import optuna
 import pandas as pd
 import pytest
 from conftest import TINY, make_image_folder, run_cli
+from helpers.net import free_port
 from hydra.core.plugins import Plugins
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.plugins.sweeper import Sweeper
@@ -173,17 +173,11 @@ run_grpc_proxy_server(get_storage(sys.argv[1]), host="127.0.0.1", port=int(sys.a
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.integration
 def test_a_worker_keeps_its_study_behind_a_grpc_proxy(tmp_path: Path) -> None:
     """`storage=grpc://HOST:PORT`: the worker's trials pass through a real proxy server on
     loopback into the database behind it; no server there is a one-line error."""
-    database, port = f"sqlite:///{tmp_path}/behind.db", _free_port()
+    database, port = f"sqlite:///{tmp_path}/behind.db", free_port()
     server = subprocess.Popen([sys.executable, "-c", GRPC_SERVER, database, str(port)])
     try:
         _worker(f"grpc://127.0.0.1:{port}", 3, str(tmp_path), False, 0)
@@ -201,7 +195,7 @@ def test_no_grpc_proxy_at_the_address_is_a_one_line_error(
 ) -> None:
     monkeypatch.setattr(study_module, "GRPC_READY_S", 0.2)
     settings = StudySettings.from_config(
-        {"study_name": "s", "storage": f"grpc://127.0.0.1:{_free_port()}"}
+        {"study_name": "s", "storage": f"grpc://127.0.0.1:{free_port()}"}
     )
     with pytest.raises(ConfigError, match=r"^hydra\.sweeper\.storage=grpc://.*no gRPC storage"):
         open_storage(settings)

@@ -10,7 +10,6 @@ import io
 import os
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -25,6 +24,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import QUICK_TRAIN, make_image_folder, run_cli
+from helpers.net import free_port
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
@@ -50,12 +50,6 @@ CHROMIUM = pytest.mark.skipif(
 def compose_entry(name: str, overrides: list[str], output_dir: Path):
     with initialize_config_dir(version_base="1.3", config_dir=str(config_dir())):
         return compose(name, overrides=[*overrides, f"paths.output_dir={output_dir}"])
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 # --------------------------------------------------------------------------- fixtures

@@ -162,8 +162,9 @@ def test_a_killed_conversion_resumes_and_parts_merge_into_the_same_set(tmp_path:
 
 @pytest.mark.slow
 def test_two_ranks_read_disjoint_samples_for_two_epochs_from_s3(tmp_path: Path) -> None:
+    from helpers.net import free_port
     from helpers.s3 import s3_server
-    from test_launch import _assert_one_writer, _free_port, _ranks, _two_nodes
+    from test_launch import _assert_one_writer, _ranks, _two_nodes
 
     data = make_image_folder(tmp_path / "data", per_class=8, size=32)
     with s3_server(tmp_path / "s3") as env:
@@ -180,7 +181,7 @@ def test_two_ranks_read_disjoint_samples_for_two_epochs_from_s3(tmp_path: Path) 
             f"hydra.run.dir={run}",
         ]
         cache = tmp_path / "cache"
-        commands = _two_nodes("node_rank", args, _free_port(), VISION_TL_CACHE=str(cache), **env)
+        commands = _two_nodes("node_rank", args, free_port(), VISION_TL_CACHE=str(cache), **env)
         results = _ranks(commands, cwd=tmp_path)
     assert [r.returncode for r in results] == [0, 0], results[0].stdout[-3000:]
     _assert_one_writer(run)

@@ -19,6 +19,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from helpers.net import free_port
+
 SERVER = """
 import sys
 from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
@@ -90,9 +92,7 @@ def s3_server(folder: Path, bucket: str = "shards") -> Iterator[dict[str, str]]:
     """Start the server, make `bucket`, and yield the client environment; stop it after."""
     folder.mkdir(parents=True, exist_ok=True)
     ca, cert, key = _certificates(folder)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-c", SERVER, str(port), str(cert), str(key)],
         stdout=subprocess.DEVNULL,
