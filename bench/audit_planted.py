@@ -33,10 +33,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from common import HYMENOPTERA, SHARED, WEIGHTS, emit, require_shared, scratch
+from common import HYMENOPTERA, VEHICLES, WEIGHTS, emit, require_shared, scratch
 from PIL import Image
 
-VEHICLES = SHARED / "datasets" / "vehicles6"
 CLASSES = ("ants", "bees")
 
 

@@ -26,6 +26,7 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 HYMENOPTERA = SHARED / "datasets" / "hymenoptera"
+VEHICLES = SHARED / "datasets" / "vehicles6"
 WEIGHTS = SHARED / "weights" / "tf_efficientnet_lite0.in1k.safetensors"
 TIMM_NAME = "tf_efficientnet_lite0"
 

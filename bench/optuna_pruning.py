@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import REPO, SHARED, WEIGHTS, emit, scratch
+from common import REPO, VEHICLES, WEIGHTS, emit, scratch
 from PIL import Image
 
 # --synthetic, log-spaced: they learn at different speeds, so the median has something to compare.
@@ -39,7 +39,6 @@ HOPELESS = [1e-7, 1.2e-7, 1.4e-7, 1.6e-7]
 MEDIAN_ARGS = "{{n_startup_trials:{startup},n_warmup_steps:{warmup}}}"
 # Fine-tuning the pretrained lite0 (the default search): the useful rates are lower.
 REAL_GOOD = [3e-3, 2e-3, 1e-3, 6e-4, 4e-4, 2e-4, 1e-4, 5e-5]
-VEHICLES6 = SHARED / "datasets" / "vehicles6"
 
 
 def order(good: list[float]) -> list[float]:
@@ -52,7 +51,7 @@ def order(good: list[float]) -> list[float]:
 def real_data(root: Path, per_class: int, val_per_class: int) -> Path:
     """The first `per_class` + `val_per_class` photos of each vehicles6 class, linked into
     train/ and val/ folders."""
-    for folder in sorted(p for p in VEHICLES6.iterdir() if p.is_dir()):
+    for folder in sorted(p for p in VEHICLES.iterdir() if p.is_dir()):
         files = sorted(folder.iterdir())
         for split, chosen in (
             ("train", files[:per_class]),

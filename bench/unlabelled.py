@@ -39,9 +39,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import REPO, SHARED, WEIGHTS
+from common import REPO, VEHICLES, WEIGHTS
 
-VEHICLES = SHARED / "datasets" / "vehicles6"
 LITE0 = [
     "model.backbone.name=timm/tf_efficientnet_lite0",
     f"model.backbone.weights_path={WEIGHTS}",
