@@ -90,13 +90,13 @@ def search(work: Path, data: Path, pruner: str, args: argparse.Namespace) -> dic
     db = work / f"{pruner}.db"
     storage = f"sqlite:///{db}"
     study = optuna.create_study(study_name="bench", storage=storage, direction="maximize")
-    for lr in order(REAL_GOOD if args.real else GOOD):
+    for lr in order(GOOD if args.synthetic else REAL_GOOD):
         study.enqueue_trial({"optimizer.lr": lr})
     sweep = work / f"sweep_{pruner}"
-    model = ["model.pretrained=false", "model.backbone.name=timm/test_efficientnet"]
-    if args.real:
-        model = ["model.backbone.name=timm/tf_efficientnet_lite0"]
-        model += [f"model.backbone.weights_path={WEIGHTS}", "finetune=full"]
+    model = ["model.backbone.name=timm/tf_efficientnet_lite0"]
+    model += [f"model.backbone.weights_path={WEIGHTS}", "finetune=full"]
+    if args.synthetic:
+        model = ["model.pretrained=false", "model.backbone.name=timm/test_efficientnet"]
     command = [
         sys.executable,
         "-m",
@@ -166,11 +166,10 @@ def main() -> None:
     for key, value in zip(keys, defaults, strict=True):
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.real = not args.synthetic
     with scratch("optuna-pruning") as tmp:
         work = args.keep or tmp
         work.mkdir(parents=True, exist_ok=True)
-        make = real_data if args.real else make_data
+        make = make_data if args.synthetic else real_data
         data = make(work / "data", args.per_class, args.val_per_class)
         runs = {name: search(work, data, name, args) for name in args.pruners.split(",")}
     result: dict = {"repo": str(REPO), "settings": vars(args) | {"keep": str(args.keep)}}
