@@ -24,6 +24,7 @@ from vision_tl.core.engines import (
     Forward,
     compile_forward,
     converted_cache,
+    openvino_model,
     resolve_engine,
     used_weights_digest,
 )
@@ -102,12 +103,12 @@ def test_auto_is_openvino_on_a_cpu_and_eager_on_a_gpu(monkeypatch: pytest.Monkey
         resolve_engine("tensorrt", torch.device("cpu"))
 
 
-class _Antialiased(nn.Module):
-    """A network OpenVINO's converter has no rule for (antialiased bilinear resizing)."""
+class _Bessel(nn.Module):
+    """A network OpenVINO's converter has no rule for (a Bessel function), traced or
+    exported."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        small = nn.functional.interpolate(x, scale_factor=0.5, mode="bilinear", antialias=True)
-        return small.mean((2, 3))
+        return torch.special.bessel_j0(x).mean((2, 3))
 
 
 @pytest.mark.unit
@@ -117,12 +118,12 @@ def test_auto_runs_eager_what_openvino_cannot_convert_and_a_named_engine_says_so
     require("openvino")
     monkeypatch.delenv("VISION_TL_ENGINE")
     x = torch.rand(3, 3, 16, 16)
-    runner = compile_forward(_Antialiased(), "auto", "fp32", torch.device("cpu"))
-    torch.testing.assert_close(runner(x), _Antialiased()(x))
+    runner = compile_forward(_Bessel(), "auto", "fp32", torch.device("cpu"))
+    torch.testing.assert_close(runner(x), _Bessel()(x))
     assert runner.engine == "torch"
     assert "inference.engine=auto: openvino cannot run this network" in caplog.text
-    named = compile_forward(_Antialiased(), "openvino", "fp32", torch.device("cpu"))
-    with pytest.raises(Exception, match="upsample"):
+    named = compile_forward(_Bessel(), "openvino", "fp32", torch.device("cpu"))
+    with pytest.raises(Exception, match="bessel"):
         named(x)
 
 
@@ -292,3 +293,23 @@ def test_the_conversion_key_covers_the_weights_a_pass_reads_and_no_others() -> N
     with torch.no_grad():
         module.proj.weight += 1
     assert used_weights_digest(module, y) != before
+
+
+@pytest.mark.integration
+def test_openvino_converts_through_torch_export_when_tracing_fails(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    require("openvino")
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    x = torch.rand(2, 3, 12, 12)
+    forward = Forward(net.eval())
+
+    def gone(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("torch.jit.trace was removed")
+
+    monkeypatch.setattr(torch.jit, "trace", gone)
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(openvino_model(forward, (x,)), "CPU")
+    batch = torch.rand(5, 3, 12, 12)  # another batch size: the batch axis stayed dynamic
+    torch.testing.assert_close(torch.from_numpy(compiled(batch.numpy())[0]), net(batch))

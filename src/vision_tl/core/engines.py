@@ -1,11 +1,9 @@
 """Inference engines: who runs a frozen network's forward pass over a batch of images.
 
 `torch` is PyTorch eager (BatchNorms folded in fp32, channels_last, bf16 autocast where the
-CPU runs it natively); `openvino` converts the module once (through `torch.export`: for
-EfficientNet-Lite0 ~3 s against ~12 s through tracing on the AVX-512 CPU it was chosen on;
-11-12 s against 5.3 s on an AVX2 CPU with torch 2.14 and OpenVINO 2026.4, most of it
-OpenVINO's `run_decompositions` over the dynamic batch axis), keeps the converted model on
-disk keyed by the weights it computes with, and compiles it for the CPU in bf16 or f32;
+CPU runs it natively); `openvino` converts the module once (by tracing, see
+`openvino_model`), keeps the converted model on disk keyed by the weights it computes with,
+and compiles it for the CPU in bf16 or f32;
 `onnxruntime` runs it from ONNX (float32 only on a CPU). `auto` is OpenVINO on a CPU where
 it is installed (on the 2-core CPU this project measures on it ran EfficientNet-Lite0 2-4x
 faster than eager PyTorch and ONNX Runtime, in every precision), else PyTorch. Adding an
@@ -33,7 +31,7 @@ from torch import nn
 
 from vision_tl.core.config import cache_dir
 from vision_tl.core.errors import ConfigError, error_line
-from vision_tl.core.logs import onnx_export_quiet, root_level_kept
+from vision_tl.core.logs import jit_trace_quiet, onnx_export_quiet, root_level_kept
 from vision_tl.core.registry import Registry
 from vision_tl.core.runtime import (
     available_cpus,
@@ -334,11 +332,18 @@ class OpenVINORunner:
 
 
 def openvino_model(module: nn.Module, examples: tuple[torch.Tensor, ...]) -> Any:
-    """`module` (a `Forward`) as an OpenVINO model with a dynamic batch axis, through
-    `torch.export` (tracing is deprecated in torch; which one converts faster has differed
-    between machines, see the module's docstring)."""
+    """`module` (a `Forward`) as an OpenVINO model with a dynamic batch axis: traced by
+    OpenVINO's converter (EfficientNet-Lite0 in 3.4-4.2 s on the AVX2 CPU, against 11 s
+    through `torch.export`, whose decompositions re-trace the graph symbolically), and
+    through `torch.export` where tracing fails (deprecated in torch, and gone some day)."""
     import openvino as ov
 
+    shapes = [ov.PartialShape([-1, *t.shape[1:]]) for t in examples]
+    try:
+        with torch.no_grad(), jit_trace_quiet():
+            return ov.convert_model(module, example_input=examples, input=shapes)
+    except Exception as err:
+        log.debug("tracing %s failed (%s); converting through torch.export", module, err)
     with torch.no_grad():
         program = torch.export.export(module, examples, dynamic_shapes=dynamic_batch(examples))
     return ov.convert_model(program)

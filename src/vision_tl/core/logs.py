@@ -140,6 +140,16 @@ def onnx_export_quiet() -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def jit_trace_quiet() -> Iterator[None]:
+    """Inside: torch's deprecation warnings for `torch.jit.trace` (OpenVINO's converter
+    traces; the project falls back to `torch.export` when tracing goes) are not printed.
+    A `TracerWarning` (a traced value that may not generalise) still is."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.trace", category=FutureWarning)
+        yield
+
+
+@contextlib.contextmanager
 def root_level_kept() -> Iterator[None]:
     """Inside: a converter may change the root logger's level (OpenVINO's PyTorch frontend
     leaves it at ERROR after a failed conversion, which silenced every later line of the
