@@ -30,7 +30,7 @@ from vision_tl.data.samplers import ViewSampler
 from vision_tl.models import FUSIONS, build_model
 from vision_tl.models.backbones import Backbone
 from vision_tl.training.build import build_data, preprocess_overrides
-from vision_tl.training.callbacks import FeatureCache, decision_size
+from vision_tl.training.callbacks import FeatureCache
 from vision_tl.training.task import ClassificationTask
 from vision_tl.training.train import run_training
 
@@ -78,16 +78,6 @@ def _datamodule(
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize(
-    ("subset", "split", "size"),
-    [(300, 2000, 300), (300, 244, 122), (300, 150, 0), (300, 300, 150), (0, 2000, 0)],
-)
-def test_the_views_decision_is_made_on_a_subset_or_half_a_smaller_split(
-    subset: int, split: int, size: int
-) -> None:
-    assert decision_size(subset, split) == size
-
-
 def test_cached_features_equal_the_backbone_on_images(image_folder: Path) -> None:
     task = _task()
     dm, spec = _datamodule(image_folder, task, augment="none")

@@ -89,11 +89,15 @@ class FeatureCache(L.Callback):
         model, teacher, plan = task.model, teacher_of(task), self.convergence
         grid = plan.grid if plan is not None else None
         train, pool = dm.catalog.samples["train"], dm.catalog.view_samples()
-        size = decision_size(grid.views_subset, len(pool)) if grid is not None else 0
-        decide = grid is not None and dm.augment.random and self.spec.settings.views > 0 and size
+        decide = (
+            grid is not None
+            and dm.augment.random
+            and self.spec.settings.views > 0
+            and 0 < grid.views_subset < len(pool)
+        )
         views, decision = None, None
         if decide:
-            subset = stratified_subset(pool, size, grid.folds)
+            subset = stratified_subset(pool, grid.views_subset, grid.folds)
             first = build_features(self.spec, dm, model, device, teacher, views=subset)
             chosen = set(subset)
             on_subset = dataclasses.replace(
@@ -148,21 +152,6 @@ class FeatureCache(L.Callback):
         if self._one_thread is not None:
             self._one_thread.close()
             self._one_thread = None
-
-
-# A split smaller than `views_subset` is judged on half of it when that half has at least
-# this many images: extracting the views of the other half only when they pay.
-MIN_DECISION_IMAGES = 100
-
-
-def decision_size(views_subset: int, pool: int) -> int:
-    """How many training images the views decision is made on (0: no decision, every
-    view extracted): `views_subset`, or half a split smaller than it, when big enough."""
-    if views_subset <= 0:
-        return 0
-    if views_subset < pool:
-        return views_subset
-    return pool // 2 if pool // 2 >= MIN_DECISION_IMAGES else 0
 
 
 class PreviousStageCompetes(L.Callback):

@@ -157,9 +157,10 @@ class LinearProbe(FinetunePolicy):
     `batch_size`) and, with `short_epochs` > 0, the early-stopped one (the optimizer at
     `short_lr`, batches of `short_batch_size`, a constant LR, the epoch up to
     `short_epochs` the folds score best). With a random augmentation, whether the cached
-    views pay is decided first on `views_subset` training images (half of a smaller split
-    of 200 or more; 0: the whole split), and the views of the rest are extracted only when
-    they do.
+    views pay is decided first on `views_subset` training images (a smaller split, or 0:
+    on the whole split, every view extracted), and the views of the rest are extracted
+    only when they do. Deciding on half of a small split measured 0.9 points worse on
+    hymenoptera (245 training images) than extracting every view.
     """
 
     search: bool = True
