@@ -484,3 +484,34 @@ def test_predict_follows_a_submission_template(
     assert written.file_id.tolist() == order
     labels = dict(zip([Path(p).stem for p in frame.path], frame.label, strict=True))
     assert written.animal.tolist() == [labels[s] for s in reversed(stems)] + ["?"]
+
+
+@pytest.mark.integration
+def test_inference_loads_the_trained_network_without_the_training_stack(
+    ensemble_ckpt: Path,
+) -> None:
+    import subprocess
+    import sys
+
+    from vision_tl.training.task import load_task
+
+    loaded, task = load_checkpoint(ensemble_ckpt), load_task(ensemble_ckpt)
+    assert loaded.class_names == task.class_names and loaded.preprocess == task.preprocess
+    x = torch.rand(3, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(x), task.model.eval()(x))
+    script = (
+        "import sys\n"
+        "import vision_tl.inference.predict, vision_tl.inference.serving.scorer\n"
+        "import vision_tl.sweeps.jobs  # the Hydra callback every command loads\n"
+        "from vision_tl.core.logs import quiet_third_party\n"
+        "from vision_tl.inference.checkpoint import load_checkpoint\n"
+        "quiet_third_party()\n"
+        f"load_checkpoint({str(ensemble_ckpt)!r})\n"
+        "heavy = ('lightning', 'torchmetrics', 'matplotlib', 'scipy.stats')\n"
+        "print(' '.join(m for m in heavy if m in sys.modules))\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert run.stdout.strip() == "", f"predict and serve import {run.stdout.strip()}"

@@ -13,7 +13,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import pandas as pd
-from scipy.stats import binomtest
 
 CONFIDENCE = 0.95
 SUFFIX = "_ci95"
@@ -26,6 +25,8 @@ def wilson_interval(accuracy: float, n: int, confidence: float = CONFIDENCE) -> 
     if not n or accuracy is None or not math.isfinite(float(accuracy)):
         return None
     correct = min(n, max(0, round(float(accuracy) * n)))
+    from scipy.stats import binomtest  # ~1 s of imports, which a command without an interval skips
+
     ci = binomtest(correct, n).proportion_ci(confidence_level=confidence, method="wilson")
     return [round(float(ci.low), 6), round(float(ci.high), 6)]
 

@@ -1,4 +1,9 @@
-"""Load a `vision_tl.train` checkpoint for inference: safely, on the CPU, with its preprocessing."""
+"""Load a `vision_tl.train` checkpoint for inference: safely, on the CPU, with its preprocessing.
+
+Inference reads the network, its classes and what was fitted after training straight from
+the file, without the training task: `predict`, `eval` and `serve` then start without
+importing Lightning and torchmetrics (~2.4 s of a `predict` process here).
+"""
 
 from __future__ import annotations
 
@@ -7,13 +12,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from vision_tl.core.errors import ConfigError
 from vision_tl.core.io import read_json
-from vision_tl.data.preprocess import AnyPreprocess, EnsemblePreprocess, Preprocess
-from vision_tl.models.classifier import Classifier
+from vision_tl.data.preprocess import AnyPreprocess, EnsemblePreprocess, Preprocess, load_preprocess
+from vision_tl.models.classifier import Classifier, build_model
 from vision_tl.training.binary import OperatingPoint
+from vision_tl.training.compat import checkpoint_path, unloadable, upgrade_checkpoint
 from vision_tl.training.openset import OpenSet
-from vision_tl.training.task import load_task
+
+# The network's weights in a checkpoint's `state_dict` (the training task's `model`).
+_NETWORK = "model."
 
 
 @dataclass
@@ -38,19 +48,40 @@ def load_checkpoint(ckpt_path: str | Path | None) -> LoadedModel:
     """Load a checkpoint on the CPU, weights only (no pickled code runs).
 
     Checkpoints of earlier layouts are upgraded on load (`vision_tl.training.compat`). A
-    missing, corrupt or foreign file is a one-line `ConfigError`, not a traceback.
+    missing, corrupt or foreign file is a one-line `ConfigError`, not a traceback. The
+    network is built with random weights and given the checkpoint's, whatever its saved
+    settings say: loading never downloads or reads another file.
     """
-    task = load_task(ckpt_path)
-    model = task.model.eval()
+    path = checkpoint_path(ckpt_path)
+    try:
+        checkpoint = upgrade_checkpoint(torch.load(path, map_location="cpu", weights_only=True))
+        saved = checkpoint["hyper_parameters"]
+        class_names = [str(name) for name in saved["class_names"]]
+        model = build_model(saved["model"], len(class_names), pretrained=False)
+        weights = {
+            key[len(_NETWORK) :]: value
+            for key, value in checkpoint["state_dict"].items()
+            if key.startswith(_NETWORK)
+        }
+        model.load_state_dict(weights)
+    except ConfigError:
+        raise
+    except Exception as err:
+        raise unloadable(path, err) from err
+    meta = checkpoint.get("vision_tl", {})
+    if meta.get("preprocess"):
+        preprocess = load_preprocess(meta["preprocess"])
+    else:  # written before the resolved preprocessing was saved
+        preprocess = model.preprocess.resolve(saved.get("preprocess_overrides"))
     return LoadedModel(
-        model,
-        list(task.class_names),
-        task.preprocess,
-        Path(ckpt_path).expanduser().resolve(),  # type: ignore[arg-type]
-        task.feature_precision,
-        task.temperature,
-        OperatingPoint.from_dict(task.operating_point),
-        OpenSet.from_dict(task.open_set),
+        model.eval(),
+        class_names,
+        preprocess,
+        path,
+        meta.get("feature_precision", "fp32"),
+        float(meta.get("temperature", 1.0)),
+        OperatingPoint.from_dict(meta.get("operating_point")),
+        OpenSet.from_dict(meta.get("open_set")),
     )
 
 

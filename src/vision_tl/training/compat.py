@@ -7,7 +7,12 @@ at `model.fusion.heads.*` and `model.fusion.fuse.*`.
 
 from __future__ import annotations
 
+import re
+import zipfile
+from pathlib import Path
 from typing import Any
+
+from vision_tl.core.errors import ConfigError
 
 CHECKPOINT_FORMAT = 2
 _FORMAT_1_RENAMES = (("model.heads.", "model.fusion.heads."), ("model.fuse.", "model.fusion.fuse."))
@@ -29,3 +34,35 @@ def upgrade_checkpoint(checkpoint: dict[str, Any]) -> dict[str, Any]:
                 break
     checkpoint.setdefault("vision_tl", {})["format"] = CHECKPOINT_FORMAT
     return checkpoint
+
+
+def checkpoint_path(ckpt_path: str | Path | None, key: str = "ckpt_path") -> Path:
+    """`ckpt_path` resolved, or a one-line `ConfigError` naming `key` when it is not given
+    or is not a file."""
+    if not ckpt_path:
+        raise ConfigError(f"{key} is required, e.g. {key}=RUN_DIR/checkpoints/best.ckpt")
+    path = Path(ckpt_path).expanduser().resolve()
+    if not path.is_file():
+        raise ConfigError(f"{key}={path}: does not exist or is not a file")
+    return path
+
+
+def unloadable(path: Path, err: Exception) -> ConfigError:
+    """The one line for a checkpoint that did not load (corrupt, foreign, pickled code)."""
+    return ConfigError(
+        f"cannot load checkpoint {path}: {_load_failure(path, err)}; "
+        "expected a .ckpt written by vision_tl.train"
+    )
+
+
+def _load_failure(path: Path, err: Exception) -> str:
+    """The reason a checkpoint did not load, in a few words instead of torch's paragraph."""
+    if not zipfile.is_zipfile(path):
+        return "not a PyTorch zip archive (corrupt, truncated or another format)"
+    text = str(err)
+    if "Weights only load failed" in text:
+        found = re.search(r"GLOBAL (\S+)", text)
+        return (
+            f"it pickles {found.group(1) if found else 'code'}, which a weights-only load refuses"
+        )
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"

@@ -27,7 +27,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torchmetrics.functional.classification import binary_auroc, binary_roc
 
 from vision_tl.core.errors import ConfigError
 from vision_tl.core.registry import Registry
@@ -318,6 +317,8 @@ def detector_summary(detector: OpenSet) -> dict[str, Any]:
 
 def open_set_metrics(known: torch.Tensor, unknown: torch.Tensor) -> dict[str, float]:
     """AUROC of known vs unknown by score, and the FPR on unknown at 95% TPR on known."""
+    from torchmetrics.functional.classification import binary_auroc, binary_roc
+
     scores = torch.cat([known, unknown]).double()
     target = torch.cat([torch.ones(len(known)), torch.zeros(len(unknown))]).long()
     auroc = float(binary_auroc(scores, target))

@@ -6,8 +6,6 @@ import contextlib
 import dataclasses
 import logging
 import math
-import re
-import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,7 +26,12 @@ from vision_tl.core.shims import set_last_lr
 from vision_tl.data.features import CachedFeatures, split_teacher
 from vision_tl.data.preprocess import AnyPreprocess, load_preprocess, per_member
 from vision_tl.models import build_model
-from vision_tl.training.compat import CHECKPOINT_FORMAT, upgrade_checkpoint
+from vision_tl.training.compat import (
+    CHECKPOINT_FORMAT,
+    checkpoint_path,
+    unloadable,
+    upgrade_checkpoint,
+)
 from vision_tl.training.finetune import build_finetune
 from vision_tl.training.optim import add_param_group
 from vision_tl.training.probe import (
@@ -535,17 +538,13 @@ def load_task(ckpt_path: str | Path | None, key: str = "ckpt_path") -> Classific
     The network is built with random weights and then given the checkpoint's, whatever
     its saved settings say (`load_pretrained`, `model.pretrained`, a `weights_path`): a
     checkpoint, edited or not, never makes loading download or read another file."""
-    if not ckpt_path:
-        raise ConfigError(f"{key} is required, e.g. {key}=RUN_DIR/checkpoints/best.ckpt")
-    path = Path(ckpt_path).expanduser().resolve()
-    if not path.is_file():
-        raise ConfigError(f"{key}={path}: does not exist or is not a file")
+    path = checkpoint_path(ckpt_path, key)
     try:
         return ClassificationTask.load_from_checkpoint(
             path, map_location="cpu", weights_only=True, load_pretrained=False
         )
     except Exception as err:
-        raise _unloadable(path, err) from err
+        raise unloadable(path, err) from err
 
 
 def check_resume(ckpt_path: str | Path, task: ClassificationTask) -> None:
@@ -557,7 +556,7 @@ def check_resume(ckpt_path: str | Path, task: ClassificationTask) -> None:
     try:  # memory-mapped: only shapes are compared, the fit reads the weights
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:
-        raise _unloadable(path, err) from err
+        raise unloadable(path, err) from err
     upgrade_checkpoint(checkpoint)
     meta = checkpoint.get("vision_tl", {})
     saved = meta.get("class_names")
@@ -601,23 +600,3 @@ def _check_scheduler(saved: list[str] | None, factory: Callable[..., Any] | None
 
 def _shape(value: Any) -> str:
     return "absent" if value is None else str(list(getattr(value, "shape", [])))
-
-
-def _unloadable(path: Path, err: Exception) -> ConfigError:
-    return ConfigError(
-        f"cannot load checkpoint {path}: {_load_failure(path, err)}; "
-        "expected a .ckpt written by vision_tl.train"
-    )
-
-
-def _load_failure(path: Path, err: Exception) -> str:
-    """The reason a checkpoint did not load, in a few words instead of torch's paragraph."""
-    if not zipfile.is_zipfile(path):
-        return "not a PyTorch zip archive (corrupt, truncated or another format)"
-    text = str(err)
-    if "Weights only load failed" in text:
-        found = re.search(r"GLOBAL (\S+)", text)
-        return (
-            f"it pickles {found.group(1) if found else 'code'}, which a weights-only load refuses"
-        )
-    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
