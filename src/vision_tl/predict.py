@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from vision_tl.core.cli import command, run_command
+from vision_tl.core.cli import command, run_as_program, run_command
 
 
 @command("predict")
@@ -16,4 +16,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_as_program(main)

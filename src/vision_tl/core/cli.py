@@ -13,11 +13,12 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import os
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -100,6 +101,18 @@ def command(config_name: str) -> Callable[[Callable[[DictConfig], T]], Callable[
         return main
 
     return decorate
+
+
+def run_as_program(main: Callable[[], object]) -> NoReturn:
+    """Run a command's `main` as the program and end the process once it returns: its
+    results are written and closed and its log is flushed here, so the interpreter's
+    teardown (0.7-1.5 s of module finalizers in torch and OpenVINO on the 2-core CPU) is
+    skipped. A failure exits as `main` makes it exit."""
+    main()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def check_command_line(config_name: str, argv: list[str]) -> None:
