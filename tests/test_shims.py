@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -131,6 +132,29 @@ def test_stop_fit_as_on_sigterm_fails_in_one_line_without_the_connector() -> Non
     with pytest.raises(ShimError) as err:
         shims.stop_fit_as_on_sigterm(types.SimpleNamespace())
     assert_one_line_naming(err, "lightning")
+
+
+@pytest.mark.integration
+def test_a_command_run_as_a_program_ends_with_its_files_and_log_written(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    script = f"""
+import atexit, logging
+from pathlib import Path
+from vision_tl.core.cli import run_as_program
+logging.basicConfig(filename={str(tmp_path / "run.log")!r}, level=logging.INFO)
+atexit.register(lambda: Path({str(tmp_path / "teardown")!r}).write_text("ran"))
+def main():
+    Path({str(tmp_path / "result.csv")!r}).write_text("a,b")
+    logging.getLogger("command").info("the last line")
+run_as_program(main)
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+    assert run.returncode == 0, run.stderr.decode()[-2000:]
+    assert (tmp_path / "result.csv").read_text() == "a,b"
+    assert "the last line" in (tmp_path / "run.log").read_text()  # flushed before the end
+    assert not (tmp_path / "teardown").exists()  # the interpreter's teardown was skipped
 
 
 # ------------------------------------------------------------------ nowhere else

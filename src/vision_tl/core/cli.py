@@ -13,7 +13,6 @@ from __future__ import annotations
 import errno
 import functools
 import logging
-import os
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -25,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from vision_tl.core.config import config_dir, register_resolvers
 from vision_tl.core.errors import ConfigError, find_user_error
 from vision_tl.core.logs import quiet_third_party
-from vision_tl.core.shims import hydra_args_parser
+from vision_tl.core.shims import end_process_now, hydra_args_parser
 from vision_tl.core.signals import Interrupted, handle_signals, report
 from vision_tl.core.validate import did_you_mean, validate, violations
 
@@ -112,7 +111,7 @@ def run_as_program(main: Callable[[], object]) -> NoReturn:
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    end_process_now(0)
 
 
 def check_command_line(config_name: str, argv: list[str]) -> None:

@@ -13,8 +13,9 @@ the command line is checked before torch or Lightning load.
 from __future__ import annotations
 
 import importlib.metadata
+import os
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:
     import argparse
@@ -102,3 +103,10 @@ def stop_fit_as_on_sigterm(trainer: Any) -> None:
     if connector is None or not hasattr(connector, "received_sigterm"):
         raise _gone("lightning", "Trainer._signal_connector.received_sigterm")
     connector.received_sigterm = True
+
+
+def end_process_now(code: int = 0) -> NoReturn:
+    """`os._exit`: end the process without the interpreter's teardown (module finalizers of
+    torch and OpenVINO, 0.7-1.9 s on the 2-core CPU). Only for a command whose files are
+    written and closed and whose log is flushed: nothing else runs after it."""
+    os._exit(code)
