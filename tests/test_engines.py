@@ -111,7 +111,7 @@ class _Bessel(nn.Module):
         return torch.special.bessel_j0(x).mean((2, 3))
 
 
-@pytest.mark.unit
+@pytest.mark.integration  # four conversions tried, ~4.6 s
 def test_auto_runs_eager_what_openvino_cannot_convert_and_a_named_engine_says_so(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

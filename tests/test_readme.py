@@ -252,7 +252,8 @@ def test_readme_shows_every_command_and_lists_no_stale_exception() -> None:
     assert not stale, f"NOT_CHECKED lists lines README no longer has: {stale}"
 
 
-@pytest.mark.unit
+# Integration: every README line composed through Hydra (~11 s for the ~45 lines).
+@pytest.mark.integration
 @pytest.mark.parametrize("line", readme_command_lines(), ids=lambda line: line)
 def test_readme_command_line_passes_the_commands_own_check(
     line: str, stand_ins: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
