@@ -105,7 +105,7 @@ def command(config_name: str) -> Callable[[Callable[[DictConfig], T]], Callable[
 def run_as_program(main: Callable[[], object]) -> NoReturn:
     """Run a command's `main` as the program and end the process once it returns: its
     results are written and closed and its log is flushed here, so the interpreter's
-    teardown (0.7-1.5 s of module finalizers in torch and OpenVINO on the 2-core CPU) is
+    teardown (0.7-1.9 s of module finalizers in torch and OpenVINO on the 2-core CPU) is
     skipped. A failure exits as `main` makes it exit."""
     main()
     logging.shutdown()
