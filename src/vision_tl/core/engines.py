@@ -3,11 +3,10 @@
 `torch` is PyTorch eager (BatchNorms folded in fp32, channels_last, bf16 autocast where the
 CPU runs it natively); `openvino` converts the module once (by tracing, see
 `openvino_model`), keeps the converted model on disk keyed by the weights it computes with,
-and compiles it for the CPU in bf16 or f32;
-`onnxruntime` runs it from ONNX (float32 only on a CPU). `auto` is OpenVINO on a CPU where
-it is installed (on the 2-core CPU this project measures on it ran EfficientNet-Lite0 2-4x
-faster than eager PyTorch and ONNX Runtime, in every precision), else PyTorch. Adding an
-engine is one registered class.
+and compiles it for the CPU in bf16 or f32; `onnxruntime` runs it from ONNX (float32 only
+on a CPU). `auto` is OpenVINO on a CPU where it is installed (on the 2-core CPU this
+project measures on it ran EfficientNet-Lite0 2-4x faster than eager PyTorch and ONNX
+Runtime, in every precision), else PyTorch. Adding an engine is one registered class.
 
 The engines live in `core` because the feature cache (`data`), `eval`, `predict` and the
 server all use them.
@@ -31,7 +30,11 @@ from torch import nn
 
 from vision_tl.core.config import cache_dir
 from vision_tl.core.errors import ConfigError, error_line
-from vision_tl.core.logs import jit_trace_quiet, onnx_export_quiet, root_level_kept
+from vision_tl.core.logs import (
+    onnx_export_quiet,
+    root_level_kept,
+    torchscript_deprecation_ignored,
+)
 from vision_tl.core.registry import Registry
 from vision_tl.core.runtime import (
     available_cpus,
@@ -292,8 +295,6 @@ class TorchEngine(Engine):
         return TorchRunner(module, resolve_precision(precision, device), device)
 
     def load(self, path: Path, precision: str) -> Runner:
-        from vision_tl.core.logs import torchscript_deprecation_ignored
-
         with torchscript_deprecation_ignored():
             module = torch.jit.load(str(path), map_location="cpu")
         return TorchRunner(module, "fp32", torch.device("cpu"))
@@ -340,7 +341,7 @@ def openvino_model(module: nn.Module, examples: tuple[torch.Tensor, ...]) -> Any
 
     shapes = [ov.PartialShape([-1, *t.shape[1:]]) for t in examples]
     try:
-        with torch.no_grad(), jit_trace_quiet():
+        with torch.no_grad(), torchscript_deprecation_ignored():
             return ov.convert_model(module, example_input=examples, input=shapes)
     except Exception as err:
         log.debug("tracing %s failed (%s); converting through torch.export", module, err)

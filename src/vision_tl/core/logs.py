@@ -117,7 +117,8 @@ def ini_filterwarnings() -> list[str]:
 def torchscript_deprecation_ignored() -> Iterator[None]:
     """Inside: torch's deprecation of the torch.jit API is ignored. format=torchscript is
     a format users ask for (loadable from C++ and plain torch), and torch.jit is the only
-    way to write and read it."""
+    way to write and read it; OpenVINO's converter traces with it (`core.engines`, which
+    falls back to `torch.export` when tracing goes). A `TracerWarning` still shows."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*torch\.jit\..* is deprecated")
         yield
@@ -136,16 +137,6 @@ def onnx_export_quiet() -> Iterator[None]:
     """Inside: onnx_ir and onnxscript log warnings only; their INFO lines (one per
     optimisation pass of an ONNX export) drown the run log."""
     with quiet_loggers("onnx_ir", "onnxscript"):
-        yield
-
-
-@contextlib.contextmanager
-def jit_trace_quiet() -> Iterator[None]:
-    """Inside: torch's deprecation warnings for `torch.jit.trace` (OpenVINO's converter
-    traces; the project falls back to `torch.export` when tracing goes) are not printed.
-    A `TracerWarning` (a traced value that may not generalise) still is."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"`torch\.jit\.trace", category=FutureWarning)
         yield
 
 
