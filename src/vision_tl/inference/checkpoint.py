@@ -53,9 +53,9 @@ def load_checkpoint(ckpt_path: str | Path | None) -> LoadedModel:
     settings say: loading never downloads or reads another file.
     """
     path = checkpoint_path(ckpt_path)
-    try:
+    try:  # every read of the file's contents: a malformed entry is the same one line
         checkpoint = upgrade_checkpoint(torch.load(path, map_location="cpu", weights_only=True))
-        saved = checkpoint["hyper_parameters"]
+        saved, meta = checkpoint["hyper_parameters"], checkpoint.get("vision_tl", {})
         class_names = [str(name) for name in saved["class_names"]]
         model = build_model(saved["model"], len(class_names), pretrained=False)
         weights = {
@@ -64,25 +64,24 @@ def load_checkpoint(ckpt_path: str | Path | None) -> LoadedModel:
             if key.startswith(_NETWORK)
         }
         model.load_state_dict(weights)
+        if meta.get("preprocess"):
+            preprocess = load_preprocess(meta["preprocess"])
+        else:  # written before the resolved preprocessing was saved
+            preprocess = model.preprocess.resolve(saved.get("preprocess_overrides"))
+        return LoadedModel(
+            model.eval(),
+            class_names,
+            preprocess,
+            path,
+            meta.get("feature_precision", "fp32"),
+            float(meta.get("temperature", 1.0)),
+            OperatingPoint.from_dict(meta.get("operating_point")),
+            OpenSet.from_dict(meta.get("open_set")),
+        )
     except ConfigError:
         raise
     except Exception as err:
         raise unloadable(path, err) from err
-    meta = checkpoint.get("vision_tl", {})
-    if meta.get("preprocess"):
-        preprocess = load_preprocess(meta["preprocess"])
-    else:  # written before the resolved preprocessing was saved
-        preprocess = model.preprocess.resolve(saved.get("preprocess_overrides"))
-    return LoadedModel(
-        model.eval(),
-        class_names,
-        preprocess,
-        path,
-        meta.get("feature_precision", "fp32"),
-        float(meta.get("temperature", 1.0)),
-        OperatingPoint.from_dict(meta.get("operating_point")),
-        OpenSet.from_dict(meta.get("open_set")),
-    )
 
 
 def check_class_names(ckpt: Sequence[str], data: Sequence[str], where: str) -> None:
