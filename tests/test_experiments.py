@@ -8,7 +8,7 @@ from typing import Any
 
 import pandas as pd
 import pytest
-from conftest import TINY, make_image_folder
+from conftest import TINY_ANY_MODEL, make_image_folder
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -140,7 +140,7 @@ def test_experiment_trains(compose_train, image_folder: Path, tmp_path: Path, na
     cfg = compose_train(
         [
             f"experiment={name}",
-            *TINY,
+            *TINY_ANY_MODEL,
             f"data.root={image_folder}",
             "data.image_size=48",
             "data.resize_size=56",
@@ -168,7 +168,7 @@ def test_competition_recipe_writes_predictions_for_the_unlabeled_test_folder(
     cfg = compose_train(
         [
             "experiment=competition_resnet50_mlp",
-            *TINY,
+            *TINY_ANY_MODEL,
             f"data.root={root}",
             "trainer.max_epochs=1",
             "data.image_size=48",

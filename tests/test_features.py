@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import TINY, _draw
+from conftest import TINY, TINY_ANY_MODEL, _draw
 
 from vision_tl.core.errors import ConfigError
 from vision_tl.core.runtime import feature_batch_size
@@ -289,7 +289,7 @@ def test_ensemble_probe_with_augmented_views_trains_from_the_cache(
     compose_train, image_folder: Path, tmp_path: Path
 ) -> None:
     overrides = [
-        *TINY,
+        *TINY_ANY_MODEL,
         f"data.root={image_folder}",
         "model=ensemble",
         "model.members=[resnet18,mobilenet_v2]",

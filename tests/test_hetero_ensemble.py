@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY, compose_entry, make_image_folder
+from conftest import TINY_ANY_MODEL, compose_entry, make_image_folder
 from helpers.data import datamodule
 from helpers.intervals import accuracies_without_interval
 from PIL import Image
@@ -48,7 +48,8 @@ MEMBERS_OVERRIDE = (
     "{name:timm/resnet10t,image_size:48,mean:[0.5,0.5,0.5],std:[0.5,0.5,0.5]}]"
 )
 QUICK = [
-    *(o for o in TINY if not o.startswith("data.image_size")),  # it would resize every member
+    # not data.image_size: it would resize every member
+    *(o for o in TINY_ANY_MODEL if not o.startswith("data.image_size")),
     "model=ensemble",
     MEMBERS_OVERRIDE,
     "model.fusion=mean",

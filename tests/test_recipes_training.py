@@ -62,6 +62,8 @@ def test_ema_mixup_layer_decay_within_a_time_budget(
         "ema.decay=0.9",
         "mixup.prob=1.0",
         "finetune.layer_decay=0.5",
+        "data.batch_size=4",  # two steps an epoch, and steps large enough that the
+        "optimizer.lr=0.01",  # best epoch's EMA differs from its raw weights
     ]
     metrics = _train_in_five_minutes(compose_train, monkeypatch, small_folder, run_dir, recipes)
     assert metrics["planned_epochs"] == 3 and metrics["epochs"] == 3

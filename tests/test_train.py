@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 import torchvision
-from conftest import TINY, make_image_folder, run_cli
+from conftest import TINY, TINY_ANY_MODEL, make_image_folder, run_cli
 from helpers.data import datamodule
 from helpers.intervals import accuracies_without_interval
 from PIL import Image
@@ -213,7 +213,7 @@ def test_checkpoint_reloads_offline_without_the_weights_file(
     weights = tmp_path / "init.pth"
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), weights)
     overrides = [
-        *TINY,
+        *TINY_ANY_MODEL,  # resnet18, the default, whose weights file this is
         f"data.root={image_folder}",
         "trainer.max_epochs=1",
         "model.pretrained=true",
@@ -298,7 +298,7 @@ def test_ensemble_fast_dev_run(
     compose_train, image_folder: Path, tmp_path: Path, fusion: str
 ) -> None:
     overrides = [
-        *TINY,
+        *TINY_ANY_MODEL,
         f"data.root={image_folder}",
         "model=ensemble",
         f"model.fusion={fusion}",
