@@ -136,3 +136,30 @@ def test_single_model_upgrade_only_marks_the_format() -> None:
     upgrade_checkpoint(checkpoint)
     assert list(checkpoint["state_dict"]) == keys
     assert checkpoint_format(checkpoint) == CHECKPOINT_FORMAT
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_both_loaders_read_what_an_older_file_lacks_alike(name: str, tmp_path: Path) -> None:
+    """The training task and inference read a checkpoint's facts through one reader
+    (`SavedFacts`): the same from the file as written, and the same defaults from one
+    written before calibration, bf16 features and best-epoch tracking existed."""
+    checkpoint = raw_checkpoint(name)
+    for key in ("temperature", "feature_precision", "operating_point", "open_set", "best_epoch"):
+        checkpoint.setdefault("vision_tl", {}).pop(key, None)
+    older = tmp_path / "older.ckpt"
+    torch.save(checkpoint, older)
+
+    def facts(path: Path) -> list[tuple]:
+        task = ClassificationTask.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+        loaded = load_checkpoint(path)
+        fitted = (task.operating_point, task.open_set, loaded.operating_point, loaded.open_set)
+        return [
+            (task.temperature, task.feature_precision),
+            (loaded.temperature, loaded.precision),
+            tuple(f is None for f in fitted),
+            (task.best_epoch,),
+        ]
+
+    as_written = facts(fixture_path(name))
+    assert as_written[0] == as_written[1] and len(set(as_written[2])) == 1
+    assert facts(older) == [(1.0, "fp32"), (1.0, "fp32"), (True,) * 4, (-1,)]

@@ -19,7 +19,12 @@ from vision_tl.core.io import read_json
 from vision_tl.data.preprocess import AnyPreprocess, EnsemblePreprocess, Preprocess, load_preprocess
 from vision_tl.models.classifier import Classifier, build_model
 from vision_tl.training.binary import OperatingPoint
-from vision_tl.training.compat import checkpoint_path, unloadable, upgrade_checkpoint
+from vision_tl.training.compat import (
+    SavedFacts,
+    checkpoint_path,
+    unloadable,
+    upgrade_checkpoint,
+)
 from vision_tl.training.openset import OpenSet
 
 # The network's weights in a checkpoint's `state_dict` (the training task's `model`).
@@ -55,7 +60,7 @@ def load_checkpoint(ckpt_path: str | Path | None) -> LoadedModel:
     path = checkpoint_path(ckpt_path)
     try:  # every read of the file's contents: a malformed entry is the same one line
         checkpoint = upgrade_checkpoint(torch.load(path, map_location="cpu", weights_only=True))
-        saved, meta = checkpoint["hyper_parameters"], checkpoint.get("vision_tl", {})
+        saved, facts = checkpoint["hyper_parameters"], SavedFacts.of(checkpoint)
         class_names = [str(name) for name in saved["class_names"]]
         model = build_model(saved["model"], len(class_names), pretrained=False)
         weights = {
@@ -64,8 +69,8 @@ def load_checkpoint(ckpt_path: str | Path | None) -> LoadedModel:
             if key.startswith(_NETWORK)
         }
         model.load_state_dict(weights)
-        if meta.get("preprocess"):
-            preprocess = load_preprocess(meta["preprocess"])
+        if facts.preprocess:
+            preprocess = load_preprocess(facts.preprocess)
         else:  # written before the resolved preprocessing was saved
             preprocess = model.preprocess.resolve(saved.get("preprocess_overrides"))
         return LoadedModel(
@@ -73,10 +78,10 @@ def load_checkpoint(ckpt_path: str | Path | None) -> LoadedModel:
             class_names,
             preprocess,
             path,
-            meta.get("feature_precision", "fp32"),
-            float(meta.get("temperature", 1.0)),
-            OperatingPoint.from_dict(meta.get("operating_point")),
-            OpenSet.from_dict(meta.get("open_set")),
+            facts.feature_precision,
+            facts.temperature,
+            OperatingPoint.from_dict(facts.operating_point),
+            OpenSet.from_dict(facts.open_set),
         )
     except ConfigError:
         raise

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,36 @@ def upgrade_checkpoint(checkpoint: dict[str, Any]) -> dict[str, Any]:
                 break
     checkpoint.setdefault("vision_tl", {})["format"] = CHECKPOINT_FORMAT
     return checkpoint
+
+
+@dataclass(frozen=True)
+class SavedFacts:
+    """What a checkpoint's `vision_tl` entry records beside the weights, each field read as
+    a file written before it existed means it: the one reader of that entry, for the
+    training task and for inference alike."""
+
+    preprocess: dict[str, Any] | None = None  # None: resolve it from the saved model config
+    best_epoch: int = -1
+    val_acc_best: float | None = None
+    probe: dict[str, Any] | None = None
+    feature_precision: str = "fp32"
+    temperature: float = 1.0
+    operating_point: dict[str, Any] | None = None
+    open_set: dict[str, Any] | None = None
+
+    @classmethod
+    def of(cls, checkpoint: dict[str, Any]) -> SavedFacts:
+        meta = checkpoint.get("vision_tl", {})
+        return cls(
+            preprocess=meta.get("preprocess") or None,
+            best_epoch=int(meta.get("best_epoch", -1)),
+            val_acc_best=meta.get("val_acc_best"),
+            probe=meta.get("probe"),
+            feature_precision=str(meta.get("feature_precision", "fp32")),
+            temperature=float(meta.get("temperature", 1.0)),
+            operating_point=meta.get("operating_point"),
+            open_set=meta.get("open_set"),
+        )
 
 
 def checkpoint_path(ckpt_path: str | Path | None, key: str = "ckpt_path") -> Path:

@@ -28,6 +28,7 @@ from vision_tl.data.preprocess import AnyPreprocess, load_preprocess, per_member
 from vision_tl.models import build_model
 from vision_tl.training.compat import (
     CHECKPOINT_FORMAT,
+    SavedFacts,
     checkpoint_path,
     unloadable,
     upgrade_checkpoint,
@@ -515,18 +516,17 @@ class ClassificationTask(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Runs before the weights load: older layouts are upgraded in place first."""
-        upgrade_checkpoint(checkpoint)
-        meta = checkpoint.get("vision_tl", {})
-        if meta.get("preprocess"):
-            self._take_saved_preprocess(load_preprocess(meta["preprocess"]))
-        self.best_epoch = meta.get("best_epoch", -1)
-        self.probe = meta.get("probe", self.probe)
-        self.feature_precision = meta.get("feature_precision", self.feature_precision)
-        self.temperature = float(meta.get("temperature", 1.0))
-        self.operating_point = meta.get("operating_point")
-        self.open_set = meta.get("open_set")
-        if meta.get("val_acc_best") is not None:
-            self.val_acc_best(torch.tensor(meta["val_acc_best"]))
+        facts = SavedFacts.of(upgrade_checkpoint(checkpoint))
+        if facts.preprocess:
+            self._take_saved_preprocess(load_preprocess(facts.preprocess))
+        self.best_epoch = facts.best_epoch
+        self.probe = facts.probe
+        self.feature_precision = facts.feature_precision
+        self.temperature = facts.temperature
+        self.operating_point = facts.operating_point
+        self.open_set = facts.open_set
+        if facts.val_acc_best is not None:
+            self.val_acc_best(torch.tensor(facts.val_acc_best))
         self.finetune.resume(self.model, int(checkpoint.get("epoch", 0)))
 
 
