@@ -53,6 +53,9 @@ def test_shard_samples_hold_labels_not_a_python_object_per_sample() -> None:
     with pytest.raises(IndexError):
         samples[3]
     assert source_name({"shards": "s3://b/p", "root": "x"}) == "shards"
+    # keys sort in catalog order (the folder's), whatever sorts them: the views' seeds
+    keys = [key for key, _ in ShardSamples("train", np.zeros(101, dtype=np.int64))]
+    assert keys == sorted(keys) and keys[7] == "train/007" and keys[-1] == "train/100"
 
 
 @pytest.mark.unit
@@ -191,7 +194,7 @@ def test_two_ranks_read_disjoint_samples_for_two_epochs_from_s3(tmp_path: Path) 
     for epoch in (0, 1):
         first, second = set(ranks[0][epoch]), set(ranks[1][epoch])
         assert not first & second and len(first) == len(second)
-        assert first | second == {f"train/{i}" for i in range(24)}
+        assert first | second == {f"train/{i:02d}" for i in range(24)}
     assert ranks[0][0] != ranks[0][1], "reshuffled each epoch"
     assert list(cache.glob("shards/*/train/**/index.json")), "read from S3 through the cache"
 
@@ -303,8 +306,12 @@ def test_a_file_that_breaks_after_the_scan_is_a_logged_skip_when_read(tmp_path: 
     ((key, reason),) = errors
     assert source.name_of(key) == "train/dog/dog_1.png" and "stored empty" in reason
     assert sum(item is None for item in loaded) == 1
-    item = StreamItem("train", pre, eval_transform(pre), ReadLimits(), lambda *e: errors.append(e))
+    count = len(catalog.samples["train"])
+    item = StreamItem(
+        "train", count, pre, eval_transform(pre), ReadLimits(), lambda *e: errors.append(e)
+    )
     position = int(key.split("/")[1])
     dataset = source.dataset("train")
     stored = next(dataset[i] for i in range(len(dataset)) if dataset[i]["index"] == position)
     assert item(stored) is None and "stored empty" in errors[-1][1]
+    assert errors[-1][0] == key, "the stream names the sample as reads by index do"

@@ -24,10 +24,18 @@ from vision_tl.data.shards import Place, is_remote, join, litdata, read_meta
 from vision_tl.data.source import Catalog, Source, digest, register_source
 
 
+def shard_key(split: str, index: int, count: int) -> str:
+    """`<split>/<i>`, `i` zero-padded to the split's `count`: keys sort in catalog order,
+    as the folder's paths they were written from do, so whatever sorts keys (the views'
+    seeds, the search's rows) sees the samples in the same order from shards as from the
+    folder."""
+    return f"{split}/{index:0{len(str(max(count - 1, 0)))}d}"
+
+
 class ShardSamples(Sequence[tuple[str, int]]):
     """The (key, label) pairs of one split in catalog order, made on demand from a label
     array: no Python object per sample is kept, whatever the split's size. Keys are
-    `<split>/<i>` (`i`: the place in the catalog; the index CSV says where it is stored)."""
+    `shard_key`s (`i`: the place in the catalog; the index CSV says where it is stored)."""
 
     def __init__(self, split: str, labels: np.ndarray) -> None:
         self.split = split
@@ -47,11 +55,11 @@ class ShardSamples(Sequence[tuple[str, int]]):
             index += len(self)
         if not 0 <= index < len(self):
             raise IndexError(index)
-        return f"{self.split}/{index}", int(self.labels[index])
+        return shard_key(self.split, index, len(self)), int(self.labels[index])
 
     def __iter__(self) -> Iterator[tuple[str, int]]:
         for index, label in enumerate(self.labels.tolist()):
-            yield f"{self.split}/{index}", label
+            yield shard_key(self.split, index, len(self)), label
 
 
 @dataclass(frozen=True)
@@ -60,6 +68,7 @@ class StreamItem:
     sample that will not decode is reported to `on_error` and dropped (None)."""
 
     split: str
+    count: int  # the split's samples (its keys' width)
     preprocess: AnyPreprocess
     transform: Callable[[torch.Tensor], Any]
     limits: ReadLimits
@@ -72,7 +81,7 @@ class StreamItem:
             image = self.preprocess.read(io.BytesIO(bytes(sample["image"])), self.limits)
             return self.transform(image), int(sample["label"])
         except Exception as err:
-            key = f"{self.split}/{sample.get('index')}"
+            key = shard_key(self.split, int(sample.get("index", -1)), self.count)
             self.on_error(key, f"failed during training ({error_line(err)})")
             return None
 
@@ -250,7 +259,8 @@ class ShardSource(Source):
         of the checkpoint (Lightning saves a stateful loader's state)."""
         ld = litdata()
         cache = self._chunk_cache(f"{split}-stream")
-        item = StreamItem(split, preprocess, transform, self.limits, on_error)
+        count = int(self.meta["counts"][split])
+        item = StreamItem(split, count, preprocess, transform, self.limits, on_error)
         dataset = ld.StreamingDataset(
             join(self.location, split),
             cache_dir=cache,
