@@ -111,6 +111,7 @@ def test_a_binary_run_stores_its_threshold_and_eval_and_predict_use_it(tmp_path:
     frames = {}
     for name, flag in (("point", "true"), ("argmax", "false")):
         overrides = [f"ckpt_path={best}", f"input={root / 'val'}", "num_workers=0"]
+        overrides.append("apply_open_set=false")  # the operating point alone decides
         frames[name] = run_predict(
             compose_entry("predict", [*overrides, f"apply_operating_point={flag}"], tmp_path / name)
         )

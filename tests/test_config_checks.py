@@ -150,7 +150,7 @@ BAD_INPUTS = {
     "typo_in_a_key": (["data.imag_size=64"], "error: data.imag_size=64: no such key; did you"),
     "too_many_stages": (
         ["finetune=partial", "finetune.trainable_stages=99"],
-        "error: finetune.trainable_stages=99: resnet18 has 5 stages",
+        "error: finetune.trainable_stages=99: timm/test_resnet has 5 stages",
     ),
     "unwritable_run_dir": (["hydra.run.dir=/proc/x"], "error: hydra.run.dir=/proc/x: cannot"),
     "missing_data_root": (

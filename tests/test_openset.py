@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import QUICK_PROBE, TINY, _draw, compose_entry, run_cli
+from conftest import QUICK_PROBE, TINY, TINY_ANY_MODEL, _draw, compose_entry, run_cli
 from sklearn.metrics import adjusted_rand_score
 
 from vision_tl.core.cli import check_command_line
@@ -272,7 +272,7 @@ def test_pseudo_labels_join_training_with_the_right_labels_and_leave_unknowns_ou
     done = run_cli(
         [
             "vision_tl.train",
-            *TINY,
+            *TINY_ANY_MODEL,  # resnet18: features that make confident pseudo-labels
             *PROBE,
             f"data.root={planted['data']}",
             "semi=pseudo_label",
