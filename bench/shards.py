@@ -10,8 +10,15 @@ number of paths, files and decodes as a real folder, without 1M inodes), then
   folder (verdicts cached: a rerun) and from the shards, with the process's peak RSS,
   loader workers included;
 - loader throughput over the first `--batches` batches, the same decode and transforms.
+  The folder's paths are hard links to a few files the page cache always holds, so the
+  shards' chunk files are read once before they are timed: both sides read from memory
+  (`--cold` skips it; a cold 1M set read at 0.68-0.84x the hot folder).
+
+`--ab N` times reads by index against the folder at a size already built under --work
+(its shards and the folder's scan cache), in two rounds of alternating order.
 
     python bench/shards.py --sizes 10000 100000 1000000 --work /tmp/shard_bench
+    python bench/shards.py --sizes --ab 1000000 --batches 200
 """
 
 from __future__ import annotations
@@ -108,6 +115,39 @@ def first_batch(keys: dict, batches: int, latency_ms: float = 0.0) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def warm(out: Path, cold: bool = False) -> None:
+    """Read every chunk file of the shards at `out` once (unless `cold`): see the docstring."""
+    if cold:
+        return
+    for chunk in sorted(out.glob("*/*.bin")):
+        with open(chunk, "rb") as handle:
+            while handle.read(1 << 24):
+                pass
+
+
+def alternate(args: argparse.Namespace, n: int) -> dict:
+    """Reads by index from the shards against the folder loader at `n` samples, in the
+    order shards, folder, folder, shards."""
+    caches = args.work / f"cache_{n}"
+    loading = {"num_workers": 2, "batch_size": 64, "image_size": 32}
+    sides = {
+        "folder": {"root": str(args.work / f"folder_{n}"), "cache": str(caches / "scan")},
+        "shards": {"shards": str(args.work / f"shards_{n}"), "cache": str(caches / "read")},
+    }
+    warm(args.work / f"shards_{n}", args.cold)
+    runs: dict[str, list[dict]] = {"folder": [], "shards": []}
+    for side in ("shards", "folder", "folder", "shards"):
+        runs[side].append(first_batch({**sides[side], **loading}, args.batches))
+    rates = {side: [r["images_per_s"] for r in rows] for side, rows in runs.items()}
+    row = {
+        "samples": n,
+        "ab": runs,
+        "throughput_ratio": round(sum(rates["shards"]) / sum(rates["folder"]), 3),
+    }
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def shards_only(args: argparse.Namespace, n: int) -> dict:
     """Shards of `n` samples written from the folder's listing (a seeded val split, no
     scan), then start-up, memory and throughput from them."""
@@ -133,6 +173,7 @@ def shards_only(args: argparse.Namespace, n: int) -> dict:
     convert_s = time.perf_counter() - start
     loading = {"num_workers": 2, "batch_size": 64, "image_size": 32}
     keys = {"shards": str(out), "cache": str(args.work / f"cache_{n}" / "read"), **loading}
+    warm(out, args.cold)
     row = {
         "samples": n,
         "convert_s_without_scan": round(convert_s, 2),
@@ -145,7 +186,7 @@ def shards_only(args: argparse.Namespace, n: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[10_000, 100_000])
     parser.add_argument("--work", type=Path, default=Path("/tmp/shard_bench"))
     parser.add_argument("--batches", type=int, default=100)
     parser.add_argument("--latency-ms", type=float, default=5.0)
@@ -157,6 +198,8 @@ def main() -> None:
         help="sizes measured from shards alone: written from the folder's listing without "
         "the scan (a 1M scan takes 15 minutes here), no folder run beside them",
     )
+    parser.add_argument("--ab", type=int, nargs="*", default=[], help="see the docstring")
+    parser.add_argument("--cold", action="store_true", help="time the shards cold")
     args = parser.parse_args()
     from vision_tl.core.runtime import available_cpus
     from vision_tl.data.shards import ShardSettings, write_shards
@@ -199,6 +242,7 @@ def main() -> None:
             {"root": str(folder), "cache": str(caches / "scan"), **loading}, args.batches
         )
         shard_keys = {"shards": str(out), "cache": str(caches / "read"), **loading}
+        warm(out, args.cold)
         shard_run = first_batch(shard_keys, args.batches)
         stream_run = first_batch({**shard_keys, "stream": True}, args.batches)
         folder_keys = {"root": str(folder), "cache": str(caches / "scan"), **loading}
@@ -231,16 +275,13 @@ def main() -> None:
         results.append(row)
     for n in args.shards_only:
         results.append(shards_only(args, n))
-    base = results[0]["shards"]["peak_rss_mb"]
-    emit(
-        "shards",
-        {
-            "rows": results,
-            "shard_rss_growth": {
-                r["samples"]: round(r["shards"]["peak_rss_mb"] / base - 1, 4) for r in results
-            },
-        },
-    )
+    summary: dict = {"rows": results, "ab": [alternate(args, n) for n in args.ab]}
+    if results:
+        base = results[0]["shards"]["peak_rss_mb"]
+        summary["shard_rss_growth"] = {
+            r["samples"]: round(r["shards"]["peak_rss_mb"] / base - 1, 4) for r in results
+        }
+    emit("shards", summary)
 
 
 if __name__ == "__main__":
