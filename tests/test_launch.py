@@ -31,6 +31,7 @@ from vision_tl.core.launch import (
     Launch,
     detect_launch,
     from_rank_zero,
+    handed_over,
     local_handoff,
     rank_suffix,
 )
@@ -186,6 +187,11 @@ def test_local_ranks_lightning_starts_take_rank_zeros_result(
         assert from_rank_zero(scan("rank 1"), handoff="catalog") == {"scanned by": "rank 0"}
         assert from_rank_zero(scan("rank 1"), handoff="other") == {"scanned by": "rank 1"}
         assert from_rank_zero(scan("rank 1")) == {"scanned by": "rank 1"}
+        # what a local rank reads before deciding to compute (the job decision)
+        assert handed_over("catalog") == {"scanned by": "rank 0"}
+        assert handed_over("job decision") is None
+        monkeypatch.setenv("LOCAL_RANK", "0")
+        assert handed_over("catalog") is None, "rank 0 computes; it is handed nothing"
     assert calls == ["rank 0", "rank 1", "rank 1"]
     assert not folder.exists() and LOCAL_HANDOFF_ENV not in os.environ
 

@@ -42,9 +42,6 @@ log = logging.getLogger(__name__)
 
 # Lightning's default process-group timeout (lightning.fabric.plugins.collectives).
 GROUP_TIMEOUT = datetime.timedelta(minutes=30)
-# What rank 0 of a job decided, handed to the local ranks Lightning starts (they inherit
-# rank 0's environment): a JSON object, see `sweeps.jobs`.
-HANDOFF_ENV = "VISION_TL_JOB"
 
 
 def device_count(devices: Any, accelerator: str = "auto") -> int:
@@ -293,18 +290,29 @@ def local_handoff(launch: Launch) -> Iterator[None]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def handed_over(handoff: str) -> Any | None:
+    """On a local rank Lightning started, the result named `handoff` that rank 0 left in
+    the handoff folder (`local_handoff`); None elsewhere, or when rank 0 left none."""
+    folder = os.environ.get(LOCAL_HANDOFF_ENV)
+    if not folder or _int("LOCAL_RANK") == 0:
+        return None
+    path = Path(folder) / f"{handoff}.pkl"
+    return pickle.loads(path.read_bytes()) if path.is_file() else None
+
+
 def _handed(handoff: str, compute: Callable[[], T]) -> T:
     """Without a process group: rank 0's result from the handoff folder on a local rank
     Lightning started, else `compute()` (left there for them on rank 0)."""
     folder = os.environ.get(LOCAL_HANDOFF_ENV)
     if not folder:
         return compute()
-    path = Path(folder) / f"{handoff}.pkl"
-    if _int("LOCAL_RANK") > 0 and path.is_file():
+    given = handed_over(handoff)
+    if given is not None:
         log.info("The %s rank 0 made, not made again here", handoff)
-        return pickle.loads(path.read_bytes())
+        return given
     value = compute()
     if _int("LOCAL_RANK") == 0:
+        path = Path(folder) / f"{handoff}.pkl"
         write_bytes(path, pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))
     return value
 

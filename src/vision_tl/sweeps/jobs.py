@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import logging
 import os
 import socket
@@ -31,11 +30,11 @@ from vision_tl.core.config import slurm_job
 from vision_tl.core.errors import ConfigError, error_line, find_user_error
 from vision_tl.core.io import read_json
 from vision_tl.core.launch import (
-    HANDOFF_ENV,
     Launch,
     adopt,
     all_agree,
     from_rank_zero,
+    handed_over,
     join,
     launch_from_trainer,
     local_handoff,
@@ -180,13 +179,16 @@ def _is_slurm_run() -> bool:
     return name.startswith(f"slurm-{job}-")
 
 
+# The name under which rank 0 hands its job decision to the local ranks Lightning starts.
+DECISION = "job decision"
+
+
 def _handed_decision(launch: Launch) -> dict[str, Any] | None:
     """What rank 0 decided for this job, when Lightning started this process as one of
-    its local ranks (rank 0's environment carries it, `HANDOFF_ENV`)."""
-    text = os.environ.get(HANDOFF_ENV)
-    if launch.launcher != "lightning" or launch.main or not text:
+    its local ranks (`core.launch.local_handoff`)."""
+    if launch.launcher != "lightning" or launch.main:
         return None
-    return json.loads(text)
+    return handed_over(DECISION)
 
 
 def _decide(cfg: DictConfig, job_dir: Path, overrides: list[str], multirun: bool) -> dict[str, Any]:
@@ -251,9 +253,9 @@ def _tracked_job(
         "the run folder: give every node the same hydra.run.dir, on a file system they share",
     )
     overrides = list(hydra_cfg.overrides.task)
-    decision = handed or from_rank_zero(lambda: _decide(cfg, job_dir, overrides, multirun))
-    if launch.launcher == "lightning" and launch.main:  # the local ranks Lightning starts
-        os.environ[HANDOFF_ENV] = json.dumps(decision)
+    decision = handed or from_rank_zero(
+        lambda: _decide(cfg, job_dir, overrides, multirun), handoff=DECISION
+    )
     if decision["error"]:
         if not multirun:
             raise ConfigError(decision["error"])
