@@ -284,7 +284,7 @@ def test_a_file_that_breaks_after_the_scan_is_a_logged_skip_when_read(tmp_path: 
     the stream, through the same `on_error` as a bad file; the other samples load."""
     from vision_tl.data.augment import eval_transform
     from vision_tl.data.dataset import ImageListDataset
-    from vision_tl.data.sources.shards import StreamItem
+    from vision_tl.data.sources.shards import StreamItem, key_width
 
     folder = make_image_folder(tmp_path / "data", per_class=3, size=32)
     built = build_data({"root": str(folder)})
@@ -306,9 +306,9 @@ def test_a_file_that_breaks_after_the_scan_is_a_logged_skip_when_read(tmp_path: 
     ((key, reason),) = errors
     assert source.name_of(key) == "train/dog/dog_1.png" and "stored empty" in reason
     assert sum(item is None for item in loaded) == 1
-    count = len(catalog.samples["train"])
+    width = key_width(len(catalog.samples["train"]))
     item = StreamItem(
-        "train", count, pre, eval_transform(pre), ReadLimits(), lambda *e: errors.append(e)
+        "train", width, pre, eval_transform(pre), ReadLimits(), lambda *e: errors.append(e)
     )
     position = int(key.split("/")[1])
     dataset = source.dataset("train")

@@ -24,12 +24,17 @@ from vision_tl.data.shards import Place, is_remote, join, litdata, read_meta
 from vision_tl.data.source import Catalog, Source, digest, register_source
 
 
-def shard_key(split: str, index: int, count: int) -> str:
-    """`<split>/<i>`, `i` zero-padded to the split's `count`: keys sort in catalog order,
-    as the folder's paths they were written from do, so whatever sorts keys (the views'
-    seeds, the search's rows) sees the samples in the same order from shards as from the
-    folder."""
-    return f"{split}/{index:0{len(str(max(count - 1, 0)))}d}"
+def key_width(count: int) -> int:
+    """The digits of the last index of a split of `count` samples (`shard_key`'s width)."""
+    return len(str(max(count - 1, 0)))
+
+
+def shard_key(split: str, index: int, width: int) -> str:
+    """`<split>/<i>`, `i` zero-padded to the split's `key_width`: keys sort in catalog
+    order, as the folder's paths they were written from do, so whatever sorts keys (the
+    views' seeds, the search's rows) sees the samples in the same order from shards as
+    from the folder."""
+    return f"{split}/{index:0{width}d}"
 
 
 class ShardSamples(Sequence[tuple[str, int]]):
@@ -40,6 +45,7 @@ class ShardSamples(Sequence[tuple[str, int]]):
     def __init__(self, split: str, labels: np.ndarray) -> None:
         self.split = split
         self.labels = labels
+        self.width = key_width(len(labels))
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -55,11 +61,11 @@ class ShardSamples(Sequence[tuple[str, int]]):
             index += len(self)
         if not 0 <= index < len(self):
             raise IndexError(index)
-        return shard_key(self.split, index, len(self)), int(self.labels[index])
+        return shard_key(self.split, index, self.width), int(self.labels[index])
 
     def __iter__(self) -> Iterator[tuple[str, int]]:
         for index, label in enumerate(self.labels.tolist()):
-            yield shard_key(self.split, index, len(self)), label
+            yield shard_key(self.split, index, self.width), label
 
 
 @dataclass(frozen=True)
@@ -68,7 +74,7 @@ class StreamItem:
     sample that will not decode is reported to `on_error` and dropped (None)."""
 
     split: str
-    count: int  # the split's samples (its keys' width)
+    width: int  # the split's `key_width`
     preprocess: AnyPreprocess
     transform: Callable[[torch.Tensor], Any]
     limits: ReadLimits
@@ -81,7 +87,7 @@ class StreamItem:
             image = self.preprocess.read(io.BytesIO(bytes(sample["image"])), self.limits)
             return self.transform(image), int(sample["label"])
         except Exception as err:
-            key = shard_key(self.split, int(sample.get("index", -1)), self.count)
+            key = shard_key(self.split, int(sample.get("index", -1)), self.width)
             self.on_error(key, f"failed during training ({error_line(err)})")
             return None
 
@@ -259,8 +265,8 @@ class ShardSource(Source):
         of the checkpoint (Lightning saves a stateful loader's state)."""
         ld = litdata()
         cache = self._chunk_cache(f"{split}-stream")
-        count = int(self.meta["counts"][split])
-        item = StreamItem(split, count, preprocess, transform, self.limits, on_error)
+        width = key_width(int(self.meta["counts"][split]))
+        item = StreamItem(split, width, preprocess, transform, self.limits, on_error)
         dataset = ld.StreamingDataset(
             join(self.location, split),
             cache_dir=cache,
