@@ -35,6 +35,8 @@ from pathlib import Path
 from common import emit
 
 CLASSES = 10
+# Both sides load alike: the same workers, batch and 32 px transforms.
+LOADING = {"num_workers": 2, "batch_size": 64, "image_size": 32}
 
 FIRST_BATCH = r"""
 import json, os, sys, time, threading, builtins
@@ -129,7 +131,6 @@ def alternate(args: argparse.Namespace, n: int) -> dict:
     """Reads by index from the shards against the folder loader at `n` samples, in the
     order shards, folder, folder, shards."""
     caches = args.work / f"cache_{n}"
-    loading = {"num_workers": 2, "batch_size": 64, "image_size": 32}
     sides = {
         "folder": {"root": str(args.work / f"folder_{n}"), "cache": str(caches / "scan")},
         "shards": {"shards": str(args.work / f"shards_{n}"), "cache": str(caches / "read")},
@@ -137,7 +138,7 @@ def alternate(args: argparse.Namespace, n: int) -> dict:
     warm(args.work / f"shards_{n}", args.cold)
     runs: dict[str, list[dict]] = {"folder": [], "shards": []}
     for side in ("shards", "folder", "folder", "shards"):
-        runs[side].append(first_batch({**sides[side], **loading}, args.batches))
+        runs[side].append(first_batch({**sides[side], **LOADING}, args.batches))
     rates = {side: [r["images_per_s"] for r in rows] for side, rows in runs.items()}
     row = {
         "samples": n,
@@ -171,8 +172,7 @@ def shards_only(args: argparse.Namespace, n: int) -> dict:
         settings = ShardSettings(str(out), workers=available_cpus())
         write_shards(FolderSource(folder), catalog, settings, "bench")
     convert_s = time.perf_counter() - start
-    loading = {"num_workers": 2, "batch_size": 64, "image_size": 32}
-    keys = {"shards": str(out), "cache": str(args.work / f"cache_{n}" / "read"), **loading}
+    keys = {"shards": str(out), "cache": str(args.work / f"cache_{n}" / "read"), **LOADING}
     warm(out, args.cold)
     row = {
         "samples": n,
@@ -237,15 +237,12 @@ def main() -> None:
         shards.append(shard())
         scans.append(scan("scan"))
         scan_s, shard_s = sum(scans) / 2, sum(shards) / 2
-        loading = {"num_workers": 2, "batch_size": 64, "image_size": 32}
-        folder_run = first_batch(
-            {"root": str(folder), "cache": str(caches / "scan"), **loading}, args.batches
-        )
-        shard_keys = {"shards": str(out), "cache": str(caches / "read"), **loading}
+        folder_keys = {"root": str(folder), "cache": str(caches / "scan"), **LOADING}
+        folder_run = first_batch(folder_keys, args.batches)
+        shard_keys = {"shards": str(out), "cache": str(caches / "read"), **LOADING}
         warm(out, args.cold)
         shard_run = first_batch(shard_keys, args.batches)
         stream_run = first_batch({**shard_keys, "stream": True}, args.batches)
-        folder_keys = {"root": str(folder), "cache": str(caches / "scan"), **loading}
         slow_folder = first_batch(folder_keys, args.batches // 4, args.latency_ms)
         slow_stream = first_batch(
             {**shard_keys, "stream": True}, args.batches // 4, args.latency_ms
