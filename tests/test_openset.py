@@ -23,6 +23,7 @@ from vision_tl.inference.suggest import cluster_margin, margins, run_suggest
 from vision_tl.sweeps.pseudo_label import class_thresholds, select
 from vision_tl.training.openset import (
     OpenSet,
+    OpenSetSettings,
     best_separating,
     fit_open_set,
     knn_similarity,
@@ -102,6 +103,68 @@ def test_a_fitted_detector_flags_a_planted_cluster_and_survives_the_checkpoint()
     assert OpenSet.from_dict(card).threshold == card["threshold"]
 
 
+def planted_features(seed: int) -> dict[str, torch.Tensor]:
+    """Two known classes and an unknown one in 64 noisy dimensions, each class on its own
+    axis: with 10 training images per class the nearest-neighbour score is weak, and the
+    pool (known images and the unknown class) shows where the unknown class lies."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def cloud(axis: int, n: int) -> torch.Tensor:
+        return torch.eye(64)[axis] * 4 + torch.randn(n, 64, generator=gen) * 1.5
+
+    def known(n: int) -> torch.Tensor:
+        return torch.cat([cloud(0, n), cloud(1, n)])
+
+    weights = torch.eye(64)[:2]
+    return {
+        "train": known(10),
+        "val": known(30),
+        "test": known(100),
+        "pool": torch.cat([known(80), cloud(2, 80)]),
+        "unknown": cloud(2, 100),
+        "weights": weights,
+    }
+
+
+def test_the_pool_score_learns_where_the_pools_unknown_class_lies() -> None:
+    data = planted_features(seed=1)
+    logits = {k: data[k] @ data["weights"].T for k in ("val", "test", "unknown")}
+    detector = fit_open_set(
+        "pool_msp", data["val"], logits["val"], data["train"], tpr=0.95, pool=data["pool"]
+    )
+    assert detector.kind == "pool_msp" and detector.fitted_on["pool_images"] == 240
+    assert set(detector.kinds()) == {"knn_msp", "knn", "energy", "msp", "pool", "pool_msp"}
+    auroc = {
+        kind: open_set_metrics(
+            detector.scores(data["test"], logits["test"], kind=kind),
+            detector.scores(data["unknown"], logits["unknown"], kind=kind),
+        )["open_set_auroc"]
+        for kind in ("pool_msp", "knn_msp", "msp")
+    }
+    assert auroc["pool_msp"] >= 0.9
+    assert auroc["pool_msp"] >= auroc["knn_msp"] + 0.05 and auroc["pool_msp"] > auroc["msp"]
+    kept = ~detector.unknown(data["test"], logits["test"])
+    assert 0.85 <= kept.float().mean() <= 1.0
+    loaded = OpenSet.from_dict(detector.as_dict())
+    assert loaded is not None and torch.equal(
+        loaded.unknown(data["unknown"], logits["unknown"]),
+        detector.unknown(data["unknown"], logits["unknown"]),
+    )
+    # A pool of the known classes alone teaches nothing: the kNN score decides.
+    known_only = data["pool"][:160]
+    same = fit_open_set("pool_msp", data["val"], logits["val"], data["train"], pool=known_only)
+    assert same.kind == "knn_msp" and same.direction is None and "pool" not in same.kinds()
+
+
+def test_auto_picks_the_pool_score_only_when_there_is_a_pool() -> None:
+    assert OpenSetSettings.from_config({"score": "auto"}, pool="/data/pool").score == "pool_msp"
+    assert OpenSetSettings.from_config({"score": "auto"}).score == "knn_msp"
+    assert OpenSetSettings.from_config({}, pool="/data/pool").score == "pool_msp"
+    assert OpenSetSettings.from_config({"score": None}, pool="/data/pool").score is None
+    with pytest.raises(ConfigError, match=r"open_set\.score=pool_msp needs data\.unlabeled"):
+        OpenSetSettings.from_config({"score": "pool_msp"})
+
+
 def test_pseudo_label_selection_is_per_class_capped_and_skips_unknown() -> None:
     train_probs = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.4, 0.6], [0.6, 0.4]])
     labels = torch.tensor([0, 0, 1, 1, 1])  # the last is wrong: it does not count
@@ -167,6 +230,8 @@ def test_bad_values_stop_before_any_work(override: str, words: str, tmp_path: Pa
 def test_pseudo_labels_without_a_pool_stop_before_any_work() -> None:
     with pytest.raises(ConfigError, match=r"semi=pseudo_label needs data\.unlabeled"):
         check_command_line("train", ["semi=pseudo_label"])
+    with pytest.raises(ConfigError, match=r"open_set\.score=pool needs data\.unlabeled"):
+        check_command_line("train", ["open_set.score=pool"])
 
 
 # --------------------------------------------------------------------------- the commands
@@ -189,11 +254,14 @@ def test_unknown_images_are_flagged_measured_grouped_and_skipped_by_suggest(
     planted: dict[str, Path], tmp_path: Path, compose_train
 ) -> None:
     run = tmp_path / "run"  # trained in-process (the semi test trains through the CLI)
-    run_training(compose_train([*TINY, *PROBE, f"data.root={planted['data']}"], run))
+    pool = f"data.unlabeled={planted['pool']}"  # no pseudo-labels: the detector learns from it
+    run_training(compose_train([*TINY, *PROBE, f"data.root={planted['data']}", pool], run))
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["open_set"]["kind"] == "knn_msp" and metrics["open_set"]["tpr"] == 0.95
+    assert metrics["open_set"]["kind"] == "pool_msp" and metrics["open_set"]["tpr"] == 0.95
+    assert metrics["open_set"]["fitted_on"]["pool_images"] == 24
     ckpt = run / "checkpoints" / "best.ckpt"
-    assert load_checkpoint(ckpt).open_set.bank.shape[0] == 16  # every training image
+    detector = load_checkpoint(ckpt).open_set
+    assert detector.bank.shape[0] == 16 and detector.direction is not None  # every train image
 
     out = tmp_path / "predict"
     done = run_cli(
@@ -239,9 +307,10 @@ def test_unknown_images_are_flagged_measured_grouped_and_skipped_by_suggest(
     )
     assert done.returncode == 0, done.stderr[-2000:]
     measured = json.loads((out / "metrics.json").read_text())
-    assert measured["open_set_auroc"] >= 0.9 and measured["open_set_score"] == "knn_msp"
+    assert measured["open_set_auroc"] >= 0.9 and measured["open_set_score"] == "pool_msp"
     assert measured["open_set_fpr95"] <= 0.5 and measured["num_unknown"] == 8
-    assert {"open_set_auroc_msp", "open_set_auroc_energy"} <= measured.keys()
+    kinds = ("msp", "energy", "knn_msp", "pool")
+    assert {f"open_set_auroc_{kind}" for kind in kinds} <= measured.keys()
     assert (out / "open_set_risk_coverage.png").stat().st_size > 1000
 
     # discover and suggest in-process (their entry points are two lines; predict and eval

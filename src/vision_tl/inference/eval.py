@@ -49,8 +49,6 @@ from vision_tl.inference.review_page import write_review
 from vision_tl.training.binary import binary_metrics, write_curves
 from vision_tl.training.build import build_data
 from vision_tl.training.openset import (
-    LOGIT_SCORES,
-    SCORES,
     OpenSet,
     open_set_metrics,
     plot_risk_coverage,
@@ -209,7 +207,7 @@ def open_set_report(
     if not unknown.indices:
         raise ConfigError("unknown: none of its images could be read")
     detector = loaded.open_set or OpenSet("msp", {})
-    kinds = [k for k in SCORES if k in LOGIT_SCORES or detector.bank is not None]
+    kinds = detector.kinds()
     correct_known = known.probs.argmax(1) == target
     correct = torch.cat([correct_known, torch.zeros(len(unknown.indices), dtype=torch.bool)])
     report: dict[str, Any] = {"open_set_score": detector.kind, "num_unknown": len(unknown.indices)}

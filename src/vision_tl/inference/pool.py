@@ -100,7 +100,7 @@ def run_pool(
     elif need_flags:
         raise ConfigError(
             f"{loaded.path}: has no open-set threshold (trained with open_set.score=null); "
-            "train again with the default open_set.score=knn_msp"
+            "train again with the default open_set.score=auto"
         )
     else:
         unknown = torch.zeros(len(files), dtype=torch.bool)

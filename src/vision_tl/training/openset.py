@@ -8,9 +8,16 @@ Scores (higher = more known), one registered function each:
   exported model applies it too;
 - `knn`: the cosine similarity to the k-th nearest training feature (Sun et al., ICML 2022),
   from a bank of L2-normalised training features the checkpoint carries;
-- `knn_msp` (the default): `knn` and `msp`, each standardised on the known val images,
-  summed. On vehicles6 with two classes held out it was the best or near-best of these
-  on both hold-outs measured, where each single score failed on one (`bench/unlabelled.py`).
+- `knn_msp` (the default without a pool): `knn` and `msp`, each standardised on the known
+  val images, summed. On vehicles6 with two classes held out it was the best or near-best
+  of these on both hold-outs measured, where each single score failed on one;
+- `pool`: a known-vs-unknown direction in feature space learnt from the run's unlabelled
+  pool (`data.unlabeled`), which holds the unknown classes the labelled images lack (a
+  logistic regression self-trained from a kNN contrast, `pool_direction`);
+- `pool_msp` (the default with a pool that looks unlike the known classes): `pool` and
+  `msp`, standardised and summed. On vehicles6 with four hold-outs it lifted AUROC from
+  0.74-0.84 (`knn_msp`, mean 0.80) to 0.84-0.96 (mean 0.90), above `knn_msp` on each
+  (`bench/openset_pool.py`, `bench/unlabelled.py`).
 
 The threshold keeps `tpr` of the known val images (they never trained the model or the
 bank); with examples of unknown images, the one that best separates them (largest TPR -
@@ -20,6 +27,8 @@ the chosen one decides, and the logit-only ones travel in an export's card.
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,14 +40,19 @@ import torch.nn.functional as F
 from vision_tl.core.errors import ConfigError
 from vision_tl.core.registry import Registry
 from vision_tl.data.augment import map_inputs
+from vision_tl.data.decode import ReadLimits
 from vision_tl.data.features import split_teacher
-from vision_tl.data.unlabeled import list_images
+from vision_tl.data.unlabeled import list_images, unlabeled_pool
+
+log = logging.getLogger(__name__)
 
 # (features, logits, temperature, detector) -> [N] scores, higher = more like the known classes.
 ScoreFn = Callable[[torch.Tensor | None, torch.Tensor, float, "OpenSet"], torch.Tensor]
 SCORES: Registry[ScoreFn] = Registry("open-set score")
 # Scores computed from the logits alone: what an exported model (logits only) can apply.
 LOGIT_SCORES = ("energy", "msp")
+# The detector field other scores need (None there: the score cannot be computed).
+NEEDS = {"knn": "bank", "knn_msp": "bank", "pool": "direction", "pool_msp": "direction"}
 
 
 @SCORES.register("msp")
@@ -62,8 +76,32 @@ def knn(features: Any, logits: torch.Tensor, temperature: float, det: Any) -> to
 def knn_msp(features: Any, logits: torch.Tensor, temperature: float, det: Any) -> torch.Tensor:
     """`knn` and `msp`, each standardised by its mean and spread on the known val images,
     summed: near-copies of nothing known (knn) and confusion between known classes (msp)."""
+    return standardised_sum(("knn", "msp"), features, logits, temperature, det)
+
+
+@SCORES.register("pool")
+def pool(features: Any, logits: torch.Tensor, temperature: float, det: Any) -> torch.Tensor:
+    if features is None or det.direction is None:
+        raise ConfigError(
+            "open_set.score=pool needs backbone features and a direction fitted on a pool "
+            "(train with data.unlabeled=POOL)"
+        )
+    return (features.double() @ det.direction.double() + det.offset).float()
+
+
+@SCORES.register("pool_msp")
+def pool_msp(features: Any, logits: torch.Tensor, temperature: float, det: Any) -> torch.Tensor:
+    """`pool` and `msp`, standardised on the known val images and summed: what the pool's
+    unknown classes look like (pool) and confusion between known classes (msp)."""
+    return standardised_sum(("pool", "msp"), features, logits, temperature, det)
+
+
+def standardised_sum(
+    names: tuple[str, ...], features: Any, logits: torch.Tensor, temperature: float, det: Any
+) -> torch.Tensor:
+    """The sum of `names`' scores, each standardised by its (mean, std) in `det.stats`."""
     total = torch.zeros(len(logits))
-    for name in ("knn", "msp"):
+    for name in names:
         mean, std = det.stats[name]
         total += (SCORES.get(name)(features, logits, temperature, det) - mean) / std
     return total
@@ -85,7 +123,8 @@ def knn_similarity(
 @dataclass
 class OpenSet:
     """`kind`'s score, and `thresholds` per score kind (images scoring below are unknown);
-    `bank`: L2-normalised training features for `knn`; `fitted_on`: what chose them."""
+    `bank`: L2-normalised training features for `knn`; `direction` and `offset`: the
+    pool's known-vs-unknown direction for `pool`; `fitted_on`: what chose them."""
 
     kind: str
     thresholds: dict[str, float]
@@ -93,12 +132,18 @@ class OpenSet:
     k: int = 1
     bank: torch.Tensor | None = None
     fitted_on: dict[str, Any] = field(default_factory=dict)
-    # (mean, std) of a score on the known val images, for the combined `knn_msp`.
+    # (mean, std) of a score on the known val images, for the summed scores.
     stats: dict[str, tuple[float, float]] = field(default_factory=dict)
+    direction: torch.Tensor | None = None
+    offset: float = 0.0
 
     @property
     def threshold(self) -> float:
         return self.thresholds[self.kind]
+
+    def kinds(self) -> list[str]:
+        """The score kinds this detector can compute (the logit-only ones always)."""
+        return [k for k in SCORES if k not in NEEDS or getattr(self, NEEDS[k]) is not None]
 
     def scores(
         self,
@@ -127,6 +172,8 @@ class OpenSet:
             "bank": bank,
             "fitted_on": dict(self.fitted_on),
             "stats": {k: list(v) for k, v in self.stats.items()},
+            "direction": self.direction,
+            "offset": self.offset,
         }
 
     def card(self) -> dict[str, Any] | None:
@@ -144,7 +191,7 @@ class OpenSet:
         if "thresholds" not in data:  # an export card: one logit-only score
             kind = str(data["kind"])
             return cls(kind, {kind: float(data["threshold"])}, float(data.get("tpr", 0.95)))
-        bank = data.get("bank")
+        bank, direction = data.get("bank"), data.get("direction")
         return cls(
             str(data["kind"]),
             {str(k): float(v) for k, v in data["thresholds"].items()},
@@ -153,15 +200,14 @@ class OpenSet:
             None if bank is None else torch.as_tensor(bank).float(),
             dict(data.get("fitted_on") or {}),
             {str(k): (float(v[0]), float(v[1])) for k, v in (data.get("stats") or {}).items()},
+            None if direction is None else torch.as_tensor(direction).double(),
+            float(data.get("offset", 0.0)),
         )
 
 
 def bank_of(features: torch.Tensor, size: int, seed: int = 0) -> torch.Tensor:
     """At most `size` training features, L2-normalised (a seeded random subset beyond it)."""
-    if len(features) > size:
-        generator = torch.Generator().manual_seed(seed)
-        features = features[torch.randperm(len(features), generator=generator)[:size]]
-    return F.normalize(features.float(), dim=1)
+    return F.normalize(sample_rows(features, size, seed).float(), dim=1)
 
 
 def threshold_at_tpr(known: torch.Tensor, tpr: float) -> float:
@@ -185,6 +231,70 @@ def best_separating(known: torch.Tensor, unknown: torch.Tensor, tpr: float) -> f
     return float(candidates[(kept - passed).argmax()])
 
 
+def sample_rows(features: torch.Tensor, size: int, seed: int = 0) -> torch.Tensor:
+    """At most `size` rows of `features` (a seeded random subset beyond it)."""
+    if len(features) <= size:
+        return features
+    generator = torch.Generator().manual_seed(seed)
+    return features[torch.randperm(len(features), generator=generator)[:size]]
+
+
+def pool_direction(
+    train: torch.Tensor,
+    val: torch.Tensor,
+    pool: torch.Tensor,
+    tpr: float,
+    k: int = 10,
+    rounds: int = 3,
+    strength: float = 0.1,
+) -> tuple[torch.Tensor, float] | None:
+    """(direction, offset): a linear score, higher = more like the known classes, learnt
+    from an unlabelled pool that may hold classes the labelled images lack; None when the
+    pool looks like the known classes: the share of it below the seed's threshold exceeds
+    the known images' 1 - `tpr` by less than 1 - `tpr` again, or than three standard
+    errors of the two shares (with only known classes in the pool, a direction scored
+    unknown images worse than chance on vehicles6).
+
+    The seed score is a kNN contrast: similarity to the nearest training feature minus
+    similarity to the k-th nearest other pool feature. An image of an unknown class has
+    close neighbours in the pool (its own class) and none among the training images; a
+    known one has both. The pool images below the seed's threshold keeping `tpr` of the
+    known val images (that share of the pool) are taken as unknown, the pool's upper half
+    and the training images as known, and a class-balanced L2 logistic regression
+    (C = `strength`, on features standardised by the training split) separates them;
+    `rounds` times, each relabelling the pool by the last fit at the same share. On
+    vehicles6 this lifted AUROC well above the kNN and softmax scores, on the pool itself
+    and on unseen images alike (`bench/openset_pool.py`)."""
+    from sklearn.linear_model import LogisticRegression
+
+    train, val, pool = train.double(), val.double(), pool.double()
+
+    def contrast(x: torch.Tensor, own: bool = False) -> torch.Tensor:
+        nearest_pool = knn_similarity(x, pool, k + 1 if own else k)
+        return (knn_similarity(x, train, 1) - nearest_pool).double()
+
+    score = contrast(pool, own=True)
+    share = float((score < threshold_at_tpr(contrast(val), tpr)).double().mean())
+    expected = 1 - tpr  # the share of known images below the threshold
+    noise = 3 * math.sqrt(expected * tpr * (1 / len(val) + 1 / len(pool)))
+    if share - expected < max(expected, noise):
+        # Not clearly more of the pool than of the known images is below the threshold:
+        # nothing in it looks unknown, and a direction would only learn noise.
+        return None
+    mean, std = train.mean(0), train.std(0).clamp_min(1e-6)
+    model = LogisticRegression(C=strength, class_weight="balanced", max_iter=3000)
+    for _ in range(rounds):
+        low = score <= torch.quantile(score, share)
+        high = score >= torch.quantile(score, 0.5)
+        x = torch.cat([train, pool[high], pool[low]])
+        y = torch.cat([torch.ones(len(train) + int(high.sum())), torch.zeros(int(low.sum()))])
+        model.fit(((x - mean) / std).numpy(), y.numpy())
+        coef = torch.as_tensor(model.coef_[0], dtype=torch.float64)
+        score = ((pool - mean) / std) @ coef + float(model.intercept_[0])
+    direction = coef / std
+    return direction, float(model.intercept_[0]) - float((direction * mean).sum())
+
+
 def fit_open_set(
     kind: str,
     val_features: torch.Tensor,
@@ -196,16 +306,32 @@ def fit_open_set(
     bank_size: int = 4096,
     unknown: tuple[torch.Tensor, torch.Tensor] | None = None,
     seed: int = 0,
+    pool: torch.Tensor | None = None,
 ) -> OpenSet:
     """A detector whose thresholds keep `tpr` of the known val images, for every score kind
-    (`unknown`: (features, logits) of example unknown images to separate from them)."""
+    it can compute (`unknown`: (features, logits) of example unknown images to separate
+    from them; `pool`: features of unlabelled images, for the `pool` scores)."""
     SCORES.get(kind)  # an unknown name fails here, in one line
     detector = OpenSet(kind, {}, tpr, k, bank_of(train_features, bank_size, seed))
-    for name in ("knn", "msp"):  # what `knn_msp` standardises by
+    if pool is not None and len(pool):
+        fitted = pool_direction(train_features, val_features, pool, tpr)
+        if fitted is not None:
+            detector.direction, detector.offset = fitted
+    if kind not in detector.kinds():
+        log.warning(
+            "Open set: the pool looks like the labelled classes (not clearly more of it "
+            "than of the known val images is below the threshold), so the %s score is not "
+            "fitted; knn_msp decides",
+            kind,
+        )
+        detector.kind = "knn_msp"
+    for name in ("knn", "msp", "pool"):  # what the summed scores standardise by
+        if name not in detector.kinds():
+            continue
         known = detector.scores(val_features, val_logits, temperature, name).double()
         std = float(known.std()) if len(known) > 1 else 0.0
         detector.stats[name] = (float(known.mean()), std if std > 1e-6 else 1.0)
-    for name in SCORES:
+    for name in detector.kinds():
         known = detector.scores(val_features, val_logits, temperature, name)
         if unknown is None:
             detector.thresholds[name] = threshold_at_tpr(known, tpr)
@@ -216,6 +342,7 @@ def fit_open_set(
         "val_images": len(val_logits),
         "bank_images": len(detector.bank) if detector.bank is not None else 0,
         "unknown_images": 0 if unknown is None else len(unknown[1]),
+        "pool_images": 0 if pool is None else len(pool),
         "logit_kind": "energy",
     }
     return detector
@@ -228,20 +355,42 @@ def fit_open_set(
 class OpenSetSettings:
     """`open_set.*`: the score that decides (`score`, null: none fitted), the share of known
     val images kept (`tpr`), the k of `knn`, how many training features the checkpoint
-    keeps (`bank_size`) and a folder or CSV of example unknown images (`unknown`)."""
+    keeps (`bank_size`), a folder or CSV of example unknown images (`unknown`); and the
+    run's unlabelled pool (`data.unlabeled`), of which at most `pool_size` images teach
+    the `pool` scores, read within `limits`."""
 
     score: str | None = "knn_msp"
     tpr: float = 0.95
     k: int = 1
     bank_size: int = 4096
     unknown: str | None = None
+    pool_size: int = 4096
+    pool: str | None = None
+    limits: ReadLimits = field(default_factory=ReadLimits)
 
     @classmethod
-    def from_config(cls, node: Mapping[str, Any] | None) -> OpenSetSettings:
+    def from_config(
+        cls,
+        node: Mapping[str, Any] | None,
+        pool: str | None = None,
+        limits: ReadLimits | None = None,
+    ) -> OpenSetSettings:
+        """The settings of `node`, `score: auto` resolved here, before any training:
+        `pool_msp` when the run has a pool, else `knn_msp`."""
         node = dict(node or {})
         nullable = ("score", "unknown")
-        fields = [k for k in cls.__dataclass_fields__ if k in node]
-        return cls(**{k: node[k] for k in fields if node[k] is not None or k in nullable})
+        fields = [k for k in cls.__dataclass_fields__ if k in node and k not in ("pool", "limits")]
+        given = {"score": "auto"} | {
+            k: node[k] for k in fields if node[k] is not None or k in nullable
+        }
+        if given["score"] == "auto":
+            given["score"] = "pool_msp" if pool else "knn_msp"
+        if given["score"] in ("pool", "pool_msp") and not pool:
+            raise ConfigError(
+                f"open_set.score={given['score']} needs data.unlabeled=POOL (a folder or CSV "
+                "of unlabelled images)"
+            )
+        return cls(**given, pool=str(pool) if pool else None, limits=limits or ReadLimits())
 
 
 @torch.inference_mode()
@@ -278,8 +427,9 @@ def fit_for_run(
     seed: int = 0,
 ) -> OpenSet | None:
     """The run's detector from its best weights (`model`) and their val (logits, features):
-    thresholds on val, the bank from train, separated from `settings.unknown`'s images
-    when given. None when no score is asked for or a split gave nothing."""
+    thresholds on val, the bank from train, the `pool` direction from the run's pool,
+    separated from `settings.unknown`'s images when given. None when no score is asked for
+    or a split gave nothing."""
     val_logits, val_features = val
     if settings.score is None or len(val_logits) == 0:
         return None
@@ -291,6 +441,15 @@ def fit_for_run(
         files = [(f, -1) for f in list_images(settings.unknown, "open_set.unknown")]
         logits, _, features = outputs(model, datamodule, files, device)
         unknown = (features, logits) if len(logits) else None
+    pool_features = None
+    if settings.pool and settings.score in ("pool", "pool_msp"):
+        cache = datamodule.cache_root
+        files = unlabeled_pool(settings.pool, datamodule.catalog.all_keys(), cache, settings.limits)
+        if len(files) > settings.pool_size:
+            rows = sample_rows(torch.arange(len(files)), settings.pool_size, seed)
+            files = [files[i] for i in rows.sort().values]
+        log.info("Open set: %d pool image(s) teach the pool score", len(files))
+        pool_features = outputs(model, datamodule, [(f, -1) for f in files], device)[2]
     return fit_open_set(
         settings.score,
         val_features,
@@ -302,12 +461,13 @@ def fit_for_run(
         settings.bank_size,
         unknown,
         seed,
+        pool_features,
     )
 
 
 def detector_summary(detector: OpenSet) -> dict[str, Any]:
-    """What metrics.json says of a fitted detector (everything but the bank)."""
-    return {k: v for k, v in detector.as_dict().items() if k != "bank"} | {
+    """What metrics.json says of a fitted detector (everything but its tensors)."""
+    return {k: v for k, v in detector.as_dict().items() if k not in ("bank", "direction")} | {
         "threshold": detector.threshold
     }
 

@@ -102,12 +102,15 @@ def _one_target(cfg: DictConfig) -> list[str]:
 
 
 def _semi_pool(cfg: DictConfig) -> list[str]:
-    """Pseudo-labelling needs images without labels."""
+    """Pseudo-labelling and the pool's open-set scores need images without labels."""
     if select(cfg, "semi.method") not in (MISSING, None) and select(cfg, "data.unlabeled") in (
         MISSING,
         None,
     ):
         return ["semi=pseudo_label needs data.unlabeled=DIR (a folder or CSV of unlabelled images)"]
+    score = select(cfg, "open_set.score")
+    if score in ("pool", "pool_msp") and select(cfg, "data.unlabeled") in (MISSING, None):
+        return [f"open_set.score={score} needs data.unlabeled=POOL (a folder or CSV of images)"]
     return []
 
 
@@ -180,10 +183,13 @@ RULES = register_rules(
             "operating_point.target_precision": or_null(number(gt=0, le=1), "none"),
             "operating_point.target_recall": or_null(number(gt=0, le=1), "none"),
             # open set (`training.openset`)
-            "open_set.score": or_null(one_of("knn_msp", "knn", "energy", "msp"), "none fitted"),
+            "open_set.score": or_null(
+                one_of("auto", "pool_msp", "pool", "knn_msp", "knn", "energy", "msp"), "none fitted"
+            ),
             "open_set.tpr": Allowed(lambda v: is_number(v) and 0 < v < 1, "a number > 0 and < 1"),
             "open_set.k": integer(1),
             "open_set.bank_size": integer(1),
+            "open_set.pool_size": integer(4),
             "open_set.unknown": or_null(path("path"), "none"),
             # pseudo-labelling (`sweeps.pseudo_label`)
             "semi.teacher": or_null(path("file"), "round 0's best checkpoint"),

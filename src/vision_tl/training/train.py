@@ -28,6 +28,7 @@ from vision_tl.core.launch import launch_from_trainer
 from vision_tl.core.logs import quiet_third_party
 from vision_tl.core.signals import Interrupted, pending, safe_points, stop_if_signalled
 from vision_tl.core.stats import format_interval, with_intervals
+from vision_tl.data.decode import ReadLimits
 from vision_tl.data.source import Source
 from vision_tl.training.build import Run, build_run, plain
 from vision_tl.training.calibration import calibrate_run
@@ -304,6 +305,11 @@ def _fit(
         task.start_from(handed["state"], handed["record"])
         starts = [PreviousStageCompetes(score)] if score is not None else []
 
+    # Decided before the fit: the score the calibration fits afterwards (`auto`: the pool's
+    # when the run has one).
+    open_set = OpenSetSettings.from_config(
+        cfg.get("open_set"), cfg.data.get("unlabeled"), ReadLimits.from_config(cfg.data)
+    )
     callbacks = _instantiate_all(cfg.get("callbacks"))
     throughput = TrainThroughput()
     history = EpochHistory(run_dir / "history.csv")
@@ -374,7 +380,7 @@ def _fit(
             best_path or None,
             saved,
             operating,
-            OpenSetSettings.from_config(cfg.get("open_set")),
+            open_set,
             int(cfg.get("seed") or 0),
         )
         if cfg.get("test") and datamodule.has_test:
