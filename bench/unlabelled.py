@@ -11,12 +11,13 @@ example unknown set of eval. Everything is a symlink under `--work`. Every run i
 EfficientNet-Lite0 probe with the shared ImageNet weights, as a whole process. Side by
 side in one run, for each seed:
 
-- **pseudo-labels**: `train` on the labelled images, and `train semi=pseudo_label
-  data.unlabeled=POOL` on the same split: known-class test accuracy (a split nothing
-  tuned on) without (round 0) and with the pseudo-labels, at each `--labelled`;
+- **pseudo-labels**: `train data.unlabeled=POOL` on the labelled images, and `train
+  semi=pseudo_label data.unlabeled=POOL` on the same split: known-class test accuracy (a
+  split nothing tuned on) without and with the pseudo-labels, at each `--labelled`;
 - **open set**: `eval unknown=UNKNOWN` of the labelled run: AUROC and FPR at 95% TPR by
-  the default `knn` score, by `energy` and by the maximum-softmax baseline, and the share
-  of known test images kept at the threshold fitted on val;
+  the default score (`pool_msp`, learnt from the pool), by every other score the
+  checkpoint carries (`knn_msp`, `knn`, `energy`) and by the maximum-softmax baseline,
+  and the share of known test images kept at the threshold fitted on val;
 - **discovery**: `discover` over the pool: the adjusted Rand index of its groups against
   the true classes, over the held-out classes' images it grouped (and over every image
   it grouped), and whether `groups.html` renders every thumbnail in headless Chromium;
@@ -131,7 +132,9 @@ def one_seed(args: argparse.Namespace, seed: int) -> dict:
     result: dict = {"seed": seed}
     for labelled in args.labelled:
         base = build(args.work, seed, labelled, args.unknown, args.pool)
-        plain = train(base["data"], base["root"] / "plain", seed)
+        # The labelled run sees the pool too: its open-set detector learns from it (the
+        # default score with a pool, pool_msp); only pseudo-labels change the classifier.
+        plain = train(base["data"], base["root"] / "plain", seed, f"data.unlabeled={base['pool']}")
         semi = train(
             base["data"],
             base["root"] / "semi",
