@@ -186,10 +186,16 @@ def violations(cfg: DictConfig, schema: Sequence[Rules] | None = None) -> list[s
     return found
 
 
-def check_values(prefix: str, values: Mapping[str, Any], rules: Rules) -> None:
+def check_values(
+    prefix: str,
+    values: Mapping[str, Any],
+    rules: Rules,
+    context: Mapping[str, Any] | None = None,
+) -> None:
     """Raise the first violation of `rules` by `values` (the fields of an object built in
-    code, e.g. a fine-tune policy), as if they were the config node `prefix`."""
-    node = OmegaConf.create({prefix: {k: _plain(v) for k, v in values.items()}})
+    code, e.g. a fine-tune policy), as if they were the config node `prefix`; `context`:
+    other nodes the rules' cross-key checks read (e.g. `{"data": {"unlabeled": ...}}`)."""
+    node = OmegaConf.create({**(context or {}), prefix: {k: _plain(v) for k, v in values.items()}})
     found = violations(node, [rules])
     if found:
         raise ConfigError(found[0])

@@ -39,10 +39,12 @@ import torch.nn.functional as F
 
 from vision_tl.core.errors import ConfigError
 from vision_tl.core.registry import Registry
+from vision_tl.core.validate import check_values
 from vision_tl.data.augment import map_inputs
 from vision_tl.data.decode import ReadLimits
 from vision_tl.data.features import split_teacher
 from vision_tl.data.unlabeled import list_images, unlabeled_pool
+from vision_tl.training.rules import RULES
 
 log = logging.getLogger(__name__)
 
@@ -377,7 +379,9 @@ class OpenSetSettings:
     ) -> OpenSetSettings:
         """The settings of `node`, `score: auto` resolved here, before any training:
         `pool_msp` when the run has a pool, else `knn_msp`."""
-        node = dict(node or {})
+        node, pool = dict(node or {}), str(pool) if pool else None
+        # The command line's table (`training.rules`), so settings built in code obey it.
+        check_values("open_set", node, RULES, {"data": {"unlabeled": pool}})
         nullable = ("score", "unknown")
         fields = [k for k in cls.__dataclass_fields__ if k in node and k not in ("pool", "limits")]
         given = {"score": "auto"} | {
@@ -385,12 +389,7 @@ class OpenSetSettings:
         }
         if given["score"] == "auto":
             given["score"] = "pool_msp" if pool else "knn_msp"
-        if given["score"] in ("pool", "pool_msp") and not pool:
-            raise ConfigError(
-                f"open_set.score={given['score']} needs data.unlabeled=POOL (a folder or CSV "
-                "of unlabelled images)"
-            )
-        return cls(**given, pool=str(pool) if pool else None, limits=limits or ReadLimits())
+        return cls(**given, pool=pool, limits=limits or ReadLimits())
 
 
 @torch.inference_mode()
