@@ -21,10 +21,7 @@ summed) is a variant measured here only; `default` is the score the detector cho
 from __future__ import annotations
 
 import argparse
-import random
 import warnings
-from collections import defaultdict
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,6 +29,7 @@ from openset_research import CLASSES, extract
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import adjusted_rand_score, roc_auc_score
 from sklearn.preprocessing import StandardScaler
+from unlabelled import assign
 
 from vision_tl.inference.discover import cluster
 from vision_tl.training.openset import fit_open_set, standardised_sum, threshold_at_tpr
@@ -41,34 +39,19 @@ KINDS = ("msp", "energy", "knn", "knn_msp", "pool", "pool_msp", "pool_knn_msp", 
 
 
 def split(
-    paths: list[str],
-    seed: int,
-    labelled: int,
-    unknown: tuple[str, ...],
-    pool: int = 150,
-    pool_unknown: int = 150,
-):
-    """Row indices per part, as `bench/unlabelled.py` builds its folders."""
-    rng = random.Random(seed)
+    paths: list[str], seed: int, labelled: int, unknown: tuple[str, ...], pool_unknown: int
+) -> dict[str, np.ndarray]:
+    """Row indices of `paths` per part: `bench/unlabelled.py`'s `assign`, 150 per pool."""
     index = {p: i for i, p in enumerate(paths)}
-    parts: dict[str, list[int]] = defaultdict(list)
-    for name in CLASSES:
-        files = sorted(p for p in paths if Path(p).parent.name == name)
-        rng.shuffle(files)
-        rows = [index[p] for p in files]
-        if name in unknown:
-            parts["pool"] += rows[:pool_unknown]
-            parts["unknown"] += rows[pool : pool + 100]
-            continue
-        parts["train"] += rows[:labelled]
-        parts["val"] += rows[labelled : labelled + 100]
-        parts["test"] += rows[labelled + 100 : labelled + 200]
-        parts["pool"] += rows[labelled + 200 : labelled + 200 + pool]
-    return {k: np.array(v) for k, v in parts.items()}
+    parts = assign(seed, labelled, list(unknown), 150, pool_unknown)
+    return {
+        part: np.array([index[str(f)] for files in by_class.values() for f in files])
+        for part, by_class in parts.items()
+    }
 
 
 def one(features, labels, paths, seed, labelled, unknown, pool_unknown) -> dict[str, float]:
-    parts = split(paths, seed, labelled, unknown, pool_unknown=pool_unknown)
+    parts = split(paths, seed, labelled, unknown, pool_unknown)
     scaler = StandardScaler().fit(features[parts["train"]])
     probe = LogisticRegression(C=1.0, max_iter=3000).fit(
         scaler.transform(features[parts["train"]]), labels[parts["train"]]

@@ -61,22 +61,39 @@ def link(files: list[Path], folder: Path) -> list[Path]:
     return out
 
 
-def build(work: Path, seed: int, labelled: int, unknown: list[str], pool: int) -> dict[str, Path]:
-    """The seed's folders: data (train/val/test of the known classes), pool, unknown."""
+def assign(
+    seed: int, labelled: int, unknown: list[str], pool: int, pool_unknown: int | None = None
+) -> dict[str, dict[str, list[Path]]]:
+    """The seed's files per part (train, val, test, pool, unknown) and class: of each known
+    class `labelled` train, 100 val, 100 test and `pool` pool images; of each class in
+    `unknown`, `pool_unknown` (default `pool`) pool images and 100 other unknown ones."""
     rng = random.Random(seed)
-    root = work / f"seed{seed}_L{labelled}"
-    data, pool_dir, unknown_dir = root / "data", root / "pool", root / "unknown"
+    parts: dict[str, dict[str, list[Path]]] = {
+        k: {} for k in ("train", "val", "test", "pool", "unknown")
+    }
     for cls in sorted(p.name for p in VEHICLES.iterdir() if p.is_dir()):
         files = sorted((VEHICLES / cls).iterdir())
         rng.shuffle(files)
         if cls in unknown:
-            link(files[:pool], pool_dir / cls)
-            link(files[pool : pool + 100], unknown_dir / cls)
+            parts["pool"][cls] = files[: pool if pool_unknown is None else pool_unknown]
+            parts["unknown"][cls] = files[pool : pool + 100]
             continue
-        link(files[:labelled], data / "train" / cls)
-        link(files[labelled : labelled + 100], data / "val" / cls)
-        link(files[labelled + 100 : labelled + 200], data / "test" / cls)
-        link(files[labelled + 200 : labelled + 200 + pool], pool_dir / cls)
+        parts["train"][cls] = files[:labelled]
+        parts["val"][cls] = files[labelled : labelled + 100]
+        parts["test"][cls] = files[labelled + 100 : labelled + 200]
+        parts["pool"][cls] = files[labelled + 200 : labelled + 200 + pool]
+    return parts
+
+
+def build(work: Path, seed: int, labelled: int, unknown: list[str], pool: int) -> dict[str, Path]:
+    """The seed's folders (`assign`): data (train/val/test of the known classes), pool,
+    unknown."""
+    root = work / f"seed{seed}_L{labelled}"
+    data, pool_dir, unknown_dir = root / "data", root / "pool", root / "unknown"
+    folders = {"pool": pool_dir, "unknown": unknown_dir}
+    for part, by_class in assign(seed, labelled, unknown, pool).items():
+        for cls, files in by_class.items():
+            link(files, folders.get(part, data / part) / cls)
     return {"root": root, "data": data, "pool": pool_dir, "unknown": unknown_dir}
 
 
