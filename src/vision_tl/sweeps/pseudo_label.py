@@ -5,8 +5,9 @@ labels the pool with calibrated probabilities; a pool image joins class c when i
 probability of c is at least `semi.min_confidence` (0.9) and, with `semi.quantile`, at
 least that quantile of the teacher's confidence on its correctly classified training
 images of c (a per-class threshold chosen on the training split, never on val); the most
-confident first, no class more than `semi.max_ratio` times the median class's count, and
-never an image the teacher's open-set detector calls unknown. On vehicles6 the fixed 0.9
+confident first, no class more than `semi.max_ratio` times the fewest any class keeps
+(relative to the labelled class shares), and never an image the teacher's open-set
+detector calls unknown. On vehicles6 the fixed 0.9
 gained more than the training-split quantiles (0.1, 0.2, 0.5), than quantiles of val
 confidence and than top-n per class (`bench/unlabelled.py`): a teacher is overconfident
 on its own training images, so their quantiles reject most of the pool.
@@ -24,7 +25,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from omegaconf import DictConfig, open_dict
 
@@ -75,19 +75,28 @@ def class_thresholds(
 
 
 def select(
-    probs: torch.Tensor, unknown: torch.Tensor, thresholds: torch.Tensor, max_ratio: float | None
+    probs: torch.Tensor,
+    unknown: torch.Tensor,
+    thresholds: torch.Tensor,
+    max_ratio: float | None,
+    shares: torch.Tensor | None = None,
 ) -> list[tuple[int, int]]:
     """(pool row, class) of the pool images that pass their class's threshold and are not
-    unknown, the most confident first; with `max_ratio`, no class keeps more than that
-    many times the median count over the classes (so no class dominates)."""
+    unknown, the most confident first. With `max_ratio`, no class keeps more than that many
+    times the fewest any class keeps, each count taken relative to the class's share of the
+    labelled images (`shares`; equal shares when None): a teacher sure of one class only
+    would otherwise tilt training towards it, and with two classes no median can stop that."""
     confidence, predicted = probs.max(1)
     passing = []
     for c in range(probs.shape[1]):
         rows = ((predicted == c) & (confidence >= thresholds[c]) & ~unknown).nonzero().flatten()
         passing.append(rows[confidence[rows].argsort(descending=True, stable=True)])
     if max_ratio is not None:
-        cap = max(1, int(max_ratio * float(np.median([len(r) for r in passing]))))
-        passing = [rows[:cap] for rows in passing]
+        if shares is None:
+            shares = torch.full((probs.shape[1],), 1.0 / probs.shape[1])
+        pairs = list(zip(passing, shares.tolist(), strict=True))
+        fewest = min(len(rows) / share for rows, share in pairs if share > 0)
+        passing = [rows[: int(max_ratio * fewest * share + 1e-9)] for rows, share in pairs]
     return [(int(r), c) for c, rows in enumerate(passing) for r in rows]
 
 
@@ -109,8 +118,12 @@ def label_pool(
     if selection.exclude_unknown and loaded.open_set is not None:
         assert result.logits is not None
         unknown = loaded.open_set.unknown(result.features, result.logits, predictor.temperature)
-    chosen = select(result.probs, unknown, thresholds, selection.max_ratio)
+    shares = torch.bincount(labels, minlength=len(catalog.class_names)).float() / len(labels)
+    chosen = select(result.probs, unknown, thresholds, selection.max_ratio, shares)
     names = catalog.class_names
+    sure = {name: 0 for name in names}
+    for _, c in select(result.probs, unknown, thresholds, None):
+        sure[names[c]] += 1
     used = {name: 0 for name in names}
     for _, c in chosen:
         used[names[c]] += 1
@@ -119,6 +132,7 @@ def label_pool(
         "unreadable": len(result.unreadable),
         "unknown_excluded": int(unknown.sum()),
         "thresholds": {name: round(float(t), 6) for name, t in zip(names, thresholds, strict=True)},
+        "sure_per_class": sure,
         "used_per_class": used,
         "used": len(chosen),
     }
@@ -178,6 +192,14 @@ def run_pseudo_label(cfg: DictConfig, train: TrainFn) -> dict[str, Any]:
             ", ".join(f"{k} {v}" for k, v in decided["used_per_class"].items()),
             decided["unknown_excluded"],
         )
+        if not decided["used"] and any(decided["sure_per_class"].values()):
+            log.warning(
+                "Pseudo-labels round %d: the teacher is sure of no pool image of %s, and "
+                "semi.max_ratio lets no class outnumber the fewest, so none join "
+                "(semi.max_ratio=null lifts the cap)",
+                r,
+                ", ".join(k for k, v in decided["sure_per_class"].items() if not v),
+            )
         samples = {**catalog.samples, "train": [*catalog.samples["train"], *pseudo]}
         metrics = fit(r, dataclasses.replace(catalog, samples=samples))
         history.append(
