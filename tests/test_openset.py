@@ -10,16 +10,16 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import QUICK_PROBE, TINY, TINY_ANY_MODEL, _draw, compose_entry, run_cli
+from conftest import QUICK_PROBE, TINY, TINY_ANY_MODEL, _draw, run_cli
 from sklearn.metrics import adjusted_rand_score
 
 from vision_tl.core.cli import check_command_line
 from vision_tl.core.errors import ConfigError
 from vision_tl.data.unlabeled import list_images, unlabeled_pool
 from vision_tl.inference.checkpoint import load_checkpoint
-from vision_tl.inference.discover import cluster, run_discover
+from vision_tl.inference.discover import cluster
 from vision_tl.inference.serving.scorer import build_scorer
-from vision_tl.inference.suggest import cluster_margin, margins, run_suggest
+from vision_tl.inference.suggest import cluster_margin, margins
 from vision_tl.sweeps.pseudo_label import class_thresholds, select
 from vision_tl.training.openset import (
     OpenSet,
@@ -318,10 +318,10 @@ def test_unknown_images_are_flagged_measured_grouped_and_skipped_by_suggest(
     assert {f"open_set_auroc_{kind}" for kind in kinds} <= measured.keys()
     assert (out / "open_set_risk_coverage.png").stat().st_size > 1000
 
-    # discover and suggest in-process (their entry points are two lines; predict and eval
-    # above run as a user runs them).
     out = tmp_path / "discover"
-    run_discover(compose_entry("discover", [f"ckpt_path={ckpt}", f"input={planted['pool']}"], out))
+    args = [f"ckpt_path={ckpt}", f"input={planted['pool']}", f"hydra.run.dir={out}"]
+    done = run_cli(["vision_tl.discover", *args], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
     groups = pd.read_csv(out / "groups.csv")
     truth = groups["path"].str.split("/").str[0]
     assert truth.isin(UNKNOWN).mean() >= 0.75
@@ -330,8 +330,9 @@ def test_unknown_images_are_flagged_measured_grouped_and_skipped_by_suggest(
     assert page.count("<img ") == len(groups) and "data:image/jpeg;base64," in page
 
     out = tmp_path / "suggest"
-    args = [f"ckpt_path={ckpt}", f"input={planted['pool']}", "k=4"]
-    run_suggest(compose_entry("suggest", args, out))
+    args = [f"ckpt_path={ckpt}", f"input={planted['pool']}", "k=4", f"hydra.run.dir={out}"]
+    done = run_cli(["vision_tl.suggest", *args], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
     suggested = pd.read_csv(out / "label_next.csv")
     assert len(suggested) == 4 and suggested["path"].is_unique
     assert suggested["margin"].is_monotonic_increasing
