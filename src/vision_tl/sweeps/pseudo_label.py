@@ -5,8 +5,8 @@ labels the pool with calibrated probabilities; a pool image joins class c when i
 probability of c is at least `semi.min_confidence` (0.9) and, with `semi.quantile`, at
 least that quantile of the teacher's confidence on its correctly classified training
 images of c (a per-class threshold chosen on the training split, never on val); the most
-confident first, no class more than `semi.max_ratio` times the fewest any class keeps
-(relative to the labelled class shares), and never an image the teacher's open-set
+confident first, no class more than `semi.max_ratio` times the (lower) median class's
+count, relative to the labelled class shares, and never an image the teacher's open-set
 detector calls unknown. On vehicles6 the fixed 0.9
 gained more than the training-split quantiles (0.1, 0.2, 0.5), than quantiles of val
 confidence and than top-n per class (`bench/unlabelled.py`): a teacher is overconfident
@@ -83,9 +83,10 @@ def select(
 ) -> list[tuple[int, int]]:
     """(pool row, class) of the pool images that pass their class's threshold and are not
     unknown, the most confident first. With `max_ratio`, no class keeps more than that many
-    times the fewest any class keeps, each count taken relative to the class's share of the
-    labelled images (`shares`; equal shares when None): a teacher sure of one class only
-    would otherwise tilt training towards it, and with two classes no median can stop that."""
+    times the median class's count, each count taken relative to the class's share of the
+    labelled images (`shares`; equal when None). The lower median: with two classes it is
+    the smaller count, so a teacher sure of one class alone cannot tilt training to it, and
+    with many a class the pool lacks does not stop the others."""
     confidence, predicted = probs.max(1)
     passing = []
     for c in range(probs.shape[1]):
@@ -95,8 +96,9 @@ def select(
         if shares is None:
             shares = torch.full((probs.shape[1],), 1.0 / probs.shape[1])
         pairs = list(zip(passing, shares.tolist(), strict=True))
-        fewest = min(len(rows) / share for rows, share in pairs if share > 0)
-        passing = [rows[: int(max_ratio * fewest * share + 1e-9)] for rows, share in pairs]
+        relative = torch.tensor([len(rows) / share for rows, share in pairs if share > 0])
+        median = float(relative.median())  # torch's median is the lower one
+        passing = [rows[: int(max_ratio * median * share + 1e-9)] for rows, share in pairs]
     return [(int(r), c) for c, rows in enumerate(passing) for r in rows]
 
 
@@ -195,7 +197,7 @@ def run_pseudo_label(cfg: DictConfig, train: TrainFn) -> dict[str, Any]:
         if not decided["used"] and any(decided["sure_per_class"].values()):
             log.warning(
                 "Pseudo-labels round %d: the teacher is sure of no pool image of %s, and "
-                "semi.max_ratio lets no class outnumber the fewest, so none join "
+                "semi.max_ratio lets no class outnumber the median class, so none join "
                 "(semi.max_ratio=null lifts the cap)",
                 r,
                 ", ".join(k for k, v in decided["sure_per_class"].items() if not v),
