@@ -4,7 +4,7 @@
 
 Generated images: a warm or a cool square of random size and place on noise, tints close
 and jittered; 6 labelled images per class, 30 val, and a pool of 150 per class (the slow
-test in `tests/test_unlabelled_real.py` runs seed 0 of this set with this command). Per
+test in `tests/test_unlabelled_real.py` runs seed 4 of this set with this command). Per
 seed, side by side: `train semi=pseudo_label semi.rounds=2` with the default cap
 (`semi.max_ratio=2`) and with none (`semi.max_ratio=null`), EfficientNet-Lite0 probes at
 64 px with the shared weights, through the command. Reports val accuracy of round 0 (no

@@ -101,15 +101,17 @@ def test_pseudo_labels_of_a_ten_shot_probe_are_right_and_the_open_set_beats_the_
 def test_a_pool_of_the_same_kind_raises_a_six_shot_probes_val_accuracy(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Seed 0 of `bench/pseudo_label_cap.py`'s set, through the command: two close tints,
-    six labelled images per class, a pool of 300, two rounds of pseudo-labels. Measured
-    over its six seeds: +7 to +22 points (+8.3 on this one)."""
+    """Seed 4 of `bench/pseudo_label_cap.py`'s set, through the command: two close tints,
+    six labelled images per class, a pool of 300, two rounds of pseudo-labels. Over its six
+    seeds they gain +7 to +22 points. On this one the teacher is sure of one tint far more
+    than the other: with `semi.max_ratio` (the default) +21.7, without it +5.0, its second
+    round learning one tint only."""
     monkeypatch.syspath_prepend(str(REPO / "bench"))
     import pseudo_label_cap as bench
 
-    bench.folder(tmp_path / "data" / "train", 6, seed=0)
-    bench.folder(tmp_path / "data" / "val", 30, seed=50_000)
-    pool = bench.folder(tmp_path / "pool", 150, seed=70_000)
+    bench.folder(tmp_path / "data" / "train", 6, seed=400_000)
+    bench.folder(tmp_path / "data" / "val", 30, seed=450_000)
+    pool = bench.folder(tmp_path / "pool", 150, seed=470_000)
     run = tmp_path / "semi"
     done = run_cli(
         [
@@ -117,7 +119,7 @@ def test_a_pool_of_the_same_kind_raises_a_six_shot_probes_val_accuracy(
             *bench.COMMAND,
             f"data.root={tmp_path / 'data'}",
             f"data.unlabeled={pool}",
-            "seed=0",
+            "seed=4",
             f"hydra.run.dir={run}",
         ],
         cwd=tmp_path,
@@ -125,7 +127,7 @@ def test_a_pool_of_the_same_kind_raises_a_six_shot_probes_val_accuracy(
     )
     assert done.returncode == 0, done.stderr[-2000:]
     semi = json.loads((run / "metrics.json").read_text())["semi"]
-    assert semi["val_acc_with"] >= semi["val_acc_without"] + 0.05
+    assert semi["val_acc_with"] >= semi["val_acc_without"] + 0.1
     used = semi["rounds"][-1]["used_per_class"]
     assert max(used.values()) <= 2 * min(used.values())  # semi.max_ratio: neither dominates
     split = pd.read_csv(run / f"round_{len(semi['rounds']) - 1}" / "split.csv")
