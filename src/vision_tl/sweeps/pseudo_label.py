@@ -111,18 +111,22 @@ def label_pool(
     selection: Selection,
 ) -> tuple[list[tuple[str, int]], dict[str, Any]]:
     """The pseudo-labelled (file, class) pairs, and what was decided (per class)."""
-    train = catalog.samples["train"]
-    own = predictor.predict([k for k, _ in train], source.reader(loaded.preprocess))
-    labels = torch.tensor([train[i][1] for i in own.indices])
-    thresholds = class_thresholds(own.probs, labels, selection.quantile, selection.min_confidence)
+    train, names = catalog.samples["train"], catalog.class_names
+    labels = torch.tensor([c for _, c in train])
+    thresholds = torch.full((len(names),), float(selection.min_confidence))
+    if selection.quantile is not None:  # only then the teacher runs over its training images
+        own = predictor.predict([k for k, _ in train], source.reader(loaded.preprocess))
+        readable = labels[torch.tensor(own.indices, dtype=torch.long)]
+        thresholds = class_thresholds(
+            own.probs, readable, selection.quantile, selection.min_confidence
+        )
     result = predictor.predict(pool, keep_outputs=True)
     unknown = torch.zeros(len(result.indices), dtype=torch.bool)
     if selection.exclude_unknown and loaded.open_set is not None:
         assert result.logits is not None
         unknown = loaded.open_set.unknown(result.features, result.logits, predictor.temperature)
-    shares = torch.bincount(labels, minlength=len(catalog.class_names)).float() / len(labels)
+    shares = torch.bincount(labels, minlength=len(names)).float() / len(labels)
     chosen = select(result.probs, unknown, thresholds, selection.max_ratio, shares)
-    names = catalog.class_names
     sure = {name: 0 for name in names}
     for _, c in select(result.probs, unknown, thresholds, None):
         sure[names[c]] += 1
