@@ -74,6 +74,37 @@ def class_thresholds(
     return out
 
 
+def confident(
+    probs: torch.Tensor, unknown: torch.Tensor, thresholds: torch.Tensor
+) -> list[torch.Tensor]:
+    """Per class, the pool rows predicted as it that pass its threshold and are not
+    unknown, the most confident first."""
+    confidence, predicted = probs.max(1)
+    passing = []
+    for c in range(probs.shape[1]):
+        rows = ((predicted == c) & (confidence >= thresholds[c]) & ~unknown).nonzero().flatten()
+        passing.append(rows[confidence[rows].argsort(descending=True, stable=True)])
+    return passing
+
+
+def capped(
+    passing: list[torch.Tensor], max_ratio: float | None, shares: torch.Tensor | None = None
+) -> list[tuple[int, int]]:
+    """(pool row, class) of `passing`'s rows. With `max_ratio`, no class keeps more than that
+    many times the median class's count, each count taken relative to the class's share of
+    the labelled images (`shares`; equal when None). The lower median: with two classes it
+    is the smaller count, so a teacher sure of one class alone cannot tilt training to it,
+    and with many a class the pool lacks does not stop the others."""
+    if max_ratio is not None:
+        if shares is None:
+            shares = torch.full((len(passing),), 1.0 / len(passing))
+        pairs = list(zip(passing, shares.tolist(), strict=True))
+        relative = torch.tensor([len(rows) / share for rows, share in pairs if share > 0])
+        median = float(relative.median())  # torch's median is the lower one
+        passing = [rows[: int(max_ratio * median * share + 1e-9)] for rows, share in pairs]
+    return [(int(r), c) for c, rows in enumerate(passing) for r in rows]
+
+
 def select(
     probs: torch.Tensor,
     unknown: torch.Tensor,
@@ -81,25 +112,9 @@ def select(
     max_ratio: float | None,
     shares: torch.Tensor | None = None,
 ) -> list[tuple[int, int]]:
-    """(pool row, class) of the pool images that pass their class's threshold and are not
-    unknown, the most confident first. With `max_ratio`, no class keeps more than that many
-    times the median class's count, each count taken relative to the class's share of the
-    labelled images (`shares`; equal when None). The lower median: with two classes it is
-    the smaller count, so a teacher sure of one class alone cannot tilt training to it, and
-    with many a class the pool lacks does not stop the others."""
-    confidence, predicted = probs.max(1)
-    passing = []
-    for c in range(probs.shape[1]):
-        rows = ((predicted == c) & (confidence >= thresholds[c]) & ~unknown).nonzero().flatten()
-        passing.append(rows[confidence[rows].argsort(descending=True, stable=True)])
-    if max_ratio is not None:
-        if shares is None:
-            shares = torch.full((probs.shape[1],), 1.0 / probs.shape[1])
-        pairs = list(zip(passing, shares.tolist(), strict=True))
-        relative = torch.tensor([len(rows) / share for rows, share in pairs if share > 0])
-        median = float(relative.median())  # torch's median is the lower one
-        passing = [rows[: int(max_ratio * median * share + 1e-9)] for rows, share in pairs]
-    return [(int(r), c) for c, rows in enumerate(passing) for r in rows]
+    """(pool row, class) of the pool images that join training: `confident`, then
+    `capped`."""
+    return capped(confident(probs, unknown, thresholds), max_ratio, shares)
 
 
 def label_pool(
@@ -126,10 +141,9 @@ def label_pool(
         assert result.logits is not None
         unknown = loaded.open_set.unknown(result.features, result.logits, predictor.temperature)
     shares = torch.bincount(labels, minlength=len(names)).float() / len(labels)
-    chosen = select(result.probs, unknown, thresholds, selection.max_ratio, shares)
-    sure = {name: 0 for name in names}
-    for _, c in select(result.probs, unknown, thresholds, None):
-        sure[names[c]] += 1
+    passing = confident(result.probs, unknown, thresholds)
+    chosen = capped(passing, selection.max_ratio, shares)
+    sure = {name: len(rows) for name, rows in zip(names, passing, strict=True)}
     used = {name: 0 for name in names}
     for _, c in chosen:
         used[names[c]] += 1
