@@ -49,6 +49,15 @@ def few_labels(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"data": root / "data", "pool": root / "pool", "unknown": root / "unknown"}
 
 
+def _pseudo_labels(round_dir: Path) -> tuple[int, float]:
+    """How many pool images a round trained on, and the share labelled with their folder's
+    (true) class."""
+    split = pd.read_csv(round_dir / "split.csv")
+    pseudo = split[(split["split"] == "train") & split["path"].str.contains("/pool/")]
+    right = (pseudo["path"].map(lambda p: Path(p).parent.name) == pseudo["label"]).mean()
+    return len(pseudo), float(right)
+
+
 def test_pseudo_labels_of_a_ten_shot_probe_are_right_and_the_open_set_beats_the_top_probability(
     few_labels: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -72,10 +81,8 @@ def test_pseudo_labels_of_a_ten_shot_probe_are_right_and_the_open_set_beats_the_
     semi = json.loads((run / "metrics.json").read_text())["semi"]
     used = semi["rounds"][1]
     assert used["used"] >= 40 and min(used["used_per_class"].values()) > 0
-    split = pd.read_csv(run / "round_1" / "split.csv")
-    pseudo = split[(split["split"] == "train") & split["path"].str.contains("/pool/")]
-    assert len(pseudo) == used["used"]
-    right = (pseudo["path"].map(lambda p: Path(p).parent.name) == pseudo["label"]).mean()
+    count, right = _pseudo_labels(run / "round_1")
+    assert count == used["used"]
     assert right >= 0.95  # measured 0.986
     assert {"val_acc_without", "val_acc_with"} <= semi.keys()
 
@@ -130,7 +137,5 @@ def test_a_pool_of_the_same_kind_raises_a_six_shot_probes_val_accuracy(
     assert semi["val_acc_with"] >= semi["val_acc_without"] + 0.1
     used = semi["rounds"][-1]["used_per_class"]
     assert max(used.values()) <= 2 * min(used.values())  # semi.max_ratio: neither dominates
-    split = pd.read_csv(run / f"round_{len(semi['rounds']) - 1}" / "split.csv")
-    pseudo = split[split["path"].str.contains("/pool/")]
-    right = (pseudo["path"].map(lambda p: Path(p).parent.name) == pseudo["label"]).mean()
-    assert len(pseudo) == sum(used.values()) and right >= 0.9
+    count, right = _pseudo_labels(run / f"round_{len(semi['rounds']) - 1}")
+    assert count == sum(used.values()) and right >= 0.9
