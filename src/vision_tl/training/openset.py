@@ -441,7 +441,7 @@ def fit_for_run(
         logits, _, features = outputs(model, datamodule, files, device)
         unknown = (features, logits) if len(logits) else None
     pool_features = None
-    if settings.pool and settings.score in ("pool", "pool_msp"):
+    if settings.pool and NEEDS.get(str(settings.score)) == "direction":
         cache = datamodule.cache_root
         files = unlabeled_pool(settings.pool, datamodule.catalog.all_keys(), cache, settings.limits)
         if len(files) > settings.pool_size:
