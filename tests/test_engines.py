@@ -24,6 +24,7 @@ from vision_tl.core.engines import (
     Forward,
     compile_forward,
     converted_cache,
+    cores_for,
     openvino_model,
     resolve_engine,
     used_weights_digest,
@@ -32,6 +33,7 @@ from vision_tl.core.errors import ConfigError
 from vision_tl.core.validate import validate
 from vision_tl.inference.export import run_export
 from vision_tl.inference.predict import run_predict
+from vision_tl.inference.predictor import Predictor
 from vision_tl.models import build_model
 from vision_tl.training.train import run_training
 
@@ -310,6 +312,44 @@ def test_openvino_converts_through_torch_export_when_tracing_fails(
     monkeypatch.setattr(torch.jit, "trace", gone)
     import openvino as ov
 
-    compiled = ov.Core().compile_model(openvino_model(forward, (x,)), "CPU")
+    # f32 named: OpenVINO computes in bf16 by default on a CPU with AVX512-BF16.
+    f32 = {"INFERENCE_PRECISION_HINT": "f32"}
+    compiled = ov.Core().compile_model(openvino_model(forward, (x,)), "CPU", f32)
     batch = torch.rand(5, 3, 12, 12)  # another batch size: the batch axis stayed dynamic
     torch.testing.assert_close(torch.from_numpy(compiled(batch.numpy())[0]), net(batch))
+
+
+class ThreadSpy:
+    """A runner of `engine` that records torch's thread count at each call."""
+
+    precision = "fp32"
+
+    def __init__(self, engine: str) -> None:
+        self.engine = engine
+        self.threads: list[int] = []
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.threads.append(torch.get_num_threads())
+        return torch.zeros(len(x), 3)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(("engine", "inside"), [("openvino", 1), ("onnxruntime", 1), ("torch", 3)])
+def test_torch_keeps_one_thread_while_another_engine_computes(engine: str, inside: int) -> None:
+    """torch's idle threads spin on the cores another engine needs: around that engine's
+    calls torch runs on one thread, and gets its threads back after; eager keeps them."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        spy = ThreadSpy(engine)
+        with cores_for(spy):
+            assert torch.get_num_threads() == inside
+        assert torch.get_num_threads() == 3
+        pre = build_model({"backbone": {"name": "resnet18"}}, 3, pretrained=False).preprocess
+        predictor = Predictor(None, pre.resolve({"image_size": 32}), runner=spy)
+        views = torch.randint(0, 255, (2, 1, 3, 32, 32), dtype=torch.uint8)
+        probs = predictor.probabilities(views)
+        assert spy.threads == [inside] and probs.shape == (2, 3)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)

@@ -42,6 +42,19 @@ def available_cpus() -> int:
     return os.cpu_count() or 1
 
 
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """torch's own ops on one thread for the block. Small ops (a head on features, the
+    normalising around another engine's call) run faster so, a busy CPU does not stall
+    them, and torch's idle threads do not spin on the cores another engine computes on."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def resolve_device(name: str | torch.device = "auto") -> torch.device:
     """`auto` is the GPU when there is one; anything else must be a torch device name."""
     if isinstance(name, torch.device):

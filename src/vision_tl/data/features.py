@@ -35,7 +35,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from vision_tl.core.engines import Runner, compile_forward, resolve_engine, weights_digest
+from vision_tl.core.engines import (
+    Runner,
+    compile_forward,
+    cores_for,
+    resolve_engine,
+    weights_digest,
+)
 from vision_tl.core.errors import ConfigError
 from vision_tl.core.io import claim
 from vision_tl.core.launch import from_rank_zero, gathered, group_rank
@@ -316,7 +322,11 @@ def _extract(
         collate_fn=_collate,
         pin_memory=device.type == "cuda",
     )
-    with open(out / filename, "wb") as handle, torch.random.fork_rng(devices=[]):
+    with (
+        open(out / filename, "wb") as handle,
+        torch.random.fork_rng(devices=[]),
+        cores_for(model),
+    ):
         fd = handle.fileno()
         for batches, indices, errors in loader:
             stop_if_signalled()  # SIGTERM/SIGINT in a fit: the unfinished entry is removed

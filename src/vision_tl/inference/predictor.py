@@ -18,7 +18,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision.transforms import v2
 
-from vision_tl.core.engines import Runner, compile_forward, engine_for_file, resolve_engine
+from vision_tl.core.engines import (
+    Runner,
+    compile_forward,
+    cores_for,
+    engine_for_file,
+    resolve_engine,
+)
 from vision_tl.core.errors import ConfigError
 from vision_tl.core.io import printable, write_csv
 from vision_tl.core.runtime import (
@@ -298,18 +304,19 @@ class Predictor:
         """Probabilities averaged over views (and flips), and the logits and features
         averaged the same way (what the open-set scores read)."""
         batch, num_views = (views if isinstance(views, torch.Tensor) else views[0]).shape[:2]
-        x = map_inputs(lambda t: t.to(self.device, non_blocking=True).flatten(0, 1), views)
-        x = normalize_batch(x, self.preprocess)
-        if self.hflip:
-            x = map_inputs(lambda t: torch.cat([t, t.flip(-1)]), x)
-        logits, features = self.outputs(x)
-        logits = logits.float()
-        probs = (logits / self.temperature).softmax(1)
 
         def mean(t: torch.Tensor) -> torch.Tensor:
             return t.view(-1, batch, num_views, t.shape[1]).mean(dim=(0, 2))
 
-        return mean(probs), mean(logits), None if features is None else mean(features)
+        with cores_for(self.runner):
+            x = map_inputs(lambda t: t.to(self.device, non_blocking=True).flatten(0, 1), views)
+            x = normalize_batch(x, self.preprocess)
+            if self.hflip:
+                x = map_inputs(lambda t: torch.cat([t, t.flip(-1)]), x)
+            logits, features = self.outputs(x)
+            logits = logits.float()
+            probs = (logits / self.temperature).softmax(1)
+            return mean(probs), mean(logits), None if features is None else mean(features)
 
     def predict(
         self,

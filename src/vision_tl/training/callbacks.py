@@ -20,6 +20,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from vision_tl.core.errors import ConfigError
 from vision_tl.core.io import write_csv
+from vision_tl.core.runtime import one_thread
 from vision_tl.core.shims import stop_fit_as_on_sigterm
 from vision_tl.core.signals import Interrupted, pending
 from vision_tl.core.stats import wilson_interval
@@ -27,7 +28,7 @@ from vision_tl.data.datamodule import Augmentation, ImageDataModule
 from vision_tl.data.decode import error_line
 from vision_tl.data.features import CachedFeatures, FeatureSpec, build_features
 from vision_tl.training.finetune import Convergence, FinetunePolicy, Stage
-from vision_tl.training.probe import decide_views, one_thread, stratified_subset
+from vision_tl.training.probe import decide_views, stratified_subset
 
 log = logging.getLogger(__name__)
 

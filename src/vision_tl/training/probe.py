@@ -24,14 +24,13 @@ epoch.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import itertools
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import Any
@@ -44,6 +43,7 @@ from torch.utils.data import BatchSampler
 
 from vision_tl.core.errors import ConfigError
 from vision_tl.core.launch import from_rank_zero
+from vision_tl.core.runtime import one_thread
 from vision_tl.data.features import CachedFeatures
 from vision_tl.data.samplers import ViewSampler, train_sampler
 from vision_tl.models.classifier import Classifier
@@ -106,18 +106,6 @@ class ProbeResult:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """Heads on features are tiny ops: one thread runs them faster than several, and a
-    busy CPU does not stall it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _head_copy(model: Classifier) -> Classifier:

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import default_collate
 
+from vision_tl.core.engines import cores_for
 from vision_tl.core.errors import ConfigError, error_line
 from vision_tl.data.decode import ImageTooLarge, ReadLimits, too_large
 from vision_tl.inference.checkpoint import load_checkpoint, load_export
@@ -147,11 +148,12 @@ class Scorer:
             else torch.from_numpy(views)
             for views in batch
         ]
-        probs, logits, features = self.predictor.view_outputs(default_collate(tensors))
-        if self.open_set is None:
-            return probs.cpu()
-        scores = self.open_set.scores(features, logits, self.predictor.temperature)
-        return torch.cat([probs, scores.to(probs)[:, None]], dim=1).cpu()
+        with cores_for(self.predictor.runner):
+            probs, logits, features = self.predictor.view_outputs(default_collate(tensors))
+            if self.open_set is None:
+                return probs.cpu()
+            scores = self.open_set.scores(features, logits, self.predictor.temperature)
+            return torch.cat([probs, scores.to(probs)[:, None]], dim=1).cpu()
 
     def answers(self, names: Sequence[str | None], rows: np.ndarray) -> list[Answer]:
         """One answer per image (`rows` from `rows`), with the columns `predict` writes."""
