@@ -8,6 +8,7 @@ import json
 import math
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -22,6 +23,8 @@ from vision_tl.inference.checkpoint import load_checkpoint
 from vision_tl.inference.eval import run_eval
 from vision_tl.inference.export import model_card
 from vision_tl.inference.predict import run_predict
+from vision_tl.inference.serving.scorer import build_scorer
+from vision_tl.training import calibration
 from vision_tl.training.calibration import (
     KEYS,
     calibrate_run,
@@ -31,6 +34,7 @@ from vision_tl.training.calibration import (
     nll,
     store_calibration,
 )
+from vision_tl.training.compat import SavedFacts
 from vision_tl.training.train import run_training
 
 
@@ -149,3 +153,48 @@ def test_run_stores_the_temperature_and_eval_and_predict_apply_it(tmp_path: Path
     del checkpoint["vision_tl"]["temperature"]
     torch.save(checkpoint, old)
     assert load_checkpoint(old).temperature == 1.0
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("tolerance", [calibration.BF16_TOLERANCE, -1.0])
+def test_a_fine_tune_is_checked_in_bf16_on_val_and_inference_follows_the_choice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tolerance: float
+) -> None:
+    """Where bf16 is native (forced here so any CPU runs the check; autocast emulates it),
+    calibration runs val once more under bf16 autocast; the checkpoint records bf16 when
+    it loses at most the tolerance (-1: never) and `precision=auto` inference follows."""
+    monkeypatch.setattr(calibration, "native_bf16", lambda device: True)
+    monkeypatch.setattr(calibration, "BF16_TOLERANCE", tolerance)
+    autocast_seen: list[torch.dtype | None] = []
+    real = calibration.val_logits
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        on = torch.is_autocast_enabled("cpu")
+        autocast_seen.append(torch.get_autocast_dtype("cpu") if on else None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(calibration, "val_logits", spy)
+    root = make_image_folder(tmp_path / "data", per_class=6, splits=("train", "val"))
+    quiet = ["logger=none", "callbacks.learning_rate_monitor=null", "trainer.max_epochs=1"]
+    metrics = run_training(_compose("train", [*TINY, *quiet, f"data.root={root}"], tmp_path))
+    assert autocast_seen == [None, torch.bfloat16]  # fp32 val, then the bf16 check
+    check = metrics["bf16_check"]
+    assert check["images"] == len(list((root / "val").rglob("*.png")))
+    assert 0 <= check["top1_agreement"] <= 1
+    assert check["val_acc_fp32"] == pytest.approx(metrics["best_val_acc"], abs=1e-6)
+    expected = "bf16" if check["val_acc_bf16"] >= check["val_acc_fp32"] - tolerance else "fp32"
+    assert check["chosen"] == expected == ("fp32" if tolerance < 0 else expected)
+    best = tmp_path / "checkpoints" / "best.ckpt"
+    assert torch.load(best, weights_only=True)["vision_tl"]["inference_precision"] == expected
+    assert load_checkpoint(best).precision == expected
+    predicted = build_scorer({"ckpt_path": str(best), "inference": {"engine": "torch"}})
+    assert predicted.info["precision"] == expected
+
+
+@pytest.mark.unit
+def test_the_checked_precision_wins_over_the_feature_precision() -> None:
+    facts = SavedFacts.of({"vision_tl": {"feature_precision": "bf16"}})
+    assert facts.precision == "bf16"
+    checked = {"feature_precision": "bf16", "inference_precision": "fp32"}
+    assert SavedFacts.of({"vision_tl": checked}).precision == "fp32"
+    assert SavedFacts.of({"vision_tl": {}}).precision == "fp32"

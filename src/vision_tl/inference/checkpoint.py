@@ -39,7 +39,7 @@ class LoadedModel:
     class_names: list[str]
     preprocess: AnyPreprocess  # per member for an ensemble whose members need different pixels
     path: Path
-    # The backbone's precision when training validated (bf16 for features cached in bf16).
+    # The backbone's precision as training validated it (`SavedFacts.precision`).
     precision: str = "fp32"
     # The calibration temperature fitted after training (1.0 for older checkpoints).
     temperature: float = 1.0
@@ -78,7 +78,7 @@ def load_checkpoint(ckpt_path: str | Path | None) -> LoadedModel:
             class_names,
             preprocess,
             path,
-            facts.feature_precision,
+            facts.precision,
             facts.temperature,
             OperatingPoint.from_dict(facts.operating_point),
             OpenSet.from_dict(facts.open_set),

@@ -48,9 +48,17 @@ class SavedFacts:
     val_acc_best: float | None = None
     probe: dict[str, Any] | None = None
     feature_precision: str = "fp32"
+    # What calibration's val check chose for inference (`calibration.bf16_check`), if run.
+    inference_precision: str | None = None
     temperature: float = 1.0
     operating_point: dict[str, Any] | None = None
     open_set: dict[str, Any] | None = None
+
+    @property
+    def precision(self) -> str:
+        """The backbone's precision as training validated it: the val check's choice, else
+        the precision its cached features were computed in."""
+        return str(self.inference_precision or self.feature_precision)
 
     @classmethod
     def of(cls, checkpoint: dict[str, Any]) -> SavedFacts:
@@ -61,6 +69,7 @@ class SavedFacts:
             val_acc_best=meta.get("val_acc_best"),
             probe=meta.get("probe"),
             feature_precision=str(meta.get("feature_precision", "fp32")),
+            inference_precision=meta.get("inference_precision"),
             temperature=float(meta.get("temperature", 1.0)),
             operating_point=meta.get("operating_point"),
             open_set=meta.get("open_set"),
