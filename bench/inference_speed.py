@@ -8,7 +8,9 @@ trainer.max_epochs=4 optimizer.lr=0.001 model.backbone.name=timm/tf_efficientnet
 model.backbone.weights_path=../shared/weights/tf_efficientnet_lite0.in1k.safetensors`, and
 the same with `finetune=linear_probe`.
 
-The images: hymenoptera's 397 photos three times (1,191 files, `{ants,bees}/<copy>_<name>`).
+The images: hymenoptera's 396 photos `--copies` times (3: 1,188 files), as
+`{ants,bees}/<copy>_<name>`; a larger `--copies` shows the whole process where start-up
+weighs less.
 Each round measures, in alternating order so background load hits every side alike:
 - `baseline`: what a careful user writes: the checkpoint's network in fp32, timm's eval
   transform on PIL images, `DataLoader(batch 32, 2 workers)`, `torch.inference_mode()`;
@@ -44,13 +46,11 @@ from vision_tl.core.runtime import inference_copy
 from vision_tl.inference.checkpoint import load_checkpoint
 from vision_tl.inference.predictor import Predictor, collect_inputs
 
-COPIES = 3
 
-
-def image_folder(work: Path) -> Path:
-    """hymenoptera's train and val photos, `COPIES` times, one folder per class."""
+def image_folder(work: Path, copies: int) -> Path:
+    """hymenoptera's train and val photos, `copies` times, one folder per class."""
     root = work / "images"
-    for copy in range(COPIES):
+    for copy in range(copies):
         for path in sorted(HYMENOPTERA.glob("*/*/*.jpg")):
             target = root / path.parent.name / f"{copy}_{path.parent.parent.name}_{path.name}"
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -162,12 +162,13 @@ def main() -> None:
     parser.add_argument("--finetune", type=Path, required=True)
     parser.add_argument("--probe", type=Path, required=True)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--copies", type=int, default=3, help="hymenoptera's photos N times")
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--sides", default="", help="comma-separated subset of the sides")
     parser.add_argument("--no-accuracy", action="store_true", help="images/s only")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="vtl-inference-speed-"))
-    images = image_folder(work)
+    images = image_folder(work, args.copies)
     files = collect_inputs(images).files
     val_files = collect_inputs(HYMENOPTERA / "val").files
     models = {"finetune": args.finetune, "probe": args.probe}

@@ -189,6 +189,11 @@ def test_a_fine_tune_is_checked_in_bf16_on_val_and_inference_follows_the_choice(
     assert load_checkpoint(best).precision == expected
     predicted = build_scorer({"ckpt_path": str(best), "inference": {"engine": "torch"}})
     assert predicted.info["precision"] == expected
+    # eval keeps the precision best_val_acc was measured in, and so reproduces it
+    evaluated = [f"ckpt_path={best}", f"data.root={root}", "split=val", "num_workers=0"]
+    scores = run_eval(_compose("eval", evaluated, tmp_path / "eval"))
+    assert load_checkpoint(best).val_precision == scores["precision"] == "fp32"
+    assert scores["acc"] == pytest.approx(check["val_acc_fp32"], abs=1e-6)
 
 
 @pytest.mark.unit

@@ -39,8 +39,11 @@ class LoadedModel:
     class_names: list[str]
     preprocess: AnyPreprocess  # per member for an ensemble whose members need different pixels
     path: Path
-    # The backbone's precision as training validated it (`SavedFacts.precision`).
+    # The backbone's precision as training validated it (`SavedFacts.precision`): what
+    # predict and serve run it in.
     precision: str = "fp32"
+    # The precision training's val accuracy was measured in: what eval runs it in.
+    val_precision: str = "fp32"
     # The calibration temperature fitted after training (1.0 for older checkpoints).
     temperature: float = 1.0
     # A two-class threshold fitted on val (`training.binary.OperatingPoint`), or None.
@@ -79,6 +82,7 @@ def load_checkpoint(ckpt_path: str | Path | None) -> LoadedModel:
             preprocess,
             path,
             facts.precision,
+            facts.feature_precision,
             facts.temperature,
             OperatingPoint.from_dict(facts.operating_point),
             OpenSet.from_dict(facts.open_set),

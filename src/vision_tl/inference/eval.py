@@ -252,7 +252,7 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     names = [source.name_of(key) for key in keys]
     log.info("Evaluating %s on %d %s image(s) from %s", loaded.path, len(keys), split, where)
 
-    predictor = predictor_from_config(loaded, cfg)
+    predictor = predictor_from_config(loaded, cfg, measured=True)
     unknown_spec = cfg.get("unknown")
     unknown_files = list_images(unknown_spec, "unknown") if unknown_spec else []
     result = predictor.predict(keys, source.reader(loaded.preprocess), bool(unknown_files))

@@ -360,17 +360,23 @@ class Predictor:
         return result
 
 
-def predictor_from_config(loaded: LoadedModel, cfg: DictConfig) -> Predictor:
+def predictor_from_config(
+    loaded: LoadedModel, cfg: DictConfig, measured: bool = False
+) -> Predictor:
     """The predictor described by an entry config (`device`, `batch_size`, `tta`, ...).
 
     `precision=auto` runs the backbone as training validated it: bf16 for a probe whose
-    features were cached in bf16, else fp32; `bf16` or `fp32` force it. Files are read
-    within `data.max_file_bytes` and `data.max_image_pixels`, as training reads them."""
+    features were cached in bf16 or a fine-tune whose val check chose bf16, else fp32;
+    with `measured` (eval), in the precision training's val accuracy was measured in, so
+    eval reproduces it; `bf16` or `fp32` force it. Files are read within
+    `data.max_file_bytes` and `data.max_image_pixels`, as training reads them."""
     precision = str(cfg.get("precision") or "auto")
+    if precision == "auto":
+        precision = loaded.val_precision if measured else loaded.precision
     return Predictor(
         loaded.model,
         loaded.preprocess,
-        precision=loaded.precision if precision == "auto" else precision,
+        precision=precision,
         temperature=loaded.temperature if cfg.get("calibrate", True) else 1.0,
         engine=engine_setting(cfg),
         **loading_settings(cfg),
