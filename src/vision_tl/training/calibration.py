@@ -5,9 +5,9 @@ Dividing every logit by the same positive number never changes which class is la
 so no prediction changes class; only the probabilities (and what `reject_threshold`
 rejects) do. T is stored in the checkpoint's `vision_tl` dict; eval and predict apply it.
 
-The same val pass also decides the precision inference runs a fine-tuned backbone in
+A second val pass decides the precision inference runs a fine-tuned backbone in
 (`bf16_check`): bf16 where it is native and loses no more than `BF16_TOLERANCE` of val
-accuracy, else fp32.
+accuracy, else fp32. T and the thresholds are fitted on the pass in that precision.
 """
 
 from __future__ import annotations
@@ -132,18 +132,21 @@ def bf16_check(
     datamodule: L.LightningDataModule,
     logits: torch.Tensor,
     target: torch.Tensor,
-) -> dict[str, Any] | None:
-    """The val split once more under bf16 autocast, where bf16 is native and val ran the
-    backbone on images (a probe's features already carry their precision): `chosen` is
-    bf16 when its val accuracy is within `BF16_TOLERANCE` of fp32's, the precision eval,
-    predict and serve then run this checkpoint in with `precision=auto`. None: not
-    checked (inference keeps the precision training validated)."""
+) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor] | None:
+    """The val split once more with the backbone under bf16 autocast, where bf16 is native
+    and val ran the backbone on images (a probe's features already carry their precision):
+    `chosen` is bf16 when its val accuracy is within `BF16_TOLERANCE` of fp32's, the
+    precision predict and serve then run this checkpoint in with `precision=auto`. Returns
+    the check and the bf16 pass's val logits and features; None: not checked (inference
+    keeps the precision training validated)."""
     device = trainer.strategy.root_device
     if task.feature_inputs or len(target) == 0 or not native_bf16(device):
         return None
     with torch.autocast(device.type, dtype=torch.bfloat16):
-        low, _, _ = val_logits(trainer, task, datamodule, None)
-    low = low.float()
+        _, _, features = val_logits(trainer, task, datamodule, None)
+    features = features.float()
+    with torch.no_grad():  # the head in float32 on the bf16 features, as inference runs it
+        low = task.model.classify_features(features.to(device)).float().cpu()
     fp32, bf16 = accuracy(logits, target), accuracy(low, target)
     check = {
         "chosen": "bf16" if bf16 >= fp32 - BF16_TOLERANCE else "fp32",
@@ -162,7 +165,7 @@ def bf16_check(
         len(target),
         100 * BF16_TOLERANCE,
     )
-    return check
+    return check, low, features
 
 
 def calibrate_run(
@@ -179,7 +182,8 @@ def calibrate_run(
     with the precision inference may run it in (`bf16_check`); with two classes and a
     target in `operating` (`operating_point.*`), the threshold that meets it on the
     calibrated val probabilities too; with an `open_set` score, the open-set detector
-    (`training.openset`) of the best weights.
+    (`training.openset`) of the best weights. When bf16 is chosen, all three are fitted
+    on the bf16 pass: the scores predict and serve compute.
 
     With several processes each holds a share of val; rather than gather them, the run
     keeps T = 1 and says so (calibrate afterwards with a single-process run if needed)."""
@@ -190,11 +194,20 @@ def calibrate_run(
         )
         return uncalibrated_report()
     logits, target, features = val_logits(trainer, task, datamodule, best_path or None)
-    report = calibration_report(logits.float(), target)
     if len(target) == 0:
         log.warning("Calibration skipped: the val split gave no logits; temperature stays 1.0")
-        return report
-    fitted: dict[str, Any] = {"temperature": float(report["temperature"])}
+        return calibration_report(logits.float(), target)
+    fitted: dict[str, Any] = {}
+    checked, precision = bf16_check(trainer, task, datamodule, logits, target), "fp32"
+    if checked is not None:
+        check, low_logits, low_features = checked
+        fitted["inference_precision"] = check["chosen"]
+        if check["chosen"] == "bf16":  # fitted on what predict and serve will compute
+            logits, features, precision = low_logits, low_features, "bf16"
+    report = calibration_report(logits.float(), target)
+    if checked is not None:
+        report = {**report, "bf16_check": checked[0]}
+    fitted["temperature"] = float(report["temperature"])
     wanted = {k: v for k, v in (operating or {}).items() if v is not None}
     if wanted.keys() & {"target_precision", "target_recall"}:
         probs = (logits.double() / report["temperature"]).softmax(1)
@@ -227,7 +240,14 @@ def calibrate_run(
         device = trainer.strategy.root_device
         temperature = float(report["temperature"])
         detector = fit_for_run(
-            open_set, task.model, datamodule, (logits, features), temperature, device, seed
+            open_set,
+            task.model,
+            datamodule,
+            (logits, features),
+            temperature,
+            device,
+            seed,
+            precision,
         )
         if detector is not None:
             fitted["open_set"] = detector.as_dict()
@@ -239,10 +259,6 @@ def calibrate_run(
                 100 * detector.tpr,
                 len(target),
             )
-    check = bf16_check(trainer, task, datamodule, logits, target)
-    if check is not None:
-        fitted["inference_precision"] = check["chosen"]
-        report = {**report, "bf16_check": check}
     for path in checkpoints:
         store_calibration(path, fitted)
     log.info(

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from vision_tl.core.errors import ConfigError
 from vision_tl.core.registry import Registry
+from vision_tl.core.runtime import backbone_precision
 from vision_tl.core.validate import check_values
 from vision_tl.data.augment import map_inputs
 from vision_tl.data.decode import ReadLimits
@@ -394,10 +395,15 @@ class OpenSetSettings:
 
 @torch.inference_mode()
 def outputs(
-    model: Any, datamodule: Any, samples: str | list[tuple[str, int]], device: torch.device
+    model: Any,
+    datamodule: Any,
+    samples: str | list[tuple[str, int]],
+    device: torch.device,
+    precision: str = "fp32",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logits, labels, features) of a split or of other files, with `model`'s weights: the
-    cached features while the datamodule serves them, else the images through the backbone."""
+    cached features while the datamodule serves them, else the images through the backbone
+    in `precision` (its head in float32, as inference runs it)."""
     served = isinstance(samples, str) and datamodule.features is not None
     model = model.to(device).eval()
     chunks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
@@ -408,7 +414,8 @@ def outputs(
             features = split_teacher(x)[0].to(device).float()
         else:
             x = datamodule.normalize(map_inputs(lambda t: t.to(device), x))
-            features = model.features(x).float()
+            with backbone_precision(precision, device):
+                features = model.features(x).float()
         logits = model.classify_features(features).float()
         chunks.append((logits.cpu(), y.cpu(), features.cpu()))
     if not chunks:
@@ -424,21 +431,22 @@ def fit_for_run(
     temperature: float,
     device: torch.device,
     seed: int = 0,
+    precision: str = "fp32",
 ) -> OpenSet | None:
     """The run's detector from its best weights (`model`) and their val (logits, features):
     thresholds on val, the bank from train, the `pool` direction from the run's pool,
-    separated from `settings.unknown`'s images when given. None when no score is asked for
-    or a split gave nothing."""
+    separated from `settings.unknown`'s images when given, each through the backbone in
+    `precision` (the val pass's). None when no score is asked for or a split gave nothing."""
     val_logits, val_features = val
     if settings.score is None or len(val_logits) == 0:
         return None
-    _, _, train_features = outputs(model, datamodule, "train", device)
+    _, _, train_features = outputs(model, datamodule, "train", device, precision)
     if len(train_features) == 0:
         return None
     unknown = None
     if settings.unknown:
         files = [(f, -1) for f in list_images(settings.unknown, "open_set.unknown")]
-        logits, _, features = outputs(model, datamodule, files, device)
+        logits, _, features = outputs(model, datamodule, files, device, precision)
         unknown = (features, logits) if len(logits) else None
     pool_features = None
     if settings.pool and NEEDS.get(str(settings.score)) == "direction":
@@ -448,7 +456,8 @@ def fit_for_run(
             rows = sample_rows(torch.arange(len(files)), settings.pool_size, seed)
             files = [files[i] for i in rows.sort().values]
         log.info("Open set: %d pool image(s) teach the pool score", len(files))
-        pool_features = outputs(model, datamodule, [(f, -1) for f in files], device)[2]
+        pool = [(f, -1) for f in files]
+        pool_features = outputs(model, datamodule, pool, device, precision)[2]
     return fit_open_set(
         settings.score,
         val_features,
