@@ -20,7 +20,7 @@ from vision_tl.inference.checkpoint import load_checkpoint
 from vision_tl.inference.discover import cluster
 from vision_tl.inference.serving.scorer import build_scorer
 from vision_tl.inference.suggest import cluster_margin, margins
-from vision_tl.sweeps.pseudo_label import class_thresholds, select
+from vision_tl.sweeps.pseudo_label import capped, class_thresholds, confident
 from vision_tl.training.openset import (
     OpenSet,
     OpenSetSettings,
@@ -175,19 +175,21 @@ def test_pseudo_label_selection_is_per_class_capped_and_skips_unknown() -> None:
         [[0.95, 0.05], [0.85, 0.15], [0.82, 0.18], [0.81, 0.19], [0.7, 0.3], [0.1, 0.9], [0.2, 0.8]]
     )
     unknown = torch.tensor([False, False, False, False, False, True, False])
-    chosen = select(pool, unknown, thresholds, max_ratio=None)
+    passing = confident(pool, unknown, thresholds)
+    chosen = capped(passing, max_ratio=None)
     assert chosen == [(0, 0), (1, 0), (2, 0), (3, 0), (6, 1)]  # row 5 is unknown
-    capped = select(pool, unknown, thresholds, max_ratio=2.0)  # 2 x the lower median (1)
-    assert capped == [(0, 0), (1, 0), (6, 1)]
+    two_x = capped(passing, max_ratio=2.0)  # 2 x the lower median (1)
+    assert two_x == [(0, 0), (1, 0), (6, 1)]
     # Relative to the labelled shares: class 0 holds 3/4 of them, so 3 per class-1 image.
     shares = torch.tensor([0.75, 0.25])
-    assert select(pool, unknown, thresholds, 1.0, shares) == [(0, 0), (1, 0), (2, 0), (6, 1)]
+    assert capped(passing, 1.0, shares) == [(0, 0), (1, 0), (2, 0), (6, 1)]
     # A teacher sure of one class only: that class must not take over training.
-    assert select(pool, torch.tensor([False] * 5 + [True] * 2), thresholds, 2.0) == []
+    one_class = confident(pool, torch.tensor([False] * 5 + [True] * 2), thresholds)
+    assert capped(one_class, 2.0) == []
     # With more classes, one the pool lacks does not stop the others: the median of 3, 1, 0
     # is 1, so 2 per class.
     three = torch.tensor([[0.95, 0.05, 0.0]] * 3 + [[0.05, 0.95, 0.0]])
-    kept = select(three, torch.zeros(4, dtype=torch.bool), torch.full((3,), 0.9), 2.0)
+    kept = capped(confident(three, torch.zeros(4, dtype=torch.bool), torch.full((3,), 0.9)), 2.0)
     assert kept == [(0, 0), (1, 0), (3, 1)]
 
 

@@ -105,18 +105,6 @@ def capped(
     return [(int(r), c) for c, rows in enumerate(passing) for r in rows]
 
 
-def select(
-    probs: torch.Tensor,
-    unknown: torch.Tensor,
-    thresholds: torch.Tensor,
-    max_ratio: float | None,
-    shares: torch.Tensor | None = None,
-) -> list[tuple[int, int]]:
-    """(pool row, class) of the pool images that join training: `confident`, then
-    `capped`."""
-    return capped(confident(probs, unknown, thresholds), max_ratio, shares)
-
-
 def label_pool(
     loaded: LoadedModel,
     predictor: Predictor,

@@ -152,7 +152,7 @@ def bf16_check(
         "chosen": "bf16" if bf16 >= fp32 - BF16_TOLERANCE else "fp32",
         "val_acc_fp32": round(fp32, 6),
         "val_acc_bf16": round(bf16, 6),
-        "top1_agreement": round(float((low.argmax(1) == logits.argmax(1)).float().mean()), 6),
+        "top1_agreement": round(accuracy(low, logits.argmax(1)), 6),
         "images": len(target),
     }
     log.info(
@@ -198,12 +198,13 @@ def calibrate_run(
         log.warning("Calibration skipped: the val split gave no logits; temperature stays 1.0")
         return calibration_report(logits.float(), target)
     fitted: dict[str, Any] = {}
-    checked, precision = bf16_check(trainer, task, datamodule, logits, target), "fp32"
+    checked = bf16_check(trainer, task, datamodule, logits, target)
     if checked is not None:
         check, low_logits, low_features = checked
         fitted["inference_precision"] = check["chosen"]
         if check["chosen"] == "bf16":  # fitted on what predict and serve will compute
-            logits, features, precision = low_logits, low_features, "bf16"
+            logits, features = low_logits, low_features
+    precision = fitted.get("inference_precision", "fp32")
     report = calibration_report(logits.float(), target)
     if checked is not None:
         report = {**report, "bf16_check": checked[0]}
