@@ -316,21 +316,32 @@ def test_ensemble_probe_with_augmented_views_trains_from_the_cache(
 def test_a_views_subset_gives_the_rows_the_whole_split_would_and_lends_them(
     image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Views drawn for a subset first are the whole split's rows for those images, and the
-    whole split's entry copies them instead of running the backbone on them again."""
+    """Views drawn for a subset first, a view at a time, are the whole split's rows for
+    those images, and each later entry copies them instead of running the backbone on
+    them again: it computes only the views it lacks."""
     task = _task()
-    keys = {"augment": "flip_crop", "feature_views": 2, "cache": str(tmp_path / "a")}
+    keys = {"augment": "flip_crop", "feature_views": 3, "cache": str(tmp_path / "a")}
     dm, spec = _datamodule(image_folder, task, **keys)
     train = sorted(k for k, _ in dm.catalog.samples["train"])
     subset = train[3:9]
     cpu = torch.device("cpu")
-    first = build_features(spec, dm, task.model, cpu, views=subset)
-    assert first.train_store.files == subset
     counted: list[int] = []
     features = task.model.features
     monkeypatch.setattr(task.model, "features", lambda x: counted.append(len(x)) or features(x))
-    whole = build_features(spec, dm, task.model, cpu, views="all", reuse=first.train_store)
-    assert sum(counted) == 2 * (len(train) - len(subset)), "the subset's rows are copied"
+    first = build_features(spec, dm, task.model, cpu, views=subset, subset_views=1)
+    assert first.train_store.files == subset and first.train_store.views == 1
+    counted.clear()
+    second = build_features(
+        spec, dm, task.model, cpu, views=subset, reuse=first.train_store, subset_views=2
+    )
+    assert second.train_store.views == 2 and sum(counted) == len(subset), "one more view"
+    counted.clear()
+    whole = build_features(spec, dm, task.model, cpu, views="all", reuse=second.train_store)
+    rest = len(train) - len(subset)
+    assert sum(counted) == 3 * rest + len(subset), "the subset's two views are copied"
+    subset_rows = np.fromfile(second.train_store.data_file, np.float32).reshape(2, 6, -1)
+    whole_rows = np.fromfile(whole.train_store.data_file, np.float32).reshape(3, len(train), -1)
+    np.testing.assert_array_equal(whole_rows[:2, 3:9], subset_rows)
     fresh_dm, fresh_spec = _datamodule(image_folder, task, **{**keys, "cache": str(tmp_path / "b")})
     fresh = build_features(fresh_spec, fresh_dm, task.model, cpu)
     rows = np.fromfile(whole.train_store.data_file, np.float32)

@@ -195,6 +195,53 @@ def test_every_searched_l2_penalty_regularises_the_default_probe_head() -> None:
         assert by_l2[-1] <= 0.5 * by_l2[0], (lr, by_l2)
 
 
+@pytest.mark.parametrize(
+    ("augmented", "rounds", "wins"),
+    [
+        ({2: 0.79}, [2], False),  # behind the eval view: no more views
+        ({2: 0.85}, [2], True),  # ahead by more than a standard error (0.04 here)
+        ({2: 0.81, 3: 0.81}, [2, 3], False),  # ahead, then no better with a third view
+        ({2: 0.81, 3: 0.83, 4: 0.82}, [2, 3, 4], False),  # improving to the last view
+        ({2: 0.81, 3: 0.85}, [2, 3], True),  # the third view makes the lead
+    ],
+)
+def test_the_views_decision_adds_views_while_they_improve_and_stops_at_a_win(
+    monkeypatch: pytest.MonkeyPatch, augmented: dict[int, float], rounds: list[int], wins: bool
+) -> None:
+    """The subset gets two views first and one more a round while the views' held-out
+    accuracy improves and has not yet beaten the eval view's (0.80 on 100 images) by a
+    standard error; the eval view's accuracy is searched once."""
+    from types import SimpleNamespace
+
+    from vision_tl.training import probe
+
+    searched: list[tuple[str, int]] = []
+
+    def search(task, features, grid, batch_size, sampler, option, announce):
+        assert grid.short is None and not announce
+        count = features.train_store.views
+        searched.append((option, count))
+        acc = 0.80 if option == "eval" else augmented[count]
+        return SimpleNamespace(search_s=0.5, candidates=[{"holdout_acc": acc}])
+
+    asked: list[int] = []
+
+    def subset_with(count: int) -> SimpleNamespace:
+        asked.append(count)
+        return SimpleNamespace(
+            samples={"train": [("x", 0)] * 100}, train_store=SimpleNamespace(views=count)
+        )
+
+    monkeypatch.setattr(probe, "search_probe", search)
+    grid = probe.ProbeGrid([1e-3], [0.1], 10, 3, probe.ShortRecipe(), views_subset=100)
+    decision, last = probe.decide_views(None, grid, 8, "shuffle", 4, subset_with)
+    assert asked == rounds and [r["views"] for r in decision["rounds"]] == rounds
+    assert last.train_store.views == rounds[-1]
+    assert decision["views"] is wins and decision["margin_needed"] == pytest.approx(0.04)
+    assert searched == [("eval", 2)] + [("augmented", k) for k in rounds]
+    assert decision["search_s"] == pytest.approx(0.5 * (1 + len(rounds)))
+
+
 @pytest.mark.integration
 def test_the_probe_penalty_is_the_loss_s_not_the_optimizer_s_decay() -> None:
     """The probe's L2 penalty is in the loss and the optimizer's own weight decay is off:

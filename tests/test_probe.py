@@ -134,8 +134,9 @@ def test_the_search_weighs_the_early_stopped_recipe_and_the_fit_follows_the_winn
 def test_views_are_extracted_for_the_rest_only_when_a_subset_says_they_pay(
     compose_train, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The views decision runs on a stratified subset; the backbone then sees every image
-    once (the eval view) plus the views of the subset, and of the rest only if they won."""
+    """The views decision runs on a stratified subset, two views first and one more a
+    round while they improve; the backbone then sees every image once (the eval view) plus
+    the views the subset's rounds drew, and all the views of the rest only if they won."""
     from vision_tl.models.backbones import Backbone
 
     root = make_image_folder(tmp_path / "data", per_class=10)  # 30 train, 30 val
@@ -144,15 +145,19 @@ def test_views_are_extracted_for_the_rest_only_when_a_subset_says_they_pay(
     monkeypatch.setattr(
         Backbone, "forward", lambda self, x: seen.append(len(x)) or forward(self, x)
     )
-    subset = ["finetune.views_subset=9", "data.feature_views=2", "data.feature_precision=fp32"]
+    subset = ["finetune.views_subset=9", "data.feature_views=3", "data.feature_precision=fp32"]
     cfg = compose_train([*TINY, f"data.root={root}", *PROBE, *subset], tmp_path / "run")
     probe = run_training(cfg)["probe"]
     decision = probe["views_decision"]
     assert decision["num_images"] == 9 and decision["search_s"] > 0
+    assert decision["subset_views_s"] > 0 and decision["eval_features_s"] > 0
     margin = decision["margin_needed"]
     assert decision["views"] == (decision["augmented_acc"] > decision["eval_acc"] + margin)
-    views_of = 30 if decision["views"] else 9
-    assert sum(seen) == 60 + 2 * views_of, "the eval view of all, the views of the subset"
+    drawn = [r["views"] for r in decision["rounds"]]
+    assert drawn == list(range(2, drawn[-1] + 1)) and drawn[-1] <= 3
+    subset_passes = 9 * (3 if decision["views"] else drawn[-1])
+    rest = 21 * 3 if decision["views"] else 0
+    assert sum(seen) == 60 + subset_passes + rest, "eval view of all, the views drawn"
     assert {c["views"] for c in probe["candidates"]} == {
         "augmented" if decision["views"] else "eval"
     }, "the full search weighs only the option the subset chose"

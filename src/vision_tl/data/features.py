@@ -239,12 +239,18 @@ class _Views(Dataset):
     file that will not decode is recorded, not fatal."""
 
     def __init__(
-        self, images: ImageListDataset, views: int, seed: int, seed_at: Sequence[int]
+        self,
+        images: ImageListDataset,
+        views: int,
+        seed: int,
+        seed_at: Sequence[int],
+        first: int = 0,
     ) -> None:
         self.images = images
         self.views = views
         self.seed = seed
         self.seed_at = seed_at  # each image's index in its entry's whole list
+        self.first = first  # views before it are lent by another entry
 
     def __len__(self) -> int:
         return len(self.images)
@@ -253,7 +259,7 @@ class _Views(Dataset):
         try:
             image, transform = self.images.read(index), self.images.transform
             drawn = []
-            for view in range(self.views):
+            for view in range(self.first, self.views):
                 # Reseeds this process's generator: workers own theirs, and the main
                 # process extracts inside `fork_rng`.
                 torch.manual_seed(view_seed(self.seed, view, self.seed_at[index]))
@@ -300,6 +306,7 @@ def _extract(
     seed: int = 0,
     rows: Rows | None = None,
     filename: str = "features.f32",
+    first_view: int = 0,
 ) -> tuple[int, dict[str, str]]:
     """Write the features `model` (a compiled `features` pass) gives every image (per
     view) to `out/<filename>`, each row at its place in the whole entry; returns (the
@@ -309,21 +316,22 @@ def _extract(
     `view_seed(seed, v, i)` (`i`: its place in its entry's whole list, `rows`). `images`
     yields uint8 crops (a tuple of per-member crops for an ensemble whose members need
     different preprocessing); they are normalised here, a batch at a time. The backbone
-    runs on its engine in its precision; rows are stored as float32.
+    runs on its engine in its precision; rows are stored as float32. From `first_view`
+    on only (the views before it come from another entry); rows already in the file stay.
     """
     rows = rows or Rows.all(len(images))
     n = rows.stride
     failed: dict[str, str] = {}
     dim = 0
     loader = DataLoader(
-        _Views(images, views, seed, rows.seed_at),
+        _Views(images, views, seed, rows.seed_at, first_view),
         batch_size=batch_size,
         num_workers=num_workers,
         collate_fn=_collate,
         pin_memory=device.type == "cuda",
     )
     with (
-        open(out / filename, "wb") as handle,
+        open(out / filename, "r+b" if (out / filename).exists() else "wb") as handle,
         torch.random.fork_rng(devices=[]),
         cores_for(model),
     ):
@@ -332,7 +340,7 @@ def _extract(
             stop_if_signalled()  # SIGTERM/SIGINT in a fit: the unfinished entry is removed
             for i, reason in errors:
                 failed.setdefault(images.samples[i][0], reason)
-            for view, x in enumerate(batches):
+            for view, x in enumerate(batches, start=first_view):
                 with torch.inference_mode():
                     x = map_inputs(lambda t: t.to(device, non_blocking=True), x)
                     feats = model(*as_batches(normalize_batch(x, preprocess))).float().cpu()
@@ -363,7 +371,8 @@ def load_or_build(
 
     `seed_at`: each image's index in the whole list its views are drawn from (a subset's
     entry). `reuse`: an entry of some of the same images, drawn the same way, whose rows
-    are copied instead of computed again (the subset a views decision extracted)."""
+    are copied instead of computed again (the subset a views decision extracted); when it
+    holds fewer views, only the missing views of its images are computed."""
     spec = {**spec, "view_seed": seed}
     key = digest(spec)
     final = root / key
@@ -415,16 +424,19 @@ class _Extraction:
 
 def _build_entry(tmp: Path, final: Path, spec: dict[str, Any], job: _Extraction) -> None:
     """Compute the entry into `tmp` and rename it to `final`: this rank extracts every
-    `world`-th image still to do into its own part; rank 0 then assembles the parts, adds
-    the rows `reuse` lends, writes `meta.json` last and renames."""
+    `world`-th image still to do into its own part (and of the images `reuse` lends, the
+    views it lacks); rank 0 then assembles the parts, adds the rows `reuse` lends, writes
+    `meta.json` last and renames."""
     start = time.perf_counter()
     images, views, reuse = job.images, job.views, job.reuse
     rank, world = group_rank()
     keys = [key for key, _ in images.samples]
     reused = reuse.index() if reuse is not None else {}
     todo = [i for i, key in enumerate(keys) if key not in reused]
+    lent = reuse.views if reuse is not None else views
+    topup = [i for i, key in enumerate(keys) if key in reused] if lent < views else []
     seeds = job.seed_at if job.seed_at is not None else range(len(keys))
-    mine = todo[rank::world]
+    mine, mine_topup = todo[rank::world], topup[rank::world]
     part = "features.f32" if world == 1 else f"part-{rank}.f32"
     if rank == 0:
         log.info(
@@ -436,7 +448,7 @@ def _build_entry(tmp: Path, final: Path, spec: dict[str, Any], job: _Extraction)
         )
 
     def extract() -> tuple[int, dict[str, str]]:
-        if not mine:
+        if not mine and not mine_topup:
             return 0, {}
         # An inference copy (in fp32, BatchNorms folded into their convolutions), run by
         # the engine (eager: channels_last, ~1.6x faster on CPU and tensor cores).
@@ -447,28 +459,35 @@ def _build_entry(tmp: Path, final: Path, spec: dict[str, Any], job: _Extraction)
             job.device,
             "features",
         )
-        subset = (
-            images
-            if len(mine) == len(keys)
-            else ImageListDataset(
-                [images.samples[i] for i in mine], images.reader, images.transform
+        dim, failed = 0, {}
+        for share, first in ((mine, 0), (mine_topup, lent)):
+            if not share:
+                continue
+            subset = (
+                images
+                if len(share) == len(keys)
+                else ImageListDataset(
+                    [images.samples[i] for i in share], images.reader, images.transform
+                )
             )
-        )
-        rows = Rows(mine, [seeds[i] for i in mine], len(keys))
-        return _extract(
-            fast,
-            subset,
-            job.preprocess,
-            views,
-            tmp,
-            job.device,
-            job.batch_size,
-            job.num_workers,
-            job.precision,
-            job.seed,
-            rows,
-            part,
-        )
+            rows = Rows(share, [seeds[i] for i in share], len(keys))
+            width, errors = _extract(
+                fast,
+                subset,
+                job.preprocess,
+                views,
+                tmp,
+                job.device,
+                job.batch_size,
+                job.num_workers,
+                job.precision,
+                job.seed,
+                rows,
+                part,
+                first,
+            )
+            dim, failed = max(dim, width), {**errors, **failed}
+        return dim, failed
 
     parts = gathered(extract)
     dim = max([reuse.dim if reuse is not None else 0, *(d for d, _ in parts)])
@@ -478,7 +497,8 @@ def _build_entry(tmp: Path, final: Path, spec: dict[str, Any], job: _Extraction)
 
     def finish() -> None:
         if world > 1:
-            shares = [todo[r::world] for r in range(world)]
+            # A lent image's part holds only its missing views: `_copy_rows` fills the rest.
+            shares = [sorted(todo[r::world] + topup[r::world]) for r in range(world)]
             _assemble(tmp, shares, views, len(keys), dim)
         if reused:
             _copy_rows(reuse, reused, keys, views, tmp / "features.f32")
@@ -527,15 +547,16 @@ def _assemble(tmp: Path, shares: list[list[int]], views: int, n: int, dim: int) 
 def _copy_rows(
     source: FeatureStore, index: dict[str, int], keys: Sequence[str], views: int, out: Path
 ) -> None:
-    """Copy `source`'s rows of the `keys` it holds into their places in `out`."""
-    if source.views != views:
+    """Copy `source`'s rows of the `keys` it holds into their places in `out` (its views:
+    the first views of `out`'s, drawn the same way)."""
+    if source.views > views:
         raise ValueError(f"reused entry has {source.views} views, this one {views}")
     row_bytes, n = source.row_bytes, len(keys)
     with open(source.data_file, "rb") as src, open(out, "r+b" if out.exists() else "wb") as dst:
         for i, key in enumerate(keys):
             if key not in index:
                 continue
-            for view in range(views):
+            for view in range(source.views):
                 src.seek((view * len(source.files) + index[key]) * row_bytes)
                 dst.seek((view * n + i) * row_bytes)
                 dst.write(src.read(row_bytes))
@@ -595,6 +616,7 @@ def build_features(
     teacher: nn.Module | None = None,
     views: str | Sequence[str] = "all",
     reuse: FeatureStore | None = None,
+    subset_views: int | None = None,
 ) -> CachedFeatures:
     """Load or compute the cached features of `dm`'s catalog (an `ImageDataModule`: its
     source, reader, preprocessing, augmentation and loading settings) from `model.features`.
@@ -602,11 +624,12 @@ def build_features(
     Whether features may be cached at all is decided elsewhere, once (the `FeatureCache`
     callback). With a random augmentation, `views` says which training images get their
     augmented views: `all`, `none`, or the keys of a subset (a views decision's), drawn
-    exactly as the whole split's would be; `reuse` (such a subset's store) lends its rows
-    to the whole split's entry. With a distillation `teacher` (a module taking the same
-    normalised views), each row also holds the teacher's logits of that view
-    (`CachedFeatures.teacher_columns`). Files that fail extraction are reported to
-    `dm.bad_file_log`.
+    exactly as the whole split's would be, the subset's first `subset_views` of them (all
+    when None); `reuse` (such a subset's store, of as many views or fewer) lends its rows
+    to the entry being built, which computes only what it lacks. With a distillation
+    `teacher` (a module taking the same normalised views), each row also holds the
+    teacher's logits of that view (`CachedFeatures.teacher_columns`). Files that fail
+    extraction are reported to `dm.bad_file_log`.
     """
     pre, settings = dm.preprocess, spec.settings
     engine = resolve_engine(settings.engine, device)
@@ -675,10 +698,14 @@ def build_features(
         else:
             place = {key: i for i, key in enumerate(train_keys)}
             subset = sorted(views, key=place.__getitem__)
-            extra = {**extra, "subset_of": dm.source.signature(train_keys)}
+            count = settings.views if subset_views is None else subset_views
+            extra = {
+                "transform": {**extra["transform"], "views": count},
+                "subset_of": dm.source.signature(train_keys),
+            }
             seed_at = [place[k] for k in subset]
             train_store, hits["train"] = build(
-                subset, transform, settings.views, extra, spec.seed, seed_at=seed_at
+                subset, transform, count, extra, spec.seed, seed_at=seed_at, reuse=reuse
             )
     for store in (eval_store, train_store):
         for key, why in (store.failed if store else {}).items():
@@ -686,7 +713,7 @@ def build_features(
     described = (
         "no augmented views"
         if train_store is None
-        else f"{settings.views} augmented views ({augment.preset}) of "
+        else f"{train_store.views} augmented views ({augment.preset}) of "
         f"{len(train_store.files)} training images"
     )
     log.info(

@@ -99,33 +99,50 @@ class FeatureCache(L.Callback):
         views, decision = None, None
         if decide:
             subset = stratified_subset(pool, grid.views_subset, grid.folds)
-            first = build_features(self.spec, dm, model, device, teacher, views=subset)
             chosen = set(subset)
-            on_subset = dataclasses.replace(
-                first, samples={"train": [s for s in train if s[0] in chosen]}
-            )
-            decision = decide_views(task, on_subset, grid, plan.batch_size, dm.loading.sampler)
+            on_subset = [s for s in train if s[0] in chosen]
+            built: list[CachedFeatures] = []
+
+            def subset_with(count: int) -> CachedFeatures:
+                lent = built[-1].train_store if built else None
+                features = build_features(
+                    self.spec, dm, model, device, teacher, subset, lent, count
+                )
+                built.append(features)
+                return dataclasses.replace(features, samples={"train": on_subset})
+
+            decision, last = decide_views(
+                task, grid, plan.batch_size, dm.loading.sampler, self.spec.settings.views,
+                subset_with,
+            )  # fmt: skip
             views = "augmented" if decision["views"] else "eval"
+            first = built[0]
+            decision["subset_views_s"] = round(
+                sum(f.train_store.seconds for f in built if not f.hits.get("train")), 3
+            )
+            decision["eval_features_s"] = 0.0 if first.hits["eval"] else first.eval_store.seconds
             log.info(
-                "Views decision on %d training images in %.1f s: %s (held-out acc %.4f with "
-                "the augmented views, %.4f with the eval view)",
+                "Views decision on %d training images in %.1f s (%.1f s of their views, %.1f s "
+                "of search): %s (held-out acc %.4f with %d augmented views, %.4f with the eval "
+                "view)",
                 decision["num_images"],
+                decision["subset_views_s"] + decision["search_s"],
+                decision["subset_views_s"],
                 decision["search_s"],
                 "the views pay, extracting them for the rest"
                 if decision["views"]
                 else "the eval view wins, no more views extracted",
                 decision["augmented_acc"],
+                decision["rounds"][-1]["views"],
                 decision["eval_acc"],
             )
             features = (
                 build_features(
-                    self.spec, dm, model, device, teacher, views="all", reuse=first.train_store
+                    self.spec, dm, model, device, teacher, views="all", reuse=last.train_store
                 )
                 if decision["views"]
-                else dataclasses.replace(first, train_store=None)
+                else dataclasses.replace(built[-1], train_store=None)
             )
-            views_built = first.train_store is not None and not first.hits.get("train")
-            decision["subset_views_s"] = round(first.train_store.seconds, 3) if views_built else 0.0
         else:
             features = build_features(self.spec, dm, model, device, teacher)
         length: dict[str, int] = {}

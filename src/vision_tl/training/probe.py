@@ -51,6 +51,7 @@ from vision_tl.models.classifier import Classifier
 log = logging.getLogger(__name__)
 
 SEARCH_SEED = 0  # the search draws its folds, batches and views from its own generator
+FIRST_ROUND_VIEWS = 2  # a views decision's first round: one view alone has no variety
 
 
 @dataclass(frozen=True)
@@ -109,9 +110,12 @@ class ProbeResult:
 
 
 def _head_copy(model: Classifier) -> Classifier:
-    """A copy of `model` that shares its (frozen) backbones and owns its head."""
+    """A copy of `model` that shares its (frozen) backbones and owns its head, in train
+    mode."""
     memo = {id(b): b for b in model.backbones()}
-    return copy.deepcopy(model, memo).train()
+    head = copy.deepcopy(model, memo)
+    _head_mode(head, True)
+    return head
 
 
 @torch.no_grad()
@@ -332,8 +336,20 @@ def choose(candidates: list[dict[str, Any]], n: int) -> dict[str, Any]:
 
 
 @torch.no_grad()
+def _head_mode(model: Classifier, training: bool) -> None:
+    """Put the modules outside the backbones in train or eval mode. The backbones are
+    frozen (in eval mode) and shared by every head of a search, and the search scores a
+    head after every epoch: `Module.train` walking their hundreds of modules each time
+    cost more than the scoring itself."""
+    inside = {id(m) for backbone in model.backbones() for m in backbone.modules()}
+    for module in model.modules():
+        if id(module) not in inside:
+            module.training = training and not getattr(module, "frozen", False)
+
+
+@torch.no_grad()
 def _score(model: Classifier, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    model.eval()
+    _head_mode(model, False)
     logits = model.classify_features(x).float()
     correct = float((logits.argmax(1) == y).float().mean())
     return correct, float(F.cross_entropy(logits, y))
@@ -389,13 +405,15 @@ def search_probe(
     batch_size: int,
     sampler_kind: str,
     views: str | None = None,
+    announce: bool = True,
 ) -> ProbeResult:
     """Choose the probe by k-fold cross-validation on the training split of `features`
     (its val split is never read): the converged probe's LR and L2 penalty, the
     early-stopped recipe's epoch (`grid.short`), the views (`views`: only that option),
     and which recipe trains the head. In a job of several ranks, rank 0 searches and the
-    others take its result (`core.launch`)."""
-    args = (task, features, grid, batch_size, sampler_kind, views)
+    others take its result (`core.launch`). `announce`: log the choice (a views
+    decision's searches log at debug level)."""
+    args = (task, features, grid, batch_size, sampler_kind, views, announce)
     return from_rank_zero(lambda: _search(*args))
 
 
@@ -406,6 +424,7 @@ def _search(
     batch_size: int,
     sampler_kind: str,
     views: str | None,
+    announce: bool = True,
 ) -> ProbeResult:
     start = time.perf_counter()
     columns = features.teacher_columns
@@ -502,7 +521,8 @@ def _search(
         recipes=recipes,
         recipe_margin=None if loser is None else round(winner["holdout_acc"] - loser, 6),
     )
-    log.info(
+    log.log(
+        logging.INFO if announce else logging.DEBUG,
         "Probe search: %d candidates x %d folds on the training split in %.1f s; chose the %s "
         "recipe (lr=%g, l2=%g, %s features, held-out acc %.4f%s); the head now trains %d "
         "epochs in batches of %d",
@@ -524,7 +544,7 @@ def _search(
 def _record(curve: list[float], x: torch.Tensor, y: torch.Tensor, models: list) -> None:
     """Append the held-out accuracy of the (one) head after an epoch."""
     curve.append(_score(models[0], x, y)[0])
-    models[0].train()
+    _head_mode(models[0], True)
 
 
 def stratified_subset(samples: Sequence[tuple[str, int]], size: int, folds: int) -> list[str]:
@@ -543,27 +563,53 @@ def stratified_subset(samples: Sequence[tuple[str, int]], size: int, folds: int)
 
 
 def decide_views(
-    task: Any, subset: CachedFeatures, grid: ProbeGrid, batch_size: int, sampler_kind: str
-) -> dict[str, Any]:
+    task: Any,
+    grid: ProbeGrid,
+    batch_size: int,
+    sampler_kind: str,
+    views: int,
+    subset_with: Callable[[int], CachedFeatures],
+) -> tuple[dict[str, Any], CachedFeatures]:
     """Whether training on the cached augmented views beats the eval view, judged by the
-    same cross-validation on a subset of the training split: the views are extracted for
-    the whole split only when they win there by more than one standard error. Returns the
-    decision and its evidence."""
-    start = time.perf_counter()
-    result = search_probe(task, subset, grid, batch_size, sampler_kind)
-    best = {
-        name: max(c["holdout_acc"] for c in result.candidates if c["views"] == name)
-        for name in ("augmented", "eval")
-    }
+    same cross-validation (the converged grid) on a subset of the training split, adding
+    views to the subset a round at a time: `subset_with(k)` is the subset's features
+    with its first k views. The first round has `FIRST_ROUND_VIEWS`; another view is added
+    while the views' held-out accuracy improves. They win once they beat the eval view by
+    more than one standard error; the rounds stop when they have all `views` or stop
+    improving. Returns the decision with its evidence, and the subset's last features
+    (whose rows the whole split's views reuse)."""
+    quick = dataclasses.replace(grid, short=None)  # the data is judged, not the recipe
+    searched = 0.0
+
+    def best(features: CachedFeatures, option: str) -> float:
+        nonlocal searched
+        result = search_probe(task, features, quick, batch_size, sampler_kind, option, False)
+        searched += result.search_s
+        return max(c["holdout_acc"] for c in result.candidates)
+
+    count = min(FIRST_ROUND_VIEWS, views)
+    features = subset_with(count)
+    eval_acc = best(features, "eval")
+    n = len(features.samples["train"])
     # They cost `views` extractions of every training image: they must beat the eval view
     # by more than a standard error of the subset's held-out accuracy, not by an image.
-    n = len(subset.samples["train"])
-    se = math.sqrt(best["eval"] * (1 - best["eval"]) / max(n, 1))
-    return {
-        "views": best["augmented"] > best["eval"] + se,
+    se = math.sqrt(eval_acc * (1 - eval_acc) / max(n, 1))
+    rounds: list[dict[str, Any]] = []
+    while True:
+        acc = best(features, "augmented")
+        improved = acc > (rounds[-1]["augmented_acc"] if rounds else eval_acc)
+        rounds.append({"views": count, "augmented_acc": acc})
+        if acc > eval_acc + se or count == views or not improved:
+            break
+        count += 1
+        features = subset_with(count)
+    decision = {
+        "views": acc > eval_acc + se,
         "margin_needed": round(se, 6),
         "num_images": n,
-        "augmented_acc": best["augmented"],
-        "eval_acc": best["eval"],
-        "search_s": round(time.perf_counter() - start, 3),
+        "augmented_acc": acc,
+        "eval_acc": eval_acc,
+        "rounds": rounds,
+        "search_s": round(searched, 3),
     }
+    return decision, features
