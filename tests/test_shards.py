@@ -24,7 +24,7 @@ from conftest import (
 from PIL import Image
 
 from vision_tl.core.errors import ConfigError
-from vision_tl.data.decode import ReadLimits
+from vision_tl.data.decode import ReadLimits, open_image
 from vision_tl.data.preprocess import Preprocess
 from vision_tl.data.shards import ShardDecode, ShardSettings, encode_file, write_shards
 from vision_tl.data.sources import source_name
@@ -92,6 +92,15 @@ def test_plain_jpegs_keep_their_bytes_and_the_rest_decode_as_training_does(
     assert torch.equal(pre.read(io.BytesIO(stored)), pre.read(alpha)), "PNG: lossless"
     small = encode_file(str(alpha), ShardDecode(max_side=100), limits)
     assert Image.open(io.BytesIO(small)).size == (100, 100)
+    # A multi-picture JPEG opens as MPO through the JPEG plugin too: stored as its first
+    # picture, re-encoded, never as the bytes of both.
+    mpo = tmp_path / "two.jpg"
+    _draw(3, 4, 64).save(mpo, "MPO", save_all=True, append_images=[_draw(4, 5, 64)])
+    with open_image(mpo) as image:
+        assert image.format == "MPO"
+    stored = encode_file(str(mpo), ShardDecode(), limits)
+    assert stored != mpo.read_bytes() and Image.open(io.BytesIO(stored)).format == "JPEG"
+    assert Image.open(io.BytesIO(stored)).size == (64, 64)
 
 
 @pytest.mark.integration
