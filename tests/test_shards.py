@@ -29,6 +29,7 @@ from vision_tl.data.preprocess import Preprocess
 from vision_tl.data.shards import ShardDecode, ShardSettings, encode_file, write_shards
 from vision_tl.data.sources import source_name
 from vision_tl.data.sources.shards import LocalChunks, ShardSamples, ShardSource
+from vision_tl.shard import shard_data
 from vision_tl.training.build import build_data
 from vision_tl.training.train import run_training
 
@@ -37,11 +38,8 @@ HELPERS = Path(__file__).parent / "helpers"
 
 def _shard(data: dict, out: str | Path, **settings) -> dict:
     """Convert as `python -m vision_tl.shard` does (its worker, in this process)."""
-    built = build_data(data)
-    fingerprint = built.source.signature(built.catalog.all_keys())
     decode = ShardDecode(max_side=settings.pop("max_side", None))
-    options = ShardSettings(str(out), workers=1, decode=decode, **settings)
-    return write_shards(built.source, built.catalog, options, fingerprint)
+    return shard_data(data, ShardSettings(str(out), workers=1, decode=decode, **settings))
 
 
 @pytest.mark.unit
