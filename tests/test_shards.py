@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +69,19 @@ def test_shard_samples_hold_labels_not_a_python_object_per_sample() -> None:
 def test_shard_settings_that_cannot_work_are_one_line(settings: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         ShardSettings(**settings)
+
+
+@pytest.mark.unit
+def test_without_litdata_a_conversion_is_a_one_line_error_after_the_scan(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without LitData the scan still runs, and the conversion names the extra to install
+    and writes nothing."""
+    monkeypatch.setitem(sys.modules, "litdata", None)  # `import litdata` raises ImportError
+    data = make_image_folder(tmp_path / "data", per_class=2, size=16)
+    with pytest.raises(ConfigError, match=r'pip install -e "\.\[scale\]"'):
+        _shard({"root": str(data), "num_workers": 0}, tmp_path / "out")
+    assert not (tmp_path / "out" / "meta.json").exists()
 
 
 @pytest.mark.unit

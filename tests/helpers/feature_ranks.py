@@ -3,8 +3,9 @@
     python feature_ranks.py RANK WORLD PORT IMAGES CACHE OUT
 
 joins a Gloo group of WORLD processes on 127.0.0.1:PORT, builds the cache entry of every
-image under IMAGES (3 augmented views, seed 7) into CACHE, and writes how many images its
-backbone ran on and where the entry is to OUT/rank<RANK>.json.
+image under IMAGES (3 augmented views, seed 7) into CACHE, the first 4 images' first view
+lent by an entry built before it (as a views decision's subset lends its rows), and writes
+how many images its backbone ran on and where the entry is to OUT/rank<RANK>.json.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from vision_tl.data.dataset import ImageListDataset
 from vision_tl.data.features import load_or_build
 from vision_tl.data.preprocess import Preprocess
 
-VIEWS, SEED = 3, 7
+VIEWS, SEED, LENT = 3, 7, 4
 
 
 class CountingPixels(torch.nn.Module):
@@ -38,19 +39,18 @@ class CountingPixels(torch.nn.Module):
 def build(images_dir: Path, cache: Path) -> tuple[str, int]:
     pre = Preprocess(input_size=16, resize_size=18)
     files = sorted(str(p) for p in images_dir.rglob("*.png"))
-    images = ImageListDataset([(f, 0) for f in files], pre.read, train_transform(pre, "flip_crop"))
+    transform = train_transform(pre, "flip_crop")
+    images = ImageListDataset([(f, 0) for f in files], pre.read, transform)
+    cpu = torch.device("cpu")
+    subset = ImageListDataset([(f, 0) for f in files[:LENT]], pre.read, transform)
+    lent, _ = load_or_build(
+        cache, {"views": 1}, CountingPixels(), subset, pre, 1, cpu, 4, 0, seed=SEED,
+        seed_at=range(LENT),
+    )  # fmt: skip
     store, _ = load_or_build(
-        cache,
-        {"views": VIEWS},
-        CountingPixels(),
-        images,
-        pre,
-        VIEWS,
-        torch.device("cpu"),
-        4,
-        0,
-        seed=SEED,
-    )
+        cache, {"views": VIEWS}, CountingPixels(), images, pre, VIEWS, cpu, 4, 0, seed=SEED,
+        reuse=lent,
+    )  # fmt: skip
     return str(store.data_file), CountingPixels.seen
 
 
