@@ -203,8 +203,7 @@ def main() -> None:
     args = parser.parse_args()
     from vision_tl.core.runtime import available_cpus
     from vision_tl.data.shards import ShardSettings
-    from vision_tl.shard import shard_data
-    from vision_tl.training.build import build_data
+    from vision_tl.training.build import build_data, shard_data
 
     results = []
     for n in args.sizes:

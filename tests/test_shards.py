@@ -30,8 +30,7 @@ from vision_tl.data.preprocess import Preprocess
 from vision_tl.data.shards import ShardDecode, ShardSettings, encode_file, write_shards
 from vision_tl.data.sources import source_name
 from vision_tl.data.sources.shards import LocalChunks, ShardSamples, ShardSource
-from vision_tl.shard import shard_data
-from vision_tl.training.build import build_data
+from vision_tl.training.build import build_data, shard_data
 from vision_tl.training.train import run_training
 
 HELPERS = Path(__file__).parent / "helpers"

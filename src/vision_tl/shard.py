@@ -3,8 +3,6 @@ data.root=DIR shard.out=SHARDS` (then `python -m vision_tl.train data.shards=SHA
 
 from __future__ import annotations
 
-from typing import Any
-
 from omegaconf import DictConfig
 
 from vision_tl.core.cli import command, run_command
@@ -13,7 +11,7 @@ from vision_tl.core.cli import command, run_command
 def _shard(cfg: DictConfig) -> dict:
     from vision_tl.core.runtime import available_cpus
     from vision_tl.data.shards import ShardDecode, ShardSettings
-    from vision_tl.training.build import plain
+    from vision_tl.training.build import plain, shard_data
 
     node = plain(cfg.shard)
     decode = ShardDecode(tuple(cfg.data.background), node["max_side"], node["quality"])
@@ -28,17 +26,6 @@ def _shard(cfg: DictConfig) -> dict:
         seed=int(cfg.data.seed),
     )
     return shard_data(cfg.data, settings)
-
-
-def shard_data(data: Any, settings: Any) -> dict:
-    """Scan and split `data` (a `data` config node) as a training run does, then write
-    its shards (`settings`: a `ShardSettings`)."""
-    from vision_tl.data.shards import write_shards
-    from vision_tl.training.build import build_data
-
-    built = build_data(data)  # the scan and the seeded split a training run makes
-    fingerprint = built.source.signature(built.catalog.all_keys())
-    return write_shards(built.source, built.catalog, settings, fingerprint)
 
 
 @command("shard")

@@ -76,6 +76,17 @@ def build_data(data: Mapping[str, Any] | DictConfig, source: Source | None = Non
     return Data(source, settings, load_catalog(source, settings))
 
 
+def shard_data(data: Mapping[str, Any] | DictConfig, settings: Any) -> dict[str, Any]:
+    """`python -m vision_tl.shard`'s work: scan and split `data` as a training run does,
+    then write its shards (`settings`: a `data.shards.ShardSettings`); returns `meta.json`'s
+    content."""
+    from vision_tl.data.shards import write_shards
+
+    built = build_data(data)
+    fingerprint = built.source.signature(built.catalog.all_keys())
+    return write_shards(built.source, built.catalog, settings, fingerprint)
+
+
 def preprocess_overrides(data: Mapping[str, Any], source: Source) -> dict[str, Any]:
     """The user's `data.*` preprocessing keys, over what the source implies (a generated
     set's native size): what `Preprocess.resolve` applies to the weights' own settings."""
