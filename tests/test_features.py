@@ -352,6 +352,25 @@ def test_a_views_subset_gives_the_rows_the_whole_split_would_and_lends_them(
 
 
 @pytest.mark.integration
+def test_an_image_failing_last_leaves_its_rows_in_place_and_the_entry_readable(
+    image_folder: Path,
+) -> None:
+    """A file that passed the scan but fails during extraction, listed last: it is reported,
+    the entry still holds a row for every listed image, and its split reads without it."""
+    task = _task()
+    dm, spec = _datamodule(image_folder, task, augment="none")
+    last = dm.catalog.all_keys()[-1]
+    Path(last).write_bytes(b"\x89PNG\r\n\x1a\n broken after the scan")
+    cached = build_features(spec, dm, task.model, torch.device("cpu"))
+    store = cached.eval_store
+    assert set(store.failed) == {last}
+    assert store.data_file.stat().st_size == len(store.files) * store.dim * 4
+    split = next(n for n, samples in dm.catalog.samples.items() if last in dict(samples))
+    x, y = cached.tensors(split, train=False)
+    assert x.shape == (1, len(dm.catalog.samples[split]) - 1, store.dim) and len(y) == x.shape[1]
+
+
+@pytest.mark.integration
 def test_two_ranks_share_an_extraction_and_write_the_rows_of_one_process(
     image_folder: Path, tmp_path: Path
 ) -> None:

@@ -21,11 +21,39 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from vision_tl.core.errors import ConfigError
 from vision_tl.data import Preprocess, load_rgb, scan_root
 from vision_tl.data.augment import resize_op
-from vision_tl.data.decode import decode
+from vision_tl.data.decode import decode, pil_open
 from vision_tl.data.resized import resized_copies
 from vision_tl.data.scan import ImageScanner, read_bad_files
 from vision_tl.training.build import build_data
 from vision_tl.training.train import run_training
+
+
+@pytest.mark.unit
+def test_any_handle_opens_as_pillow_would_open_it() -> None:
+    """JPEG bytes go to the JPEG plugin alone, but a stream that cannot seek, or a handle
+    not at its start (Pillow reads from the start), is opened as Pillow opens it."""
+
+    class Unseekable(io.RawIOBase):
+        def __init__(self, data: bytes) -> None:
+            self.data, self.at = data, 0
+
+        def readable(self) -> bool:
+            return True
+
+        def readinto(self, buffer: bytearray) -> int:
+            n = min(len(buffer), len(self.data) - self.at)
+            buffer[:n] = self.data[self.at : self.at + n]
+            self.at += n
+            return n
+
+    jpeg, png = io.BytesIO(), io.BytesIO()
+    _draw(0, 1, 16).save(jpeg, "JPEG")
+    _draw(1, 2, 16).save(png, "PNG")
+    assert pil_open(io.BytesIO(jpeg.getvalue())).format == "JPEG"
+    assert pil_open(Unseekable(jpeg.getvalue())).format == "JPEG"
+    both = io.BytesIO(png.getvalue() + jpeg.getvalue())
+    both.seek(len(png.getvalue()))
+    assert pil_open(both).format == Image.open(io.BytesIO(both.getvalue())).format == "PNG"
 
 
 def _png_header(width: int, height: int) -> bytes:

@@ -90,10 +90,15 @@ def pil_open(handle: BinaryIO) -> Image.Image:
     Pillow tries the formats registered before JPEG in turn; once every plugin is
     registered (the scan lists their extensions), three of them have no signature check
     and parse the header themselves: twice the cost of opening a small JPEG, which a
-    shard conversion pays on every file."""
-    start = handle.tell()
-    jpeg = handle.read(3) == b"\xff\xd8\xff"
-    handle.seek(start)
+    shard conversion pays on every file. A handle that cannot seek, or is not at its start,
+    is left to Pillow as it is."""
+    try:
+        at_start = handle.tell() == 0
+        jpeg = at_start and handle.read(3) == b"\xff\xd8\xff"
+        if at_start:
+            handle.seek(0)
+    except (AttributeError, OSError):  # io.UnsupportedOperation is an OSError
+        jpeg = False
     return Image.open(handle, formats=JPEG_FIRST if jpeg else None)
 
 

@@ -440,10 +440,11 @@ def _build_entry(tmp: Path, final: Path, spec: dict[str, Any], job: _Extraction)
     part = "features.f32" if world == 1 else f"part-{rank}.f32"
     if rank == 0:
         log.info(
-            "Feature cache: computing features of %d images x %d view(s) into %s%s",
+            "Feature cache: computing features of %d images x %d view(s) into %s%s%s",
             len(images),
             views,
             final,
+            f" ({len(reused)} of them lent {lent} view(s) by another entry)" if reused else "",
             f", {world} ranks sharing the work" if world > 1 else "",
         )
 
@@ -500,6 +501,11 @@ def _build_entry(tmp: Path, final: Path, spec: dict[str, Any], job: _Extraction)
             # A lent image's part holds only its missing views: `_copy_rows` fills the rest.
             shares = [sorted(todo[r::world] + topup[r::world]) for r in range(world)]
             _assemble(tmp, shares, views, len(keys), dim)
+        # Every row has its place, a failed image's too (never read): a failure among the
+        # last rows must not leave the file short of them.
+        with open(tmp / "features.f32", "ab"):
+            pass
+        os.truncate(tmp / "features.f32", views * len(keys) * dim * 4)
         if reused:
             _copy_rows(reuse, reused, keys, views, tmp / "features.f32")
             wanted = set(keys)

@@ -573,11 +573,11 @@ def decide_views(
     """Whether training on the cached augmented views beats the eval view, judged by the
     same cross-validation (the converged grid) on a subset of the training split, adding
     views to the subset a round at a time: `subset_with(k)` is the subset's features
-    with its first k views. The first round has `FIRST_ROUND_VIEWS`; another view is added
-    while the views' held-out accuracy improves. They win once they beat the eval view by
-    more than one standard error; the rounds stop when they have all `views` or stop
-    improving. Returns the decision with its evidence, and the subset's last features
-    (whose rows the whole split's views reuse)."""
+    with its first k views. The first round has `FIRST_ROUND_VIEWS` (or all `views`, when
+    fewer); another view is added while the views' held-out accuracy improves. They win
+    once they beat the eval view by more than one standard error; the rounds stop when they
+    have all `views` or stop improving. Returns the decision with its evidence, and the
+    subset's last features (whose rows the whole split's views reuse)."""
     quick = dataclasses.replace(grid, short=None)  # the data is judged, not the recipe
     searched = 0.0
 
