@@ -112,6 +112,7 @@ def make_messy_folder(root: Path) -> tuple[set[str], dict[str, str]]:
 
     bad = {
         str(cat / "truncated.jpg"): "truncated",
+        str(cat / "header_cut.jpg"): "truncated",  # Pillow: "Truncated File Read"
         str(cat / "empty.png"): "empty file",
         str(cat / "notes.jpg"): "not an image",
         str(cat / "bomb.png"): "too large",
@@ -125,6 +126,7 @@ def make_messy_folder(root: Path) -> tuple[set[str], dict[str, str]]:
         Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8))
     )
     (cat / "truncated.jpg").write_bytes(full[: len(full) // 2])
+    (cat / "header_cut.jpg").write_bytes(full[:100])
     (cat / "empty.png").touch()
     (cat / "notes.jpg").write_text("<html>404 not found</html>")
     (cat / "bomb.png").write_bytes(_png_header(10_000, 10_000))
@@ -165,7 +167,7 @@ def test_scan_sorts_every_kind_of_file_and_caches_verdicts(tmp_path: Path) -> No
     assert split.scan.notes["PNG content named .jpg"] == 1
 
     again = scan_root(tmp_path / "data", scanner=scanner)
-    assert again.samples == split.samples and again.scan.cached == len(good) + 7
+    assert again.samples == split.samples and again.scan.cached == len(good) + 8
     rotated = load_rgb(tmp_path / "data" / "train" / "cat" / "rotated.jpg")
     assert rotated.size == (24, 48), "EXIF orientation is applied"
 
@@ -197,7 +199,7 @@ def test_training_on_a_messy_folder_uses_every_good_image_and_lists_every_bad_on
     assert set(listed) == set(bad) | {str(victim)}
     assert all(listed[p] for p in listed)
     assert "failed during training" in listed[str(victim)]
-    assert "9 unusable files skipped" in caplog.text and "2 truncated file" in caplog.text
+    assert "10 unusable files skipped" in caplog.text and "3 truncated file" in caplog.text
 
     events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0})
     events.Reload()

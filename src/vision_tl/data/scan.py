@@ -135,7 +135,7 @@ def check_image(
     except UnidentifiedImageError:
         return "not an image (the content is no image format Pillow can read)", []
     except OSError as err:
-        if "truncated" in str(err):
+        if "truncated" in str(err).lower():  # "image file is truncated", "Truncated File Read"
             return "truncated file (image data ends early)", []
         return f"corrupt or unreadable ({error_line(err)})", []
     except Exception as err:
