@@ -503,9 +503,8 @@ def _build_entry(tmp: Path, final: Path, spec: dict[str, Any], job: _Extraction)
             _assemble(tmp, shares, views, len(keys), dim)
         # Every row has its place, a failed image's too (never read): a failure among the
         # last rows must not leave the file short of them.
-        with open(tmp / "features.f32", "ab"):
-            pass
-        os.truncate(tmp / "features.f32", views * len(keys) * dim * 4)
+        with open(tmp / "features.f32", "ab") as data:
+            data.truncate(views * len(keys) * dim * 4)
         if reused:
             _copy_rows(reuse, reused, keys, views, tmp / "features.f32")
             wanted = set(keys)
@@ -553,12 +552,12 @@ def _assemble(tmp: Path, shares: list[list[int]], views: int, n: int, dim: int) 
 def _copy_rows(
     source: FeatureStore, index: dict[str, int], keys: Sequence[str], views: int, out: Path
 ) -> None:
-    """Copy `source`'s rows of the `keys` it holds into their places in `out` (its views:
-    the first views of `out`'s, drawn the same way)."""
+    """Copy `source`'s rows of the `keys` it holds into their places in `out`, an entry's
+    file at its full size (its views: the first views of `out`'s, drawn the same way)."""
     if source.views > views:
         raise ValueError(f"reused entry has {source.views} views, this one {views}")
     row_bytes, n = source.row_bytes, len(keys)
-    with open(source.data_file, "rb") as src, open(out, "r+b" if out.exists() else "wb") as dst:
+    with open(source.data_file, "rb") as src, open(out, "r+b") as dst:
         for i, key in enumerate(keys):
             if key not in index:
                 continue

@@ -335,16 +335,19 @@ def choose(candidates: list[dict[str, Any]], n: int) -> dict[str, Any]:
     return min(tied, key=lambda c: (c["views"] != "augmented", -c["l2"], c["lr"]))
 
 
-@torch.no_grad()
 def _head_mode(model: Classifier, training: bool) -> None:
     """Put the modules outside the backbones in train or eval mode. The backbones are
     frozen (in eval mode) and shared by every head of a search, and the search scores a
     head after every epoch: `Module.train` walking their hundreds of modules each time
-    cost more than the scoring itself."""
-    inside = {id(m) for backbone in model.backbones() for m in backbone.modules()}
-    for module in model.modules():
-        if id(module) not in inside:
-            module.training = training and not getattr(module, "frozen", False)
+    cost more than the scoring itself, so the walk stops at each backbone."""
+    backbones = {id(b) for b in model.backbones()}
+    stack: list[torch.nn.Module] = [model]
+    while stack:
+        module = stack.pop()
+        if id(module) in backbones:
+            continue
+        module.training = training and not getattr(module, "frozen", False)
+        stack.extend(module.children())
 
 
 @torch.no_grad()
