@@ -16,7 +16,7 @@ from vision_tl.core.errors import ConfigError
 from vision_tl.inference.checkpoint import load_checkpoint
 from vision_tl.inference.eval import run_eval
 from vision_tl.inference.predict import run_predict
-from vision_tl.inference.predictor import predictions_frame
+from vision_tl.inference.predictor import LabelRule, predictions_frame
 from vision_tl.training.binary import OperatingPoint, binary_metrics, fit_operating_point
 from vision_tl.training.train import run_training
 
@@ -79,9 +79,30 @@ def test_recall_target_and_unreachable_precision() -> None:
 def test_predictions_follow_the_operating_point_not_the_argmax() -> None:
     probs = torch.tensor([[0.7, 0.3], [0.9, 0.1], [0.2, 0.8]])
     point = OperatingPoint("bees", 0.25, "recall", 1.0, 1.0, 1.0, 3)
-    frame = predictions_frame(["a", "b", "c"], probs, CLASSES, operating_point=point)
+    frame = predictions_frame(["a", "b", "c"], probs, CLASSES, LabelRule(operating_point=point))
     assert frame.label.tolist() == ["bees", "ants", "bees"]
     assert frame.top1_label.tolist() == ["ants", "ants", "bees"]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("reject", [None, 0.75])
+def test_serve_answers_follow_the_operating_point_as_predict_rows_do(reject) -> None:
+    """`Scorer.answers` (serve) and `predictions_frame` (predict) label by one rule."""
+    from vision_tl.inference.serving.scorer import Scorer
+
+    probs = torch.tensor([[0.7, 0.3], [0.9, 0.1], [0.2, 0.8], [0.5, 0.5]])
+    point = OperatingPoint("bees", 0.25, "recall", 1.0, 1.0, 1.0, 3)
+    names = ["a", "b", "c", "d"]
+    rule = LabelRule(reject_threshold=reject, operating_point=point)
+    frame = predictions_frame(names, probs, CLASSES, rule)
+    scorer = Scorer(None, CLASSES, {}, rule)  # type: ignore[arg-type]  # answers only
+    answers = scorer.answers(names, probs.numpy())
+    assert [a.label for a in answers] == frame.label.tolist()
+    if reject is None:
+        assert [a.label for a in answers][:3] == ["bees", "ants", "bees"]
+    assert [a.top_k[0][0] for a in answers] == frame.top1_label.tolist()
+    assert [a.confidence for a in answers] == pytest.approx(frame.confidence.tolist())
+    assert [a.unknown for a in answers] == [label == "unknown" for label in frame.label]
 
 
 @pytest.mark.slow  # out of the suite for its 10-minute budget; run with -m slow
@@ -120,3 +141,13 @@ def test_a_binary_run_stores_its_threshold_and_eval_and_predict_use_it(tmp_path:
     assert frames["argmax"].label.tolist() == frames["argmax"].top1_label.tolist()
     on_disk = pd.read_csv(tmp_path / "point" / "predictions.csv")
     assert on_disk.label.tolist() == expected
+
+    from vision_tl.inference.serving.scorer import build_scorer
+
+    files = [root / "val" / p for p in frames["point"].path]
+    for name, flag in (("point", True), ("argmax", False)):
+        entry = {"ckpt_path": str(best), "apply_open_set": False, "apply_operating_point": flag}
+        scorer = build_scorer(entry)
+        rows = scorer.rows([scorer.decode(f.read_bytes()) for f in files]).numpy()
+        served = [a.label for a in scorer.answers([f.name for f in files], rows)]
+        assert served == frames[name].label.tolist(), "serve labels as predict does"

@@ -13,6 +13,7 @@ from vision_tl.core.errors import ConfigError
 from vision_tl.core.io import write_csv
 from vision_tl.inference.checkpoint import load_checkpoint, load_export
 from vision_tl.inference.predictor import (
+    LabelRule,
     collect_inputs,
     predictions_frame,
     predictor_from_config,
@@ -58,17 +59,15 @@ def run_predict(cfg: DictConfig) -> pd.DataFrame:
     log.info(
         "Engine %s (%s), batch %d", predictor.engine, predictor.precision, predictor.batch_size
     )
-    frame = predictions_frame(
-        [inputs.names[i] for i in result.indices],
-        result.probs,
-        class_names,
+    rule = LabelRule(
         top_k=cfg.get("top_k", 3),
         reject_threshold=cfg.get("reject_threshold"),
         unknown_label=cfg.get("unknown_label", "unknown"),
         operating_point=operating_point if cfg.get("apply_operating_point", True) else None,
-        open_set_scores=scores,
         open_set_threshold=None if open_set is None else open_set.threshold,
     )
+    names = [inputs.names[i] for i in result.indices]
+    frame = predictions_frame(names, result.probs, class_names, rule, scores)
     write_csv(frame, out / "predictions.csv", index=False, float_format="%.6g")
     write, template = submission_settings(cfg.get("submission"))
     if write:

@@ -446,44 +446,69 @@ def predictor_from_export(exported: ExportedModel | str | Path, cfg: DictConfig)
 # --------------------------------------------------------------------------- outputs
 
 
+@dataclass(frozen=True)
+class Labelled:
+    """Each image's label and its top-k (indices and probabilities, most probable first)."""
+
+    labels: list[str]
+    top_probs: torch.Tensor  # [N, k]
+    top_idx: torch.Tensor  # [N, k]
+
+
+@dataclass(frozen=True)
+class LabelRule:
+    """How a row of probabilities becomes a label, the one rule `predict`'s rows and
+    `serve`'s answers follow: the most probable class; with a binary `operating_point`, the
+    positive class when its probability reaches the fitted threshold; `unknown_label` below
+    `reject_threshold` or below `open_set_threshold` (scores given)."""
+
+    top_k: int = 3
+    reject_threshold: float | None = None
+    unknown_label: str = "unknown"
+    operating_point: OperatingPoint | None = None
+    open_set_threshold: float | None = None
+
+    def apply(
+        self,
+        probs: torch.Tensor,
+        class_names: Sequence[str],
+        open_set_scores: torch.Tensor | None = None,
+    ) -> Labelled:
+        classes = list(class_names)
+        top_probs, top_idx = probs.topk(max(1, min(int(self.top_k), len(classes))), dim=1)
+        labels = [classes[i] for i in top_idx[:, 0].tolist()]
+        if self.operating_point is not None:
+            labels = self.operating_point.labels(probs, classes)
+        rejected = [False] * len(labels)
+        if self.reject_threshold is not None:
+            rejected = (top_probs[:, 0] < float(self.reject_threshold)).tolist()
+        if open_set_scores is not None and self.open_set_threshold is not None:
+            below = (open_set_scores < self.open_set_threshold).tolist()
+            rejected = [a or b for a, b in zip(rejected, below, strict=True)]
+        unknown = self.unknown_label
+        labels = [unknown if r else label for label, r in zip(labels, rejected, strict=True)]
+        return Labelled(labels, top_probs, top_idx)
+
+
 def predictions_frame(
     names: Sequence[str],
     probs: torch.Tensor,
     class_names: Sequence[str],
-    top_k: int = 3,
-    reject_threshold: float | None = None,
-    unknown_label: str = "unknown",
-    operating_point: OperatingPoint | None = None,
+    rule: LabelRule = LabelRule(),
     open_set_scores: torch.Tensor | None = None,
-    open_set_threshold: float | None = None,
 ) -> pd.DataFrame:
-    """One row per image: path, label, confidence, top-k labels and probs, `prob_<class>`.
-
-    With a binary `operating_point`, `label` is the positive class when its probability
-    reaches the fitted threshold (the top-k columns stay the most probable classes). With
-    open-set scores, an `open_set_score` column, and `label` is `unknown_label` where the
-    score is below `open_set_threshold`."""
+    """One row per image: path, label (by `rule`), confidence, top-k labels and probs,
+    `prob_<class>`; with open-set scores, an `open_set_score` column last."""
     classes = list(class_names)
-    k = max(1, min(int(top_k), len(classes)))
-    top_probs, top_idx = probs.topk(k, dim=1)
-    confidence = top_probs[:, 0]
-    labels = [classes[i] for i in top_idx[:, 0].tolist()]
-    if operating_point is not None:
-        labels = operating_point.labels(probs, classes)
-    if reject_threshold is not None:
-        rejected = (confidence < float(reject_threshold)).tolist()
-        labels = [unknown_label if r else label for label, r in zip(labels, rejected, strict=True)]
-    if open_set_scores is not None and open_set_threshold is not None:
-        rejected = (open_set_scores < open_set_threshold).tolist()
-        labels = [unknown_label if r else label for label, r in zip(labels, rejected, strict=True)]
+    done = rule.apply(probs, classes, open_set_scores)
     columns: dict[str, Any] = {
         "path": list(names),
-        "label": labels,
-        "confidence": confidence.numpy(),
+        "label": done.labels,
+        "confidence": done.top_probs[:, 0].numpy(),
     }
-    for j in range(k):
-        columns[f"top{j + 1}_label"] = [classes[i] for i in top_idx[:, j].tolist()]
-        columns[f"top{j + 1}_prob"] = top_probs[:, j].numpy()
+    for j in range(done.top_idx.shape[1]):
+        columns[f"top{j + 1}_label"] = [classes[i] for i in done.top_idx[:, j].tolist()]
+        columns[f"top{j + 1}_prob"] = done.top_probs[:, j].numpy()
     for c, name in enumerate(classes):
         columns[f"prob_{name}"] = probs[:, c].numpy()
     if open_set_scores is not None:  # last: the columns before keep their places

@@ -25,9 +25,9 @@ from vision_tl.core.errors import ConfigError, error_line
 from vision_tl.data.decode import ImageTooLarge, ReadLimits, too_large
 from vision_tl.inference.checkpoint import load_checkpoint, load_export
 from vision_tl.inference.predictor import (
+    LabelRule,
     Predictor,
     engine_setting,
-    predictions_frame,
     predictor_from_config,
     predictor_from_export,
 )
@@ -73,8 +73,8 @@ class Answer:
 class Scorer:
     """Decode an upload as `predict` decodes a file (`Preprocess.read` within the read
     limits, then the predictor's views), score a batch of such views with the
-    `Predictor`, and answer as `predict` writes its rows (top-k, `reject_threshold`, the
-    open-set threshold the model carries unless `apply_open_set=false`).
+    `Predictor`, and answer as `predict` labels its rows (`rule`: top-k, a binary model's
+    operating point, `reject_threshold`, the open-set threshold the model carries).
 
     Uploads are refused before any pixel is decoded when the header says the image is
     smaller than `min_side` on a side or has more pixels than `limits.max_pixels`.
@@ -85,10 +85,8 @@ class Scorer:
         predictor: Predictor,
         class_names: Sequence[str],
         info: dict[str, Any],
+        rule: LabelRule,
         min_side: int = 16,
-        top_k: int = 3,
-        reject_threshold: float | None = None,
-        unknown_label: str = "unknown",
         open_set: OpenSet | None = None,
     ) -> None:
         self.predictor = predictor
@@ -96,9 +94,7 @@ class Scorer:
         self.class_names = list(class_names)
         self.info = info
         self.min_side = int(min_side)
-        self.top_k = int(top_k)
-        self.reject_threshold = None if reject_threshold is None else float(reject_threshold)
-        self.unknown_label = unknown_label
+        self.rule = rule
 
     @property
     def limits(self) -> ReadLimits:
@@ -156,39 +152,25 @@ class Scorer:
             return torch.cat([probs, scores.to(probs)[:, None]], dim=1).cpu()
 
     def answers(self, names: Sequence[str | None], rows: np.ndarray) -> list[Answer]:
-        """One answer per image (`rows` from `rows`), with the columns `predict` writes."""
+        """One answer per image (`rows` from `rows`), labelled as `predict` labels its rows."""
         values = torch.as_tensor(rows, dtype=torch.float32)
-        probs, scores = values[:, : len(self.class_names)], None
-        if self.open_set is not None:
-            scores = values[:, len(self.class_names)]
-        frame = predictions_frame(
-            [name or "" for name in names],
-            probs,
-            self.class_names,
-            top_k=self.top_k,
-            reject_threshold=self.reject_threshold,
-            unknown_label=self.unknown_label,
-            open_set_scores=scores,
-            open_set_threshold=None if self.open_set is None else self.open_set.threshold,
-        )
-        k = sum(1 for c in frame.columns if c.endswith("_label") and c.startswith("top"))
-        answers = []
-        for name, row in zip(names, frame.to_dict("records"), strict=True):
-            confidence = float(row["confidence"])
-            answers.append(
-                Answer(
-                    name=name,
-                    label=str(row["label"]),
-                    confidence=confidence,
-                    unknown=row["label"] == self.unknown_label,
-                    top_k=[
-                        (str(row[f"top{j}_label"]), float(row[f"top{j}_prob"]))
-                        for j in range(1, k + 1)
-                    ],
-                    probs={c: float(row[f"prob_{c}"]) for c in self.class_names},
-                )
+        probs = values[:, : len(self.class_names)]
+        scores = None if self.open_set is None else values[:, len(self.class_names)]
+        done = self.rule.apply(probs, self.class_names, scores)
+        tops = zip(done.top_idx.tolist(), done.top_probs.tolist(), strict=True)
+        return [
+            Answer(
+                name=name,
+                label=label,
+                confidence=top_probs[0],
+                unknown=label == self.rule.unknown_label,
+                top_k=[(self.class_names[i], p) for i, p in zip(top_idx, top_probs, strict=True)],
+                probs=dict(zip(self.class_names, row, strict=True)),
             )
-        return answers
+            for name, label, (top_idx, top_probs), row in zip(
+                names, done.labels, tops, probs.tolist(), strict=True
+            )
+        ]
 
 
 def file_digest(path: Path) -> str:
@@ -233,7 +215,7 @@ def build_scorer(cfg: DictConfig | dict[str, Any]) -> Scorer:
         class_names, preprocess = exported.class_names, exported.preprocess
         described = {"model": str(exported.file), "backbones": exported.card.get("backbones")}
         version = file_digest(exported.file)
-        open_set = exported.open_set
+        open_set, operating_point = exported.open_set, exported.operating_point
     else:
         loaded = load_checkpoint(cfg.get("ckpt_path"))
         predictor = predictor_from_config(loaded, predictor_cfg)
@@ -243,9 +225,11 @@ def build_scorer(cfg: DictConfig | dict[str, Any]) -> Scorer:
             "backbones": [b.name for b in loaded.model.backbones()],
         }
         version = file_digest(loaded.path)
-        open_set = loaded.open_set
+        open_set, operating_point = loaded.open_set, loaded.operating_point
     if not cfg.get("apply_open_set", True):
         open_set = None
+    if not cfg.get("apply_operating_point", True):
+        operating_point = None
     info = {
         "classes": class_names,
         "preprocessing": preprocess.to_dict(),
@@ -258,6 +242,7 @@ def build_scorer(cfg: DictConfig | dict[str, Any]) -> Scorer:
         "tta": {"hflip": predictor.hflip, "crops": predictor.transform.crops},
         "top_k": int(cfg.get("top_k", 3)),
         "reject_threshold": cfg.get("reject_threshold"),
+        "operating_point": None if operating_point is None else operating_point.as_dict(),
         "open_set": None
         if open_set is None
         else {"kind": open_set.kind, "threshold": open_set.threshold},
@@ -269,13 +254,11 @@ def build_scorer(cfg: DictConfig | dict[str, Any]) -> Scorer:
             "max_images": int(serve.get("max_images", 16)),
         },
     }
-    return Scorer(
-        predictor,
-        class_names,
-        info,
-        min_side=info["limits"]["min_side"],
+    rule = LabelRule(
         top_k=info["top_k"],
         reject_threshold=info["reject_threshold"],
         unknown_label=info["unknown_label"],
-        open_set=open_set,
+        operating_point=operating_point,
+        open_set_threshold=None if open_set is None else open_set.threshold,
     )
+    return Scorer(predictor, class_names, info, rule, info["limits"]["min_side"], open_set)
