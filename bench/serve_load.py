@@ -2,25 +2,29 @@
 
     .venv/bin/python bench/serve_load.py --ckpt CKPT [--images DIR] [--requests 500]
         [--clients 16] [--max-batch-size 16] [--batch-timeout-ms 5] [--rounds 2]
+        [--client raw|httpx]
 
 Both sides run on loopback with the same checkpoint, decode path and model, each built by
 `build_scorer` (the precision, BatchNorm folding and calibration `predict` uses):
 
 - `serve`: the command as a user starts it: dynamic batching (`serve.max_batch_size`,
-  `serve.batch_timeout_ms`), decoding in the HTTP process's threads, the model in
-  LitServe's worker process;
+  `serve.batch_timeout_ms`), decoding in a thread pool, the model in its own thread;
 - `baseline`: a FastAPI app under uvicorn in one process whose `async` handler reads the
   upload as `serve` does, then decodes it and runs the model on it alone, in the event
   loop: one request at a time, no batching.
 
-Each side runs alone (its server started, warmed up with `--clients` requests, measured,
+Each side runs alone (its server started, warmed up with 2 x `--clients` requests, measured,
 stopped), in ABBA order over `--rounds`, so drifting background load hits both alike. The
 same `--requests` requests (multipart `file=` uploads of the images, in order, cycling)
-come from `--clients` concurrent httpx clients (threads, images held in memory). Latency is
-send to full answer; images/s is requests over the wall time of the whole batch; `lost`
-counts requests without a 200 answer and one prediction. Prints one JSON document; per
-side the median over rounds; `speedup` is serve's images/s over the baseline's (target >=
-1.5 with nothing lost).
+come from `--clients` concurrent clients, each on one keep-alive connection: `--client raw`
+(default) sends prepared HTTP/1.1 requests on asyncio streams and reads each answer (status,
+Content-Length, JSON), about 0.2-0.3 ms of CPU a request, so that on a small machine the
+load generator takes little of the cores the servers are measured on; `--client httpx`
+runs httpx clients in threads (about 2 ms a request). Latency is send to full answer;
+images/s is requests over the wall time of the whole batch; `lost` counts requests without
+a 200 answer and one prediction. Prints one JSON document; per side the median over
+rounds; `speedup` is serve's images/s over the baseline's (target >= 1.5 with nothing
+lost).
 
     .venv/bin/python bench/serve_load.py --baseline-server --ckpt CKPT --port PORT
 
@@ -30,6 +34,7 @@ runs the baseline server alone (what the bench starts as a subprocess).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import itertools
 import json
 import os
@@ -40,6 +45,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -87,8 +93,24 @@ def baseline_server(ckpt: str, port: int) -> None:
 # --------------------------------------------------------------------------- the load
 
 
-def load(url: str, images: list[tuple[str, bytes]], requests: int, clients: int) -> dict:
-    """`requests` uploads from `clients` threads; latencies, images/s and losses."""
+def summary(latencies: list[float], lost: list[str], requests: int, wall: float) -> dict:
+    ms = np.array(latencies) * 1000
+    return {
+        "requests": requests,
+        "answered": len(latencies),
+        "lost": len(lost),
+        "lost_examples": lost[:3],
+        "seconds": round(wall, 2),
+        "images_per_s": round(len(latencies) / wall, 1),
+        "latency_ms": {
+            p: round(float(np.percentile(ms, q)), 1) if len(ms) else None
+            for p, q in (("p50", 50), ("p95", 95), ("p99", 99))
+        },
+    }
+
+
+def load_httpx(url: str, images: list[tuple[str, bytes]], requests: int, clients: int) -> dict:
+    """`requests` uploads from `clients` httpx clients in threads."""
     order = itertools.count()
     lock = threading.Lock()
     latencies: list[float] = []
@@ -119,20 +141,74 @@ def load(url: str, images: list[tuple[str, bytes]], requests: int, clients: int)
         thread.start()
     for thread in threads:
         thread.join()
-    wall = time.perf_counter() - start
-    ms = np.array(latencies) * 1000
-    return {
-        "requests": requests,
-        "answered": len(latencies),
-        "lost": len(lost),
-        "lost_examples": lost[:3],
-        "seconds": round(wall, 2),
-        "images_per_s": round(len(latencies) / wall, 1),
-        "latency_ms": {
-            p: round(float(np.percentile(ms, q)), 1) if len(ms) else None
-            for p, q in (("p50", 50), ("p95", 95), ("p99", 99))
-        },
-    }
+    return summary(latencies, lost, requests, time.perf_counter() - start)
+
+
+BOUNDARY = "vision-tl-bench-7f3a"
+
+
+def multipart_request(port: int, name: str, data: bytes) -> bytes:
+    """One `POST /predict` with a multipart `file=` field, as bytes on the wire."""
+    body = b"".join(
+        [
+            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; '
+            f'filename="{name}"\r\nContent-Type: image/jpeg\r\n\r\n'.encode(),
+            data,
+            f"\r\n--{BOUNDARY}--\r\n".encode(),
+        ]
+    )
+    head = (
+        f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+async def answer(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """One HTTP/1.1 response: its status and body (the servers send Content-Length)."""
+    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+    length = 0
+    for line in head[1:]:
+        key, _, value = line.partition(":")
+        if key.strip().lower() == "content-length":
+            length = int(value)
+    return int(head[0].split()[1]), await reader.readexactly(length)
+
+
+def load_raw(url: str, images: list[tuple[str, bytes]], requests: int, clients: int) -> dict:
+    """`requests` uploads from `clients` asyncio connections, requests prepared up front."""
+    port = int(url.rsplit(":", 1)[1])
+    prepared = [multipart_request(port, name, data) for name, data in images]
+    latencies: list[float] = []
+    lost: list[str] = []
+
+    async def client(order: Iterator[int]) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            for index in order:
+                start = time.perf_counter()
+                try:
+                    writer.write(prepared[index % len(prepared)])
+                    status, body = await answer(reader)
+                    ok = status == 200 and len(json.loads(body)["predictions"]) == 1
+                    reason = f"{status}: {body[:200]!r}"
+                except (OSError, asyncio.IncompleteReadError, ValueError) as err:
+                    ok, reason = False, repr(err)
+                (latencies.append(time.perf_counter() - start) if ok else lost.append(reason))
+        finally:
+            writer.close()
+
+    async def run() -> float:
+        order = iter(range(requests))
+        start = time.perf_counter()
+        await asyncio.gather(*(client(order) for _ in range(clients)))
+        return time.perf_counter() - start
+
+    return summary(latencies, lost, requests, asyncio.run(run()))
+
+
+LOADS = {"raw": load_raw, "httpx": load_httpx}
 
 
 class Server:
@@ -193,7 +269,8 @@ def run_side(side: str, args: argparse.Namespace, images: list, out: Path, round
     server = Server(command, out / f"{side}{round_}.log")
     try:
         info = httpx.get(f"{server.url}/info", timeout=10).json() if side == "serve" else {}
-        load(server.url, images, args.clients, args.clients)  # warm-up
+        load = LOADS[args.client]
+        load(server.url, images, 2 * args.clients, args.clients)  # warm-up
         result = load(server.url, images, args.requests, args.clients)
         if info:
             result["precision"] = info["model"]["precision"]
@@ -211,6 +288,7 @@ def main() -> None:
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--batch-timeout-ms", type=float, default=5)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--client", choices=sorted(LOADS), default="raw")
     parser.add_argument("--out", type=Path, default=Path("outputs/bench_serve_load"))
     parser.add_argument("--baseline-server", action="store_true")
     parser.add_argument("--port", type=int)
@@ -250,6 +328,7 @@ def main() -> None:
             "images": f"{len(images)} files from {args.images}",
             "requests": args.requests,
             "clients": args.clients,
+            "client": args.client,
             "max_batch_size": args.max_batch_size,
             "batch_timeout_ms": args.batch_timeout_ms,
             "serve": serve,

@@ -5,7 +5,9 @@ headless Chromium."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import io
 import os
 import shutil
@@ -13,9 +15,10 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -33,10 +36,11 @@ from vision_tl.core.config import config_dir
 from vision_tl.core.errors import ConfigError
 from vision_tl.inference.predict import run_predict
 from vision_tl.inference.serving.scorer import build_scorer
+from vision_tl.inference.serving.server import Batcher
 from vision_tl.training.train import run_training
 
 CLASSES = ["cat", "dog", "fox"]
-# A 1 MB checkpoint: quick to load, twice (the HTTP process and the model's).
+# A 1 MB checkpoint: quick to load.
 TRAIN = [*QUICK_TRAIN, "model.backbone.name=timm/test_efficientnet", "finetune=full"]
 # Small limits, so that the bad inputs stay small.
 MAX_BODY = 300_000
@@ -93,6 +97,46 @@ def threshold(ckpt: Path, good: Path, tmp_path_factory: pytest.TempPathFactory) 
     return float((confidence[middle] + confidence[middle - 1]) / 2)
 
 
+@contextlib.contextmanager
+def serving(
+    args: list[str], base: Path, before: Callable[[], None] = lambda: None
+) -> Iterator[str]:
+    """`python -m vision_tl.serve ARGS` on a free port (`before` runs while it starts); its
+    URL once `/health` answers. Stopped with SIGTERM: it must exit 143 and say so."""
+    port = free_port()
+    log_path = base / f"serve-{port}.log"
+    with log_path.open("w") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "vision_tl.serve", *args, f"serve.port={port}"],
+            cwd=base,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            before()
+            deadline = time.monotonic() + 120
+            while True:
+                assert server.poll() is None, log_path.read_text()[-3000:]
+                try:
+                    if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert time.monotonic() < deadline, log_path.read_text()[-3000:]
+                time.sleep(0.2)
+            yield url
+            os.kill(server.pid, signal.SIGTERM)
+            assert server.wait(30) == 128 + signal.SIGTERM
+            assert "interrupted by SIGTERM" in log_path.read_text()
+        finally:
+            if server.poll() is None:
+                os.killpg(server.pid, signal.SIGKILL)
+                server.wait()
+
+
 @pytest.fixture(scope="module")
 def started(
     ckpt: Path, good: Path, threshold: float, tmp_path_factory: pytest.TempPathFactory
@@ -100,32 +144,19 @@ def started(
     """The server, and `python -m vision_tl.predict`'s rows for the good images (run
     while the server starts); the server is stopped with SIGTERM at the end."""
     base = tmp_path_factory.mktemp("serve")
-    port = free_port()
-    log = (base / "serve.log").open("w")
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "vision_tl.serve",
-            f"ckpt_path={ckpt}",
-            f"serve.port={port}",
-            "serve.max_batch_size=4",
-            "serve.batch_timeout_ms=20",
-            f"serve.max_body_bytes={MAX_BODY}",
-            "serve.max_images=4",
-            f"data.max_image_pixels={MAX_PIXELS}",
-            f"reject_threshold={threshold}",
-            f"hydra.run.dir={base / 'run'}",
-        ],
-        cwd=base,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        predict = run_cli(
+    args = [
+        f"ckpt_path={ckpt}",
+        "serve.max_batch_size=4",
+        "serve.batch_timeout_ms=20",
+        f"serve.max_body_bytes={MAX_BODY}",
+        "serve.max_images=4",
+        f"data.max_image_pixels={MAX_PIXELS}",
+        f"reject_threshold={threshold}",
+        f"hydra.run.dir={base / 'run'}",
+    ]
+
+    def predict() -> None:
+        done = run_cli(
             [
                 "vision_tl.predict",
                 f"ckpt_path={ckpt}",
@@ -136,27 +167,10 @@ def started(
             ],
             base,
         )
-        assert predict.returncode == 0, predict.stderr[-3000:]
-        expected = pd.read_csv(base / "predict" / "predictions.csv").set_index("path")
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, (base / "serve.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, (base / "serve.log").read_text()[-3000:]
-            time.sleep(0.2)
-        yield url, expected
-        os.kill(server.pid, signal.SIGTERM)
-        assert server.wait(30) == 128 + signal.SIGTERM
-        assert "interrupted by SIGTERM" in (base / "serve.log").read_text()
-    finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-        log.close()
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    with serving(args, base, predict) as url:
+        yield url, pd.read_csv(base / "predict" / "predictions.csv").set_index("path")
 
 
 # --------------------------------------------------------------------------- bad input
@@ -330,6 +344,101 @@ def test_page_answers_a_dropped_image_in_headless_chromium(started, good: Path) 
         assert seen["text"].startswith("422: not an image")
 
 
+# --------------------------------------------------------------------------- batching
+
+
+class Model:
+    """A model for the batcher: each image's row is its id (the array's first value) times
+    ten; it records each batch's ids, fails a batch holding `poison`, and is `slow` on one
+    holding `sleepy`."""
+
+    def __init__(self, poison: int = -1, sleepy: int = -1) -> None:
+        self.batches: list[list[int]] = []
+        self.poison, self.sleepy = poison, sleepy
+        self.threads: set[str] = set()
+
+    def __call__(self, views: list[np.ndarray]) -> np.ndarray:
+        ids = [int(v[0]) for v in views]
+        self.batches.append(ids)
+        self.threads.add(threading.current_thread().name)
+        if self.poison in ids:
+            raise RuntimeError("out of memory, say")
+        if self.sleepy in ids:
+            time.sleep(0.5)
+        return np.array([[10.0 * i] for i in ids])
+
+
+def image(i: int) -> np.ndarray:
+    return np.array([i], dtype=np.uint8)
+
+
+async def requests(batcher: Batcher, groups: list[list[int]], timeout: float = 10) -> list:
+    """The groups sent at once, as concurrent requests; each one's rows or its exception."""
+    calls = [batcher([image(i) for i in group], timeout) for group in groups]
+    return await asyncio.gather(*calls, return_exceptions=True)
+
+
+@pytest.mark.unit
+def test_the_batcher_mixes_requests_up_to_its_size_and_answers_each_its_own_rows() -> None:
+    model = Model()
+    batcher = Batcher(model, max_size=4, wait_s=0.2)
+    batcher.start()
+    try:
+        groups = [[1], [2], [3, 4, 5], [6], [7], [8, 9]]
+        results = asyncio.run(requests(batcher, groups))
+    finally:
+        batcher.stop()
+    for group, rows in zip(groups, results, strict=True):
+        assert rows.tolist() == [[10.0 * i] for i in group]
+    assert sorted(i for batch in model.batches for i in batch) == list(range(1, 10))
+    assert all(len(batch) <= 4 for batch in model.batches)
+    assert len(model.batches) == 3, "9 images queued at once fill batches of 4, 4, 1"
+    assert model.threads == {"model"} and not batcher.thread.is_alive()
+    assert (batcher.batches, batcher.images) == (3, 9)
+
+
+@pytest.mark.unit
+def test_the_batcher_waits_at_most_its_timeout_for_a_full_batch() -> None:
+    model = Model()
+    batcher = Batcher(model, max_size=16, wait_s=0.05)
+    batcher.start()
+    try:
+        start = time.perf_counter()
+        [rows] = asyncio.run(requests(batcher, [[3]]))
+        waited = time.perf_counter() - start
+    finally:
+        batcher.stop()
+    assert rows.tolist() == [[30.0]] and model.batches == [[3]]
+    assert 0.05 <= waited < 2, "one image waits out batch_timeout, then runs alone"
+
+
+@pytest.mark.unit
+def test_a_failing_batch_fails_its_requests_only_and_a_slow_one_times_out() -> None:
+    from fastapi import HTTPException
+
+    model = Model(poison=2, sleepy=7)
+    batcher = Batcher(model, max_size=2, wait_s=0.01)
+    batcher.start()
+    try:
+
+        async def scenario() -> tuple[list, list, list]:
+            failed = await requests(batcher, [[1, 2]])
+            slow = await requests(batcher, [[7]], timeout=0.1)
+            after = await requests(batcher, [[3], [4]])
+            return failed, slow, after
+
+        failed, slow, after = asyncio.run(scenario())
+    finally:
+        batcher.stop()
+    [error] = failed
+    assert isinstance(error, HTTPException) and error.status_code == 500
+    assert "RuntimeError" in error.detail and "\n" not in error.detail
+    [late] = slow
+    assert isinstance(late, HTTPException) and late.status_code == 504
+    assert "serve.timeout_s=0.1" in late.detail
+    assert [r.tolist() for r in after] == [[[30.0]], [[40.0]]], "the thread went on"
+
+
 # --------------------------------------------------------------------------- config
 
 
@@ -357,31 +466,37 @@ def test_model_path_and_missing_checkpoint_are_one_line_errors(tmp_path: Path) -
 def test_an_export_folder_is_served_as_predict_runs_it(
     ckpt: Path, good: Path, tmp_path: Path
 ) -> None:
-    """`model_path=EXPORT`: the scorer runs the exported file and answers what
+    """`serve model_path=EXPORT` runs the exported file and answers what
     `predict model_path=EXPORT` writes for the same images."""
     from vision_tl.inference.export import run_export
 
     export = tmp_path / "export"
     run_export(compose_entry("export", [f"ckpt_path={ckpt}", "format=onnx"], export))
-    scorer = build_scorer({"model_path": str(export), "serve": {"max_batch_size": 4}})
-    assert scorer.info["model"].endswith(".onnx") and "checkpoint" not in scorer.info
-    files = sorted(good.glob("*.png"))
-    probs = scorer.rows([scorer.decode(f.read_bytes()) for f in files])
+    with pytest.raises(ConfigError, match="give ckpt_path or model_path, not both"):
+        build_scorer({"model_path": str(export), "ckpt_path": str(ckpt)})
     frame = run_predict(
         compose_entry("predict", [f"model_path={export}", f"input={good}"], tmp_path / "p")
     ).set_index("path")
-    answers = scorer.answers([f.name for f in files], probs.numpy())
-    for file, answer in zip(files, answers, strict=True):
-        row = frame.loc[file.name]
-        assert answer.label == row.label
-        assert answer.confidence == pytest.approx(row.confidence, abs=1e-5)
+    args = [f"model_path={export}", "serve.max_batch_size=4", f"hydra.run.dir={tmp_path / 's'}"]
+    with serving(args, tmp_path) as url:
+        info = httpx.get(f"{url}/info", timeout=10).json()["model"]
+        assert info["model"].endswith(".onnx") and "checkpoint" not in info
+        names = sorted(p.name for p in good.glob("*.png"))
+        files = [("file", (n, (good / n).read_bytes(), "image/png")) for n in names[:4]]
+        response = httpx.post(f"{url}/predict", files=files, timeout=60)
+    assert response.status_code == 200, response.text
+    for answer in response.json()["predictions"]:
+        row = frame.loc[answer["name"]]
+        assert answer["label"] == row.label
+        assert answer["confidence"] == pytest.approx(row.confidence, abs=1e-5)
 
 
 def test_a_missing_serve_extra_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Without LitServe installed (here: hidden), serve says which extra to install."""
+    """Without the web stack installed (here: uvicorn hidden), serve says which extra to
+    install."""
     from vision_tl.inference.serving import run_serve
 
     monkeypatch.delitem(sys.modules, "vision_tl.inference.serving.server", raising=False)
-    monkeypatch.setitem(sys.modules, "litserve", None)
+    monkeypatch.setitem(sys.modules, "uvicorn", None)
     with pytest.raises(ConfigError, match=r"pip install 'vision_tl\[serve\]'"):
         run_serve(compose_entry("serve", ["ckpt_path=x.ckpt"], Path("unused")))

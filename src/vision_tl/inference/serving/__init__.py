@@ -1,8 +1,8 @@
-"""`python -m vision_tl.serve`: a model behind HTTP, with dynamic batching (LitServe).
+"""`python -m vision_tl.serve`: a model behind HTTP, with dynamic batching.
 
 `scorer` turns uploads into answers on predict's decode path and `Predictor`; `server`
-puts it behind LitServe; `page` is the drop-an-image page at `/`. LitServe and its web
-stack are the optional extra `serve` (`pip install 'vision_tl[serve]'`, part of `dev`).
+puts it behind FastAPI and uvicorn, one process; `page` is the drop-an-image page at `/`.
+The web stack is the optional extra `serve` (`pip install 'vision_tl[serve]'`, in `dev`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 from vision_tl.core.errors import ConfigError
 
 # The packages of the `serve` extra that `server` imports.
-SERVE_EXTRA = ("litserve", "fastapi", "starlette", "uvicorn", "multipart", "python_multipart")
+SERVE_EXTRA = ("fastapi", "starlette", "uvicorn", "multipart", "python_multipart")
 
 
 def run_serve(cfg: DictConfig) -> None:

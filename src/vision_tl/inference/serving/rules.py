@@ -15,7 +15,7 @@ from vision_tl.core.validate import (
     register_rules,
 )
 
-# LitServer binds only these, and only ports from 1024 up.
+# This machine only, or every interface (IPv4, IPv6); ports from 1024 up (no root needed).
 HOSTS = ("127.0.0.1", "0.0.0.0", "::")
 PORT = Allowed(lambda v: is_int(v) and 1024 <= v <= 65535, "an integer from 1024 to 65535")
 
