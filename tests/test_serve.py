@@ -240,6 +240,7 @@ def test_bad_input_gets_a_4xx_with_one_line_and_the_server_stays_up(started) -> 
         assert response.status_code == 422 and response.json()["detail"].startswith("broken.jpg:")
         assert client.get("/health").text == "ok"
         assert client.post("/predict", content=png(32, 32), headers={"content-type": "image/png"})
+        assert client.head("/").status_code == 200
 
 
 # --------------------------------------------------------------------------- answers

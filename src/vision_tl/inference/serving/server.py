@@ -154,16 +154,18 @@ class Batcher:
                 continue
             try:
                 rows: Any = self.score([views for views, _ in batch])
+                if len(rows) != len(batch):
+                    raise RuntimeError(f"{len(rows)} rows for {len(batch)} images")
                 results = [(row, None) for row in rows]
             except Exception as err:  # the batch's requests get 500; the server stays up
                 log.exception("the model failed on a batch of %d image(s)", len(batch))
                 why = f"the model failed on this batch ({type(err).__name__}; see the server's log)"
-                failed = HTTPException(500, why)
-                results = [(None, failed)] * len(batch)
+                results = [(None, HTTPException(500, why))] * len(batch)
             self.batches += 1
             self.images += len(batch)
             for (_, future), (row, error) in zip(batch, results, strict=True):
-                future.get_loop().call_soon_threadsafe(settle, future, row, error)
+                with contextlib.suppress(RuntimeError):  # its event loop has closed
+                    future.get_loop().call_soon_threadsafe(settle, future, row, error)
 
 
 def settle(future: asyncio.Future, row: Any, error: BaseException | None) -> None:
@@ -225,7 +227,7 @@ def build_app(scorer: Scorer, serve: DictConfig, batcher: Batcher, decoder: Deco
         served = {**server_info, "batches": batcher.batches, "images": batcher.images}
         return JSONResponse({"model": scorer.info, "server": served})
 
-    @app.get("/")
+    @app.api_route("/", methods=["GET", "HEAD"])
     async def page() -> HTMLResponse:
         return HTMLResponse(PAGE)
 
