@@ -242,6 +242,13 @@ def test_bad_input_gets_a_4xx_with_one_line_and_the_server_stays_up(started) -> 
         assert client.post("/predict", content=png(32, 32), headers={"content-type": "image/png"})
         assert client.head("/").status_code == 200
 
+        def chunked() -> Iterator[bytes]:  # no Content-Length: refused as it streams in
+            for _ in range(4):
+                yield b"\0" * (MAX_BODY // 2)
+
+        response = client.post("/predict", content=chunked(), headers={"content-type": "image/png"})
+        assert response.status_code == 413 and "serve.max_body_bytes" in response.text
+
 
 # --------------------------------------------------------------------------- answers
 
