@@ -124,7 +124,7 @@ class Batcher:
             self.jobs.put((item, future))
         try:
             rows = await asyncio.wait_for(asyncio.gather(*futures), timeout)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # TimeoutError itself from Python 3.11 on
             raise HTTPException(504, f"not scored within serve.timeout_s={timeout}") from None
         return np.stack(rows)
 
