@@ -8,7 +8,9 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -40,6 +42,7 @@ class Browser:
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            start_new_session=True,  # its helper processes too end in `close`
         )
         port_file = profile / "DevToolsActivePort"
         deadline = time.monotonic() + timeout
@@ -70,7 +73,18 @@ class Browser:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
-        self.tmp.cleanup()
+        # Helpers (renderer, crashpad) may outlive the browser and still write to the
+        # profile, which then cannot be removed: end the whole group first.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        for attempt in range(20):
+            try:
+                self.tmp.cleanup()
+                return
+            except OSError:
+                if attempt == 19:
+                    raise
+                time.sleep(0.1)
 
     def send(self, method: str, params: dict | None = None, session: str | None = None) -> dict:
         """One protocol command; its result (events that arrive meanwhile are skipped)."""
