@@ -59,13 +59,7 @@ def run_predict(cfg: DictConfig) -> pd.DataFrame:
     log.info(
         "Engine %s (%s), batch %d", predictor.engine, predictor.precision, predictor.batch_size
     )
-    rule = LabelRule(
-        top_k=cfg.get("top_k", 3),
-        reject_threshold=cfg.get("reject_threshold"),
-        unknown_label=cfg.get("unknown_label", "unknown"),
-        operating_point=operating_point if cfg.get("apply_operating_point", True) else None,
-        open_set_threshold=None if open_set is None else open_set.threshold,
-    )
+    rule = LabelRule.from_config(cfg, operating_point, open_set)
     names = [inputs.names[i] for i in result.indices]
     frame = predictions_frame(names, result.probs, class_names, rule, scores)
     write_csv(frame, out / "predictions.csv", index=False, float_format="%.6g")

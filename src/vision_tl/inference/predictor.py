@@ -47,6 +47,7 @@ from vision_tl.data.preprocess import AnyPreprocess, EnsemblePreprocess
 from vision_tl.inference.checkpoint import ExportedModel, LoadedModel, load_export
 from vision_tl.models.classifier import Classifier
 from vision_tl.training.binary import OperatingPoint
+from vision_tl.training.openset import OpenSet
 
 log = logging.getLogger(__name__)
 
@@ -467,6 +468,25 @@ class LabelRule:
     unknown_label: str = "unknown"
     operating_point: OperatingPoint | None = None
     open_set_threshold: float | None = None
+
+    @classmethod
+    def from_config(
+        cls,
+        cfg: DictConfig,
+        operating_point: OperatingPoint | None,
+        open_set: OpenSet | None,
+    ) -> LabelRule:
+        """The rule an entry config asks for (`top_k`, `reject_threshold`, `unknown_label`,
+        `apply_operating_point`), with the model's operating point and open-set detector
+        (None: not applied)."""
+        reject = cfg.get("reject_threshold")
+        return cls(
+            top_k=int(cfg.get("top_k", 3)),
+            reject_threshold=None if reject is None else float(reject),
+            unknown_label=str(cfg.get("unknown_label", "unknown")),
+            operating_point=operating_point if cfg.get("apply_operating_point", True) else None,
+            open_set_threshold=None if open_set is None else open_set.threshold,
+        )
 
     def apply(
         self,

@@ -228,8 +228,7 @@ def build_scorer(cfg: DictConfig | dict[str, Any]) -> Scorer:
         open_set, operating_point = loaded.open_set, loaded.operating_point
     if not cfg.get("apply_open_set", True):
         open_set = None
-    if not cfg.get("apply_operating_point", True):
-        operating_point = None
+    rule = LabelRule.from_config(cfg, operating_point, open_set)
     info = {
         "classes": class_names,
         "preprocessing": preprocess.to_dict(),
@@ -240,13 +239,13 @@ def build_scorer(cfg: DictConfig | dict[str, Any]) -> Scorer:
         "device": str(predictor.device),
         "temperature": predictor.temperature,
         "tta": {"hflip": predictor.hflip, "crops": predictor.transform.crops},
-        "top_k": int(cfg.get("top_k", 3)),
-        "reject_threshold": cfg.get("reject_threshold"),
-        "operating_point": None if operating_point is None else operating_point.as_dict(),
+        "top_k": rule.top_k,
+        "reject_threshold": rule.reject_threshold,
+        "operating_point": None if rule.operating_point is None else rule.operating_point.as_dict(),
         "open_set": None
         if open_set is None
         else {"kind": open_set.kind, "threshold": open_set.threshold},
-        "unknown_label": str(cfg.get("unknown_label", "unknown")),
+        "unknown_label": rule.unknown_label,
         "limits": {
             "max_body_bytes": max_body,
             "max_image_pixels": predictor.limits.max_pixels,
@@ -254,11 +253,4 @@ def build_scorer(cfg: DictConfig | dict[str, Any]) -> Scorer:
             "max_images": int(serve.get("max_images", 16)),
         },
     }
-    rule = LabelRule(
-        top_k=info["top_k"],
-        reject_threshold=info["reject_threshold"],
-        unknown_label=info["unknown_label"],
-        operating_point=operating_point,
-        open_set_threshold=None if open_set is None else open_set.threshold,
-    )
     return Scorer(predictor, class_names, info, rule, info["limits"]["min_side"], open_set)
