@@ -389,13 +389,9 @@ async def requests(batcher: Batcher, groups: list[list[int]], timeout: float = 1
 @pytest.mark.unit
 def test_the_batcher_mixes_requests_up_to_its_size_and_answers_each_its_own_rows() -> None:
     model = Model()
-    batcher = Batcher(model, max_size=4, wait_s=0.2)
-    batcher.start()
-    try:
-        groups = [[1], [2], [3, 4, 5], [6], [7], [8, 9]]
+    groups = [[1], [2], [3, 4, 5], [6], [7], [8, 9]]
+    with Batcher(model, max_size=4, wait_s=0.2) as batcher:
         results = asyncio.run(requests(batcher, groups))
-    finally:
-        batcher.stop()
     for group, rows in zip(groups, results, strict=True):
         assert rows.tolist() == [[10.0 * i] for i in group]
     assert sorted(i for batch in model.batches for i in batch) == list(range(1, 10))
@@ -408,14 +404,10 @@ def test_the_batcher_mixes_requests_up_to_its_size_and_answers_each_its_own_rows
 @pytest.mark.unit
 def test_the_batcher_waits_at_most_its_timeout_for_a_full_batch() -> None:
     model = Model()
-    batcher = Batcher(model, max_size=16, wait_s=0.05)
-    batcher.start()
-    try:
+    with Batcher(model, max_size=16, wait_s=0.05) as batcher:
         start = time.perf_counter()
         [rows] = asyncio.run(requests(batcher, [[3]]))
         waited = time.perf_counter() - start
-    finally:
-        batcher.stop()
     assert rows.tolist() == [[30.0]] and model.batches == [[3]]
     assert 0.05 <= waited < 2, "one image waits out batch_timeout, then runs alone"
 
@@ -425,19 +417,15 @@ def test_a_failing_batch_fails_its_requests_only_and_a_slow_one_times_out() -> N
     from fastapi import HTTPException
 
     model = Model(poison=2, sleepy=7)
-    batcher = Batcher(model, max_size=2, wait_s=0.01)
-    batcher.start()
-    try:
 
-        async def scenario() -> tuple[list, list, list]:
-            failed = await requests(batcher, [[1, 2]])
-            slow = await requests(batcher, [[7]], timeout=0.1)
-            after = await requests(batcher, [[3], [4]])
-            return failed, slow, after
+    async def scenario(batcher: Batcher) -> tuple[list, list, list]:
+        failed = await requests(batcher, [[1, 2]])
+        slow = await requests(batcher, [[7]], timeout=0.1)
+        after = await requests(batcher, [[3], [4]])
+        return failed, slow, after
 
-        failed, slow, after = asyncio.run(scenario())
-    finally:
-        batcher.stop()
+    with Batcher(model, max_size=2, wait_s=0.01) as batcher:
+        failed, slow, after = asyncio.run(scenario(batcher))
     [error] = failed
     assert isinstance(error, HTTPException) and error.status_code == 500
     assert "RuntimeError" in error.detail and "\n" not in error.detail

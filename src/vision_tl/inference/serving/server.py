@@ -22,7 +22,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -107,14 +107,14 @@ class Batcher:
         self.batches = 0
         self.images = 0
 
-    def start(self) -> None:
+    def __enter__(self) -> Batcher:
         self.thread.start()
+        return self
 
-    def stop(self) -> None:
+    def __exit__(self, *exc: object) -> None:
         """Let the thread finish the batch it is in, then end."""
-        if self.thread.is_alive():
-            self.jobs.put(None)
-            self.thread.join()
+        self.jobs.put(None)
+        self.thread.join()
 
     async def __call__(self, views: Sequence[Views], timeout: float) -> np.ndarray:
         """The rows (`Scorer.rows`) of `views`, in order; 504 past `timeout` seconds."""
@@ -186,6 +186,12 @@ class Decoder:
         self.threads = int(threads)
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="decode")
 
+    def __enter__(self) -> Decoder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
     async def __call__(self, uploads: list[tuple[str | None, bytes]]) -> list[Views]:
         loop = asyncio.get_running_loop()
         jobs = [loop.run_in_executor(self.pool, self.scorer.decode, data) for _, data in uploads]
@@ -234,29 +240,21 @@ def build_app(scorer: Scorer, serve: DictConfig, batcher: Batcher, decoder: Deco
     return app
 
 
-@contextlib.contextmanager
-def running(scorer: Scorer, serve: DictConfig) -> Iterator[tuple[Batcher, Decoder]]:
-    """The model's thread and the decoding threads, stopped on the way out (after uvicorn
-    has answered the requests in flight)."""
-    threads = int(serve.decode_threads or available_cpus())
-    batcher = Batcher(scorer.rows, int(serve.max_batch_size), float(serve.batch_timeout_ms) / 1000)
-    decoder = Decoder(scorer, threads)
-    batcher.start()
-    try:
-        yield batcher, decoder
-    finally:
-        batcher.stop()
-        decoder.pool.shutdown(wait=True, cancel_futures=True)
-
-
 def serve_forever(cfg: DictConfig) -> None:
     """Serve `ckpt_path` (or `model_path`) until stopped (Ctrl+C, SIGTERM: uvicorn answers
     the requests in flight, then the signal is reported as every command reports it)."""
     serve = cfg.serve
     scorer = build_scorer(cfg)  # a bad checkpoint or value fails here, in one line
+    wait_s = float(serve.batch_timeout_ms) / 1000
+    threads = int(serve.decode_threads or available_cpus())
     # torch on one thread for the whole process when another engine runs the network:
-    # the decoding threads' small ops then never spin on the cores the engine needs.
-    with cores_for(scorer.predictor.runner), running(scorer, serve) as (batcher, decoder):
+    # the decoding threads' small ops then never spin on the cores the engine needs. The
+    # threads stop after uvicorn has answered the requests in flight.
+    with (
+        cores_for(scorer.predictor.runner),
+        Batcher(scorer.rows, int(serve.max_batch_size), wait_s) as batcher,
+        Decoder(scorer, threads) as decoder,
+    ):
         app = build_app(scorer, serve, batcher, decoder)
         log.info(
             "Serving %s (%s) at http://%s:%d: POST %s, GET /health, GET /info, the page at /",
