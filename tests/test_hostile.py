@@ -34,6 +34,7 @@ from vision_tl.core.io import (
     open_regular,
     printable,
     read_limited,
+    read_regular,
     write_json,
 )
 from vision_tl.core.signals import Interrupted, handle_signals, pending, safe_points
@@ -554,6 +555,10 @@ def test_only_regular_files_within_the_byte_limit_are_opened(tmp_path: Path) -> 
         ]:
             with pytest.raises(RefusedFile, match=reason):
                 open_regular(path)
+            with pytest.raises(RefusedFile, match=reason):
+                read_regular(path)
+        data, info = read_regular(tmp_path / "ok.bin", max_bytes=5)
+        assert data == b"12345" and info.st_ino == (tmp_path / "ok.bin").stat().st_ino
         with open_regular(tmp_path / "ok.bin", max_bytes=5) as handle:
             assert read_limited(handle, 5) == b"12345"
         with open_regular(tmp_path / "ok.bin") as handle, pytest.raises(RefusedFile):

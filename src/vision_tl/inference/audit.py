@@ -47,7 +47,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from vision_tl.core.errors import ConfigError
-from vision_tl.core.io import open_regular, read_json, read_limited, write_csv, write_json
+from vision_tl.core.io import read_json, read_regular, write_csv, write_json
 from vision_tl.core.runtime import available_cpus, resolve_device
 from vision_tl.data.decode import ReadLimits, load_rgb
 from vision_tl.data.features import build_features
@@ -88,8 +88,7 @@ def _fingerprint(path: str, limits: ReadLimits) -> list[Any]:
     not decode (changed since the scan) or is no regular file within `limits` gets empty
     hashes and takes no part in copies."""
     try:
-        with open_regular(path, limits.max_file_bytes) as handle:
-            data = read_limited(handle, limits.max_file_bytes)
+        data, _ = read_regular(path, limits.max_file_bytes)
         with Image.open(io.BytesIO(data)) as image:
             width, height, mode = *image.size, image.mode
         phash = str(imagehash.phash(load_rgb(io.BytesIO(data), min_side=HASH_SIDE, limits=limits)))
