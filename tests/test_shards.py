@@ -114,6 +114,64 @@ def test_plain_jpegs_keep_their_bytes_and_the_rest_decode_as_training_does(
     assert Image.open(io.BytesIO(stored)).size == (64, 64)
 
 
+@pytest.mark.unit
+def test_the_scan_tells_the_conversion_which_files_keep_their_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The scan records, per good file, its size, mtime and the longer side of a plain
+    upright JPEG (0 for anything else); the conversion then keeps such a file's bytes
+    without reading its header, unless the file changed since."""
+    from vision_tl.data import shards
+    from vision_tl.data.scan import ImageScanner
+
+    plain, gray, rotated, png = (tmp_path / n for n in ("a.jpg", "g.jpg", "r.jpg", "p.png"))
+    _draw(0, 1, 64).crop((0, 0, 64, 40)).save(plain, quality=90)
+    _draw(1, 2, 30).convert("L").save(gray, quality=90)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    _draw(2, 3, 64).save(rotated, exif=exif, quality=90)
+    _draw(3, 4, 32).save(png)
+    files = [str(p) for p in (plain, gray, rotated, png)]
+    cache = tmp_path / "scan.json"
+    report = ImageScanner(cache).scan([*files, str(tmp_path / "missing.jpg")])
+    assert report.good == files
+    sizes = [[os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in files]
+    assert report.facts.tolist() == [
+        [*sizes[0], 64],
+        [*sizes[1], 30],
+        [*sizes[2], 0],
+        [*sizes[3], 0],
+    ]
+    assert ImageScanner(cache).scan(files).facts.tolist() == report.facts.tolist(), "cached"
+
+    parsed = []
+
+    def spy(*args, **kwargs):
+        parsed.append(args[0])
+        return open_image(*args, **kwargs)
+
+    monkeypatch.setattr(shards, "open_image", spy)
+    decode, limits = ShardDecode(), ReadLimits()
+    known = report.facts.tolist()
+    assert encode_file(files[0], decode, limits, known[0]) == plain.read_bytes()
+    assert encode_file(files[1], decode, limits, known[1]) == gray.read_bytes()
+    assert parsed == [], "known plain JPEGs are kept without a second header read"
+    assert encode_file(files[0], ShardDecode(max_side=50), limits, known[0]) != plain.read_bytes()
+    assert len(parsed) == 1, "larger than max_side: decoded and downsized"
+    stored = encode_file(files[2], decode, limits, known[2])
+    assert Image.open(io.BytesIO(stored)).size == (64, 64) and len(parsed) == 2
+    # Replaced since the scan by a rotated JPEG: the stale facts are not trusted.
+    _draw(4, 5, 64).crop((0, 0, 64, 40)).save(plain, exif=exif, quality=90)
+    stored = encode_file(files[0], decode, limits, known[0])
+    assert Image.open(io.BytesIO(stored)).size == (40, 64) and len(parsed) == 3
+    # A verdict cached by an older vision_tl (no side): known as nothing, parsed.
+    payload = json.loads(cache.read_text())
+    payload["files"] = {p: v[:4] for p, v in payload["files"].items()}
+    cache.write_text(json.dumps(payload))
+    old = ImageScanner(cache).scan(files[1:])
+    assert old.cached == 3 and old.facts[:, 2].tolist() == [0, 0, 0]
+
+
 @pytest.mark.integration
 def test_a_run_from_shards_trains_on_the_folder_runs_images(compose_train, tmp_path: Path) -> None:
     data = make_image_folder(tmp_path / "data", per_class=6, size=32)
@@ -135,10 +193,22 @@ def test_a_run_from_shards_trains_on_the_folder_runs_images(compose_train, tmp_p
 
 
 @pytest.mark.integration
-def test_a_killed_conversion_resumes_and_parts_merge_into_the_same_set(tmp_path: Path) -> None:
+def test_a_killed_conversion_resumes_and_parts_merge_into_the_same_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Written in this process (`_shard`: one worker) or by LitData's worker processes,
+    resumed after a kill, or in two parts merged: the same rows, as LitData reads them."""
+    from vision_tl.data import shards
+
     data = {"root": str(make_image_folder(tmp_path / "data", per_class=5, size=32))}
     whole = tmp_path / "whole"
     _shard(data, whole)
+    procs = tmp_path / "procs"
+    with monkeypatch.context() as patch:
+        patch.setattr(shards, "IN_PROCESS_S", 0.0)  # however small: worker processes,
+        patch.setattr(shards, "ENCODE_BLOCK", 4)  # handed blocks of 4 samples
+        shard_data(data, ShardSettings(str(procs), workers=2))
+    assert len(list((procs / "train").glob("chunk-*.bin"))) == 2, "one chunk per worker"
     # A conversion killed while writing val: train finished, val half-written, no meta.json.
     killed = tmp_path / "killed"
     _shard(data, killed)
@@ -155,7 +225,8 @@ def test_a_killed_conversion_resumes_and_parts_merge_into_the_same_set(tmp_path:
     assert not (parts / "meta.json").exists()
     _shard(data, parts, parts=2, merge=True)
     pre = Preprocess(input_size=32, resize_size=36)
-    sources = [ShardSource(str(p), tmp_path / "cache") for p in (whole, killed, parts)]
+    places = (whole, killed, parts, procs)
+    sources = [ShardSource(str(p), tmp_path / "cache") for p in places]
     catalogs = [s.catalog() for s in sources]
     for split in ("train", "val"):
         expected = list(catalogs[0].samples[split])
@@ -167,7 +238,7 @@ def test_a_killed_conversion_resumes_and_parts_merge_into_the_same_set(tmp_path:
     import litdata
 
     assert len(list((parts / "train").glob("chunk-*.bin"))) >= 2, "rows in several chunks"
-    for source, place in zip(sources, (whole, killed, parts), strict=True):
+    for source, place in zip(sources, places, strict=True):
         for split in ("train", "val"):
             chunks = source.dataset(split)
             assert isinstance(chunks, LocalChunks)

@@ -4,7 +4,9 @@ Real folders hold truncated downloads, zero-byte files, web pages saved as `.jpg
 panoramas big enough to exhaust memory and CMYK or 16-bit scans. The scan decodes every
 file (large JPEGs at 1/8 scale, which still reads every byte) in parallel threads, so
 training never meets a file that cannot be read, and records the verdict keyed by
-path + size + mtime: a second run over the same folder only stats the files.
+path + size + mtime: a second run over the same folder only stats the files. The verdict
+also says whether the file is a plain upright JPEG and how large: a shard conversion keeps
+such a file's bytes without reading its header again (`ScanReport.facts`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from vision_tl.core.io import RefusedFile, printable, write_csv, write_text
@@ -35,6 +38,7 @@ from vision_tl.data.decode import (
     error_line,
     load_rgb,
     open_image,
+    plain_jpeg,
 )
 
 log = logging.getLogger(__name__)
@@ -75,6 +79,10 @@ class ScanReport:
     notes: Counter[str] = field(default_factory=Counter)
     cached: int = 0
     seconds: float = 0.0
+    # One row per good file, in `good`'s order: its size, mtime_ns and, when it is a plain
+    # upright JPEG (`decode.plain_jpeg`), its longer side; 0 otherwise or when a verdict
+    # cached by an older vision_tl does not say.
+    facts: np.ndarray = field(default_factory=lambda: np.zeros((0, 3), np.int64))
 
     def summary(self) -> str:
         odd = ", ".join(f"{n} {kind}" for kind, n in sorted(self.notes.items()))
@@ -116,40 +124,47 @@ def check_image(
     warns (rather than fails) on images between its limit and twice that; call this under
     `warnings.catch_warnings()` to keep those out of the log.
     """
-    path = Path(path)
     limits = max_pixels if isinstance(max_pixels, ReadLimits) else ReadLimits(max_pixels=max_pixels)
+    reason, notes, _ = inspect_image(Path(path), limits)
+    return reason, notes
+
+
+def inspect_image(path: Path, limits: ReadLimits) -> tuple[str | None, list[str], int]:
+    """`check_image`'s verdict and notes, and the longer side of a plain upright JPEG (0
+    for any other file)."""
     if path.suffix.lower() in UNSUPPORTED_EXTENSIONS:
-        return f"unsupported format {path.suffix} (convert it to JPEG or PNG)", []
+        return f"unsupported format {path.suffix} (convert it to JPEG or PNG)", [], 0
     try:
         if path.stat().st_size == 0 and path.is_file():
-            return "empty file (0 bytes)", []
+            return "empty file (0 bytes)", [], 0
         with open_image(path, limits) as image:
             notes = _notes(image, path)
+            plain_side = max(image.size) if plain_jpeg(image) else 0
         # The real decode path; a big JPEG decodes at 1/8 scale but is still read to the
         # end, so truncation shows.
         load_rgb(path, min_side=1, limits=limits)
     except (RefusedFile, ImageTooLarge) as err:
-        return str(err), []
+        return str(err), [], 0
     except Image.DecompressionBombError as err:
-        return f"too large to decode safely ({error_line(err)})", []
+        return f"too large to decode safely ({error_line(err)})", [], 0
     except UnidentifiedImageError:
-        return "not an image (the content is no image format Pillow can read)", []
+        return "not an image (the content is no image format Pillow can read)", [], 0
     except OSError as err:
         if "truncated" in str(err).lower():  # "image file is truncated", "Truncated File Read"
-            return "truncated file (image data ends early)", []
-        return f"corrupt or unreadable ({error_line(err)})", []
+            return "truncated file (image data ends early)", [], 0
+        return f"corrupt or unreadable ({error_line(err)})", [], 0
     except Exception as err:
-        return f"cannot be decoded ({error_line(err)})", []
-    return None, notes
+        return f"cannot be decoded ({error_line(err)})", [], 0
+    return None, notes, plain_side
 
 
 class ImageScanner:
     """Check many files in parallel threads, with verdicts cached in a JSON file.
 
     Pillow releases the GIL while decoding, so threads scale without the start-up and
-    pickling costs of processes. The cache maps path -> (size, mtime_ns, verdict); any
-    change to a file's size or mtime re-checks it. Concurrent jobs may both write the
-    cache: writes are atomic renames and the contents agree.
+    pickling costs of processes. The cache maps path -> [size, mtime_ns, reason, notes,
+    plain JPEG side]; any change to a file's size or mtime re-checks it. Concurrent jobs
+    may both write the cache: writes are atomic renames and the contents agree.
     """
 
     def __init__(
@@ -217,17 +232,20 @@ class ImageScanner:
             # process-wide: catch_warnings inside the threads would race.
             with warnings.catch_warnings(), ThreadPoolExecutor(self.workers) as pool:
                 warnings.simplefilter("ignore")
-                results = pool.map(lambda t: check_image(t[0], self.limits), todo)
-                for (path, size, mtime), (reason, notes) in zip(todo, results, strict=True):
-                    verdicts[path] = [size, mtime, reason, notes]
+                results = pool.map(lambda t: inspect_image(Path(t[0]), self.limits), todo)
+                for (path, size, mtime), result in zip(todo, results, strict=True):
+                    verdicts[path] = [size, mtime, *result]
             self._save_cache({p: v for p, v in verdicts.items() if v[0] >= 0})
+        facts = []
         for path in paths:
-            _, _, reason, notes = verdicts[path]
+            size, mtime, reason, notes, *side = verdicts[path]  # no side: an older cache's
             if reason:
                 report.bad.append(BadFile(path, reason))
             else:
                 report.good.append(path)
                 report.notes.update(notes)
+                facts.append((size, mtime, side[0] if side else 0))
+        report.facts = np.array(facts, np.int64).reshape(-1, 3)
         report.seconds = time.perf_counter() - start
         return report
 

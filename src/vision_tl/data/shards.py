@@ -36,7 +36,7 @@ import numpy as np
 from PIL import Image
 
 from vision_tl.core.errors import ConfigError
-from vision_tl.core.io import open_regular, read_limited, write_bytes
+from vision_tl.core.io import read_regular, write_bytes
 from vision_tl.data.decode import ReadLimits, load_rgb, open_image, plain_jpeg
 from vision_tl.data.source import SPLITS, Catalog, Source
 
@@ -46,6 +46,12 @@ SHARD_VERSION = 1
 META = "meta.json"
 # Samples per work item handed to a conversion worker.
 ENCODE_BLOCK = 512
+# A split whose conversion should take less than this is written in this process:
+# LitData's worker processes take 0.1-0.2 s to start and stop on the 2-core CPU, longer
+# than 2,000 plain JPEGs take to store here. Estimated from the scan's facts: a JPEG that
+# keeps its bytes costs about KEPT_S (read and stored), any other image about ENCODED_S.
+IN_PROCESS_S = 0.25
+KEPT_S, ENCODED_S = 40e-6, 3e-3
 
 
 def litdata() -> Any:
@@ -142,12 +148,19 @@ class ShardDecode:
     quality: int = 95
 
 
-def encode_file(path: str, decode: ShardDecode, limits: ReadLimits) -> bytes:
-    """The bytes a shard stores for the image at `path` (see the module docstring)."""
-    with open_regular(path, limits.max_file_bytes) as handle:  # the file is read once
-        data = read_limited(handle, limits.max_file_bytes)
+def encode_file(
+    path: str, decode: ShardDecode, limits: ReadLimits, known: Sequence[int] = (0, 0, 0)
+) -> bytes:
+    """The bytes a shard stores for the image at `path` (see the module docstring).
+    `known`: the scan's facts of the file (`ScanReport.facts`: size, mtime_ns, the longer
+    side of a plain upright JPEG or 0). A plain JPEG that still has the size and mtime it
+    was scanned with keeps its bytes without its header being read again."""
+    data, info = read_regular(path, limits.max_file_bytes)  # the file is read once
+    size, mtime, side = known
+    if side and (info.st_size, info.st_mtime_ns) == (size, mtime) and fits(side, decode):
+        return data
     with open_image(io.BytesIO(data), limits) as image:
-        keep = plain_jpeg(image) and (decode.max_side is None or max(image.size) <= decode.max_side)
+        keep = plain_jpeg(image) and fits(max(image.size), decode)
         source_format = image.format
     if keep:
         return data
@@ -162,6 +175,11 @@ def encode_file(path: str, decode: ShardDecode, limits: ReadLimits) -> bytes:
     return out.getvalue()
 
 
+def fits(side: int, decode: ShardDecode) -> bool:
+    """An image of longer side `side` is stored at its size (no `max_side`, or within it)."""
+    return decode.max_side is None or side <= decode.max_side
+
+
 @dataclass(frozen=True)
 class Encoder:
     """Sample `i` of one split as LitData stores it (picklable for its worker processes):
@@ -173,16 +191,24 @@ class Encoder:
     decode: ShardDecode
     limits: ReadLimits
     positions: Sequence[int]  # each sample's place in its split's catalog order
+    facts: np.ndarray  # each file's `ScanReport.facts` row (zeros: not known)
 
     def __call__(self, block: tuple[int, int]) -> Iterator[dict[str, Any]]:
         """The samples `block[0]` to `block[1]` (exclusive): LitData hands its workers
         blocks, not single samples, which costs a queue message per block."""
-        for index in range(*block):
-            yield self.sample(index)
+        facts = self.facts[block[0] : block[1]].tolist()
+        for index, known in zip(range(*block), facts, strict=True):
+            yield self.sample(index, known)
 
-    def sample(self, index: int) -> dict[str, Any]:
+    def estimate_s(self) -> float:
+        """About how long encoding every sample takes in one process (`IN_PROCESS_S`)."""
+        side = self.facts[:, 2]
+        kept = int(np.count_nonzero((side > 0) & (side <= (self.decode.max_side or side))))
+        return kept * KEPT_S + (len(self.files) - kept) * ENCODED_S
+
+    def sample(self, index: int, known: Sequence[int] = (0, 0, 0)) -> dict[str, Any]:
         try:
-            data = encode_file(self.files[index], self.decode, self.limits)
+            data = encode_file(self.files[index], self.decode, self.limits, known)
         except Exception as err:  # stored, then reported as a bad sample by the reader
             log.warning("%s: %s", self.files[index], err)
             data = b""
@@ -202,17 +228,20 @@ def shard_order(n: int, seed: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class SplitLayout:
-    """One split's files and labels in catalog order, and the order its shards store them."""
+    """One split's files and labels in catalog order, what the scan learned of each file
+    (`ScanReport.facts` rows), and the order its shards store them."""
 
     files: list[str]
     labels: list[int]
+    facts: np.ndarray
     order: np.ndarray
 
     def encoder(self, stored: slice, decode: ShardDecode, limits: ReadLimits) -> Encoder:
         """The encoder of the stored samples `stored` (all, or a machine's part)."""
-        order = self.order[stored].tolist()
+        rows = self.order[stored]
+        order = rows.tolist()
         files, labels = [self.files[i] for i in order], [self.labels[i] for i in order]
-        return Encoder(files, labels, decode, limits, order)
+        return Encoder(files, labels, decode, limits, order, self.facts[rows])
 
     def positions(self) -> np.ndarray:
         """Where each catalog image is stored: the order's inverse."""
@@ -231,7 +260,20 @@ def split_layout(source: Source, catalog: Catalog, split: str, seed: int) -> Spl
             raise ConfigError(f"{source.describe()} has no files to shard")
         files.append(path)
         labels.append(label)
-    return SplitLayout(files, labels, shard_order(len(files), seed))
+    return SplitLayout(files, labels, scan_facts(catalog, files), shard_order(len(files), seed))
+
+
+def scan_facts(catalog: Catalog, files: list[str]) -> np.ndarray:
+    """The scan's facts row of each of `files` (zeros for a file it did not report)."""
+    facts = np.zeros((len(files), 3), np.int64)
+    report = catalog.scan
+    if report is not None and len(report.facts):
+        row = {path: i for i, path in enumerate(report.good)}
+        found = [(j, row[f]) for j, f in enumerate(files) if f in row]
+        if found:
+            into, rows = np.array(found, np.int64).T
+            facts[into] = report.facts[rows]
+    return facts
 
 
 def write_split(
@@ -241,18 +283,28 @@ def write_split(
     workers: int,
     chunk_bytes: str,
 ) -> bool:
-    """Convert one split into `<place>/<split>/` with LitData, in the encoder's order;
-    False when a finished conversion is there already."""
-    optimize = litdata().optimize
+    """Convert one split into `<place>/<split>/` with LitData, in the encoder's order: in
+    this process when one process is asked for or the work is small (`IN_PROCESS_S`),
+    else in `workers` LitData worker processes (and always so into `s3://`, which LitData
+    uploads as it goes). False when a finished conversion is there already."""
+    ld = litdata()
     if place.read(f"{split}/index.json") is not None:
         log.info("Shards: %s already converted, kept", split)
         return False
     place.remove_tree(split)  # a conversion killed midway starts this split again
-    n = len(encoder.files)
-    optimize(
+    out, n = join(place.location, split), len(encoder.files)
+    if not is_remote(out) and (workers <= 1 or encoder.estimate_s() < IN_PROCESS_S):
+        Path(out).mkdir(parents=True, exist_ok=True)
+        cache = ld.streaming.Cache(out, chunk_bytes=chunk_bytes)  # what each worker writes with
+        for index, sample in enumerate(encoder((0, n))):
+            cache[index] = sample
+        cache.done()
+        cache.merge()
+        return True
+    ld.optimize(
         fn=encoder,
         inputs=[(i, min(i + ENCODE_BLOCK, n)) for i in range(0, n, ENCODE_BLOCK)],
-        output_dir=join(place.location, split),
+        output_dir=out,
         chunk_bytes=chunk_bytes,
         num_workers=max(1, min(workers, -(-n // ENCODE_BLOCK))),
         reorder_files=False,
