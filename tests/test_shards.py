@@ -173,6 +173,34 @@ def test_the_scan_tells_the_conversion_which_files_keep_their_bytes(
 
 
 @pytest.mark.integration
+def test_the_shard_command_writes_what_its_function_writes(tmp_path: Path) -> None:
+    """`python -m vision_tl.shard` as a user runs it: `shard.*` and `data.*` reach the
+    conversion, and its shards hold the rows `shard_data` writes in this process."""
+    from conftest import run_cli
+
+    data = make_image_folder(tmp_path / "data", per_class=4, splits=(), size=48)
+    for c, name in enumerate(("cat", "dog", "fox")):  # kept as they are, unlike the PNGs
+        _draw(c, 7, 32).save(data / name / "plain.jpg", quality=90)
+    out = tmp_path / "cli"
+    args = ["vision_tl.shard", f"data.root={data}", f"shard.out={out}", "shard.max_side=40"]
+    done = run_cli([*args, "data.seed=3", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["decode"]["max_side"] == 40 and sum(meta["counts"].values()) == 15
+    here = tmp_path / "here"
+    settings = ShardSettings(str(here), workers=1, decode=ShardDecode(max_side=40), seed=3)
+    assert shard_data({"root": str(data), "seed": 3}, settings)["counts"] == meta["counts"]
+    for split in ("train", "val"):
+        cli, own = (LocalChunks.open(d / split) for d in (out, here))
+        images = [bytes(cli[i]["image"]) for i in range(len(cli))]
+        assert images == [bytes(own[i]["image"]) for i in range(len(own))]
+        assert all(max(Image.open(io.BytesIO(b)).size) <= 40 for b in images)
+        assert (out / "index" / f"{split}.csv").read_text().replace(str(out), "") == (
+            here / "index" / f"{split}.csv"
+        ).read_text().replace(str(here), "")
+
+
+@pytest.mark.integration
 def test_a_run_from_shards_trains_on_the_folder_runs_images(compose_train, tmp_path: Path) -> None:
     data = make_image_folder(tmp_path / "data", per_class=6, size=32)
     meta = _shard({"root": str(data), "num_workers": 0}, tmp_path / "shards")

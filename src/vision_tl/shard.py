@@ -8,30 +8,13 @@ from omegaconf import DictConfig
 from vision_tl.core.cli import command, run_command
 
 
-def _shard(cfg: DictConfig) -> dict:
-    from vision_tl.core.runtime import available_cpus
-    from vision_tl.data.shards import ShardDecode, ShardSettings
-    from vision_tl.training.build import plain, shard_data
-
-    node = plain(cfg.shard)
-    decode = ShardDecode(tuple(cfg.data.background), node["max_side"], node["quality"])
-    settings = ShardSettings(
-        out=node["out"],
-        workers=node["workers"] or available_cpus(),
-        chunk_bytes=node["chunk_bytes"],
-        decode=decode,
-        parts=node["parts"],
-        part=node["part"],
-        merge=node["merge"],
-        seed=int(cfg.data.seed),
-    )
-    return shard_data(cfg.data, settings)
-
-
 @command("shard")
 def main(cfg: DictConfig) -> None:
     """Scan and split the data as `train` does, then write its shards (`data.shards`)."""
-    run_command(_shard, cfg)
+    from vision_tl.data.shards import ShardSettings
+    from vision_tl.training.build import shard_data
+
+    run_command(lambda c: shard_data(c.data, ShardSettings.from_config(c)), cfg)
 
 
 if __name__ == "__main__":

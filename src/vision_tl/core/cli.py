@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import gc
 import logging
 import sys
 import tempfile
@@ -58,11 +59,30 @@ def os_error_line(err: BaseException | None) -> str | None:
     return None
 
 
+def freeze_startup() -> None:
+    """Once per process, take every object alive now out of the cyclic garbage collector's
+    sight (`gc.freeze`). A command has imported its modules by now (torch, Lightning:
+    about 540,000 objects, alive as long as the process), and each full collection walked
+    them all: 0.25-0.3 s on the 2-core CPU, 8 times (1.0 s) in an 18 s linear probe of
+    hymenoptera, once in a 4 s scan of 10,000 files. Loader workers forked later leave
+    those pages shared too. Once only: in a sweep's process, a later job's freeze would
+    keep an earlier job's garbage for good."""
+    global _FROZEN
+    if not _FROZEN:
+        gc.freeze()
+        _FROZEN = True
+
+
+_FROZEN = False
+
+
 def run_command(work: Callable[..., T], cfg: DictConfig, *args: Any) -> T:
     """Validate `cfg`, then run `work(cfg, *args)` with third-party noise filtered
-    (`core.logs`); an error the user can fix (a config value, a file, a full disk, a
-    permission) exits with one line, not a traceback."""
+    (`core.logs`) and the start-up's objects frozen (`freeze_startup`); an error the user
+    can fix (a config value, a file, a full disk, a permission) exits with one line, not a
+    traceback."""
     quiet_third_party()
+    freeze_startup()
     try:
         validate(cfg)
         return work(cfg, *args)

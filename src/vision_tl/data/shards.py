@@ -37,6 +37,7 @@ from PIL import Image
 
 from vision_tl.core.errors import ConfigError
 from vision_tl.core.io import read_regular, write_bytes
+from vision_tl.core.runtime import available_cpus
 from vision_tl.data.decode import ReadLimits, load_rgb, open_image, plain_jpeg
 from vision_tl.data.source import SPLITS, Catalog, Source
 
@@ -342,6 +343,22 @@ class ShardSettings:
     part: int | None = None
     merge: bool = False
     seed: int = 0  # the order samples are stored in (`shard_order`)
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> ShardSettings:
+        """From `python -m vision_tl.shard`'s config: `shard.*`, and `data.background` and
+        `data.seed` as a training run reads them."""
+        node, data = cfg.shard, cfg.data
+        return cls(
+            out=node.out,
+            workers=node.workers or available_cpus(),
+            chunk_bytes=node.chunk_bytes,
+            decode=ShardDecode(tuple(data.background), node.max_side, node.quality),
+            parts=node.parts,
+            part=node.part,
+            merge=node.merge,
+            seed=int(data.seed),
+        )
 
     def __post_init__(self) -> None:
         if not self.out:
