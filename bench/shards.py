@@ -5,7 +5,7 @@ number of paths, files and decodes as a real folder, without 1M inodes), then
 
 - `scan_s`: one cold pre-flight scan (empty verdict cache), and `shard_s`: the whole
   `vision_tl.shard` conversion (its own cold scan included), side by side, each the mean
-  of two runs in the order scan, shard, shard, scan;
+  of `--rounds` rounds of four runs in the order scan, shard, shard, scan;
 - start-up to the first training batch in a fresh process (imports included), from the
   folder (verdicts cached: a rerun) and from the shards, with the process's peak RSS,
   loader workers included;
@@ -189,6 +189,9 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="*", default=[10_000, 100_000])
     parser.add_argument("--work", type=Path, default=Path("/tmp/shard_bench"))
     parser.add_argument("--batches", type=int, default=100)
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="scan/shard rounds (each: scan, shard, shard, scan)"
+    )
     parser.add_argument("--latency-ms", type=float, default=5.0)
     parser.add_argument(
         "--shards-only",
@@ -201,10 +204,12 @@ def main() -> None:
     parser.add_argument("--ab", type=int, nargs="*", default=[], help="see the docstring")
     parser.add_argument("--cold", action="store_true", help="time the shards cold")
     args = parser.parse_args()
+    from vision_tl.core.cli import freeze_startup
     from vision_tl.core.runtime import available_cpus
     from vision_tl.data.shards import ShardSettings
     from vision_tl.training.build import build_data, shard_data
 
+    freeze_startup()  # as every command does before its work: both sides alike
     results = []
     for n in args.sizes:
         folder = make_folder(args.work / f"folder_{n}", n)
@@ -226,11 +231,13 @@ def main() -> None:
             shard_data({"root": str(folder), "cache": str(caches / "shard")}, settings)
             return time.perf_counter() - start
 
-        # scan, shard, shard, scan: a slow spell of this shared machine hits both alike
-        scans, shards = [scan("scan")], [shard()]
-        shards.append(shard())
-        scans.append(scan("scan"))
-        scan_s, shard_s = sum(scans) / 2, sum(shards) / 2
+        # scan, shard, shard, scan, ...: a slow spell of this shared machine hits both alike
+        scans, shards = [], []
+        for _ in range(args.rounds):
+            scans.append(scan("scan"))
+            shards.extend([shard(), shard()])
+            scans.append(scan("scan"))
+        scan_s, shard_s = sum(scans) / len(scans), sum(shards) / len(shards)
         folder_keys = {"root": str(folder), "cache": str(caches / "scan"), **LOADING}
         folder_run = first_batch(folder_keys, args.batches)
         shard_keys = {"shards": str(out), "cache": str(caches / "read"), **LOADING}
