@@ -232,11 +232,18 @@ def test_a_killed_conversion_resumes_and_parts_merge_into_the_same_set(
     whole = tmp_path / "whole"
     _shard(data, whole)
     procs = tmp_path / "procs"
+    # The machine's LitData staging folder, holding another conversion's chunks.
+    staged = tmp_path / "machine_staging" / "chunk-0-0.bin"
+    staged.parent.mkdir()
+    staged.write_bytes(b"another run's chunk")
     with monkeypatch.context() as patch:
+        patch.setenv("DATA_OPTIMIZER_CACHE_FOLDER", str(staged.parent))
         patch.setattr(shards, "IN_PROCESS_S", 0.0)  # however small: worker processes,
         patch.setattr(shards, "ENCODE_BLOCK", 4)  # handed blocks of 4 samples
         shard_data(data, ShardSettings(str(procs), workers=2))
+        assert os.environ["DATA_OPTIMIZER_CACHE_FOLDER"] == str(staged.parent)
     assert len(list((procs / "train").glob("chunk-*.bin"))) == 2, "one chunk per worker"
+    assert staged.read_bytes() == b"another run's chunk", "staged in a folder of its own"
     # A conversion killed while writing val: train finished, val half-written, no meta.json.
     killed = tmp_path / "killed"
     _shard(data, killed)

@@ -23,10 +23,13 @@ credentials variables for an S3-compatible store).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
+import os
 import shutil
+import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -302,18 +305,39 @@ def write_split(
         cache.done()
         cache.merge()
         return True
-    ld.optimize(
-        fn=encoder,
-        inputs=[(i, min(i + ENCODE_BLOCK, n)) for i in range(0, n, ENCODE_BLOCK)],
-        output_dir=out,
-        chunk_bytes=chunk_bytes,
-        num_workers=max(1, min(workers, -(-n // ENCODE_BLOCK))),
-        reorder_files=False,
-        keep_data_ordered=True,
-        start_method="fork",
-        verbose=False,
-    )
+    with own_staging():
+        ld.optimize(
+            fn=encoder,
+            inputs=[(i, min(i + ENCODE_BLOCK, n)) for i in range(0, n, ENCODE_BLOCK)],
+            output_dir=out,
+            chunk_bytes=chunk_bytes,
+            num_workers=max(1, min(workers, -(-n // ENCODE_BLOCK))),
+            reorder_files=False,
+            keep_data_ordered=True,
+            start_method="fork",
+            verbose=False,
+        )
     return True
+
+
+@contextlib.contextmanager
+def own_staging() -> Iterator[None]:
+    """LitData's `optimize` stages chunks (before uploading them to `s3://`) in one folder
+    per machine, `DATA_OPTIMIZER_CACHE_FOLDER` (else `<tmp>/chunks`), and empties it when
+    it starts: a second conversion on the same machine (another part, another user) would
+    delete the first one's chunks. The block stages in a folder of its own."""
+    keys = ("DATA_OPTIMIZER_CACHE_FOLDER", "DATA_OPTIMIZER_DATA_CACHE_FOLDER")
+    saved = {key: os.environ.get(key) for key in keys}
+    with tempfile.TemporaryDirectory(prefix="vision_tl-shards-") as folder:
+        os.environ.update({key: os.path.join(folder, key.lower()) for key in keys})
+        try:
+            yield
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
 
 def shard_meta(
