@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import ipaddress
-import os
 import socket
 import subprocess
 import sys
@@ -20,6 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from helpers.net import free_port
+
+from vision_tl.core.runtime import environment
 
 SERVER = """
 import sys
@@ -115,19 +116,11 @@ def s3_server(folder: Path, bucket: str = "shards") -> Iterator[dict[str, str]]:
             if server.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("the S3 server did not start")
             time.sleep(0.1)
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
+        with environment(env):
             import boto3
 
             boto3.client("s3").create_bucket(Bucket=bucket)
             yield env
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
     finally:
         server.kill()
         server.wait(timeout=10)

@@ -40,7 +40,7 @@ from PIL import Image
 
 from vision_tl.core.errors import ConfigError
 from vision_tl.core.io import read_regular, write_bytes
-from vision_tl.core.runtime import available_cpus
+from vision_tl.core.runtime import available_cpus, environment
 from vision_tl.data.decode import ReadLimits, load_rgb, open_image, plain_jpeg
 from vision_tl.data.source import SPLITS, Catalog, Source
 
@@ -327,17 +327,11 @@ def own_staging() -> Iterator[None]:
     it starts: a second conversion on the same machine (another part, another user) would
     delete the first one's chunks. The block stages in a folder of its own."""
     keys = ("DATA_OPTIMIZER_CACHE_FOLDER", "DATA_OPTIMIZER_DATA_CACHE_FOLDER")
-    saved = {key: os.environ.get(key) for key in keys}
-    with tempfile.TemporaryDirectory(prefix="vision_tl-shards-") as folder:
-        os.environ.update({key: os.path.join(folder, key.lower()) for key in keys})
-        try:
-            yield
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+    with (
+        tempfile.TemporaryDirectory(prefix="vision_tl-shards-") as folder,
+        environment({key: os.path.join(folder, key.lower()) for key in keys}),
+    ):
+        yield
 
 
 def shard_meta(
