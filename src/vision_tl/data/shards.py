@@ -30,7 +30,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -179,8 +179,9 @@ def encode_file(
     return out.getvalue()
 
 
-def fits(side: int, decode: ShardDecode) -> bool:
-    """An image of longer side `side` is stored at its size (no `max_side`, or within it)."""
+def fits(side: Any, decode: ShardDecode) -> Any:
+    """An image of longer side `side` is stored at its size (no `max_side`, or within it);
+    element by element for an array of sides."""
     return decode.max_side is None or side <= decode.max_side
 
 
@@ -207,7 +208,7 @@ class Encoder:
     def estimate_s(self) -> float:
         """About how long encoding every sample takes in one process (`IN_PROCESS_S`)."""
         side = self.facts[:, 2]
-        kept = int(np.count_nonzero((side > 0) & (side <= (self.decode.max_side or side))))
+        kept = int(np.count_nonzero((side > 0) & fits(side, self.decode)))
         return kept * KEPT_S + (len(self.files) - kept) * ENCODED_S
 
     def sample(self, index: int, known: Sequence[int] = (0, 0, 0)) -> dict[str, Any]:
@@ -254,9 +255,12 @@ class SplitLayout:
         return position
 
 
-def split_layout(source: Source, catalog: Catalog, split: str, seed: int) -> SplitLayout:
-    """`split`'s files and labels, in catalog order, and its stored order; a source
-    without files cannot be sharded (a one-line error)."""
+def split_layout(
+    source: Source, catalog: Catalog, split: str, seed: int, scanned: Mapping[str, int]
+) -> SplitLayout:
+    """`split`'s files and labels, in catalog order, their scan facts (`scanned`: a file's
+    row in `catalog.scan.facts`) and its stored order; a source without files cannot be
+    sharded (a one-line error)."""
     files, labels = [], []
     for key, label in catalog.samples.get(split, []):
         path = source.file(key)
@@ -264,20 +268,21 @@ def split_layout(source: Source, catalog: Catalog, split: str, seed: int) -> Spl
             raise ConfigError(f"{source.describe()} has no files to shard")
         files.append(path)
         labels.append(label)
-    return SplitLayout(files, labels, scan_facts(catalog, files), shard_order(len(files), seed))
-
-
-def scan_facts(catalog: Catalog, files: list[str]) -> np.ndarray:
-    """The scan's facts row of each of `files` (zeros for a file it did not report)."""
     facts = np.zeros((len(files), 3), np.int64)
+    found = [(j, scanned[f]) for j, f in enumerate(files) if f in scanned]
+    if found and catalog.scan is not None:
+        into, rows = np.array(found, np.int64).T
+        facts[into] = catalog.scan.facts[rows]
+    return SplitLayout(files, labels, facts, shard_order(len(files), seed))
+
+
+def scanned_rows(catalog: Catalog) -> dict[str, int]:
+    """Each file the scan found good, and its row in `catalog.scan.facts` (built once for
+    every split: a million paths take a few tenths of a second)."""
     report = catalog.scan
-    if report is not None and len(report.facts):
-        row = {path: i for i, path in enumerate(report.good)}
-        found = [(j, row[f]) for j, f in enumerate(files) if f in row]
-        if found:
-            into, rows = np.array(found, np.int64).T
-            facts[into] = report.facts[rows]
-    return facts
+    if report is None or not len(report.facts):
+        return {}
+    return {path: i for i, path in enumerate(report.good)}
 
 
 def write_split(
@@ -415,7 +420,8 @@ def write_shards(
         log.info("Shards: %s is complete already (%s there)", settings.out, META)
         return json.loads(done)
     splits = [s for s in SPLITS if catalog.samples.get(s)]
-    layouts = {s: split_layout(source, catalog, s, settings.seed) for s in splits}
+    scanned = scanned_rows(catalog)
+    layouts = {s: split_layout(source, catalog, s, settings.seed, scanned) for s in splits}
     meta = shard_meta(catalog, fingerprint, settings.decode, source.describe())
     limits = _limits(source)
     if settings.part is not None:  # this machine's share, in parts/<part>/
